@@ -1,0 +1,43 @@
+"""lvlm-fix: make vision-language models hallucinate less at inference time, without training.
+
+Public API::
+
+    handle = lvlm_fix.load("llava-hf/llava-1.5-7b-hf")        # or a local dir; None = embedded testbed
+    with lvlm_fix.apply(handle, "vhr", alpha=2.0):            # around the real generate()
+        ids = handle.model.generate(**handle.encode([image], [prompt]), max_new_tokens=64)
+    out = lvlm_fix.generate(handle, [image], [prompt], method="vhr+var")   # one call
+    stats = lvlm_fix.head_statistics(handle, image, prompt)    # VHD, sinks, entropy, image mass
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "apply", "evaluate", "generate", "head_statistics", "list_methods", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import lvlm_fix` (and `lvlm-fix --help`) must not pay for importing torch/transformers.
+    if name in ("apply", "generate", "Generation"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "load":
+        from .model import load
+
+        return load
+    if name == "head_statistics":
+        from .diagnostics import head_statistics
+
+        return head_statistics
+    if name == "evaluate":
+        from .evals.runner import evaluate
+
+        return evaluate
+    if name == "list_methods":
+        from .interventions import METHODS
+
+        return METHODS.names
+    raise AttributeError(f"module 'lvlm_fix' has no attribute {name!r}")

@@ -1,0 +1,45 @@
+"""Errors a user can fix. The CLI prints each as one line and exits with code 2."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class LvlmFixError(Exception):
+    """Base class for every error caused by user input (bad value, missing file, unsupported model)."""
+
+
+class UnsupportedModelError(LvlmFixError):
+    """The model's ``config.model_type`` has no adapter."""
+
+    def __init__(self, model_type: str, supported: Iterable[str]) -> None:
+        self.model_type = model_type
+        self.supported = sorted(supported)
+        super().__init__(
+            f"unsupported model type {model_type!r}; supported types: {', '.join(self.supported)} "
+            "(add an Adapter to lvlm_fix.adapters.ADAPTERS for a new architecture)"
+        )
+
+
+class UnknownNameError(LvlmFixError, KeyError):
+    """A name (method, eval, split) that is not registered."""
+
+    def __init__(self, kind: str, name: str, available: Iterable[str]) -> None:
+        import difflib
+
+        self.kind, self.name = kind, name
+        self.available = sorted(available)
+        close = difflib.get_close_matches(name, self.available, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        super().__init__(f"unknown {kind} {name!r}.{hint} Available: {', '.join(self.available)}")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the whole message
+        return str(self.args[0])
+
+
+class ConfigError(LvlmFixError, ValueError):
+    """A method or run parameter outside its valid range."""
+
+
+class InputError(LvlmFixError, ValueError):
+    """Unreadable image, malformed prompt file, and the like."""

@@ -1,0 +1,20 @@
+"""How lvlm-fix reads and rewrites a model, without forking any modelling file.
+
+* ``attention``: the one attention function registered with transformers (sdpa passthrough
+  unless a plan edits or reads the layer);
+* ``capture``: :class:`HookSet`, the only way hooks get onto modules (resolve, register in
+  ``try``, remove in ``finally``);
+* ``plan``: :class:`Plan`, the participants of one call and the per-row token bookkeeping
+  (image-token positions, padding, step) that every callback receives as :class:`AttnContext`;
+* ``stats``: head statistics reduced on the fly (VHD, visual sinks, entropy, image mass).
+
+Lifetimes: a Plan's hooks exist only inside ``with plan.active():``; per-row state exists only
+from one prefill to the next. After the block, the model has no lvlm-fix hook and no plan.
+"""
+
+from .attention import ATTN_NAME, register
+from .capture import HookSet, hooks_on
+from .plan import AttnContext, Participant, Plan, StopForward, TokenState
+
+__all__ = ["ATTN_NAME", "AttnContext", "HookSet", "Participant", "Plan", "StopForward", "TokenState",
+           "hooks_on", "register"]

@@ -1,0 +1,124 @@
+"""The one attention function lvlm-fix registers with transformers' ``AttentionInterface``.
+
+Only the text decoder is switched to it (``set_attn_implementation`` with a per-sub-config
+dict), so the vision tower keeps its own attention. What it does depends on the active
+:class:`~lvlm_fix.hooks.plan.Plan` (a ``ContextVar``):
+
+* no plan, or a layer the plan neither edits nor reads: the stock sdpa function, untouched;
+* a layer the plan *reads* (``observed_layers``): sdpa for the output, plus the fp32 attention
+  row of the last query, handed to the plan's ``observe`` callbacks (statistics never keep the
+  full ``[b, h, q, k]`` map);
+* a layer the plan *edits* (``eager_layers``): eager math in fp32, with the plan's pre-softmax
+  and post-softmax callbacks in between.
+
+The mask function registered beside it is sdpa's, so the passthrough gets exactly the mask
+stock sdpa would get (``None`` for an unpadded causal prefill, boolean otherwise); the eager
+path turns that mask into the additive form itself.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+ATTN_NAME = "lvlm_fix"
+
+# The plan of the generate() call in progress; set and reset only by Plan.active().
+ACTIVE_PLAN: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
+
+
+def register() -> None:
+    """Register the attention function and its mask function (idempotent).
+
+    The mask registration is not optional: a custom attention name without a mask function
+    gets *no* mask from transformers, which silently makes prefill bidirectional.
+    """
+    AttentionInterface.register(ATTN_NAME, lvlm_fix_attention)
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def additive_mask(
+    attention_mask: Tensor | None, q_len: int, k_len: int, is_causal: bool, device: torch.device
+) -> Tensor | None:
+    """The ``[b|1, 1, q, k]`` fp32 additive mask equivalent to what sdpa was given, or None.
+
+    sdpa reads ``mask=None`` with ``q > 1`` as an upper-left causal mask (``is_causal=True``);
+    fully masked rows (left padding) get the dtype minimum rather than -inf, as in HF eager,
+    so they stay finite.
+    """
+    neg = torch.finfo(torch.float32).min
+    if attention_mask is None:
+        if q_len > 1 and is_causal:
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+            return torch.zeros(1, 1, q_len, k_len, device=device).masked_fill(~causal, neg)
+        return None
+    mask = attention_mask[..., :k_len]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, neg)
+    return mask.float().clamp(min=neg)
+
+
+def _attention_probs(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+    """fp32 softmax(q k^T * scaling + mask); query ``[b, h, q, d]``, key ``[b, h, k, d]``."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [b, h, q, k]
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(dim=-1)
+
+
+def lvlm_fix_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """Drop-in attention: ``query [b, h, q, d]``, ``key/value [b, h_kv, k, d]`` (after RoPE and cache)."""
+    plan = ACTIVE_PLAN.get()
+    layer = getattr(module, "layer_idx", None)
+    if plan is None or layer is None or not plan.touches(layer):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, k_len = query.shape[2], key.shape[2]
+    is_causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
+    n_rep = query.shape[1] // key.shape[1]
+    ctx = plan.context(layer, q_len=q_len, k_len=k_len, device=query.device)
+
+    if layer not in plan.eager_layers:
+        # Read-only layer: sdpa computes the output; only the last query's row is recomputed.
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device)
+        last = _attention_probs(query[:, :, -1:], repeat_kv(key, n_rep), None if mask is None else mask[..., -1:, :], scaling)
+        plan.observe(last[:, :, 0], ctx)
+        return out, None
+
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [b, h, q, k]
+    if mask is not None:
+        scores = scores + mask
+    scores = plan.pre_softmax(scores, ctx)
+    probs = scores.softmax(dim=-1)  # [b, h, q, k], fp32
+    probs = plan.post_softmax(probs, ctx)
+    plan.observe(probs[:, :, -1], ctx)
+    if dropout and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    out = torch.matmul(probs, value.float()).to(query.dtype)  # [b, h, q, d]
+    return out.transpose(1, 2).contiguous(), probs

@@ -1,0 +1,296 @@
+"""A Plan: the participants (interventions, statistics recorders) active during one call.
+
+Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
+
+* enter: every hook target is resolved, then the hooks are registered (one :class:`HookSet`)
+  and the plan is published in ``ACTIVE_PLAN`` for the attention function;
+* during: a pre-hook on the top-level model sees every forward. A forward on an empty cache
+  starts a new sequence: image-token positions are read from ``input_ids`` (per row, so left
+  padding and variable image-token counts are handled) and every participant's per-row state
+  is reset through ``begin``; later forwards (decode steps) extend the token bookkeeping;
+* exit (normally or by exception): hooks removed, ``ACTIVE_PLAN`` reset. Nothing stays patched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import LvlmFixError
+from .attention import ACTIVE_PLAN, ATTN_NAME
+from .capture import HookSet
+
+if TYPE_CHECKING:
+    from ..model import LVLM
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward early (a statistics pass that needs no later layer)."""
+
+
+@dataclass
+class AttnContext:
+    """Where a callback is: layer, step, and which keys are image tokens, per row.
+
+    Attributes:
+        layer: text-decoder layer index.
+        phase: ``"prefill"`` (more than one query) or ``"decode"`` (one query).
+        step: forward count in the current sequence, 0 for the prefill.
+        query_positions: ``[q]`` absolute positions of the queries in the sequence.
+        image_end: ``[b]`` one past the last image token of each row's prompt (0: no image).
+        key_positions: ``[k]`` absolute positions of the keys (sliding-window caches hold a
+            suffix of the sequence). None outside the attention function.
+        image_keys: ``[b, k]`` True where the key is an image token of that row.
+        key_valid: ``[b, k]`` False where the key is padding.
+    """
+
+    layer: int
+    phase: str
+    step: int
+    query_positions: Tensor
+    image_end: Tensor
+    key_positions: Tensor | None = None
+    image_keys: Tensor | None = None
+    key_valid: Tensor | None = None
+
+    @property
+    def queries_after_image(self) -> Tensor:
+        """``[b, q]`` True for queries past the row's last image token."""
+        return self.query_positions[None, :] >= self.image_end[:, None]
+
+
+class Participant:
+    """Base class for anything that reads or rewrites the model during a Plan.
+
+    Subclasses declare which layers they need in :meth:`bind` (by filling the four layer
+    sets) and override the callbacks they use; the defaults are identities. Callbacks get
+    tensors of the whole batch and must treat rows independently.
+    """
+
+    eager_layers: frozenset[int] = frozenset()  # attention rewritten (pre/post softmax): eager path
+    observed_layers: frozenset[int] = frozenset()  # last query's attention row read
+    head_output_layers: frozenset[int] = frozenset()  # per-head outputs (input of o_proj) read/scaled
+    residual_layers: frozenset[int] = frozenset()  # residual stream entering the layer read
+
+    def bind(self, lvlm: LVLM) -> None:
+        """Called once per Plan with the model handle, before any hook is registered."""
+
+    def begin(self, tokens: TokenState) -> None:
+        """A new sequence starts (prefill): reset per-row state."""
+
+    def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
+        """Runs before the prefill forward with the model's inputs (e.g. VHR's selection pass)."""
+
+    def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k] fp32
+        return scores
+
+    def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k] fp32
+        return probs
+
+    def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:  # [b, h, k] fp32, last query
+        pass
+
+    def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
+        return None
+
+    def residual(self, hidden: Tensor, ctx: AttnContext) -> None:  # [b, q, hidden]
+        pass
+
+    def report(self) -> dict[str, Any]:
+        """What this participant saw and touched, JSON-serialisable."""
+        return {}
+
+
+@dataclass
+class TokenState:
+    """Per-row bookkeeping of the sequence being generated.
+
+    Attributes:
+        image_mask: ``[b, t]`` True at image-token positions (prompt only; generated tokens are text).
+        valid: ``[b, t]`` False at padding.
+        prompt_len: length of the (padded) prompt.
+        past: tokens before the current forward; ``q_len``: tokens in it; ``step``: forward count.
+    """
+
+    image_mask: Tensor
+    valid: Tensor
+    prompt_len: int
+    past: int = 0
+    q_len: int = 0
+    step: int = 0
+
+    @property
+    def image_end(self) -> Tensor:
+        """``[b]`` one past each row's last image token (0 for a row without image)."""
+        pos = torch.arange(1, self.prompt_len + 1, device=self.image_mask.device)
+        return (self.image_mask[:, : self.prompt_len] * pos).amax(dim=1)
+
+
+class Plan:
+    """The participants of one call, in order of application, and the hooks that serve them."""
+
+    def __init__(self, lvlm: LVLM, participants: Sequence[Participant]) -> None:
+        self.lvlm = lvlm
+        self.participants = list(participants)
+        for p in self.participants:
+            p.bind(lvlm)
+        self.eager_layers = frozenset().union(*(p.eager_layers for p in self.participants))
+        self.observed_layers = frozenset().union(*(p.observed_layers for p in self.participants))
+        n = lvlm.num_layers
+        for name in ("eager_layers", "observed_layers", "head_output_layers", "residual_layers"):
+            for p in self.participants:
+                bad = sorted(i for i in getattr(p, name) if not 0 <= i < n)
+                if bad:
+                    raise LvlmFixError(f"layer index {bad[0]} is beyond the model's depth: valid layers are 0..{n - 1}")
+        self.tokens: TokenState | None = None
+        self._ctx_cache: dict[tuple, AttnContext] = {}
+
+    # -- queried by the attention function --------------------------------------------------
+    def touches(self, layer: int) -> bool:
+        return layer in self.eager_layers or layer in self.observed_layers
+
+    def context(self, layer: int, *, q_len: int, k_len: int | None = None, device: torch.device | None = None) -> AttnContext:
+        """The context of ``layer`` in the current forward (key fields only when ``k_len`` is given)."""
+        t = self._require_tokens()
+        key = (layer, k_len, device)
+        ctx = self._ctx_cache.get(key)
+        if ctx is not None:
+            return ctx
+        dev = device or t.image_mask.device
+        total = t.past + t.q_len
+        ctx = AttnContext(
+            layer=layer,
+            phase="prefill" if t.q_len > 1 else "decode",
+            step=t.step,
+            query_positions=torch.arange(t.past, total, device=dev),
+            image_end=t.image_end.to(dev),
+        )
+        if k_len is not None:
+            # Keys are the most recent k_len tokens (sliding-window layers keep a suffix), except a
+            # static cache, whose k_len is its capacity: there key j is position j.
+            start = total - k_len if k_len <= total else 0
+            pos = torch.arange(start, start + k_len, device=dev)
+            inside = pos < total
+            idx = pos.clamp(max=total - 1)
+            ctx.key_positions = pos
+            ctx.image_keys = t.image_mask.to(dev)[:, idx] & inside
+            ctx.key_valid = t.valid.to(dev)[:, idx] & inside
+        self._ctx_cache[key] = ctx
+        return ctx
+
+    def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:
+        for p in self.participants:
+            if ctx.layer in p.eager_layers:
+                scores = p.pre_softmax(scores, ctx)
+        return scores
+
+    def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+        for p in self.participants:
+            if ctx.layer in p.eager_layers:
+                probs = p.post_softmax(probs, ctx)
+        return probs
+
+    def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:
+        for p in self.participants:
+            if ctx.layer in p.observed_layers:
+                p.observe(probs_last, ctx)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _require_tokens(self) -> TokenState:
+        if self.tokens is None:
+            raise LvlmFixError("the model was called without input_ids; lvlm-fix needs them to locate image tokens")
+        return self.tokens
+
+    def _on_model_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if ACTIVE_PLAN.get() is not self:  # an inner pass (e.g. VHR's selection) runs its own plan
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise LvlmFixError("the model was called without input_ids; lvlm-fix needs them to locate image tokens")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        mask2d = kwargs.get("attention_mask")
+        q_len = input_ids.shape[1]
+        self._ctx_cache.clear()
+        if past == 0:
+            for p in self.participants:
+                p.before_prefill(self.lvlm, kwargs)
+            image_mask = input_ids == self.lvlm.image_token_id
+            valid = mask2d.bool() if mask2d is not None else torch.ones_like(image_mask)
+            self.tokens = TokenState(image_mask=image_mask, valid=valid, prompt_len=q_len, q_len=q_len)
+            for p in self.participants:
+                p.begin(self.tokens)
+            return
+        t = self._require_tokens()
+        t.step += 1
+        t.past, t.q_len = past, q_len
+        grow = past + q_len - t.image_mask.shape[1]
+        if grow > 0:
+            t.image_mask = torch.cat([t.image_mask, t.image_mask.new_zeros(t.image_mask.shape[0], grow)], dim=1)
+        if mask2d is not None and mask2d.shape[1] >= past + q_len:
+            t.valid = mask2d[:, : past + q_len].bool()
+        elif grow > 0:
+            t.valid = torch.cat([t.valid, t.valid.new_ones(t.valid.shape[0], grow)], dim=1)
+
+    def _head_hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+            if ACTIVE_PLAN.get() is not self:
+                return None
+            x = args[0]  # [b, q, h*d], the input of o_proj
+            b, q, hd = x.shape
+            heads = x.view(b, q, self.lvlm.num_heads, hd // self.lvlm.num_heads)
+            ctx = self.context(layer, q_len=q, device=x.device)
+            changed = False
+            for p in self.participants:
+                if layer in p.head_output_layers:
+                    new = p.head_output(heads, ctx)
+                    if new is not None:
+                        heads, changed = new, True
+            return (heads.reshape(b, q, hd), *args[1:]) if changed else None
+
+        return hook
+
+    def _residual_hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if ACTIVE_PLAN.get() is not self:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]  # [b, q, hidden]
+            ctx = self.context(layer, q_len=hidden.shape[1], device=hidden.device)
+            for p in self.participants:
+                if layer in p.residual_layers:
+                    p.residual(hidden, ctx)
+
+        return hook
+
+    @contextmanager
+    def active(self, inner: bool = False) -> Iterator[Plan]:
+        """Register every hook, publish the plan, and undo both on exit (even on error).
+
+        Args:
+            inner: this plan runs a participant's own pass inside another plan's call (VHR's
+                selection pass); the outer plan's hooks stay registered but dormant meanwhile.
+        """
+        if ACTIVE_PLAN.get() is not None and not inner:
+            raise LvlmFixError("a method is already applied; combine methods in one call, e.g. method='vhr+var'")
+        layers = self.lvlm.text_layers
+        hooks = HookSet()
+        hooks.forward_pre(self.lvlm.model, self._on_model_forward, with_kwargs=True)
+        for i in sorted(set().union(*(p.head_output_layers for p in self.participants))):
+            hooks.forward_pre(layers[i].self_attn.o_proj, self._head_hook(i))
+        for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
+            hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
+        with hooks, self.lvlm.attention_implementation(ATTN_NAME):
+            token = ACTIVE_PLAN.set(self)
+            try:
+                yield self
+            finally:
+                ACTIVE_PLAN.reset(token)
+                self._ctx_cache.clear()
+
+    def report(self) -> dict[str, Any]:
+        return {type(p).__name__: p.report() for p in self.participants}

@@ -1,0 +1,255 @@
+"""Loading an LVLM and turning (image, prompt) pairs into batched model inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .adapters import Adapter, adapter_for
+from .errors import InputError, LvlmFixError
+from .hooks import attention
+
+DEFAULT_MODEL = "testbed"  # the embedded checkpoint shipped in lvlm_fix/testbed/checkpoint
+
+
+def testbed_path() -> Path:
+    """Directory of the embedded testbed checkpoint."""
+    return Path(__file__).parent / "testbed" / "checkpoint"
+
+
+@dataclass
+class LVLM:
+    """A loaded model with its processor and adapter: what every lvlm-fix call takes.
+
+    Attributes:
+        model: the Hugging Face ``...ForConditionalGeneration`` model.
+        processor: its processor (tokenizer + image processor).
+        adapter: the architecture knowledge for ``config.model_type``.
+        name: the id or path it was loaded from; ``revision``: the hub revision asked for.
+    """
+
+    model: Any
+    processor: Any
+    adapter: Adapter
+    name: str
+    revision: str | None = None
+    _layers: Any = field(default=None, repr=False)
+
+    # -- architecture facts -------------------------------------------------------------------
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    @property
+    def text_layers(self) -> Any:
+        """The text decoder's layer list (resolved once from the adapter's path)."""
+        if self._layers is None:
+            self._layers = self.model.get_submodule(self.adapter.text_layers)
+        return self._layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.text_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        c = self.text_config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def known_sink_dims(self) -> tuple[int, ...] | None:
+        return self.adapter.sink_dims.get(self.hidden_size)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- inputs -----------------------------------------------------------------------------
+    def build_prompt(self, prompt: str, n_images: int = 1) -> str:
+        """One user turn with ``n_images`` images then the text, in the model's own format."""
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        ph = self.adapter.image_placeholder
+        return self.adapter.prompt_template.replace(ph, ph * n_images).format(prompt=prompt)
+
+    def encode(self, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str]) -> Any:
+        """Batch inputs for ``generate()``, left padded, on the model's device.
+
+        Args:
+            images: one image per row, or a list of images per row (all rows the same count).
+            prompts: the user text of each row.
+        """
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        per_row = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        texts = [self.build_prompt(p, len(ims)) for p, ims in zip(prompts, per_row)]
+        nested = self.adapter.nested_images or len(per_row[0]) > 1
+        imgs: list = per_row if nested else [ims[0] for ims in per_row]
+        self.tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
+        batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+        return batch.to(self.device)
+
+    def with_text_only_rows(self, batch: Any) -> dict[str, Any]:
+        """The batch followed by the same rows with their image tokens deleted (left padded).
+
+        Rows ``[0, b)`` are the inputs as given, rows ``[b, 2b)`` the text-only stream, so one
+        forward runs both in lock-step (VHR, VHD). Every per-token tensor (``[b, L]``: ids,
+        attention mask, token-type ids) is cut the same way; image tensors stay as they are,
+        since they belong to the image rows only.
+        """
+        ids = batch["input_ids"]
+        b, length = ids.shape
+        valid = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        keep = valid & (ids != self.image_token_id)
+        # Kept tokens go, in order, to the right end of the row: destination = L - n_kept + rank.
+        rank = keep.long().cumsum(1) - 1
+        dest = torch.where(keep, length - keep.sum(1, keepdim=True) + rank, torch.full_like(rank, length))
+        pad_id = self.tokenizer.pad_token_id or 0
+        out: dict[str, Any] = {}
+        for name, value in batch.items():
+            if torch.is_tensor(value) and value.shape[:2] == (b, length) and value.dim() == 2:
+                fill = pad_id if name == "input_ids" else 0
+                text = torch.full((b, length + 1), fill, dtype=value.dtype, device=value.device)
+                text.scatter_(1, dest, value)  # dropped tokens land in the extra column
+                if name == "attention_mask":
+                    text = torch.zeros_like(text).scatter_(1, dest, torch.ones_like(value))
+                out[name] = torch.cat([value, text[:, :length]], 0)
+            else:
+                out[name] = value
+        return out
+
+    def decode(self, output_ids: torch.Tensor, prompt_len: int) -> list[str]:
+        """The generated continuations, without the prompt and special tokens."""
+        return [t.strip() for t in self.tokenizer.batch_decode(output_ids[:, prompt_len:], skip_special_tokens=True)]
+
+    # -- attention implementation -------------------------------------------------------------
+    def _attn_setting(self, text_impl: str) -> dict[str, str]:
+        """The per-sub-config dict: ``text_impl`` for the text decoder, sdpa for the rest."""
+        setting = {}
+        for key in self.model.config.sub_configs:
+            sub = getattr(self.model.config, key, None)
+            if sub is None:
+                continue
+            setting[key] = text_impl if sub is self.text_config else sub._attn_implementation
+        return setting
+
+    @contextmanager
+    def attention_implementation(self, text_impl: str) -> Iterator[None]:
+        """Temporarily route the text decoder's attention through ``text_impl``."""
+        before = self.text_config._attn_implementation
+        if before == text_impl:
+            yield
+            return
+        self.model.set_attn_implementation(self._attn_setting(text_impl))
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(self._attn_setting(before))
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> Any:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype or "auto"
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise InputError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16") from None
+
+
+def load(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs: Any,
+) -> LVLM:
+    """Load a Hugging Face LVLM (hub id or local directory) ready for lvlm-fix.
+
+    The real ``from_pretrained`` path: a hub id downloads (when online), a local directory
+    loads offline. The text decoder is switched to lvlm-fix's attention function, which is
+    plain sdpa until a method or statistic is applied.
+
+    Args:
+        name_or_path: hub id, local directory, or None / ``"testbed"`` for the embedded model.
+        dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        device: where to put the whole model (ignored when ``device_map`` is given).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to spread a large model over GPUs).
+        revision: hub revision, recorded in provenance.
+        trust_remote_code: off unless asked.
+
+    Returns:
+        The :class:`LVLM` handle.
+
+    Raises:
+        UnsupportedModelError: ``config.model_type`` has no adapter.
+        LvlmFixError: the model cannot be found or loaded.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .processors import load_processor
+
+    name = str(name_or_path) if name_or_path not in (None, DEFAULT_MODEL) else str(testbed_path())
+    if name_or_path in (None, DEFAULT_MODEL) and not (Path(name) / "config.json").exists():
+        raise LvlmFixError(f"the embedded testbed checkpoint is missing at {name}; reinstall lvlm-fix or pass --model")
+    hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are org/name
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise LvlmFixError(f"model directory not found: {name}; pass an existing directory or a hub id like org/name")
+    try:
+        config = AutoConfig.from_pretrained(name, **hub_kwargs)
+    except (OSError, ValueError) as e:
+        where = "directory" if Path(name).exists() else "hub id (offline? pass a local directory)"
+        raise LvlmFixError(f"cannot load model {name!r} as a {where}: {str(e).splitlines()[0]}") from None
+    adapter = adapter_for(config.model_type)
+    attention.register()
+    model = AutoModelForImageTextToText.from_pretrained(
+        name, dtype=_resolve_dtype(dtype), device_map=device_map, **hub_kwargs, **from_pretrained_kwargs
+    )
+    if device is not None and device_map is None:
+        model = model.to(device)
+    model.eval()
+    processor = load_processor(name, **hub_kwargs)
+    lvlm = LVLM(model=model, processor=processor, adapter=adapter, name=name if name_or_path else DEFAULT_MODEL,
+                revision=revision)
+    model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
+    return lvlm
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, or raise :class:`InputError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image not found: {p}; pass an existing image file")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several types for a bad file
+        raise InputError(f"cannot read image {p}: {type(e).__name__}; pass a PNG/JPEG file") from None

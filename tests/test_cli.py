@@ -1,0 +1,108 @@
+"""The CLI end to end on a tiny model, and its one-line errors (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import BertConfig
+
+from lvlm_fix.cli.main import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory, images):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    images[0].save(path)
+    return path
+
+
+def test_list_names_every_method(capsys):
+    from lvlm_fix.interventions import METHODS
+
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "none" in out
+    for name in METHODS.names():
+        assert f"  {name} " in out
+
+
+def test_run_prints_an_answer_and_jsonl_runs_batched(capsys, tiny_dirs, image_file, tmp_path):
+    model = str(tiny_dirs("llava"))
+    code, out, err = run(capsys, "run", "--model", model, "--image", str(image_file), "--prompt", "Is there a cat?",
+                         "--max-new-tokens", "3")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"image": str(image_file), "prompt": p}) for p in ["A?", "Longer prompt here?", "B"]))
+    code, out, err = run(capsys, "run", "--model", model, "--jsonl", str(rows), "--batch-size", "2",
+                         "--max-new-tokens", "3", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    written = [json.loads(x) for x in (tmp_path / "o" / "answers.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in written] == ["A?", "Longer prompt here?", "B"]
+
+
+def test_heads_writes_stats_and_figures(capsys, tiny_dirs, image_file, tmp_path):
+    code, out, err = run(capsys, "heads", "--model", str(tiny_dirs("qwen2_vl")), "--image", str(image_file),
+                         "--prompt", "Describe it.", "--out", str(tmp_path / "h"))
+    assert code == 0, err
+    stats = json.loads((tmp_path / "h" / "stats.json").read_text())
+    assert len(stats["vhd"]) == stats["num_layers"]
+    for name in ("vhd_heatmap.png", "visual_sinks.png", "entropy_image_mass.png"):
+        assert (tmp_path / "h" / name).stat().st_size > 1000
+
+
+def test_missing_image(capsys, tiny_dirs, tmp_path):
+    code, _, err = run(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(tmp_path / "nope.png"))
+    assert code == 2 and "nope.png" in one_line_error(err)
+
+
+def test_unreadable_image(capsys, tiny_dirs, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    code, _, err = run(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(bad))
+    assert code == 2 and "bad.png" in one_line_error(err)
+
+
+def test_unknown_model_type(capsys, tmp_path, image_file):
+    BertConfig().save_pretrained(tmp_path / "bert")
+    code, _, err = run(capsys, "run", "--model", str(tmp_path / "bert"), "--image", str(image_file))
+    line = one_line_error(err)
+    assert code == 2 and "'bert'" in line and "llava" in line and "qwen2_vl" in line
+
+
+def test_unknown_method_suggests_the_close_name(capsys, image_file):
+    code, _, err = run(capsys, "run", "--method", "vhrr", "--image", str(image_file))
+    line = one_line_error(err)
+    assert code == 2 and "'vhrr'" in line and "Did you mean 'vhr'" in line
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"image": "a.png"}', "rows.jsonl:1"),
+    ('{"image": "a.png", "prompt": "ok"}\nnot json', "rows.jsonl:2"),
+])
+def test_malformed_jsonl_row(capsys, tiny_dirs, tmp_path, content, needle):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(content)
+    code, _, err = run(capsys, "run", "--model", str(tiny_dirs("llava")), "--jsonl", str(rows))
+    assert code == 2 and needle in one_line_error(err)
+
+
+def test_unknown_option_is_one_line(capsys):
+    code, _, err = run(capsys, "run", "--no-such-flag")
+    assert code == 2 and "--no-such-flag" in one_line_error(err)

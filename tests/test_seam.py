@@ -1,0 +1,137 @@
+"""The attention seam: parity with stock attention, batching, image positions, hook hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from conftest import PROMPTS
+from lvlm_fix.hooks import Participant, Plan, hooks_on
+from lvlm_fix.hooks.attention import ACTIVE_PLAN, ATTN_NAME
+
+
+def _stock(path, text_impl: str):
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    model.set_attn_implementation({k: text_impl if getattr(model.config, k) is model.config.get_text_config() else "sdpa"
+                                   for k in model.config.sub_configs if getattr(model.config, k, None) is not None})
+    return model.eval()
+
+
+class EveryLayer(Participant):
+    """An identity plan that forces the eager path on every layer and records what it sees."""
+
+    def __init__(self) -> None:
+        self.contexts = []
+
+    def bind(self, lvlm) -> None:
+        self.eager_layers = self.observed_layers = frozenset(range(lvlm.num_layers))
+
+    def observe(self, probs_last, ctx) -> None:
+        self.contexts.append(ctx)
+
+
+@torch.inference_mode()
+def test_parity_with_stock_sdpa_and_eager(family, tiny, tiny_dirs, images):
+    lvlm = tiny(family)
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    valid = batch["attention_mask"].bool()
+    assert lvlm.text_config._attn_implementation == ATTN_NAME
+    ours = lvlm.model(**batch).logits
+    sdpa = _stock(tiny_dirs(family), "sdpa")(**batch).logits
+    assert torch.allclose(ours[valid], sdpa[valid], atol=1e-5), (ours - sdpa)[valid].abs().max()
+
+    with Plan(lvlm, [EveryLayer()]).active():
+        eager_path = lvlm.model(**batch).logits
+    eager = _stock(tiny_dirs(family), "eager")(**batch).logits
+    assert torch.allclose(eager_path[valid], eager[valid], atol=1e-5), (eager_path - eager)[valid].abs().max()
+
+
+def test_batched_greedy_equals_each_row_alone(family, tiny, images):
+    lvlm = tiny(family)
+    gen = dict(max_new_tokens=6, do_sample=False)
+    batch = lvlm.encode(images, PROMPTS)
+    with torch.inference_mode():
+        together = lvlm.decode(lvlm.model.generate(**batch, **gen), batch["input_ids"].shape[1])
+        for i in range(3):
+            one = lvlm.encode(images[i : i + 1], PROMPTS[i : i + 1])
+            alone = lvlm.decode(lvlm.model.generate(**one, **gen), one["input_ids"].shape[1])
+            assert alone[0] == together[i], (i, alone[0], together[i])
+
+
+def test_image_keys_follow_each_row_under_left_padding(family, tiny, images):
+    lvlm = tiny(family)
+    batch = lvlm.encode(images, PROMPTS)
+    recorder = EveryLayer()
+    with Plan(lvlm, [recorder]).active(), torch.inference_mode():
+        lvlm.model.generate(**batch, max_new_tokens=3, do_sample=False)
+    is_image = batch["input_ids"] == lvlm.image_token_id
+    prefill = [c for c in recorder.contexts if c.phase == "prefill"]
+    decode = [c for c in recorder.contexts if c.phase == "decode"]
+    assert prefill and decode
+    for ctx in prefill:
+        assert torch.equal(ctx.image_keys, is_image[:, ctx.key_positions])
+        assert torch.equal(ctx.key_valid, batch["attention_mask"].bool()[:, ctx.key_positions])
+    last = is_image.shape[1] - 1 - is_image.flip(1).int().argmax(1)
+    assert torch.equal(prefill[0].image_end, last + 1)
+    for ctx in decode:  # sliding-window layers hold a suffix of the sequence; positions stay absolute
+        assert ctx.query_positions.item() == ctx.key_positions[-1].item()
+        inside = ctx.key_positions < is_image.shape[1]
+        assert torch.equal(ctx.image_keys[:, inside], is_image[:, ctx.key_positions[inside]])
+        assert not ctx.image_keys[:, ~inside].any()
+    assert {c.step for c in decode} == {1, 2}
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class FailAtDecode(EveryLayer):
+    def observe(self, probs_last, ctx) -> None:
+        if ctx.phase == "decode":
+            raise Boom("raised inside generate()")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_no_hook_or_plan_survives_the_context(family, tiny, images):
+    lvlm = tiny(family)
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    hooks_before = hooks_on(lvlm.model)
+    with torch.inference_mode():
+        vanilla = lvlm.model.generate(**batch, max_new_tokens=5, do_sample=False)
+
+    with Plan(lvlm, [EveryLayer()]).active():
+        assert hooks_on(lvlm.model) > hooks_before
+        lvlm.model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert hooks_on(lvlm.model) == hooks_before and ACTIVE_PLAN.get() is None
+
+    with pytest.raises(Boom), Plan(lvlm, [FailAtDecode()]).active():
+        lvlm.model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert hooks_on(lvlm.model) == hooks_before and ACTIVE_PLAN.get() is None
+    assert lvlm.text_config._attn_implementation == ATTN_NAME
+    with torch.inference_mode():
+        assert torch.equal(lvlm.model.generate(**batch, max_new_tokens=5, do_sample=False), vanilla)
+
+
+def test_text_only_rows_drop_exactly_the_image_tokens(tiny, images):
+    lvlm = tiny("qwen2_vl")
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    joint = lvlm.with_text_only_rows(batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    for b in range(2):
+        expected = ids[b][mask[b] & (ids[b] != lvlm.image_token_id)]
+        got_mask = joint["attention_mask"][2 + b].bool()
+        assert torch.equal(joint["input_ids"][2 + b][got_mask], expected)
+        assert got_mask[-len(expected):].all() and not got_mask[: -len(expected)].any()  # left padded
+    assert torch.equal(joint["input_ids"][:2], ids)
+
+
+def test_a_second_plan_cannot_nest(tiny):
+    from lvlm_fix.errors import LvlmFixError
+
+    lvlm = tiny("llava")
+    with Plan(lvlm, [EveryLayer()]).active():
+        with pytest.raises(LvlmFixError, match="already applied"):
+            with Plan(lvlm, [EveryLayer()]).active():
+                pass
+    assert ACTIVE_PLAN.get() is None
