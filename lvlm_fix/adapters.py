@@ -38,7 +38,8 @@ class Adapter:
 
 
 _LLAMA_SINK_DIMS = {4096: (2533, 1415), 5120: (2100, 4743)}  # LLaVA-1.5-7B / -13B (VAR repo constants)
-_QWEN = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one vision span per image
+_QWEN = "<|im_start|>user\n" + _QWEN_IMAGE + "{prompt}<|im_end|>\n<|im_start|>assistant\n"
 _IDEFICS = "User:<image>{prompt}<end_of_utterance>\nAssistant:"
 
 ADAPTERS: Mapping[str, Adapter] = MappingProxyType(
@@ -48,9 +49,9 @@ ADAPTERS: Mapping[str, Adapter] = MappingProxyType(
             Adapter("llava", "model.language_model.layers", "USER: <image>\n{prompt} ASSISTANT:",
                     sink_dims=_LLAMA_SINK_DIMS),
             Adapter("llava_next", "model.language_model.layers", "[INST] <image>\n{prompt} [/INST]"),
-            Adapter("qwen2_vl", "model.language_model.layers", _QWEN, "<|image_pad|>",
+            Adapter("qwen2_vl", "model.language_model.layers", _QWEN, _QWEN_IMAGE,
                     sink_dims={3584: (458, 2570)}),  # Qwen2-VL-7B, VAR paper
-            Adapter("qwen2_5_vl", "model.language_model.layers", _QWEN, "<|image_pad|>"),
+            Adapter("qwen2_5_vl", "model.language_model.layers", _QWEN, _QWEN_IMAGE),
             Adapter("idefics3", "model.text_model.layers", _IDEFICS, nested_images=True),
             Adapter("smolvlm", "model.text_model.layers", _IDEFICS, nested_images=True),
             Adapter("gemma3", "model.language_model.layers",

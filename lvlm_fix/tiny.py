@@ -544,6 +544,10 @@ def _save(
     """Instantiate random weights from ``config`` and save them with the processor."""
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    projector = getattr(getattr(model, "model", None), "multi_modal_projector", None)
+    if hasattr(projector, "mm_input_projection_weight"):
+        # Gemma3 zero-initialises this projection, which would make the tiny model blind to its image.
+        torch.nn.init.normal_(projector.mm_input_projection_weight, std=0.02)
     # generate() reads these from the generation config, not the model config.
     model.generation_config.update(**_token_ids(tokenizer))
     out = Path(out_dir)

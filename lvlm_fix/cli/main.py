@@ -103,8 +103,14 @@ def _model_options(f: Any) -> Any:
 
 def _load(model_name: str | None, dtype: str, device: str | None, device_map: str | None, revision: str | None,
           trust_remote_code: bool):
+    import os
+
     from .. import model as model_mod
 
+    if device is None and device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState  # under `accelerate launch`: one device per process
+
+        device = str(PartialState().device)
     return model_mod.load(model_name, dtype=dtype, device=device, device_map=device_map, revision=revision,
                           trust_remote_code=trust_remote_code)
 
@@ -379,12 +385,18 @@ def testbed_train_cmd(out, steps, seed, device) -> None:
     click.echo(f"wrote {path}")
 
 
+_METHOD_FLAGS_ADDED = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     from ..interventions import METHODS  # noqa: F401 - registers the methods before flags are built
 
-    method_options(run_cmd)
-    method_options(eval_cmd)
+    global _METHOD_FLAGS_ADDED
+    if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
+        method_options(run_cmd)
+        method_options(eval_cmd)
+        _METHOD_FLAGS_ADDED = True
     try:
         cli.main(args=argv, prog_name="lvlm-fix", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -219,7 +219,7 @@ class Plan:
         self._ctx_cache.clear()
         if past == 0:
             for p in self.participants:
-                p.before_prefill(self.lvlm, kwargs)
+                p.before_prefill(self.lvlm, {**kwargs, "input_ids": input_ids})
             image_mask = input_ids == self.lvlm.image_token_id
             valid = mask2d.bool() if mask2d is not None else torch.ones_like(image_mask)
             self.tokens = TokenState(image_mask=image_mask, valid=valid, prompt_len=q_len, q_len=q_len)

@@ -1,0 +1,336 @@
+"""ACT, the Attention Calibration Technique (Yu et al., ICML 2024), ported to LVLMs (methods.md §4).
+
+In the selected heads, keys that receive unusually high *mean* attention (hidden attention
+sinks, BOS excepted) keep only a fraction ``beta`` of their weight; the freed mass goes to the
+other visible keys of the same query row, in proportion to their attention. Per head ``h`` of a
+selected layer and per batch row:
+
+1. ``score_j = sum_{i sees j} A[i, j] / #{valid queries i that see j}``, where "sees" is the
+   attention mask of the forward (causal, padding, sliding window): the release's
+   ``sum_i A[i, j] / (N - j)`` for an unpadded causal prompt.
+2. ``S = {j : score_j > thres}`` minus the row's first valid token (BOS, the ordinary sink, is
+   left intact). The release drops the *first element* of ``S`` instead, which is BOS whenever
+   BOS is a sink; when it is not, the release would spare some other sink, which we do not.
+3. ``A'[i, j] = beta * A[i, j]`` for ``j in S``; ``A'[i, j] = A[i, j] + (1 - beta) * sum_S A[i, :]
+   * A[i, j] / sum_{k not in S} A[i, k]`` otherwise. Rows still sum to 1.
+
+``S`` is found at the prefill, per (row, layer, head), and kept for the decode steps, where the
+single query row gets the same redistribution over the same key positions. The release also sets
+``A'[0, 0] = 1``: harmless in a single prefill (row 0 sees only BOS) but, with a KV cache, row 0
+is the *current* token, so it adds a whole unit of BOS attention and the row sums to 2. That is
+the release's decode bug; it is not reproduced here.
+
+Which heads: a head-list JSON file from ``lvlm-fix calibrate`` (:mod:`lvlm_fix.calibration`,
+ACT's offline per-head search), an inline list, or by default every head of layers
+``lo .. min(L - lo, L - 2)`` with ``lo = max(1, round(2 L / 32))``: the release's layer range
+``2..30`` of 32 scaled to the depth, all heads, since no LVLM head list exists.
+
+Head-list file format (``format`` = :data:`HEAD_FILE_FORMAT`)::
+
+    {"format": "lvlm-fix/act-heads/1", "model": "...", "num_layers": 32, "num_heads": 32,
+     "heads": {"2": [0, 5], "7": [3]},
+     "calibration": {"bench": "pope", "samples": 500, "baseline_acc": 0.85,
+                     "per_head_gain": {"2:0": 0.004, ...}, ...}}
+
+Only ``heads`` is required; ``num_layers`` / ``num_heads``, when present, must match the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..hooks.plan import AttnContext, TokenState
+from .base import Intervention, MethodConfig, check_range, register, resolve_layers
+
+if TYPE_CHECKING:
+    from ..model import LVLM
+
+__all__ = ["HEAD_FILE_FORMAT", "Act", "ActConfig", "act_redistribute", "act_sinks", "default_act_layers",
+           "parse_heads", "read_head_file"]
+
+HEAD_FILE_FORMAT = "lvlm-fix/act-heads/1"
+_SHAPE = '{"heads": {"<layer>": [head, ...]}}'
+_NEG_HALF = torch.finfo(torch.float32).min / 2  # additive-mask entries are at most this (masked keys)
+
+
+# -- head lists ---------------------------------------------------------------------------------
+def default_act_layers(n_layers: int) -> list[int]:
+    """The release's layers 2..30 of 32 scaled to ``n_layers`` (round half up), last layer excluded."""
+    lo = max(1, math.floor(2 * n_layers / 32 + 0.5))
+    hi = min(n_layers - lo, n_layers - 2)
+    return list(range(lo, hi + 1)) if hi >= lo else [min(lo, n_layers - 1)]
+
+
+def parse_heads(spec: str) -> dict[int, list[int]]:
+    """``"2:0,5;7:3"`` -> ``{2: [0, 5], 7: [3]}`` (raises ConfigError naming the bad part)."""
+    heads: dict[int, list[int]] = {}
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        layer, sep, rest = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            hs = [int(h) for h in rest.split(",") if h.strip()]
+            heads.setdefault(int(layer), []).extend(hs)
+        except ValueError:
+            raise ConfigError(
+                f"heads={spec!r}: cannot read {part!r}; write 'layer:head,head;layer:head', e.g. '2:0,5;7:3'"
+            ) from None
+    return {layer: sorted(set(hs)) for layer, hs in heads.items()}
+
+
+def read_head_file(path: str | Path) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    """Read an ACT head-list file: ``({layer: [heads]}, the whole JSON document)``.
+
+    Raises:
+        ConfigError: the file is missing or is not a head list (message names the path).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"ACT head-list file not found: {p}; create one with `lvlm-fix calibrate` or omit heads_file")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        raw = doc["heads"]
+        heads = {int(layer): sorted({int(h) for h in hs}) for layer, hs in raw.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"ACT head-list file {p} is not valid JSON ({e}); expected {_SHAPE}") from None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ConfigError(f"ACT head-list file {p} has no valid 'heads' mapping; expected {_SHAPE}") from None
+    return heads, doc
+
+
+# -- the math (pure, vectorised over rows, heads and queries) -------------------------------------
+def act_sinks(probs: Tensor, visible: Tensor, thres: float, keep: Tensor | None = None) -> Tensor:
+    """ACT's sink set per (row, head): keys whose mean received attention exceeds ``thres``.
+
+    Args:
+        probs: ``[b, h, q, k]`` post-softmax attention.
+        visible: ``[b, h|1, q, k]`` True where query ``i`` (a valid, non-padding query) sees key ``j``.
+        thres: threshold on ``score_j = sum_i A[i, j] / #visible queries of j``.
+        keep: ``[b]`` key index never flagged per row (the row's first valid token, BOS).
+
+    Returns:
+        ``[b, h, k]`` bool; keys no valid query sees are never sinks.
+    """
+    count = visible.sum(-2)  # [b, h|1, k] visible valid queries per key
+    score = probs.masked_fill(~visible, 0.0).sum(-2) / count.clamp_min(1)  # [b, h, k]
+    sinks = (score > thres) & (count > 0)
+    if keep is not None:
+        b, h, _ = sinks.shape
+        sinks = sinks.scatter(-1, keep.view(b, 1, 1).expand(b, h, 1), False)
+    return sinks
+
+
+def act_redistribute(probs: Tensor, sinks: Tensor, beta: float, rows: Tensor | None = None) -> Tensor:
+    """Keep ``beta`` of the sink keys' weight and spread the rest over the other keys.
+
+    Args:
+        probs: ``[b, h, q, k]`` post-softmax attention (rows sum to 1).
+        sinks: ``[b, h, k]`` bool sink set, the same for every query of a (row, head).
+        beta: fraction of each sink's weight it keeps.
+        rows: ``[b, q]`` bool, queries to edit (padding queries are left as they are).
+
+    Returns:
+        The edited ``[b, h, q, k]``; every edited row still sums to 1. A query row that puts all
+        its weight on sinks (nothing to redistribute onto) or sees no sink is returned unchanged.
+    """
+    s = sinks[:, :, None, :]
+    sink_mass = probs.masked_fill(~s, 0.0).sum(-1, keepdim=True)  # [b, h, q, 1]
+    rest_mass = probs.masked_fill(s, 0.0).sum(-1, keepdim=True)
+    ok = rest_mass > 0
+    if rows is not None:
+        ok = ok & rows[:, None, :, None]
+    # Per (row, head, query): sinks are scaled by beta, the other keys by 1 + freed / rest.
+    grow = 1.0 + (1.0 - beta) * sink_mass / rest_mass.clamp_min(torch.finfo(probs.dtype).tiny)
+    one = torch.ones_like(grow)
+    return probs * torch.where(s, torch.where(ok, beta * one, one), torch.where(ok, grow, one))
+
+
+# -- config --------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ActConfig(MethodConfig):
+    """ACT settings (methods.md §4; GATECH-EIC/ACT a267af7)."""
+
+    beta: float = field(default=0.4, metadata={"help": (
+        "Fraction of its attention a sink key keeps (1.0 = nothing moved, an exact no-op). "
+        "Default 0.4 (source: scripts/calibration.sh and scripts/evaluation.sh, BETA).")})
+    thres: float = field(default=0.1, metadata={"help": (
+        "A key is a sink when its mean received attention, over the queries that see it, exceeds this. "
+        "Default 0.1 (source: scripts/*.sh THRES; the paper's alpha/N test is not what the code does).")})
+    heads_file: str | None = field(default=None, metadata={"help": (
+        "Head-list JSON written by `lvlm-fix calibrate` ({\"heads\": {\"<layer>\": [h, ...]}}), ACT's offline "
+        "per-head search (source: scripts/calibration.sh, models/augment_index.py). Default None: every head of "
+        "layers lo..min(L-lo, L-2) with lo = max(1, round(2L/32)), i.e. the release's layers 2..30 of 32 scaled "
+        "to the depth (source: models/llama_modelling_aug.py range(2, 31)); the release ships no LVLM head list.")})
+    heads: str | None = field(default=None, metadata={"help": (
+        "Inline head list 'layer:head,head;layer:head' instead of a file, e.g. '14:3,7'. "
+        "Default None (source: lvlm-fix; the release selects heads through LAYER_NUM/HEAD_NUM env vars).")})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": (
+        "Restrict ACT to these layers (negative counts from the end); without a head list, all heads of "
+        "these layers. Default None: the head list's layers, or the scaled range 2..30 of 32 "
+        "(source: models/llama_modelling_aug.py).")})
+
+    def validate(self) -> None:
+        check_range("beta", self.beta, 0.0, 1.0)
+        check_range("thres", self.thres, 0.0, 1.0)
+        if self.heads_file is not None and self.heads is not None:
+            raise ConfigError("give either heads_file or heads, not both")
+        if self.heads_file is not None:
+            read_head_file(self.heads_file)
+        if self.heads is not None:
+            parse_heads(self.heads)
+
+    @classmethod
+    def noop(cls) -> ActConfig:
+        return cls(beta=1.0)
+
+
+# -- the intervention ----------------------------------------------------------------------------
+@register
+class Act(Intervention):
+    """ACT: damp hidden attention sinks in selected heads, at the prefill and every decode step."""
+
+    name = "act"
+    config_cls = ActConfig
+    config: ActConfig
+
+    def __init__(self, config: ActConfig | None = None) -> None:
+        super().__init__(config)
+        self.heads: dict[int, list[int]] = {}
+        self.head_source = "none"
+        self._index: dict[tuple[int, torch.device], Tensor] = {}
+        self._visible: Tensor | None = None
+        self._sinks: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (first key position [1], sinks [b, hs, k])
+        self._image: dict[int, Tensor] = {}  # layer -> [b, k] image keys at the prefill (for the report)
+        self._first: Tensor | None = None
+        self._steps = 0
+
+    # -- setup --
+    def bind(self, lvlm: LVLM) -> None:
+        c = self.config
+        n, n_heads = lvlm.num_layers, lvlm.num_heads
+        self.eager_layers = frozenset()
+        self.heads = {}
+        if c.beta == 1.0:  # nothing would move: register nothing, so the model runs untouched
+            self.head_source = "noop (beta=1)"
+            return
+        if c.heads_file is not None:
+            heads, doc = read_head_file(c.heads_file)
+            for key, size in (("num_layers", n), ("num_heads", n_heads)):
+                if key in doc and int(doc[key]) != size:
+                    raise ConfigError(
+                        f"ACT head-list file {c.heads_file} was calibrated for {key}={doc[key]}, but this model has "
+                        f"{key}={size}; calibrate this model with `lvlm-fix calibrate`"
+                    )
+            self.head_source = str(c.heads_file)
+        elif c.heads is not None:
+            heads, self.head_source = parse_heads(c.heads), "inline"
+        else:
+            layers = resolve_layers(c.layers, default_act_layers(n), n)
+            heads, self.head_source = {layer: list(range(n_heads)) for layer in sorted(layers)}, "default: all heads"
+        where = f"ACT heads ({self.head_source})"
+        for layer, hs in heads.items():
+            if not 0 <= layer < n:
+                raise ConfigError(f"{where}: layer {layer} is beyond the model's depth; valid layers are 0..{n - 1}")
+            bad = [h for h in hs if not 0 <= h < n_heads]
+            if bad:
+                raise ConfigError(
+                    f"{where}: head {bad[0]} of layer {layer} is out of range; valid heads are 0..{n_heads - 1}"
+                )
+        if c.layers is not None and (c.heads_file is not None or c.heads is not None):
+            keep = resolve_layers(c.layers, (), n)
+            heads = {layer: hs for layer, hs in heads.items() if layer in keep}
+        self.heads = {layer: hs for layer, hs in sorted(heads.items()) if hs}
+        self.eager_layers = frozenset(self.heads)
+
+    def begin(self, tokens: TokenState) -> None:
+        self._sinks.clear()
+        self._image.clear()
+        self._visible = None
+        self._first = None
+        self._steps = 0
+
+    def _heads_on(self, layer: int, device: torch.device) -> Tensor:
+        key = (layer, device)
+        if key not in self._index:
+            self._index[key] = torch.tensor(self.heads[layer], dtype=torch.long, device=device)
+        return self._index[key]
+
+    # -- callbacks --
+    def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:
+        if ctx.step == 0:  # the prefill: record which (query, key) pairs the mask lets through
+            self._visible = self._select(scores, ctx.layer) > _NEG_HALF
+        return scores
+
+    def _select(self, x: Tensor, layer: int) -> Tensor:
+        """The selected heads of ``x`` ``[b, h, q, k]`` (``x`` itself when every head is selected)."""
+        if len(self.heads[layer]) == x.shape[1]:
+            return x
+        return x.index_select(1, self._heads_on(layer, x.device))
+
+    def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:
+        p = self._select(probs, ctx.layer)  # [b, hs, q, k]
+        k = p.shape[-1]
+        key_valid = ctx.key_valid
+        queries = key_valid[:, (ctx.query_positions - ctx.key_positions[0]).clamp(0, k - 1)]  # [b, q] valid queries
+        if ctx.step == 0:
+            visible = self._visible & queries[:, None, :, None] & key_valid[:, None, None, :]
+            self._visible = None
+            first = key_valid.int().argmax(1)  # the row's first valid token (BOS)
+            sinks = act_sinks(p, visible, self.config.thres, keep=first)
+            self._sinks[ctx.layer] = (ctx.key_positions[:1], sinks)
+            self._image[ctx.layer] = ctx.image_keys
+            self._first = ctx.key_positions[first]
+        else:
+            stored = self._sinks.get(ctx.layer)
+            if stored is None:
+                return probs
+            start, prefill_sinks = stored
+            if prefill_sinks.shape[0] != p.shape[0]:
+                raise ConfigError("ACT: the batch changed size between the prefill and a decode step; "
+                                  "generate each batch with one generate() call")
+            n0 = prefill_sinks.shape[-1]
+            rel = ctx.key_positions - start  # key j was key rel[j] at the prefill
+            inside = (rel >= 0) & (rel < n0)
+            sinks = prefill_sinks[..., rel.clamp(0, n0 - 1)] & inside
+            self._steps = max(self._steps, ctx.step)
+        new = act_redistribute(p, sinks, self.config.beta, rows=queries)
+        if p is probs:
+            return new
+        return probs.index_copy(1, self._heads_on(ctx.layer, probs.device), new)
+
+    def report(self) -> dict[str, Any]:
+        c = self.config
+        out: dict[str, Any] = {
+            "beta": c.beta,
+            "thres": c.thres,
+            "head_source": self.head_source,
+            "heads": {str(layer): hs for layer, hs in self.heads.items()},
+            "decode_steps": self._steps,
+        }
+        sinks: dict[str, Any] = {}
+        for layer, (start, s) in self._sinks.items():
+            s = s.cpu()
+            per_head = s.sum(-1).float()  # [b, hs]
+            img = self._image[layer].cpu()[:, None, :] & s
+            union = s.any(1)  # [b, k]
+            first = self._first.cpu() - int(start)  # key index of each row's first valid token
+            sinks[str(layer)] = {
+                "mean_per_head": round(float(per_head.mean()), 4),
+                "max_per_head": int(per_head.max()) if per_head.numel() else 0,
+                "image_token_share": round(float(img.sum() / s.sum().clamp_min(1)), 4),
+                # Sink positions per row (union over heads), counted from the row's first valid token.
+                "positions": [[int(j) - int(first[r]) for j in torch.nonzero(union[r]).flatten()]
+                              for r in range(s.shape[0])],
+            }
+        out["sinks"] = sinks
+        return out

@@ -1,0 +1,305 @@
+"""VAR: Visual Attention Redistribution, "See What You Are Told" (methods.md §3).
+
+Some tokens (BOS, punctuation, background image patches) carry massive activations in a few
+fixed hidden dimensions of the backbone, the "sink dimensions", and soak up attention while
+contributing little. VAR, per sample and per layer:
+
+1. at the prefill, flags as sinks the tokens whose RMS-normalised activation in a sink dimension
+   exceeds ``tau``, on the residual stream entering the layer; ``S_v`` = the sinks among the image
+   tokens, ``S_t`` = the other sinks;
+2. at every forward (prefill and decode), keeps the "image-centric" (head, query) pairs: total
+   image attention ``>= summ`` and visual-sink share ``<= rho`` (at the prefill only queries after
+   the row's image are eligible);
+3. in those rows of the post-softmax attention, keeps a fraction ``p`` of the attention on every
+   sink (visual and text) and hands the rest to the non-sink image tokens, in proportion to their
+   attention. Rows still sum to 1.
+
+Differences from the release (VisAttnSink ``98e62d6``), all on purpose: sinks are detected for
+every sample (the release reuses the first sample's), the last layer is not edited (the release
+edits it through a shadowed flag), rows of a batch are independent, and a selected row whose
+non-sink image attention is zero is left alone (the release would divide by zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..hooks.plan import AttnContext, TokenState
+from ..hooks.stats import SINK_TAU, normalized_activations, sink_scores
+from .base import Intervention, MethodConfig, check_range, register, resolve_layers
+
+if TYPE_CHECKING:
+    from ..model import LVLM
+
+__all__ = ["VAR", "VARConfig", "default_layers", "redistribute", "row_sink_dims"]
+
+_DENOM_EPS = 1e-6  # added to every image key's weight in r_sink's denominator, as the release does
+_MAX_DIMS = 4  # discovered sink dims per row, as stats.discover_sink_dims
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Layers ``2 .. L-2``: the first two and the last layer are excluded."""
+    return list(range(2, n_layers - 1))
+
+
+def redistribute(
+    probs: Tensor,
+    sink_keys: Tensor,
+    image_keys: Tensor,
+    eligible: Tensor | None = None,
+    *,
+    rho: float,
+    summ: float,
+    p: float,
+) -> tuple[Tensor, Tensor]:
+    """VAR's (head, query) selection and attention redistribution, for every row of a batch.
+
+    Args:
+        probs: ``[b, h, q, k]`` post-softmax attention.
+        sink_keys: ``[b, k]`` True at sink keys (visual and text sinks).
+        image_keys: ``[b, k]`` True at image keys.
+        eligible: ``[b, q]`` queries that may be edited (None: all).
+        rho: the largest visual-sink share ``r_sink = sum_{S_v} A / sum_{image} (A + 1e-6)``.
+        summ: the smallest total image attention ``s_img = sum_{image} A``.
+        p: fraction of the sink attention kept.
+
+    Returns:
+        ``(new probs, selected [b, h, q] bool)``. In a selected row ``a``:
+        ``a'_j = p a_j`` on sinks, ``a'_j = a_j + Omega a_j / sum_{I \\ S_v} a`` on non-sink image
+        keys with ``Omega = (1 - p) sum_S a``, every other entry unchanged. A row is selected when
+        its layer has a visual sink, ``r_sink <= rho``, ``s_img >= summ``, and its non-sink image
+        attention is positive. Unselected rows are returned bit for bit.
+    """
+    dtype = probs.dtype
+    img, sink = image_keys.bool(), sink_keys.bool()
+    visual_sink = sink & img
+    free = img & ~sink  # non-sink image keys, which receive the freed attention
+
+    def mass(keys: Tensor) -> Tensor:  # [b, h, q]: the rows' total weight on `keys`
+        return torch.matmul(probs, keys.to(dtype)[:, None, :, None]).squeeze(-1)
+
+    s_img, s_visual_sink, s_sink, s_free = mass(img), mass(visual_sink), mass(sink), mass(free)
+    n_img = img.sum(-1).to(dtype)[:, None, None]
+    r_sink = s_visual_sink / (s_img + _DENOM_EPS * n_img)  # pitfall 10: the eps is inside the sum
+    selected = (r_sink <= rho) & (s_img >= summ) & (s_free > 0) & visual_sink.any(-1)[:, None, None]
+    if eligible is not None:
+        selected &= eligible.bool()[:, None, :]
+    gain = torch.where(selected, (1 - p) * s_sink / s_free.clamp_min(torch.finfo(dtype).tiny), 0.0)
+    keep = torch.where(selected, p, 1.0).to(dtype)
+    # factor: p on sinks, 1 + gain on non-sink image keys, 1 elsewhere; exactly 1 in unselected rows
+    on_sink, on_free = sink.to(dtype)[:, None, None, :], free.to(dtype)[:, None, None, :]
+    factor = 1 + (keep - 1)[..., None] * on_sink + gain[..., None] * on_free
+    return probs * factor, selected
+
+
+def row_sink_dims(hidden: Tensor, valid: Tensor, tau: float, max_dims: int = _MAX_DIMS) -> tuple[Tensor, Tensor]:
+    """Per row, the dims carrying massive activations: stats.discover_sink_dims' rule, batched.
+
+    Each dim gets one vote per valid token whose normalised activation there exceeds ``tau``;
+    a row's dims are its (at most ``max_dims``) most voted ones with at least a tenth of its top
+    vote count.
+
+    Args:
+        hidden: ``[b, t, D]`` residual stream.
+        valid: ``[b, t]`` False at padding.
+
+    Returns:
+        ``(dims [b, m] long, found [b, m] bool)``: the candidate dims, most votes first, and
+        which of them qualify (a row with none found has an all-False row).
+    """
+    votes = ((normalized_activations(hidden) > tau) & valid.bool()[..., None]).sum(1)  # [b, D]
+    dims = votes.argsort(dim=-1, descending=True, stable=True)[:, :max_dims]
+    top = votes.gather(-1, dims)
+    return dims, (top > 0) & (top * 10 >= top[:, :1])
+
+
+def _row_sink_scores(hidden: Tensor, dims: Tensor, found: Tensor) -> Tensor:
+    """``phi`` with per-row dims: ``[b, t, D]``, ``[b, m]`` -> ``[b, t]`` (0 where a row has none)."""
+    x = hidden.float()
+    rms = (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    picked = x.gather(-1, dims[:, None, :].expand(-1, x.shape[1], -1)).abs() / rms  # [b, t, m]
+    return picked.masked_fill(~found[:, None, :], 0.0).amax(-1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VARConfig(MethodConfig):
+    """VAR's parameters."""
+
+    tau: float = field(default=SINK_TAU, metadata={"help": (
+        "Sink threshold: a token is a sink in a layer when max over the sink dims of "
+        "|x_j[d]| / rms(x_j) (RMS norm without weight, fp32) on the residual entering the layer "
+        "exceeds tau. Default 20 (source: VisAttnSink A_exps/lv1.5_7b.yml tau; "
+        "src/logic/logic.py DimProspector).")})
+    rho: float = field(default=0.5, metadata={"help": (
+        "Largest visual-sink share r_sink = sum_{visual sinks} A / sum_{image} (A + 1e-6) of a "
+        "(head, query) for its attention to be redistributed (the release's convention, r_sink <= "
+        "rho). The paper states it as a visual NON-sink ratio >= rho_paper; the two agree at 0.5, "
+        "so the paper's per-task 0.8 / 0.9 would be 0.2 / 0.1 here. Default 0.5 (source: "
+        "lv1.5_7b.yml rho; src/logic/logic.py HeadFork).")})
+    summ: float = field(default=0.2, metadata={"help": (
+        "Smallest total image attention sum_{image} A of a (head, query) for its attention to be "
+        "redistributed. Default 0.2 (source: lv1.5_7b.yml summ; src/logic/logic.py HeadFork).")})
+    p: float = field(default=0.6, metadata={"help": (
+        "Fraction of a selected (head, query)'s attention on sink tokens (visual and text) that is "
+        "KEPT; the other 1 - p goes to the non-sink image tokens in proportion to their attention. "
+        "1.0 is an exact identity (the method does nothing). Called beta in the release README. "
+        "Default 0.6 (source: lv1.5_7b.yml p; src/logic/logic.py VARProcessor.attn_redist).")})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": (
+        "Decoder layers where sinks are detected and attention is redistributed, 0-based, negative "
+        "counting from the end. None: 2 .. L-2, the first two and the last layer excluded as the "
+        "paper says (the release also edits the last layer, a bug not reproduced). Default None "
+        "(source: VAR paper; release sink_select_layers range(L)[2:]).")})
+    sink_dims: tuple[int, ...] | None = field(default=None, metadata={"help": (
+        "Hidden dimensions that carry the massive activations of sink tokens. None: the known "
+        "dims of the backbone when the adapter has them (LLaMA-2-7B 2533,1415; -13B 2100,4743; "
+        "Qwen2-VL-7B 458,2570), otherwise discovered per sample from the prompt at the first VAR "
+        "layer; the report names them and their source. Default None (source: VisAttnSink "
+        "src/logic/constants.py; VAR paper for Qwen2-VL).")})
+
+    def validate(self) -> None:
+        for name, lo, hi in (("tau", 0.0, None), ("rho", 0.0, 1.0), ("summ", 0.0, 1.0), ("p", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}={value} is out of range; valid range is [{lo}, {hi or 'inf'}]")
+            check_range(name, value, lo, hi)
+        for name in ("layers", "sink_dims"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                raise ConfigError(f"{name}={value!r} must be a tuple of integers, e.g. (2, 3)")
+            object.__setattr__(self, name, tuple(value))
+        if self.sink_dims is not None:
+            if not self.sink_dims:
+                raise ConfigError("sink_dims=() names no dimension; give at least one, or None for the known or "
+                                  "discovered ones")
+            check_range("sink_dims entry", min(self.sink_dims), 0)
+
+    @classmethod
+    def noop(cls) -> VARConfig:
+        """``p=1.0``: every sink keeps all its attention; nothing is registered."""
+        return cls(p=1.0)
+
+
+@register
+class VAR(Intervention):
+    """Per-sample visual-sink detection and attention redistribution to non-sink image tokens."""
+
+    name = "var"
+    config_cls = VARConfig
+    config: VARConfig
+
+    def __init__(self, config: VARConfig | None = None) -> None:
+        super().__init__(config)
+        self.layers: frozenset[int] = frozenset()
+        self.sink_dims: tuple[int, ...] | None = None
+        self.sink_dims_source = "discovered"
+        self._reset()
+
+    def _reset(self) -> None:
+        self._valid: Tensor | None = None  # [b, t] prompt tokens that are not padding
+        self._image: Tensor | None = None  # [b, t] image tokens of the prompt
+        self._sinks: dict[int, Tensor] = {}  # layer -> [b, t] sinks among the prompt tokens
+        self._dims: tuple[Tensor, Tensor] | None = None  # discovered (dims [b, m], found [b, m])
+        self._counts: dict[int, Tensor] = {}  # layer -> [b] (head, query) pairs redistributed
+
+    def bind(self, lvlm: LVLM) -> None:
+        n = lvlm.num_layers
+        self.layers = resolve_layers(self.config.layers, default_layers(n), n)
+        if self.config.sink_dims is not None:
+            self.sink_dims, self.sink_dims_source = self.config.sink_dims, "config"
+            bad = [d for d in self.sink_dims if d >= lvlm.hidden_size]
+            if bad:
+                raise ConfigError(
+                    f"sink_dims entry {bad[0]} is out of range; valid range is [0, {lvlm.hidden_size - 1}]")
+        elif lvlm.known_sink_dims:
+            self.sink_dims, self.sink_dims_source = tuple(lvlm.known_sink_dims), "adapter"
+        else:
+            self.sink_dims, self.sink_dims_source = None, "discovered"
+        on = frozenset() if self.config.p == 1.0 else self.layers
+        self.eager_layers = self.residual_layers = on
+
+    def begin(self, tokens: TokenState) -> None:
+        self._reset()
+        self._valid = tokens.valid[:, : tokens.prompt_len].clone()
+        self._image = tokens.image_mask[:, : tokens.prompt_len].clone()
+
+    def residual(self, hidden: Tensor, ctx: AttnContext) -> None:  # [b, t, D]
+        if ctx.step != 0:
+            return  # sinks are detected on the prompt only
+        valid = self._valid[:, : hidden.shape[1]].to(hidden.device)
+        if self.sink_dims is not None:
+            phi = sink_scores(hidden, self.sink_dims)
+        else:
+            if self._dims is None:  # the first VAR layer: discover this sample's dims
+                self._dims = row_sink_dims(hidden, valid, self.config.tau)
+            phi = _row_sink_scores(hidden, *self._dims)
+        self._sinks[ctx.layer] = (phi > self.config.tau) & valid
+
+    def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k]
+        sinks = self._sinks.get(ctx.layer)
+        if sinks is None:
+            return probs
+        pos = ctx.key_positions  # absolute positions (a sliding-window cache holds a suffix)
+        inside = pos < sinks.shape[1]
+        sink_keys = sinks[:, pos.clamp(max=sinks.shape[1] - 1)] & inside
+        out, selected = redistribute(
+            probs, sink_keys, ctx.image_keys, ctx.queries_after_image,
+            rho=self.config.rho, summ=self.config.summ, p=self.config.p,
+        )
+        count = selected.sum((1, 2))
+        self._counts[ctx.layer] = count if ctx.layer not in self._counts else self._counts[ctx.layer] + count
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """Sinks, sink dims and redistributed (head, query) pairs of the last sequence, per row.
+
+        Positions count from each row's first non-padding prompt token; beam rows are rows.
+        """
+        out: dict[str, Any] = {
+            "layers": sorted(self.eager_layers),
+            "tau": self.config.tau, "rho": self.config.rho, "summ": self.config.summ, "p": self.config.p,
+            "sink_dims_source": self.sink_dims_source,
+        }
+        if self._valid is None:
+            return {**out, "sink_dims": [], "image_span": [], "sinks": {}, "redistributed": {},
+                    "redistributed_total": []}
+        valid, image = self._valid.cpu(), self._image.cpu()
+        b = valid.shape[0]
+        start = valid.int().argmax(1)  # first non-padding token
+        if self.sink_dims is not None:
+            dims = [list(self.sink_dims)] * b
+        elif self._dims is not None:
+            d, found = (t.cpu() for t in self._dims)
+            dims = [d[r][found[r]].tolist() for r in range(b)]
+        else:
+            dims = [[] for _ in range(b)]
+        spans = []
+        for r in range(b):
+            idx = torch.nonzero(image[r]).flatten()
+            spans.append([int(idx[0] - start[r]), int(idx[-1] + 1 - start[r])] if len(idx) else None)
+        sinks = {}
+        for layer in sorted(self._sinks):
+            s = self._sinks[layer].cpu()
+            sinks[str(layer)] = [
+                {"visual": (torch.nonzero(s[r] & image[r]).flatten() - start[r]).tolist(),
+                 "text": (torch.nonzero(s[r] & ~image[r]).flatten() - start[r]).tolist()}
+                for r in range(b)
+            ]
+        counts = {str(layer): c.cpu().tolist() for layer, c in sorted(self._counts.items())}
+        total = [sum(c[r] for c in counts.values()) for r in range(b)]
+        return {
+            **out,
+            "sink_dims": dims,  # per row
+            "rows_without_sink_dims": [r for r in range(b) if not dims[r]],
+            "image_span": spans,  # [start, end) per row, None without image
+            "sinks": sinks,
+            "redistributed": counts,  # (head, query) pairs per layer per row, all steps
+            "redistributed_total": total,
+        }

@@ -1,0 +1,233 @@
+"""VHR: Vision-aware Head Reinforcement, selected by the VHD metric (methods.md §2).
+
+Per sample, heads whose output at the last prompt position changes most when the image tokens
+are removed (VHD, Eq. 4) are "vision-aware"; VHR multiplies the top half of them (VHD above
+the layer's median, after the outlier filter of Eq. 6) by ``alpha`` in the reinforced layers.
+
+The selection is the paper's layer-by-layer strategy. Just before the real prefill, one inner
+pass runs the image rows and their text-only copies (image tokens deleted) side by side in one
+batch. At each reinforced layer, in order, the VHD of every head is computed at the last prompt
+position (image row ``b`` against text row ``n + b``), the heads are selected, and both streams
+are reinforced at once, so a later layer's VHD is measured on the model already reinforced at
+the earlier layers. The pass stops after the last reinforced layer. The selected heads are then
+frozen for the whole generation and scaled at every position of every forward (the prompt too,
+so the KV cache comes from the reinforced model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, LvlmFixError
+from ..hooks.plan import AttnContext, Participant, Plan, StopForward, TokenState
+from ..hooks.stats import head_divergence, outlier_filter
+from .base import Intervention, MethodConfig, check_range, register, resolve_layers
+
+if TYPE_CHECKING:
+    from ..model import LVLM
+
+__all__ = ["VHR", "VHRConfig", "default_layers", "select_heads", "text_only_inputs"]
+
+# Generation-internal forward arguments: the inner pass lets generate() rebuild them.
+_DROP = frozenset({
+    "cache", "past_key_values", "cache_position", "position_ids", "use_cache", "logits_to_keep",
+    "num_logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "labels", "inputs_embeds",
+})
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """``{1}`` and the last ``round(14/32 * n_layers)`` layers (``{1, 18..31}`` for 32 layers).
+
+    Rounding is half up (40 layers -> the last 18), and at least one layer is taken.
+    """
+    k = max(1, math.floor(14 * n_layers / 32 + 0.5))
+    return sorted({i for i in (1,) if i < n_layers} | set(range(max(0, n_layers - k), n_layers)))
+
+
+def select_heads(with_image: Tensor, text_only: Tensor, use_filter: bool = True) -> tuple[Tensor, Tensor]:
+    """VHR's head selection for one layer, per row: VHD, outlier filter, VHD > median.
+
+    Args:
+        with_image: ``[n, h, d]`` per-head outputs (before ``o_proj``) at the last prompt position.
+        text_only: ``[n, h, d]`` the same with the image tokens removed.
+        use_filter: apply the outlier filter (Eq. 6): zero the VHD of heads whose VHD *and*
+            text-only squared norm both exceed mean + std over the layer's heads.
+
+    Returns:
+        ``(selected [n, h] bool, vhd [n, h] fp32 after the filter)``. ``selected`` is
+        ``VHD > median`` over heads (Eq. 7). torch's lower median and the averaged median pick the
+        same set (an entry above the lower middle value is at least the upper one).
+    """
+    vhd = head_divergence(with_image, text_only)
+    if use_filter:
+        vhd = outlier_filter(vhd, text_only.float().pow(2).sum(-1))
+    return vhd > vhd.median(dim=-1, keepdim=True).values, vhd
+
+
+def text_only_inputs(lvlm: LVLM, model_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The joint batch of the selection pass, built from the prefill's forward arguments.
+
+    Rows ``[0, n)`` are the prefill's rows, rows ``[n, 2n)`` the same prompts with the image
+    tokens deleted (:meth:`LVLM.with_text_only_rows`). Cache and generation-internal arguments
+    are dropped. Position ids, when the prefill has them, are kept for the image rows (generate()
+    may have built them from inputs it no longer passes, e.g. M-RoPE's image grid) and rebuilt
+    from the attention mask for the text-only rows, as generate() does.
+
+    Returns:
+        ``(inputs for generate(), n)``.
+    """
+    ids = model_kwargs.get("input_ids")
+    if ids is None:
+        raise LvlmFixError("vhr needs the model to be called with input_ids= as a keyword argument")
+    n = ids.shape[0]
+    inputs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in model_kwargs.items()
+              if k not in _DROP and v is not None}
+    if inputs.get("attention_mask") is None:  # generate() drops an all-ones mask
+        inputs["attention_mask"] = torch.ones_like(ids)
+    joint = lvlm.with_text_only_rows(inputs)
+    pos = model_kwargs.get("position_ids")
+    if pos is not None:
+        mask = joint["attention_mask"][n:]
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(pos.dtype)
+        batch_dim = 1 if pos.dim() == 3 else 0  # M-RoPE: [sections, b, t]
+        if pos.dim() == 3:
+            text = text.unsqueeze(0).expand(pos.shape[0], -1, -1)
+        shape = list(pos.shape)
+        shape[batch_dim] = n
+        joint["position_ids"] = torch.cat([pos.expand(shape), text], dim=batch_dim)
+    return joint, n
+
+
+class _Selector(Participant):
+    """The inner pass's participant: select at each reinforced layer, reinforce both streams."""
+
+    def __init__(self, layers: frozenset[int], n: int, alpha: float, use_filter: bool) -> None:
+        self.head_output_layers = layers
+        self.n, self.alpha, self.use_filter = n, alpha, use_filter
+        self.last = max(layers)
+        self.selected: dict[int, Tensor] = {}
+        self.vhd: dict[int, Tensor] = {}
+
+    def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor:  # [2n, q, h, d]
+        n = self.n
+        selected, vhd = select_heads(heads[:n, -1], heads[n : 2 * n, -1], self.use_filter)
+        self.selected[ctx.layer], self.vhd[ctx.layer] = selected, vhd
+        scale = torch.where(selected, self.alpha, 1.0).to(heads.dtype).repeat(2, 1)  # both streams
+        out = heads * scale[:, None, :, None]
+        if ctx.layer == self.last:
+            raise StopForward  # nothing later is needed
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class VHRConfig(MethodConfig):
+    """VHR's parameters."""
+
+    alpha: float = field(default=2.0, metadata={"help": (
+        "Factor multiplying the outputs of the selected vision-aware heads (per-head output before "
+        "o_proj), at every position and step; 1.0 is an exact identity (the method does nothing), "
+        "and the paper's Table 6 shows the output degenerating at 4.0. "
+        "Default 2.0 (source: VHR paper §4.4 and Table 6; official runner vhr_aug_ratio).")})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": (
+        "Decoder layers to reinforce, 0-based, negative counting from the end. None: {1} and the "
+        "last round(14/32 * L) layers, i.e. {1, 18..31} on a 32-layer model, scaled to the model's "
+        "depth (rounding half up). Default None (source: VHR paper §4.4 and Table 5; official "
+        "runner vhr_layers=[1]+list(range(32))[-14:]).")})
+    outlier_filter: bool = field(default=True, metadata={"help": (
+        "Before taking the heads with VHD above the layer's median, zero the VHD of heads that are "
+        "outliers (above mean + std over the layer's heads) in both VHD and text-only output norm. "
+        "Default True (source: VHR paper §3.2 Eq. 6 and Table 4; official runner vhr_filter).")})
+
+    def validate(self) -> None:
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha={self.alpha} is out of range; valid range is [0, inf)")
+        check_range("alpha", self.alpha, 0.0)
+        if self.layers is not None:
+            if isinstance(self.layers, int) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                       for i in self.layers):
+                raise ConfigError(f"layers={self.layers!r} must be a tuple of layer indices, e.g. (1, -2, -1)")
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @classmethod
+    def noop(cls) -> VHRConfig:
+        """``alpha=1.0``: no hook, no selection pass."""
+        return cls(alpha=1.0)
+
+
+@register
+class VHR(Intervention):
+    """Vision-aware head reinforcement: per-sample head selection by VHD, heads scaled by alpha."""
+
+    name = "vhr"
+    config_cls = VHRConfig
+    config: VHRConfig
+
+    def __init__(self, config: VHRConfig | None = None) -> None:
+        super().__init__(config)
+        self.layers: frozenset[int] = frozenset()
+        self._pending: tuple[dict[int, Tensor], dict[int, Tensor]] | None = None
+        self.selected: dict[int, Tensor] = {}  # layer -> [b, h] bool, frozen from the prefill
+        self.vhd: dict[int, Tensor] = {}  # layer -> [b, h] VHD after the filter
+        self._scale: dict[int, Tensor] = {}
+
+    def _identity(self) -> bool:
+        return self.config.alpha == 1.0 or not self.layers
+
+    def bind(self, lvlm: LVLM) -> None:
+        n = lvlm.num_layers
+        self.layers = resolve_layers(self.config.layers, default_layers(n), n)
+        self.head_output_layers = frozenset() if self._identity() else self.layers
+
+    def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
+        self._pending = None
+        if not self.head_output_layers:
+            return
+        joint, n = text_only_inputs(lvlm, model_kwargs)
+        selector = _Selector(self.head_output_layers, n, self.config.alpha, self.config.outlier_filter)
+        try:
+            with Plan(lvlm, [selector]).active(inner=True), torch.no_grad():
+                lvlm.model.generate(**joint, max_new_tokens=1, do_sample=False, num_beams=1)
+        except StopForward:
+            pass
+        if len(selector.selected) != len(self.head_output_layers):
+            raise LvlmFixError("vhr's selection pass did not reach every reinforced layer")
+        self._pending = (selector.selected, selector.vhd)
+
+    def begin(self, tokens: TokenState) -> None:
+        selected, vhd = self._pending or ({}, {})
+        self._pending = None
+        self.selected, self.vhd = selected, vhd
+        self._scale = {
+            layer: torch.where(mask, self.config.alpha, 1.0)[:, None, :, None] for layer, mask in selected.items()
+        }
+
+    def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
+        scale = self._scale.get(ctx.layer)
+        if scale is None:
+            return None
+        if scale.shape[0] != heads.shape[0]:
+            raise LvlmFixError(
+                f"vhr selected heads for {scale.shape[0]} rows but the forward has {heads.shape[0]}; "
+                "start a new generate() call for a new batch")
+        if scale.dtype != heads.dtype or scale.device != heads.device:
+            scale = self._scale[ctx.layer] = scale.to(heads.device, heads.dtype)
+        return heads * scale
+
+    def report(self) -> dict[str, Any]:
+        """Selected heads per layer per row of the last prefill (beam rows counted as rows)."""
+        layers = sorted(self.selected)
+        return {
+            "alpha": self.config.alpha,
+            "layers": sorted(self.layers),
+            "outlier_filter": self.config.outlier_filter,
+            "selected_heads": {
+                str(layer): [torch.nonzero(row).flatten().tolist() for row in self.selected[layer].cpu()]
+                for layer in layers
+            },
+            "vhd": {str(layer): self.vhd[layer].cpu().tolist() for layer in layers},
+        }
