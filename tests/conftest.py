@@ -6,10 +6,12 @@ Each model is built from a config, saved with ``save_pretrained`` and loaded bac
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -57,3 +59,37 @@ def images():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+OBJECTS = {1: "dog", 2: "cup", 3: "car"}
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """A 4-image COCO-format fixture: drawn images, POPE question files, instances and captions."""
+    root = tmp_path_factory.mktemp("coco")
+    (root / "images").mkdir()
+    (root / "annotations").mkdir()
+    images, anns, caps, questions = [], [], [], {"random": [], "popular": [], "adversarial": []}
+    for i in range(4):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        im = Image.new("RGB", (64, 64), (30 * i, 80, 120))
+        ImageDraw.Draw(im).ellipse((10 + 5 * i, 10, 40, 40), fill=(250, 200, 0))
+        im.save(root / "images" / name)
+        images.append({"id": i, "file_name": name, "width": 64, "height": 64})
+        present = [1 + i % 3]
+        anns += [{"id": 10 * i + c, "image_id": i, "category_id": c, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0}
+                 for c in present]
+        caps += [{"id": 100 + i, "image_id": i, "caption": f"a photo with a {OBJECTS[present[0]]} ."}]
+        for split in questions:
+            absent = [c for c in OBJECTS if c not in present][0 if split != "adversarial" else 1]
+            questions[split] += [
+                {"question_id": 2 * i, "image": name, "text": f"Is there a {OBJECTS[present[0]]} in the image?", "label": "yes"},
+                {"question_id": 2 * i + 1, "image": name, "text": f"Is there a {OBJECTS[absent]} in the image?", "label": "no"},
+            ]
+    cats = [{"id": c, "name": n, "supercategory": "x"} for c, n in OBJECTS.items()]
+    (root / "annotations" / "instances_val2014.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": caps}))
+    for split, rows in questions.items():
+        (root / f"coco_pope_{split}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root

@@ -106,3 +106,27 @@ def test_malformed_jsonl_row(capsys, tiny_dirs, tmp_path, content, needle):
 def test_unknown_option_is_one_line(capsys):
     code, _, err = run(capsys, "run", "--no-such-flag")
     assert code == 2 and "--no-such-flag" in one_line_error(err)
+
+
+def test_calibrate_writes_a_head_file_act_then_loads(capsys, tiny_dirs, coco, image_file, tmp_path):
+    heads = tmp_path / "act_heads.json"
+    code, out, err = run(capsys, "calibrate", "--method", "act", "--model", str(tiny_dirs("llava")), "--split", "random",
+                         "--pope-questions", str(coco), "--image-dir", str(coco / "images"), "--limit", "4",
+                         "--out", str(heads))
+    assert code == 0, err
+    written = json.loads(heads.read_text())
+    assert written["calibration"]["samples"] == 4 and 0 <= written["calibration"]["baseline_acc"] <= 1
+    assert isinstance(written["heads"], dict)
+    code, out, err = run(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(image_file),
+                         "--method", "act", "--heads-file", str(heads), "--max-new-tokens", "2")
+    assert code == 0, err
+
+
+def test_compare_prints_both_answers_and_saves_carve_masks(capsys, tiny_dirs, image_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "run", "--model", str(tiny_dirs("qwen2_vl")), "--image", str(image_file),
+                         "--prompt", "Is there a cat?", "--method", "carve", "--compare", "--max-new-tokens", "2",
+                         "--stat-tokens", "2")
+    assert code == 0, err
+    assert "[baseline]" in out and "[carve]" in out and "[carve touched]" in err
+    assert (tmp_path / "lvlm-fix-out" / "carve_masks_0.png").is_file()

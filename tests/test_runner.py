@@ -5,45 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image, ImageDraw
 
 from lvlm_fix.cli.main import main
 from lvlm_fix.evals import runner
 from lvlm_fix.evals.runner import DataSpec, evaluate
-
-OBJECTS = {1: "dog", 2: "cup", 3: "car"}
-
-
-@pytest.fixture(scope="module")
-def coco(tmp_path_factory):
-    """A 4-image COCO-format fixture: drawn images, POPE question files, instances and captions."""
-    root = tmp_path_factory.mktemp("coco")
-    (root / "images").mkdir()
-    (root / "annotations").mkdir()
-    images, anns, caps, questions = [], [], [], {"random": [], "popular": [], "adversarial": []}
-    for i in range(4):
-        name = f"COCO_val2014_{i:012d}.jpg"
-        im = Image.new("RGB", (64, 64), (30 * i, 80, 120))
-        ImageDraw.Draw(im).ellipse((10 + 5 * i, 10, 40, 40), fill=(250, 200, 0))
-        im.save(root / "images" / name)
-        images.append({"id": i, "file_name": name, "width": 64, "height": 64})
-        present = [1 + i % 3]
-        anns += [{"id": 10 * i + c, "image_id": i, "category_id": c, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0}
-                 for c in present]
-        caps += [{"id": 100 + i, "image_id": i, "caption": f"a photo with a {OBJECTS[present[0]]} ."}]
-        for split in questions:
-            absent = [c for c in OBJECTS if c not in present][0 if split != "adversarial" else 1]
-            questions[split] += [
-                {"question_id": 2 * i, "image": name, "text": f"Is there a {OBJECTS[present[0]]} in the image?", "label": "yes"},
-                {"question_id": 2 * i + 1, "image": name, "text": f"Is there a {OBJECTS[absent]} in the image?", "label": "no"},
-            ]
-    cats = [{"id": c, "name": n, "supercategory": "x"} for c, n in OBJECTS.items()]
-    (root / "annotations" / "instances_val2014.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    (root / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": caps}))
-    for split, rows in questions.items():
-        (root / f"coco_pope_{split}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
-
 
 def _pope(coco, **kw):
     return dict(bench="pope", data=DataSpec(pope_questions=str(coco), image_dir=str(coco / "images")),
@@ -140,3 +105,23 @@ def test_bad_eval_inputs_are_one_line_errors(capsys, coco, tiny_dirs, tmp_path):
     assert "no questions" in _cli(capsys, "eval", "--model", model, "--split", "random",
                                   "--pope-questions", str(tmp_path / "q"), "--image-dir", str(coco / "images"))
     assert "--limit 0" in _cli(capsys, "eval", "--model", model, "--limit", "0")
+
+
+def test_two_processes_shard_the_samples_and_merge(tiny_dirs, coco, tmp_path):
+    """torchrun with 2 CPU workers: each takes every other sample; the main process merges."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "dp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lvlm_fix.cli", "eval",
+           "--model", str(tiny_dirs("llava")), "--split", "random", "--pope-questions", str(coco),
+           "--image-dir", str(coco / "images"), "--batch-size", "2", "--max-new-tokens", "2", "--n-boot", "20",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = [json.loads(x)["id"] for x in (out / "none" / "samples.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(f"random/{i}" for i in range(8)) and len(ids) == len(set(ids))
+    assert not list((out / "none").glob("samples.rank*.jsonl"))
+    assert proc.stdout.count("| none | random |") == 1  # only the main process reports

@@ -29,6 +29,9 @@ Examples:
 """
 
 
+ARTIFACT_DIR = "lvlm-fix-out"
+
+
 # -- method flags generated from the config dataclasses -------------------------------------------
 def _method_fields() -> dict[str, tuple[Any, list[str], str]]:
     """field name -> (type, methods having it, help) over every registered method config."""
@@ -108,9 +111,10 @@ def _load(model_name: str | None, dtype: str, device: str | None, device_map: st
     from .. import model as model_mod
 
     if device is None and device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState  # under `accelerate launch`: one device per process
+        import torch
+        from accelerate import PartialState  # under `accelerate launch` / torchrun: one device per process
 
-        device = str(PartialState().device)
+        device = str(PartialState(cpu=not torch.cuda.is_available()).device)
     return model_mod.load(model_name, dtype=dtype, device=device, device_map=device_map, revision=revision,
                           trust_remote_code=trust_remote_code)
 
@@ -192,7 +196,8 @@ def list_cmd() -> None:
 @click.option("--do-sample", is_flag=True, help="sample instead of greedy decoding.")
 @click.option("--num-beams", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--out", default=None, help="write answers (jsonl) and method artifacts (e.g. CARVE masks) here.")
+@click.option("--out", default=None,
+              help=f"write answers (jsonl) and method artifacts here (with --compare, artifacts go to ./{ARTIFACT_DIR}).")
 def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, jsonl, method, compare,
             batch_size, max_new_tokens, do_sample, num_beams, seed, out, **kwargs) -> None:
     """Generate answers with a method applied (optionally beside the baseline)."""
@@ -228,8 +233,8 @@ def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, 
             results.append(row)
         if compare:
             _print_touched(res.report)
-        if out_dir is not None:
-            _save_artifacts(res.artifacts, out_dir, start=len(results) - len(batch))
+        if res.artifacts and (out_dir is not None or compare):  # e.g. CARVE's masks, beside the answers
+            _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=len(results) - len(batch))
     for row in results:
         if "baseline" in row:
             click.echo(f"[baseline] {row['baseline']}\n[{method}] {row['answer']}")

@@ -298,7 +298,9 @@ def evaluate(
         "dtype": str(lvlm.model.dtype), "dataset": dataset, "generation": gen, "prompt_template": template,
         "prompt_example": lvlm.build_prompt(prompt_of(samples[0])), "seed": seed,
     }
-    state = PartialState()
+    # cpu=True lets torchrun / accelerate launch shard over CPU processes too (gloo); without it
+    # accelerate sees one process per CPU worker, and every worker would write every sample.
+    state = PartialState(cpu=lvlm.model.device.type == "cpu")
     rank, world = state.process_index, state.num_processes
     root = Path(out_dir) if out_dir is not None else None
     if root is not None and state.is_main_process:
