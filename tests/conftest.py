@@ -93,3 +93,15 @@ def coco(tmp_path_factory):
     for split, rows in questions.items():
         (root / f"coco_pope_{split}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return root
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run the CLI expecting a user error: exit code 2, exactly one ``error:`` line, no traceback."""
+    from lvlm_fix.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -7,6 +7,7 @@ import json
 import pytest
 from transformers import BertConfig
 
+from conftest import cli_error
 from lvlm_fix.cli.main import main
 
 
@@ -18,12 +19,6 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
         code = e.code or 0
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -68,28 +63,24 @@ def test_heads_writes_stats_and_figures(capsys, tiny_dirs, image_file, tmp_path)
 
 
 def test_missing_image(capsys, tiny_dirs, tmp_path):
-    code, _, err = run(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(tmp_path / "nope.png"))
-    assert code == 2 and "nope.png" in one_line_error(err)
+    assert "nope.png" in cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(tmp_path / "nope.png"))
 
 
 def test_unreadable_image(capsys, tiny_dirs, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    code, _, err = run(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(bad))
-    assert code == 2 and "bad.png" in one_line_error(err)
+    assert "bad.png" in cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(bad))
 
 
 def test_unknown_model_type(capsys, tmp_path, image_file):
     BertConfig().save_pretrained(tmp_path / "bert")
-    code, _, err = run(capsys, "run", "--model", str(tmp_path / "bert"), "--image", str(image_file))
-    line = one_line_error(err)
-    assert code == 2 and "'bert'" in line and "llava" in line and "qwen2_vl" in line
+    line = cli_error(capsys, "run", "--model", str(tmp_path / "bert"), "--image", str(image_file))
+    assert "'bert'" in line and "llava" in line and "qwen2_vl" in line
 
 
 def test_unknown_method_suggests_the_close_name(capsys, image_file):
-    code, _, err = run(capsys, "run", "--method", "vhrr", "--image", str(image_file))
-    line = one_line_error(err)
-    assert code == 2 and "'vhrr'" in line and "Did you mean 'vhr'" in line
+    line = cli_error(capsys, "run", "--method", "vhrr", "--image", str(image_file))
+    assert "'vhrr'" in line and "Did you mean 'vhr'" in line
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -99,13 +90,11 @@ def test_unknown_method_suggests_the_close_name(capsys, image_file):
 def test_malformed_jsonl_row(capsys, tiny_dirs, tmp_path, content, needle):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(content)
-    code, _, err = run(capsys, "run", "--model", str(tiny_dirs("llava")), "--jsonl", str(rows))
-    assert code == 2 and needle in one_line_error(err)
+    assert needle in cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--jsonl", str(rows))
 
 
 def test_unknown_option_is_one_line(capsys):
-    code, _, err = run(capsys, "run", "--no-such-flag")
-    assert code == 2 and "--no-such-flag" in one_line_error(err)
+    assert "--no-such-flag" in cli_error(capsys, "run", "--no-such-flag")
 
 
 def test_calibrate_writes_a_head_file_act_then_loads(capsys, tiny_dirs, coco, image_file, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import lvlm_fix
-from conftest import PROMPTS
+from conftest import PROMPTS, cli_error
 from lvlm_fix.hooks import hooks_on
 from lvlm_fix.hooks.attention import ACTIVE_PLAN
 from lvlm_fix.interventions import METHODS
@@ -143,17 +143,6 @@ def test_carve_hygiene_when_generation_fails(tiny, images, monkeypatch):
     assert hooks_on(lvlm.model) == before and ACTIVE_PLAN.get() is None
 
 
-def _cli_error(capsys, *argv):
-    from lvlm_fix.cli.main import main
-
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("argv, needles", [
     (["--method", "vhr", "--alpha", "-1"], ["alpha", "-1", "valid range"]),
     (["--method", "var", "--rho", "1.5"], ["rho", "1.5", "[0"]),
@@ -163,6 +152,6 @@ def _cli_error(capsys, *argv):
 def test_bad_parameters_are_one_line_errors(capsys, tiny_dirs, images, tmp_path, argv, needles):
     image = tmp_path / "i.png"
     images[0].save(image)
-    line = _cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(image), *argv)
+    line = cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(image), *argv)
     for needle in needles:
         assert needle in line, line

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lvlm_fix.cli.main import main
+from conftest import cli_error
 from lvlm_fix.evals import runner
 from lvlm_fix.evals.runner import DataSpec, evaluate
 
@@ -79,32 +79,23 @@ def test_a_run_folder_with_other_settings_is_refused(tiny, coco, tmp_path):
     assert (tmp_path / "r" / "none" / "samples.jsonl").read_text() == before
 
 
-def _cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_bad_eval_inputs_are_one_line_errors(capsys, coco, tiny_dirs, tmp_path):
     model = str(tiny_dirs("llava"))
     empty = tmp_path / "ann"
     empty.mkdir()
-    assert "instances_val2014.json" in _cli(capsys, "eval", "--model", model, "--bench", "chair",
+    assert "instances_val2014.json" in cli_error(capsys, "eval", "--model", model, "--bench", "chair",
                                             "--coco-annotations", str(empty), "--image-dir", str(coco / "images"))
     few = tmp_path / "few"
     few.mkdir()
     (few / "COCO_val2014_000000000000.jpg").write_bytes((coco / "images" / "COCO_val2014_000000000000.jpg").read_bytes())
-    assert "COCO_val2014_000000000001.jpg" in _cli(capsys, "eval", "--model", model, "--split", "random",
+    assert "COCO_val2014_000000000001.jpg" in cli_error(capsys, "eval", "--model", model, "--split", "random",
                                                    "--pope-questions", str(coco), "--image-dir", str(few))
-    assert "'randm'" in _cli(capsys, "eval", "--model", model, "--split", "randm")
+    assert "'randm'" in cli_error(capsys, "eval", "--model", model, "--split", "randm")
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "coco_pope_random.json").write_text("")
-    assert "no questions" in _cli(capsys, "eval", "--model", model, "--split", "random",
+    assert "no questions" in cli_error(capsys, "eval", "--model", model, "--split", "random",
                                   "--pope-questions", str(tmp_path / "q"), "--image-dir", str(coco / "images"))
-    assert "--limit 0" in _cli(capsys, "eval", "--model", model, "--limit", "0")
+    assert "--limit 0" in cli_error(capsys, "eval", "--model", model, "--limit", "0")
 
 
 def test_two_processes_shard_the_samples_and_merge(tiny_dirs, coco, tmp_path):
