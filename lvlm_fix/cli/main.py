@@ -383,14 +383,25 @@ def testbed_group() -> None:
 @click.option("--device", default="cpu", show_default=True)
 def testbed_train_cmd(out, steps, seed, device) -> None:
     """Train the testbed LVLM from scratch (the recipe of the shipped checkpoint)."""
-    from ..testbed.train import TrainConfig, train
+    from ..testbed.train import train
 
-    cfg = TrainConfig() if steps is None else TrainConfig(steps=steps)
-    path = train(out, config=cfg, seed=seed, device=device)
+    path = train(out, steps=steps, seed=seed, device=device)
     click.echo(f"wrote {path}")
 
 
 _METHOD_FLAGS_ADDED = False
+
+
+@testbed_group.command("benchmark")
+@click.option("--out", required=True, help="folder to write (POPE jsonl files, images/, COCO-format JSON).")
+@click.option("--seed", default=0, show_default=True, type=int, help="another seed gives disjoint scenes and questions.")
+@click.option("--n-images", default=500, show_default=True, type=click.IntRange(min=1))
+def testbed_benchmark_cmd(out, seed, n_images) -> None:
+    """Write a synthetic POPE + CHAIR benchmark (e.g. a calibration set disjoint from the default one)."""
+    from ..testbed.benchmark import write_benchmark
+
+    write_benchmark(out, seed=seed, n_images=n_images)
+    click.echo(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
