@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from lvlm_fix.evals.pope import parse_answer
 from lvlm_fix.testbed.benchmark import POPE_SPLITS, read_jsonl, write_benchmark
-from lvlm_fix.testbed.model import CHECKPOINT_DIR, ModelConfig, build_processor, build_tokenizer, encode_pair, format_prompt
+from lvlm_fix.testbed.model import (
+    CHECKPOINT_DIR,
+    ModelConfig,
+    build_processor,
+    build_tokenizer,
+    encode_pair,
+    format_prompt,
+)
 from lvlm_fix.testbed.train import Batcher, TrainConfig, train
 from lvlm_fix.testbed.world import CATEGORY_INDEX, World
 
@@ -67,8 +78,9 @@ def test_training_inputs_match_the_processor():
     tokenizer = build_tokenizer(world)
     processor = build_processor(tokenizer, config.model)
     image = world.render(world.scene("val", 0))
-    batch = processor(images=[image], text=[format_prompt("Is there a dog in the image?")], return_tensors="pt")
-    ids, n_prompt = encode_pair(tokenizer, "Is there a dog in the image?", "Yes", config.model.num_image_tokens)
+    question = "Is there a dog in the image?"
+    batch = processor(images=[image], text=[format_prompt(question)], return_tensors="pt")
+    ids, n_prompt = encode_pair(tokenizer, question, "Yes", config.model.num_image_tokens)
     assert batch["input_ids"][0].tolist() == ids[:n_prompt]
     assert tokenizer.decode(ids[n_prompt:], skip_special_tokens=True) == "Yes"
     batcher = Batcher(world, tokenizer, processor, config)
@@ -83,36 +95,27 @@ def test_short_training_lowers_the_loss(tmp_path):
                          log_every=5, lr=3e-3, model=tiny)
     lines: list[str] = []
     out = train(tmp_path / "ckpt", steps=20, seed=0, config=config, log=lines.append)
-    import json
-
     history = [h for h in json.loads((out / "testbed.json").read_text())["history"] if h["stage"] == "joint"]
     assert len(history) == 4 and len(lines) == 1 + 4
     assert history[-1]["lm_loss"] < 0.7 * history[0]["lm_loss"]
-    from transformers import AutoModelForImageTextToText
-
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert model.config.text_config.hidden_size == 64
 
 
 def test_shipped_checkpoint_answers_pope(tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from lvlm_fix.evals.pope import parse_answer
-
     assert (CHECKPOINT_DIR / "model.safetensors").is_file(), "the trained testbed checkpoint is missing"
     model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
     assert processor.tokenizer.padding_side == "left"
     bench = write_benchmark(tmp_path, seed=1, n_images=34)
-    rows = read_jsonl(bench.pope_file("random"))[:200]
-    from PIL import Image
-
+    rows = read_jsonl(bench.pope_file("random"))[:200]  # held-out scenes (val stream)
     answers: list[str] = []
     for i in range(0, len(rows), 50):
         chunk = rows[i:i + 50]
         images = [Image.open(bench.images_dir / r["image"]).convert("RGB") for r in chunk]
         batch = processor(images=images, text=[format_prompt(r["text"]) for r in chunk],
                           padding=True, return_tensors="pt")
+        assert (batch["attention_mask"][:, 0] == 0).any()  # left padding is exercised
         with torch.no_grad():
             ids = model.generate(**batch, do_sample=False, max_new_tokens=3)
         answers += processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

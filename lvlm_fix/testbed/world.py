@@ -15,7 +15,7 @@ Example:
     >>> scene = world.scene("val", 0)
     >>> image = world.render(scene)            # PIL.Image, 96x96 RGB
     >>> world.caption(scene)
-    'a red cup , a blue spoon and a white dog .'
+    'a pink dog , a blue frisbee , a pink bicycle and a yellow chair .'
 """
 
 from __future__ import annotations
