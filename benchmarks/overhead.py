@@ -1,0 +1,715 @@
+"""Overhead of each lvlm-fix method over vanilla sdpa ``generate()``: wall time and peak memory.
+
+For every model and batch size, one process times, in interleaved rounds (the order rotates
+every round, so drift and position effects cancel), after one warm-up run of each:
+
+===============  ===================================================================================
+``vanilla``      ``lvlm.model.generate(**batch)``, no plan: the text decoder's attention is lvlm-fix's
+                 registered function, which with no plan *is* the sdpa function (the baseline)
+``sdpa``         the same generate with the text decoder switched to stock ``"sdpa"``
+``none``         ``with lvlm_fix.apply(lvlm, None): generate`` (an empty plan: its hook, no layer touched)
+``vhr``/``var``/``act``  ``with lvlm_fix.apply(lvlm, m): generate``
+``api``          ``lvlm_fix.generate(lvlm, images, prompts, method=None)`` (encode included): CARVE's baseline
+``carve``        ``lvlm_fix.generate(..., method="carve")``: two statistics passes, refine, final pass
+``prefill``      encode + ``generate(max_new_tokens=1)``: the baseline of the statistics pass
+``heads``        the statistics pass of ``lvlm-fix heads`` (:func:`lvlm_fix.head_statistics`; batch > 1
+                 runs the same recorder on a batch of rows). It is prefill-only by design.
+===============  ===================================================================================
+
+Every generate is greedy with ``min_new_tokens = max_new_tokens`` (128 in full mode), so EOS
+never makes two runs incomparable. Reported per method: the median wall time, the median of the
+per-round ratios to its baseline, and peak memory from one extra run of each (not timed):
+
+* CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` (total, weights included) and
+  the same minus ``memory_allocated`` before the call ("extra": activations, KV cache, maps).
+* CPU: torch has no peak counter for CPU memory and the process RSS lags the allocator (glibc
+  keeps freed blocks), so the run is recorded with ``torch.profiler`` (``profile_memory=True``),
+  which reports every allocation and free made through torch's CPU allocator; the running sum of
+  those events, in time order, peaks at "extra". "Total" is the model's parameter and buffer bytes
+  plus "extra".
+
+Usage::
+
+    python benchmarks/overhead.py                       # embedded testbed model, batch 1 and 16, 5 reps
+    python benchmarks/overhead.py --sized-llava --batch-sizes 1   # the ~118M random LLaVA (see BENCHMARKS.md)
+    python benchmarks/overhead.py --gpu-configs llava-1.5-7b qwen2.5-vl-7b   # needs CUDA
+    python benchmarks/overhead.py --smoke               # CI: tiny model, 4 tokens, 1 repetition, batch 1 and 2
+
+``main(argv)`` returns the results dict (``rows``: one per model x batch x method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+METHODS = ("none", "vhr", "var", "act", "carve", "heads")  # rows of the table, in this order
+TIME_TARGETS = {"vhr": 1.10, "var": 1.25, "act": 1.25, "carve": 2.5}  # ratio to vanilla sdpa (the issue)
+HEADS_MEMORY_TARGET = 1.2  # the statistics pass's peak memory / vanilla generate's
+PROMPT = "Describe the image in detail."
+
+# The ~118M-parameter random LLaVA of feasibility.md §4 (CLIP-S/16 at 224px: 196 image tokens).
+SIZED_LLAVA = dict(text_layers=10, text_hidden=640, text_heads=10, vision_layers=6, vision_hidden=384,
+                   image_size=224, patch_size=16, vocab_size=32064)
+GPU_CONFIGS = ("llava-1.5-7b", "qwen2.5-vl-7b")
+
+
+# -- models ---------------------------------------------------------------------------------------
+@dataclass
+class Subject:
+    """A model to benchmark: its handle, a label, the image side and a description."""
+
+    label: str
+    lvlm: Any
+    image_size: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def register_methods() -> list[str]:
+    """Import the method modules (registering them) and return the registered names."""
+    from lvlm_fix.interventions import METHODS as REGISTRY
+
+    for name in ("vhr", "var", "act", "carve"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"lvlm_fix.interventions.{name}")
+    return REGISTRY.names()
+
+
+def _describe(lvlm: Any) -> dict[str, Any]:
+    m = lvlm.model
+    text = lvlm.text_config
+    vision = getattr(m.config, "vision_config", None)
+    n_params = sum(p.numel() for p in m.parameters())
+    return {
+        "model_type": lvlm.adapter.model_type,
+        "params": n_params,
+        "dtype": str(m.dtype).replace("torch.", ""),
+        "device": str(m.device),
+        "text": f"{text.num_hidden_layers} layers x {text.hidden_size}, {text.num_attention_heads} heads "
+                f"({getattr(text, 'num_key_value_heads', text.num_attention_heads)} KV), vocab {text.vocab_size}",
+        "vision": (f"{getattr(vision, 'num_hidden_layers', getattr(vision, 'depth', '?'))} layers x "
+                   f"{getattr(vision, 'hidden_size', '?')}, patch {getattr(vision, 'patch_size', '?')}")
+        if vision is not None else None,
+    }
+
+
+def _static_bytes(lvlm: Any) -> int:
+    m = lvlm.model
+    return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+
+def load_subject(path: str | None, label: str, image_size: int, dtype: str, device: str | None) -> Subject:
+    """Load a saved model (None: the embedded testbed) through :func:`lvlm_fix.load`."""
+    import lvlm_fix
+
+    lvlm = lvlm_fix.load(path, dtype=dtype, device=device)
+    return Subject(label, lvlm, image_size, _describe(lvlm))
+
+
+def testbed_subject(dtype: str, device: str | None, workdir: Path) -> Subject:
+    """The embedded testbed; if its checkpoint is not there, a random-weight model of the same architecture."""
+    from lvlm_fix.model import testbed_path
+
+    if (testbed_path() / "config.json").exists():
+        s = load_subject(None, "testbed", 96, dtype, device)
+        s.info["weights"] = "trained (embedded checkpoint)"
+        return s
+    from lvlm_fix.testbed.model import ModelConfig, build_model, build_processor, build_tokenizer, save_testbed
+
+    print("note: the embedded testbed checkpoint is missing; timing a random-weight model of its architecture",
+          file=sys.stderr)
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    tok = build_tokenizer()
+    out = save_testbed(build_model(tok, cfg), build_processor(tok, cfg), workdir / "testbed-random")
+    s = load_subject(str(out), "testbed (random weights)", cfg.image_size, dtype, device)
+    s.info["weights"] = "random (testbed architecture; checkpoint not present)"
+    return s
+
+
+def sized_llava_subject(dtype: str, device: str | None, workdir: Path) -> Subject:
+    from lvlm_fix.tiny import build_llava_sized
+
+    path = build_llava_sized(workdir / "llava-sized", **SIZED_LLAVA)
+    s = load_subject(str(path), "llava-118M (random)", SIZED_LLAVA["image_size"], dtype, device)
+    s.info.update(weights="random", config=dict(SIZED_LLAVA))
+    return s
+
+
+def tiny_subject(workdir: Path) -> Subject:
+    from lvlm_fix.tiny import IMAGE_SIZE, build_tiny
+
+    s = load_subject(str(build_tiny("llava", workdir / "tiny-llava")), "tiny-llava (random)", IMAGE_SIZE,
+                     "float32", None)
+    s.info["weights"] = "random"
+    return s
+
+
+def real_size_config(name: str, *, shrink: bool = False) -> tuple[Any, Any, int]:
+    """``(config, processor, image side)`` of a real-size random-weight LLaVA-1.5-7B or Qwen2.5-VL-7B.
+
+    Sizes are those of the released checkpoints' ``config.json`` (llava-hf/llava-1.5-7b-hf:
+    Llama 32 x 4096, 32 heads, MLP 11008, vocab 32064, CLIP ViT-L/14 at 336px, 24 x 1024 -> 576
+    image tokens; Qwen/Qwen2.5-VL-7B-Instruct: 28 x 3584, 28 heads, 4 KV heads, MLP 18944, vocab
+    152064, M-RoPE [16, 24, 24], ViT 32 x 1280 with windowed attention, 336px -> 24 x 24 patches
+    merged 2 x 2 -> 144 image tokens). The tokenizer is the tiny offline BPE (vocab_size only sizes
+    the embeddings). ``shrink`` keeps the structure (image side, token counts) at toy widths, so
+    the code path can be exercised on a CPU.
+    """
+    from transformers import CLIPImageProcessorPil, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+
+    from lvlm_fix.processors import image_only_processor
+    from lvlm_fix.tiny import _LLAVA_TOKENS, _QWEN_TOKENS, _llava, _token_ids, _tokenizer
+
+    side = 336
+    if name == "llava-1.5-7b":
+        tok = _tokenizer(_LLAVA_TOKENS)
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      projection_dim=768)
+        vocab = 32064
+        if shrink:
+            text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4)
+            vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+            vocab = 512
+        config, processor = _llava(tok, text=text, vision=vision, image_size=side, patch_size=14)
+        config.vision_feature_layer = -2  # LLaVA-1.5 reads the penultimate CLIP layer
+        config.text_config.vocab_size = vocab
+        processor.image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        return config, processor, side
+    if name == "qwen2.5-vl-7b":
+        tok = _tokenizer(_QWEN_TOKENS)
+        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6, vocab_size=152064,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                    tie_word_embeddings=False, **_token_ids(tok))
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+        if shrink:
+            text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=512,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+            vision.update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                          fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, image_token_id=tok.image_token_id,
+            video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_bos_token_id,
+            vision_end_token_id=tok.vision_eos_token_id,
+        )
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=14,
+                                                   merge_size=2, temporal_patch_size=2)
+        processor = image_only_processor(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tok)
+        return config, processor, side
+    raise SystemExit(f"unknown --gpu-configs entry {name!r}; choose from {', '.join(GPU_CONFIGS)}")
+
+
+def real_size_subject(name: str, device: str, dtype: str, *, shrink: bool = False) -> Subject:
+    """Instantiate :func:`real_size_config` directly on ``device`` (no checkpoint is written).
+
+    The handle is built as :func:`lvlm_fix.load` builds it: lvlm-fix's attention registered and the
+    text decoder switched to it.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    from lvlm_fix.adapters import adapter_for
+    from lvlm_fix.hooks import attention
+    from lvlm_fix.model import LVLM, _resolve_dtype
+
+    config, processor, side = real_size_config(name, shrink=shrink)
+    attention.register()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=_resolve_dtype(dtype))
+    model.eval()
+    tok = processor.tokenizer
+    model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+    lvlm = LVLM(model=model, processor=processor, adapter=adapter_for(config.model_type), name=name)
+    model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
+    s = Subject(f"{name} (random{', shrunk' if shrink else ''})", lvlm, side, _describe(lvlm))
+    s.info["weights"] = "random"
+    return s
+
+
+def subjects_from_args(args: argparse.Namespace, workdir: Path) -> list[Subject]:
+    """The models the arguments ask for (shared with eval_throughput.py)."""
+    if args.smoke:
+        return [tiny_subject(workdir)]
+    if args.gpu_configs:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu-configs needs a CUDA GPU (torch.cuda.is_available() is False); "
+                             "the CPU runs use the testbed model and --sized-llava")
+        return [real_size_subject(n, args.device or "cuda", args.dtype if args.dtype != "auto" else "bfloat16")
+                for n in args.gpu_configs]
+    out = []
+    if args.model is not None:
+        label = "testbed" if args.model == "testbed" else Path(args.model).name
+        out.append(testbed_subject(args.dtype, args.device, workdir) if args.model == "testbed"
+                   else load_subject(args.model, label, 336, args.dtype, args.device))
+    if args.sized_llava:
+        out.append(sized_llava_subject(args.dtype, args.device, workdir))
+    return out
+
+
+# -- measurement ----------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, context: Callable[[], Any] = contextlib.nullcontext) -> float:
+    """Wall time of one call of ``fn``; ``context`` (e.g. switching the attention) is entered untimed."""
+    with context(), torch.inference_mode():
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
+
+def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of the live bytes allocated through torch's CPU allocator during ``fn`` (see module doc)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
+        fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    del prof
+    _trim()
+    events.sort(key=lambda e: e[0])
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device, static: int,
+                context: Callable[[], Any] = contextlib.nullcontext) -> tuple[int, int]:
+    """``(total, extra)`` peak bytes of one call of ``fn``."""
+    with context():
+        return _peak_memory(fn, device, static)
+
+
+def _peak_memory(fn: Callable[[], Any], device: torch.device, static: int) -> tuple[int, int]:
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize(device)
+        total = torch.cuda.max_memory_allocated(device)
+        return total, total - before
+    extra = cpu_peak_extra_bytes(fn)
+    return static + extra, extra
+
+
+def top_ops(fn: Callable[[], Any], n: int = 12, context: Callable[[], Any] = contextlib.nullcontext) -> list[dict[str, Any]]:
+    """The ``n`` torch ops with the most self time (CPU, or CUDA on a GPU) in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with context(), profile(activities=acts) as prof, torch.inference_mode():
+        fn()
+    cuda = torch.cuda.is_available()
+    rows = []
+    for e in prof.key_averages():
+        t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+        rows.append({"op": e.key, "self_ms": round(t, 2), "calls": e.count})
+    rows.sort(key=lambda r: -r["self_ms"])
+    return rows[:n]
+
+
+# -- the configurations ---------------------------------------------------------------------------
+@dataclass
+class Config:
+    name: str
+    fn: Callable[[], Any]
+    baseline: str  # the config its time ratio is taken against
+    memory_baseline: str
+    context: Callable[[], Any] = contextlib.nullcontext  # entered around the call, outside the timing
+
+
+def inputs(s: Subject, batch_size: int) -> tuple[list[Any], list[str], Any]:
+    """``batch_size`` random images (seeds 0..b-1) with the same prompt, and their encoded batch."""
+    from lvlm_fix.tiny import build_image
+
+    images = [build_image(seed, s.image_size) for seed in range(batch_size)]
+    prompts = [PROMPT] * batch_size
+    return images, prompts, s.lvlm.encode(images, prompts)
+
+
+def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequence[str]) -> list[Config]:
+    import lvlm_fix
+    from lvlm_fix.diagnostics import head_statistics
+    from lvlm_fix.hooks.plan import Plan
+    from lvlm_fix.hooks.stats import HeadStatistics
+
+    lvlm = s.lvlm
+    images, prompts, batch = inputs(s, batch_size)
+    gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "num_beams": 1}
+
+    def vanilla() -> Any:
+        return lvlm.model.generate(**batch, **gen)
+
+    def applied(method: str | None) -> Callable[[], Any]:
+        def run() -> Any:
+            with lvlm_fix.apply(lvlm, method):
+                return lvlm.model.generate(**batch, **gen)
+        return run
+
+    def api(method: str | None) -> Callable[[], Any]:
+        def run() -> Any:
+            return lvlm_fix.generate(lvlm, images, prompts, method, max_new_tokens=new_tokens,
+                                     generate_kwargs={"min_new_tokens": new_tokens})
+        return run
+
+    def prefill() -> Any:
+        b = lvlm.encode(images, prompts)
+        return lvlm.model.generate(**b, max_new_tokens=1, do_sample=False)
+
+    def heads() -> Any:
+        if batch_size == 1:
+            return head_statistics(lvlm, images[0], prompts[0])
+        # The same pass on a batch of rows: head_statistics() with n image rows.
+        b = lvlm.encode(images, prompts)
+        recorder = HeadStatistics(n_image_rows=batch_size)
+        with Plan(lvlm, [recorder]).active(), torch.inference_mode():
+            lvlm.model.generate(**lvlm.with_text_only_rows(b), max_new_tokens=1, do_sample=False)
+        return recorder.report()
+
+    configs = [Config("vanilla", vanilla, "vanilla", "vanilla"), Config("sdpa", vanilla, "vanilla", "vanilla",
+                                                                           lambda: lvlm.attention_implementation("sdpa"))]
+    for m in methods:
+        if m in ("none", "vhr", "var", "act"):
+            configs.append(Config(m, applied(None if m == "none" else m), "vanilla", "vanilla"))
+        elif m == "carve":
+            configs += [Config("api", api(None), "vanilla", "vanilla"), Config("carve", api("carve"), "api", "api")]
+        elif m == "heads":
+            configs += [Config("prefill", prefill, "vanilla", "vanilla"), Config("heads", heads, "prefill", "vanilla")]
+    return configs
+
+
+def measure(s: Subject, batch_size: int, new_tokens: int, reps: int, methods: Sequence[str],
+            memory: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Warm up, time ``reps`` interleaved rounds, then measure peak memory; one row per config."""
+    configs = build_configs(s, batch_size, new_tokens, methods)
+    by_name = {c.name: c for c in configs}
+    device = s.lvlm.device
+    times: dict[str, list[float]] = {c.name: [] for c in configs}
+    for c in configs:  # warm-up
+        time_call(c.fn, device, c.context)
+    for r in range(reps):
+        k = r % len(configs)
+        for c in configs[k:] + configs[:k]:  # rotate the order every round
+            times[c.name].append(time_call(c.fn, device, c.context))
+        log(f"  {s.label} b={batch_size} round {r + 1}/{reps}: "
+            + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
+    static = _static_bytes(s.lvlm)
+    mem = {c.name: peak_memory(c.fn, device, static, c.context) if memory else (0, 0) for c in configs}
+    rows = []
+    for c in configs:
+        base, mbase = by_name[c.baseline], by_name[c.memory_baseline]
+        ratios = [t / b for t, b in zip(times[c.name], times[base.name])]
+        total, extra = mem[c.name]
+        btotal, bextra = mem[mbase.name]
+        rows.append({
+            "model": s.label, "batch": batch_size, "config": c.name, "baseline": c.baseline,
+            "time_s": statistics.median(times[c.name]), "baseline_time_s": statistics.median(times[base.name]),
+            "time_ratio": statistics.median(ratios), "time_ratio_min": min(ratios), "time_ratio_max": max(ratios),
+            "times_s": times[c.name],
+            "memory_baseline": c.memory_baseline,
+            "peak_bytes": total, "peak_extra_bytes": extra,
+            "mem_ratio": total / btotal if memory and btotal else float("nan"),
+            "mem_extra_ratio": extra / bextra if memory and bextra else float("nan"),
+        })
+        if c.name == "heads" and memory:
+            _, pextra = mem["prefill"]
+            rows[-1]["mem_extra_ratio_vs_prefill"] = extra / pextra if pextra else float("nan")
+    for row in rows:
+        m = row["config"]
+        if m in TIME_TARGETS:
+            row["target"] = f"time <= {TIME_TARGETS[m]}"
+            row["meets_target"] = row["time_ratio"] <= TIME_TARGETS[m]
+        elif m == "heads":
+            row["target"] = f"peak memory <= {HEADS_MEMORY_TARGET} x vanilla generate"
+            row["meets_target"] = bool(row["mem_ratio"] <= HEADS_MEMORY_TARGET) if memory else None
+    return rows
+
+
+# -- output ---------------------------------------------------------------------------------------
+_LABELS = {
+    "sdpa": "stock sdpa (attn_implementation='sdpa')",
+    "none": "none (lvlm-fix, empty plan)",
+    "api": "lvlm_fix.generate(method=None)",
+    "prefill": "prefill only (generate, 1 token)",
+    "heads": "heads (statistics pass, prefill only)",
+}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the rows (all models and batch sizes)."""
+    head = ("| model | batch | method | vs | time (s) | time ratio (min-max) | peak MiB (total) | ratio "
+            "| peak extra MiB | extra ratio | target |")
+    lines = [head, "|---|---:|---|---|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r["config"] == "vanilla":
+            ratio = "1 (baseline)"
+        else:
+            ratio = f"{r['time_ratio']:.3f} ({r['time_ratio_min']:.3f}-{r['time_ratio_max']:.3f})"
+        tgt = ""
+        if "target" in r:
+            tgt = r["target"] + (": **yes**" if r["meets_target"] else (": **NO**" if r["meets_target"] is False else ""))
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {_LABELS.get(r['config'], r['config'])} | {r['baseline']} "
+            f"| {r['time_s']:.3f} | {ratio} | {_mib(r['peak_bytes'])} | {r['mem_ratio']:.3f} "
+            f"| {_mib(r['peak_extra_bytes'])} | {r['mem_extra_ratio']:.2f} | {tgt} |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers
+
+    info = {
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    with contextlib.suppress(OSError):
+        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    with contextlib.suppress(OSError, StopIteration):
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                 if line.startswith("model name"))
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true",
+                   help="CI mode: tiny random LLaVA, a few tokens, 1 repetition, batch 1 and 2")
+    p.add_argument("--model", default="testbed",
+                   help="model directory or hub id; 'testbed' (default) = the embedded testbed; 'none' = skip it")
+    p.add_argument("--sized-llava", action="store_true",
+                   help="also run the ~118M random LLaVA (Llama 10x640 + CLIP 6x384, 224px/16: 196 image tokens)")
+    p.add_argument("--gpu-configs", nargs="+", choices=GPU_CONFIGS, default=None,
+                   help="real-size random-weight configs on CUDA in bf16 at 336px (needs a GPU; replaces the CPU models)")
+    p.add_argument("--device", default=None, help="device for --model/--sized-llava (default: CPU)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default auto; bf16 for --gpu-configs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's default; smoke: 1, which is robust on a busy machine)")
+    p.add_argument("--workdir", default=None, help="where built models are saved (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="write the results dict to this file")
+    return p
+
+
+def parse(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.model in ("none", ""):
+        args.model = None
+    return args
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with ``n`` torch CPU threads (None: unchanged), restoring the previous count after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = common_parser(__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 16 (smoke: 1 2)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per call (default 128; smoke 4)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds after the warm-up (default 5; smoke 1)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--profile", action="store_true",
+                   help="for every method missing its target, print the top torch ops of one call (and vanilla's)")
+    args = parse(argv, p)
+    with torch_threads(args.threads or (1 if args.smoke else None)):
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    batch_sizes = args.batch_sizes or ([1, 2] if args.smoke else [1, 16])
+    new_tokens = args.new_tokens or (4 if args.smoke else 128)
+    reps = args.reps or (1 if args.smoke else 5)
+    registered = register_methods()
+    missing = [m for m in args.methods if m not in ("none", "heads") and m not in registered]
+    if missing:
+        raise SystemExit(f"methods not registered yet: {missing} (registered: {registered})")
+    quiet = args.smoke
+    log = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "settings": {"batch_sizes": batch_sizes, "new_tokens": new_tokens, "reps": reps, "prompt": PROMPT,
+                     "greedy": True, "min_new_tokens": new_tokens, "warmup_runs": 1, "argv": list(argv or sys.argv[1:])},
+        "models": {}, "rows": [], "profiles": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="lvlm-fix-bench-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        for s in subjects_from_args(args, workdir):
+            results["models"][s.label] = s.info
+            log(f"{s.label}: {s.info}")
+            for b in batch_sizes:
+                rows = measure(s, b, new_tokens, reps, args.methods, memory=not args.no_memory, log=log)
+                results["rows"] += rows
+                if args.profile:
+                    results["profiles"].update(_profiles(s, b, new_tokens, rows, log))
+    with contextlib.suppress(OSError):
+        results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    table = format_table(results["rows"])
+    results["table"] = table
+    if not quiet:
+        print(table)
+        print(f"\nload average at start {results['machine'].get('loadavg_start')}, "
+              f"at end {results['machine'].get('loadavg_end')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def _profiles(s: Subject, b: int, new_tokens: int, rows: list[dict[str, Any]],
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """For every target missed: top ops (time) or the allocation peak's site (memory), beside vanilla's."""
+    missed = [r["config"] for r in rows if r.get("meets_target") is False]
+    if not missed:
+        return {}
+    configs = {c.name: c for c in build_configs(s, b, new_tokens, missed)}
+    out: dict[str, Any] = {}
+    timed = [m for m in missed if m in TIME_TARGETS]
+    for name in (["vanilla", *(["api"] if "carve" in timed else []), *timed] if timed else []):
+        ops = top_ops(configs[name].fn, context=configs[name].context)
+        out[f"{s.label} b={b} {name}"] = ops
+        log(f"\nprofile: {s.label} b={b} {name} (top ops by self time)")
+        for o in ops:
+            log(f"  {o['self_ms']:10.1f} ms  {o['calls']:7d}x  {o['op']}")
+    if "vhr" in timed:
+        out[f"{s.label} b={b} vhr breakdown"] = br = vhr_breakdown(s, b)
+        log(f"\nvhr breakdown (median of 3, prefill-only calls): {br}")
+    if "heads" in missed and s.lvlm.device.type == "cpu":
+        for name in ("vanilla", "heads"):
+            out[f"{s.label} b={b} {name} memory peak"] = site = cpu_peak_site(configs[name].fn)
+            log(f"\nmemory peak: {s.label} b={b} {name}: {site}")
+    return out
+
+
+def vhr_breakdown(s: Subject, batch_size: int, reps: int = 3) -> dict[str, Any]:
+    """Where VHR's extra time goes, from prefill-only calls (medians of ``reps``).
+
+    ``selection_pass_s``: VHR's inner pass (``VHR.before_prefill``) inside one generate;
+    ``prefill_s``: a vanilla prefill of the same rows (the work the pass repeats for the image rows);
+    ``text_rows_unpadded_s``: the text-only rows alone at their own length, the irreducible part.
+    """
+    import lvlm_fix
+    from lvlm_fix.interventions import vhr as vhr_mod
+
+    lvlm = s.lvlm
+    _, _, batch = inputs(s, batch_size)
+    device = lvlm.device
+    joint = lvlm.with_text_only_rows(batch)
+    text_mask = joint["attention_mask"][batch_size:]
+    n_text = int(text_mask.sum(1).max())
+    text = {"input_ids": joint["input_ids"][batch_size:, -n_text:], "attention_mask": text_mask[:, -n_text:]}
+    one = {"max_new_tokens": 1, "do_sample": False}
+    spent: list[float] = []
+    original = vhr_mod.VHR.before_prefill
+
+    def timed(self: Any, *a: Any, **k: Any) -> None:
+        t0 = time.perf_counter()
+        original(self, *a, **k)
+        _sync(device)
+        spent.append(time.perf_counter() - t0)
+
+    def with_vhr() -> None:
+        with lvlm_fix.apply(lvlm, "vhr"):
+            lvlm.model.generate(**batch, **one)
+
+    vhr_mod.VHR.before_prefill = timed
+    try:
+        runs = [(time_call(with_vhr, device), time_call(lambda: lvlm.model.generate(**batch, **one), device),
+                 time_call(lambda: lvlm.model.generate(**text, **one), device)) for _ in range(reps)]
+    finally:
+        vhr_mod.VHR.before_prefill = original
+    med = lambda xs: round(statistics.median(xs), 4)  # noqa: E731
+    return {"vhr_prefill_s": med([r[0] for r in runs]), "selection_pass_s": med(spent),
+            "prefill_s": med([r[1] for r in runs]), "text_rows_unpadded_s": med([r[2] for r in runs]),
+            "prompt_len": int(batch["input_ids"].shape[1]), "text_only_len": n_text,
+            "selection_rows": 2 * batch_size, "selection_row_len": int(joint["input_ids"].shape[1])}
+
+
+def cpu_peak_site(fn: Callable[[], Any]) -> dict[str, Any]:
+    """The CPU allocation peak of one call of ``fn`` and the ops running when it was reached (outer to inner).
+
+    No ``record_shapes``: with it the profiler itself needs gigabytes on a 128-token batch-16 call.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
+        fn()
+    events = prof.profiler.kineto_results.events()
+    live = peak = 0
+    at = 0
+    for t, n in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += n
+        if live > peak:
+            peak, at = live, t
+    ops = sorted((e for e in events if e.name() != "[memory]" and e.start_ns() <= at <= e.end_ns()),
+                 key=lambda e: e.start_ns())
+    del prof, events
+    _trim()
+    return {"peak_extra_mib": round(peak / 2**20, 1), "ops": [e.name() for e in ops][-4:]}
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so profiled runs do not pile up RSS."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The benchmark scripts in smoke mode (tiny model, a few tokens, 1 repetition), so they never rot.
+
+No timing threshold is asserted: CI machines are noisy. What is checked is that every method and
+every batch size gets a positive, finite time ratio and memory ratio, and that the real-size GPU
+configurations still build (shrunk to toy widths, on the CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # eval_throughput imports overhead
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_overhead_smoke_has_a_ratio_for_every_method_and_batch():
+    overhead = _load("overhead")
+    threads = torch.get_num_threads()
+    res = overhead.main(["--smoke"])
+    assert torch.get_num_threads() == threads  # smoke's single thread is restored
+    rows = {(r["batch"], r["config"]): r for r in res["rows"]}
+    for batch in (1, 2):
+        for method in overhead.METHODS:
+            row = rows[(batch, method)]
+            for key in ("time_ratio", "mem_ratio", "mem_extra_ratio"):
+                assert _positive_finite(row[key]), (batch, method, key, row[key])
+            assert row["time_s"] > 0 and row["peak_bytes"] > 0
+        assert rows[(batch, "carve")]["baseline"] == "api"
+        assert rows[(batch, "heads")]["baseline"] == "prefill"
+        assert rows[(batch, "heads")]["memory_baseline"] == "vanilla"
+        assert _positive_finite(rows[(batch, "sdpa")]["time_ratio"])
+        for method in overhead.TIME_TARGETS:
+            assert isinstance(rows[(batch, method)]["meets_target"], bool)
+    assert "| vhr |" in res["table"] and "heads" in res["table"]
+
+
+def test_eval_throughput_smoke_has_a_rate_for_every_batch():
+    throughput = _load("eval_throughput")
+    res = throughput.main(["--smoke"])
+    rows = {r["batch"]: r for r in res["rows"]}
+    assert set(rows) == {1, 2}
+    for row in rows.values():
+        assert _positive_finite(row["samples_per_s"]) and _positive_finite(row["speedup"])
+        assert row["samples"] == 4
+    assert rows[1]["speedup"] == 1.0
+
+
+@pytest.mark.parametrize(("name", "n_image_tokens"), [("llava-1.5-7b", 576), ("qwen2.5-vl-7b", 144)])
+def test_gpu_configs_build_shrunk_on_cpu(name, n_image_tokens):
+    """The --gpu-configs code path, at toy widths: same image side, same image-token count."""
+    overhead = _load("overhead")
+    from lvlm_fix.tiny import build_image
+
+    s = overhead.real_size_subject(name, "cpu", "float32", shrink=True)
+    batch = s.lvlm.encode([build_image(0, s.image_size)], ["Describe the image."])
+    assert int((batch["input_ids"] == s.lvlm.image_token_id).sum()) == n_image_tokens
+    with torch.inference_mode():
+        out = s.lvlm.model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_configs_without_cuda_fail_clearly():
+    overhead = _load("overhead")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        overhead.main(["--gpu-configs", "llava-1.5-7b"])
