@@ -45,7 +45,6 @@ import contextlib
 import gc
 import importlib
 import json
-import math
 import os
 import platform
 import statistics
