@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,7 +125,7 @@ class TokenState:
     q_len: int = 0
     step: int = 0
 
-    @property
+    @cached_property  # fixed for the sequence: only the prompt holds image tokens
     def image_end(self) -> Tensor:
         """``[b]`` one past each row's last image token (0 for a row without image)."""
         pos = torch.arange(1, self.prompt_len + 1, device=self.image_mask.device)
@@ -147,6 +148,7 @@ class Plan:
                 bad = sorted(i for i in getattr(p, name) if not 0 <= i < n)
                 if bad:
                     raise LvlmFixError(f"layer index {bad[0]} is beyond the model's depth: valid layers are 0..{n - 1}")
+        self._num_heads = lvlm.num_heads  # read once: the property walks the config on every access
         self.tokens: TokenState | None = None
         self._ctx_cache: dict[tuple, AttnContext] = {}
 
@@ -243,7 +245,7 @@ class Plan:
                 return None
             x = args[0]  # [b, q, h*d], the input of o_proj
             b, q, hd = x.shape
-            heads = x.view(b, q, self.lvlm.num_heads, hd // self.lvlm.num_heads)
+            heads = x.view(b, q, self._num_heads, hd // self._num_heads)
             ctx = self.context(layer, q_len=q, device=x.device)
             changed = False
             for p in self.participants:
