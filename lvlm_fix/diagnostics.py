@@ -1,4 +1,4 @@
-"""``lvlm-fix heads``: one prompt forward that records head statistics, and their figures."""
+"""``lvlm-fix heads``: the prompt forwards that record head statistics, and their figures."""
 
 from __future__ import annotations
 
@@ -11,30 +11,39 @@ import torch
 from PIL import Image
 
 from .hooks.plan import Plan
-from .hooks.stats import SINK_TAU, HeadStatistics
+from .hooks.stats import SINK_TAU, HeadStatistics, LastPositionHeads
 from .model import LVLM
 
 
 def head_statistics(lvlm: LVLM, image: Image.Image, prompt: str, *, tau: float = SINK_TAU) -> dict[str, Any]:
     """VHD, visual sinks, attention entropy and image mass for one (image, prompt).
 
-    The image stream and the text-only stream (image tokens removed) run in one batched
-    prefill; statistics are reduced inside the hooks, so no attention map is kept.
+    Two prompt-only forwards: first the text-only stream (image tokens removed, at its own
+    length), which keeps only each layer's head outputs at the last position; then the image
+    prompt, whose statistics are reduced inside the hooks, so no attention map is kept and the
+    peak memory is about that of the prompt forward alone.
 
     Returns:
         A JSON-serialisable dict: per-layer x head tables (``vhd``, ``vhd_filtered``,
         ``entropy_all``, ``entropy_image``, ``image_mass``), ``sink_dims`` (with their source:
         adapter table or discovered), and ``visual_sinks`` (image-token offsets per layer).
     """
-    batch = lvlm.encode([image], [prompt])
-    joint = lvlm.with_text_only_rows(batch)
-    recorder = HeadStatistics(n_image_rows=1, tau=tau)
-    with Plan(lvlm, [recorder]).active(), torch.inference_mode():
-        lvlm.model.generate(**joint, max_new_tokens=1, do_sample=False)  # prefill only, as generate() prepares it
-    report = recorder.report()
+    report = record_head_statistics(lvlm, lvlm.encode([image], [prompt]), tau=tau).report()
     report.update(model=lvlm.name, model_type=lvlm.adapter.model_type, prompt=prompt,
                   num_layers=lvlm.num_layers, num_heads=lvlm.num_heads)
     return report
+
+
+def record_head_statistics(lvlm: LVLM, batch: Any, *, tau: float = SINK_TAU) -> HeadStatistics:
+    """The two forwards of :func:`head_statistics` on an encoded batch; the filled recorder."""
+    text = LastPositionHeads()
+    with torch.inference_mode():  # prefill only, each as generate() prepares it
+        with Plan(lvlm, [text]).active():
+            lvlm.model.generate(**lvlm.text_only(batch), max_new_tokens=1, do_sample=False)
+        recorder = HeadStatistics(text.heads, tau=tau)
+        with Plan(lvlm, [recorder]).active():
+            lvlm.model.generate(**batch, max_new_tokens=1, do_sample=False)
+    return recorder
 
 
 def _grid(n: int) -> tuple[int, int]:

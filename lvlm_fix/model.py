@@ -113,33 +113,36 @@ class LVLM:
         batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
         return batch.to(self.device)
 
-    def with_text_only_rows(self, batch: Any) -> dict[str, Any]:
-        """The batch followed by the same rows with their image tokens deleted (left padded).
+    def text_only(self, batch: Any) -> dict[str, Any]:
+        """The same rows with their image tokens deleted: the text-only stream of VHD and VHR.
 
-        Rows ``[0, b)`` are the inputs as given, rows ``[b, 2b)`` the text-only stream, so one
-        forward runs both in lock-step (VHR, VHD). Every per-token tensor (``[b, L]``: ids,
-        attention mask, token-type ids) is cut the same way; image tensors stay as they are,
-        since they belong to the image rows only.
+        Every per-token tensor (``[b, L]``: ids, attention mask, token-type ids) is cut the same
+        way; the kept tokens are left padded and the rows trimmed to the longest of them, so the
+        stream costs only its own length. Image tensors (pixel values, grids, sizes) are dropped:
+        no image token is left to use them.
         """
         ids = batch["input_ids"]
         b, length = ids.shape
         valid = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
         keep = valid & (ids != self.image_token_id)
-        # Kept tokens go, in order, to the right end of the row: destination = L - n_kept + rank.
+        kept = keep.sum(1, keepdim=True)
+        width = int(kept.max())
+        # Kept tokens go, in order, to the right end of the row: column = width - n_kept + rank.
         rank = keep.long().cumsum(1) - 1
-        dest = torch.where(keep, length - keep.sum(1, keepdim=True) + rank, torch.full_like(rank, length))
+        dest = torch.where(keep, width - kept + rank, torch.full_like(rank, width))
         pad_id = self.tokenizer.pad_token_id or 0
         out: dict[str, Any] = {}
         for name, value in batch.items():
-            if torch.is_tensor(value) and value.shape[:2] == (b, length) and value.dim() == 2:
-                fill = pad_id if name == "input_ids" else 0
-                text = torch.full((b, length + 1), fill, dtype=value.dtype, device=value.device)
-                text.scatter_(1, dest, value)  # dropped tokens land in the extra column
-                if name == "attention_mask":
-                    text = torch.zeros_like(text).scatter_(1, dest, torch.ones_like(value))
-                out[name] = torch.cat([value, text[:, :length]], 0)
-            else:
-                out[name] = value
+            if not (torch.is_tensor(value) and value.dim() == 2 and value.shape == (b, length)):
+                continue
+            fill = pad_id if name == "input_ids" else 0
+            text = torch.full((b, width + 1), fill, dtype=value.dtype, device=value.device)
+            text.scatter_(1, dest, value)  # dropped tokens land in the extra last column
+            if name == "attention_mask":
+                text = torch.zeros_like(text).scatter_(1, dest, torch.ones_like(value))
+            out[name] = text[:, :width]
+        if "attention_mask" not in out:
+            out["attention_mask"] = (torch.arange(width, device=ids.device) >= width - kept).long()
         return out
 
     def decode(self, output_ids: torch.Tensor, prompt_len: int) -> list[str]:

@@ -115,15 +115,19 @@ def test_no_hook_or_plan_survives_the_context(family, tiny, images):
 
 def test_text_only_rows_drop_exactly_the_image_tokens(tiny, images):
     lvlm = tiny("qwen2_vl")
-    batch = lvlm.encode(images[:2], PROMPTS[:2])
-    joint = lvlm.with_text_only_rows(batch)
+    batch = lvlm.encode(images[:2], ["Describe.", PROMPTS[1]])
+    text = lvlm.text_only(batch)
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    assert {"pixel_values", "image_grid_thw"} <= set(batch) and not {"pixel_values", "image_grid_thw"} & set(text)
+    assert all(v.shape == text["input_ids"].shape for v in text.values())  # per-token tensors only
+    assert not text["mm_token_type_ids"].any()  # no token of the text-only rows is an image token
+    kept = [ids[b][mask[b] & (ids[b] != lvlm.image_token_id)] for b in range(2)]
+    assert text["input_ids"].shape[1] == max(len(k) for k in kept) < ids.shape[1]  # trimmed to its own length
     for b in range(2):
-        expected = ids[b][mask[b] & (ids[b] != lvlm.image_token_id)]
-        got_mask = joint["attention_mask"][2 + b].bool()
-        assert torch.equal(joint["input_ids"][2 + b][got_mask], expected)
-        assert got_mask[-len(expected):].all() and not got_mask[: -len(expected)].any()  # left padded
-    assert torch.equal(joint["input_ids"][:2], ids)
+        got_mask = text["attention_mask"][b].bool()
+        assert torch.equal(text["input_ids"][b][got_mask], kept[b])
+        assert got_mask[-len(kept[b]):].all() and not got_mask[: -len(kept[b])].any()  # left padded
+    assert len(kept[0]) != len(kept[1])
 
 
 def test_a_second_plan_cannot_nest(tiny):

@@ -36,9 +36,9 @@ def test_image_mass_sums_image_keys_per_head():
 
 
 def _recorder_with(a: torch.Tensor, b: torch.Tensor) -> HeadStatistics:
-    rec = HeadStatistics(n_image_rows=1, sink_dims=(0,))
+    rec = HeadStatistics(text_heads={0: b[None]}, sink_dims=(0,))  # [1 row, h, d] at the last position
     ctx = AttnContext(layer=0, phase="prefill", step=0, query_positions=torch.arange(3), image_end=torch.tensor([2]))
-    rec.head_output(torch.stack([a, b])[:, None].expand(2, 3, *a.shape), ctx)  # [2 rows, 3 positions, h, d]
+    rec.head_output(a[None, None].expand(1, 3, *a.shape), ctx)  # [1 row, 3 positions, h, d]
     return rec
 
 

@@ -163,40 +163,44 @@ def test_default_changes_logits_and_reports(tiny, images, name):
 
 
 def _reference_selection(handle, batch, layers, alpha, use_filter=True):
-    """The paper's layer-by-layer selection, one full forward per layer with raw torch hooks.
+    """The paper's layer-by-layer selection, two plain forwards per layer with raw torch hooks.
 
     Layer l's VHD is read on the model already reinforced at the layers before it, with both
-    streams (image rows and text-only rows) reinforced the same way.
+    streams (the image rows, and the text-only rows at their own length) reinforced the same way.
     """
-    joint = handle.with_text_only_rows(batch)
-    n = batch["input_ids"].shape[0]
-    mask = joint["attention_mask"]
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     o_projs = [layer.self_attn.o_proj for layer in handle.text_layers]
     h = handle.num_heads
     chosen: dict[int, torch.Tensor] = {}
-    for target in sorted(layers):
+
+    def last_heads(inputs, target):
+        """One stream's head outputs at ``target``'s last position, ``chosen`` heads scaled."""
         seen = {}
 
-        def scale(mask2):
+        def scale(selected):
             def hook(module, args):
                 x = args[0]
-                s = torch.where(mask2.repeat(2, 1), alpha, 1.0)[:, None, :, None]
+                s = torch.where(selected, alpha, 1.0)[:, None, :, None]
                 return ((x.view(*x.shape[:2], h, -1) * s).view_as(x),)
             return hook
 
         def grab(module, args):
             seen["x"] = args[0].view(*args[0].shape[:2], h, -1)[:, -1]
 
+        mask = inputs["attention_mask"]
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         handles = [o_projs[i].register_forward_pre_hook(scale(m)) for i, m in chosen.items()]
         handles.append(o_projs[target].register_forward_pre_hook(grab))
         try:
             with torch.inference_mode():
-                handle.model(**joint, position_ids=pos)
+                handle.model(**inputs, position_ids=pos)
         finally:
             for x in handles:
                 x.remove()
-        chosen[target], _ = select_heads(seen["x"][:n], seen["x"][n:], use_filter)
+        return seen["x"]
+
+    text = handle.text_only(batch)
+    for target in sorted(layers):
+        chosen[target], _ = select_heads(last_heads(batch, target), last_heads(text, target), use_filter)
     return {i: [torch.nonzero(row).flatten().tolist() for row in m] for i, m in chosen.items()}
 
 

@@ -85,7 +85,10 @@ class Participant:
         """A new sequence starts (prefill): reset per-row state."""
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
-        """Runs before the prefill forward with the model's inputs (e.g. VHR's selection pass)."""
+        """Runs before the prefill forward with the model's inputs (e.g. VHR prepares its text-only stream)."""
+
+    def end(self) -> None:
+        """The plan is being left, normally or by an exception: release anything still held."""
 
     def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k] fp32
         return scores
@@ -209,7 +212,7 @@ class Plan:
         return self.tokens
 
     def _on_model_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if ACTIVE_PLAN.get() is not self:  # an inner pass (e.g. VHR's selection) runs its own plan
+        if ACTIVE_PLAN.get() is not self:  # another plan's forward (e.g. VHR's text-only stream)
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -274,8 +277,8 @@ class Plan:
         """Register every hook, publish the plan, and undo both on exit (even on error).
 
         Args:
-            inner: this plan runs a participant's own pass inside another plan's call (VHR's
-                selection pass); the outer plan's hooks stay registered but dormant meanwhile.
+            inner: this plan runs a participant's own forward inside another plan's call (VHR's
+                text-only stream); the outer plan's hooks stay registered but dormant for it.
         """
         if ACTIVE_PLAN.get() is not None and not inner:
             raise LvlmFixError("a method is already applied; combine methods in one call, e.g. method='vhr+var'")
@@ -293,6 +296,8 @@ class Plan:
             finally:
                 ACTIVE_PLAN.reset(token)
                 self._ctx_cache.clear()
+                for p in self.participants:
+                    p.end()
 
     def report(self) -> dict[str, Any]:
         return {type(p).__name__: p.report() for p in self.participants}

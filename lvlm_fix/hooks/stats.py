@@ -104,17 +104,32 @@ def discover_sink_dims(hidden: Tensor, tau: float = SINK_TAU, max_dims: int = 4)
     return dims_from_votes(sink_votes(hidden, tau), max_dims)
 
 
-# -- the recorder behind `lvlm-fix heads` -------------------------------------------------------
-class HeadStatistics(Participant):
-    """Records VHD, visual sinks, entropy and image mass during one prompt forward.
+# -- the recorders behind `lvlm-fix heads` ------------------------------------------------------
+class LastPositionHeads(Participant):
+    """Every layer's per-head outputs at the last prompt position: the text-only pass of VHD."""
 
-    Expects the joint batch of :meth:`LVLM.with_text_only_rows`: rows ``[0, n)`` carry the
-    image, rows ``[n, 2n)`` the same prompts without image tokens. Attention statistics are
-    taken at the last prompt position of the image rows.
+    def __init__(self) -> None:
+        self.heads: dict[int, Tensor] = {}  # layer -> [n, h, d]
+
+    def bind(self, lvlm: LVLM) -> None:
+        self.head_output_layers = frozenset(range(lvlm.num_layers))
+
+    def head_output(self, heads: Tensor, ctx: AttnContext) -> None:
+        if ctx.step == 0:
+            self.heads[ctx.layer] = heads[:, -1].clone()  # a copy: a view would keep the whole layer input
+
+
+class HeadStatistics(Participant):
+    """Records VHD, visual sinks, entropy and image mass during one prompt forward of the image rows.
+
+    Attention statistics are taken at the last prompt position. VHD compares each layer's head
+    outputs there with ``text_heads``, the same rows' head outputs without image tokens
+    (:class:`LastPositionHeads` on :meth:`LVLM.text_only`, run before).
     """
 
-    def __init__(self, n_image_rows: int, sink_dims: tuple[int, ...] | None = None, tau: float = SINK_TAU) -> None:
-        self.n = n_image_rows
+    def __init__(self, text_heads: dict[int, Tensor], sink_dims: tuple[int, ...] | None = None,
+                 tau: float = SINK_TAU) -> None:
+        self.text_heads = text_heads
         self.sink_dims = sink_dims
         self.tau = tau
         self.vhd: dict[int, Tensor] = {}
@@ -135,32 +150,29 @@ class HeadStatistics(Participant):
         self.sink_dims_source = "adapter" if self.sink_dims else "discovered"
 
     def begin(self, tokens: TokenState) -> None:
-        self.image_mask = tokens.image_mask[: self.n].cpu()
+        self.image_mask = tokens.image_mask.cpu()
 
     def head_output(self, heads: Tensor, ctx: AttnContext) -> None:
-        a, b = heads[: self.n, -1], heads[self.n : 2 * self.n, -1]  # [n, h, d]
+        a, b = heads[:, -1], self.text_heads[ctx.layer].to(heads.device)  # [n, h, d]
         self.vhd[ctx.layer] = head_divergence(a, b).cpu()
         self.text_norm_sq[ctx.layer] = b.float().pow(2).sum(-1).cpu()
 
     def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:
-        p = probs_last[: self.n]  # [n, h, k]
-        img = ctx.image_keys[: self.n]
-        valid = ctx.key_valid[: self.n]
+        p, img, valid = probs_last, ctx.image_keys, ctx.key_valid  # [n, h, k], [n, k], [n, k]
         self.entropy_all[ctx.layer] = entropy(p, valid[:, None, :]).cpu()
         self.entropy_image[ctx.layer] = entropy(p, img[:, None, :]).cpu()
         self.image_mass[ctx.layer] = image_mass(p, img).cpu()
 
     def residual(self, hidden: Tensor, ctx: AttnContext) -> None:
-        h = hidden[: self.n]
         if self.sink_dims:
-            self.phi[ctx.layer] = sink_scores(h, self.sink_dims).cpu()
+            self.phi[ctx.layer] = sink_scores(hidden, self.sink_dims).cpu()
             return
         # Dims unknown: keep per token only its largest normalised entry and that entry's dim,
         # plus this layer's votes; finish() picks the dims once every layer has voted.
-        top, arg = normalized_activations(h).max(-1)  # [n, t]
+        top, arg = normalized_activations(hidden).max(-1)  # [n, t]
         self._top[ctx.layer] = (top.cpu(), arg.cpu())
         if ctx.layer >= 1:  # the embedding layer's input carries no massive activations yet
-            votes = sink_votes(h, self.tau).cpu()
+            votes = sink_votes(hidden, self.tau).cpu()
             self._votes = votes if self._votes is None else self._votes + votes
 
     def finish(self) -> None:
@@ -186,7 +198,7 @@ class HeadStatistics(Participant):
         for layer in sorted(self.phi):
             flagged = (self.phi[layer] > self.tau) & img  # [n, t] visual sinks only
             start = img.int().argmax(1)  # first image token per row
-            sinks[layer] = [[int(j - start[r]) for j in torch.nonzero(flagged[r]).flatten()] for r in range(self.n)]
+            sinks[layer] = [[int(j - start[r]) for j in torch.nonzero(flagged[r]).flatten()] for r in range(len(img))]
         return {
             "layers": layers,
             "vhd": table(self.vhd),

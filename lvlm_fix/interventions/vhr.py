@@ -4,14 +4,16 @@ Per sample, heads whose output at the last prompt position changes most when the
 are removed (VHD, Eq. 4) are "vision-aware"; VHR multiplies the top half of them (VHD above
 the layer's median, after the outlier filter of Eq. 6) by ``alpha`` in the reinforced layers.
 
-The selection is the paper's layer-by-layer strategy. Just before the real prefill, one inner
-pass runs the image rows and their text-only copies (image tokens deleted) side by side in one
-batch. At each reinforced layer, in order, the VHD of every head is computed at the last prompt
-position (image row ``b`` against text row ``n + b``), the heads are selected, and both streams
-are reinforced at once, so a later layer's VHD is measured on the model already reinforced at
-the earlier layers. The pass stops after the last reinforced layer. The selected heads are then
-frozen for the whole generation and scaled at every position of every forward (the prompt too,
-so the KV cache comes from the reinforced model).
+The selection is the paper's layer-by-layer strategy, done inside the real prefill. Beside it,
+the same prompts with the image tokens deleted run as a short forward of their own (the
+text-only stream, :class:`~lvlm_fix.hooks.sidepass.SidePass`), in lock step: at each reinforced
+layer, in order, the VHD of every head is computed at the last prompt position (image row ``b``
+against text-only row ``b``), the heads are selected, and both streams are reinforced at once, so
+a later layer's VHD is measured on the model already reinforced at the earlier layers. The
+text-only stream stops after the last reinforced layer. The selected heads are then frozen for
+the whole generation and scaled at every position of every forward (the prompt too, so the KV
+cache comes from the reinforced model). The image rows are computed once, and the text-only
+stream only at its own length: VHR's irreducible extra work.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, LvlmFixError
-from ..hooks.plan import AttnContext, Participant, Plan, StopForward, TokenState
+from ..hooks.plan import AttnContext, Participant, Plan, TokenState
+from ..hooks.sidepass import SidePass
 from ..hooks.stats import head_divergence, outlier_filter
 from .base import Intervention, MethodConfig, check_range, register, resolve_layers
 
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["VHR", "VHRConfig", "default_layers", "select_heads", "text_only_inputs"]
 
-# Generation-internal forward arguments: the inner pass lets generate() rebuild them.
+# Generation-internal forward arguments: the text-only stream's generate() rebuilds its own.
 _DROP = frozenset({
     "cache", "past_key_values", "cache_position", "position_ids", "use_cache", "logits_to_keep",
     "num_logits_to_keep", "return_dict", "output_attentions", "output_hidden_states", "labels", "inputs_embeds",
@@ -69,59 +72,33 @@ def select_heads(with_image: Tensor, text_only: Tensor, use_filter: bool = True)
     return vhd > vhd.median(dim=-1, keepdim=True).values, vhd
 
 
-def text_only_inputs(lvlm: LVLM, model_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """The joint batch of the selection pass, built from the prefill's forward arguments.
+def text_only_inputs(lvlm: LVLM, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The text-only stream's ``generate()`` inputs, built from the prefill's forward arguments.
 
-    Rows ``[0, n)`` are the prefill's rows, rows ``[n, 2n)`` the same prompts with the image
-    tokens deleted (:meth:`LVLM.with_text_only_rows`). Cache and generation-internal arguments
-    are dropped. Position ids, when the prefill has them, are kept for the image rows (generate()
-    may have built them from inputs it no longer passes, e.g. M-RoPE's image grid) and rebuilt
-    from the attention mask for the text-only rows, as generate() does.
-
-    Returns:
-        ``(inputs for generate(), n)``.
+    Row ``b`` is the prefill's row ``b`` with its image tokens deleted (:meth:`LVLM.text_only`),
+    at its own length. Cache and generation-internal arguments (position ids included) are
+    dropped: ``generate()`` rebuilds them for these rows.
     """
-    ids = model_kwargs.get("input_ids")
-    if ids is None:
+    if model_kwargs.get("input_ids") is None:
         raise LvlmFixError("vhr needs the model to be called with input_ids= as a keyword argument")
-    n = ids.shape[0]
-    inputs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in model_kwargs.items()
-              if k not in _DROP and v is not None}
-    if inputs.get("attention_mask") is None:  # generate() drops an all-ones mask
-        inputs["attention_mask"] = torch.ones_like(ids)
-    joint = lvlm.with_text_only_rows(inputs)
-    pos = model_kwargs.get("position_ids")
-    if pos is not None:
-        mask = joint["attention_mask"][n:]
-        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(pos.dtype)
-        batch_dim = 1 if pos.dim() == 3 else 0  # M-RoPE: [sections, b, t]
-        if pos.dim() == 3:
-            text = text.unsqueeze(0).expand(pos.shape[0], -1, -1)
-        shape = list(pos.shape)
-        shape[batch_dim] = n
-        joint["position_ids"] = torch.cat([pos.expand(shape), text], dim=batch_dim)
-    return joint, n
+    inputs = {k: v for k, v in model_kwargs.items() if k not in _DROP and v is not None}
+    return lvlm.text_only(inputs)
 
 
-class _Selector(Participant):
-    """The inner pass's participant: select at each reinforced layer, reinforce both streams."""
+class _TextStream(Participant):
+    """The text-only stream's participant: hand each reinforced layer's heads over, apply the choice.
 
-    def __init__(self, layers: frozenset[int], n: int, alpha: float, use_filter: bool) -> None:
+    At each reinforced layer it pauses with its heads at the last prompt position; the image
+    stream answers with the heads selected from both, and both streams scale them by ``alpha``.
+    """
+
+    def __init__(self, layers: frozenset[int], side: SidePass, alpha: float) -> None:
         self.head_output_layers = layers
-        self.n, self.alpha, self.use_filter = n, alpha, use_filter
-        self.last = max(layers)
-        self.selected: dict[int, Tensor] = {}
-        self.vhd: dict[int, Tensor] = {}
+        self.side, self.alpha = side, alpha
 
-    def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor:  # [2n, q, h, d]
-        n = self.n
-        selected, vhd = select_heads(heads[:n, -1], heads[n : 2 * n, -1], self.use_filter)
-        self.selected[ctx.layer], self.vhd[ctx.layer] = selected, vhd
-        scale = torch.where(selected, self.alpha, 1.0).to(heads.dtype).repeat(2, 1)  # both streams
-        out = heads * scale[:, None, :, None]
-        if ctx.layer == self.last:
-            raise StopForward  # nothing later is needed
-        return out
+    def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor:  # [n, q, h, d]
+        selected = self.side.pause(heads[:, -1])
+        return heads * torch.where(selected, self.alpha, 1.0).to(heads.device, heads.dtype)[:, None, :, None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,10 +147,11 @@ class VHR(Intervention):
     def __init__(self, config: VHRConfig | None = None) -> None:
         super().__init__(config)
         self.layers: frozenset[int] = frozenset()
-        self._pending: tuple[dict[int, Tensor], dict[int, Tensor]] | None = None
         self.selected: dict[int, Tensor] = {}  # layer -> [b, h] bool, frozen from the prefill
         self.vhd: dict[int, Tensor] = {}  # layer -> [b, h] VHD after the filter
         self._scale: dict[int, Tensor] = {}
+        self._text: SidePass | None = None  # the text-only stream, open during the prefill
+        self._reply: Tensor | None = None  # the heads selected at the text stream's last pause
 
     def _identity(self) -> bool:
         return self.config.alpha == 1.0 or not self.layers
@@ -184,29 +162,45 @@ class VHR(Intervention):
         self.head_output_layers = frozenset() if self._identity() else self.layers
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
-        self._pending = None
+        self.end()
         if not self.head_output_layers:
             return
-        joint, n = text_only_inputs(lvlm, model_kwargs)
-        selector = _Selector(self.head_output_layers, n, self.config.alpha, self.config.outlier_filter)
-        try:
-            with Plan(lvlm, [selector]).active(inner=True), torch.no_grad():
-                lvlm.model.generate(**joint, max_new_tokens=1, do_sample=False, num_beams=1)
-        except StopForward:
-            pass
-        if len(selector.selected) != len(self.head_output_layers):
-            raise LvlmFixError("vhr's selection pass did not reach every reinforced layer")
-        self._pending = (selector.selected, selector.vhd)
+        inputs = text_only_inputs(lvlm, model_kwargs)
+
+        def run() -> None:  # on the side thread, from the first resume()
+            stream = _TextStream(self.head_output_layers, side, self.config.alpha)
+            with Plan(lvlm, [stream]).active(inner=True):
+                lvlm.model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=1)
+
+        side = self._text = SidePass(run, name="vhr text-only stream")
 
     def begin(self, tokens: TokenState) -> None:
-        selected, vhd = self._pending or ({}, {})
-        self._pending = None
-        self.selected, self.vhd = selected, vhd
-        self._scale = {
-            layer: torch.where(mask, self.config.alpha, 1.0)[:, None, :, None] for layer, mask in selected.items()
-        }
+        self.selected, self.vhd, self._scale = {}, {}, {}
+
+    def end(self) -> None:
+        if self._text is not None:
+            self._text.close()
+        self._text, self._reply = None, None
+
+    def _select(self, heads: Tensor, layer: int) -> Tensor:
+        """This layer's selection in the prefill, in lock step with the text-only stream; the scale."""
+        text = self._text.resume(self._reply)  # [n, h, d]: its heads at this layer
+        if text.shape[0] != heads.shape[0]:
+            raise LvlmFixError(f"vhr's text-only stream has {text.shape[0]} rows but the prefill {heads.shape[0]}")
+        selected, vhd = select_heads(heads[:, -1], text, self.config.outlier_filter)
+        self.selected[layer], self.vhd[layer], self._reply = selected, vhd, selected
+        if layer == max(self.head_output_layers):
+            self.end()  # the text-only stream is needed no further
+        self._scale[layer] = torch.where(selected, self.config.alpha, 1.0).to(heads.dtype)[:, None, :, None]
+        return self._scale[layer]
 
     def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
+        if self._text is not None:
+            if ctx.step == 0:
+                return heads * self._select(heads, ctx.layer)
+            self.end()
+            raise LvlmFixError("vhr's prefill did not reach every reinforced layer, so no head was selected at "
+                               f"layers {sorted(self.head_output_layers - set(self.selected))}")
         scale = self._scale.get(ctx.layer)
         if scale is None:
             return None
