@@ -22,11 +22,13 @@ per-round ratios to its baseline, and peak memory from one extra run of each (no
 
 * CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` (total, weights included) and
   the same minus ``memory_allocated`` before the call ("extra": activations, KV cache, maps).
-* CPU: torch has no peak counter for CPU memory and the process RSS lags the allocator (glibc
-  keeps freed blocks), so the run is recorded with ``torch.profiler`` (``profile_memory=True``),
-  which reports every allocation and free made through torch's CPU allocator; the running sum of
-  those events, in time order, peaks at "extra". "Total" is the model's parameter and buffer bytes
-  plus "extra".
+* CPU: torch has no peak counter for CPU memory, and glibc normally keeps freed heap resident.
+  So before the memory runs glibc is told to map every block of 64 KiB or more on its own and to
+  unmap it on free; then the process's resident set follows the live tensors. The kernel's
+  resident-set peak (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set
+  before the call is "extra"; it covers every thread (VHR's text-only stream runs on one), which
+  torch.profiler's memory events do not. "Total" is the model's parameter and buffer bytes plus
+  "extra". Linux only.
 
 Usage::
 
@@ -289,23 +291,46 @@ def time_call(fn: Callable[[], Any], device: torch.device, context: Callable[[],
         return time.perf_counter() - t0
 
 
-def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of the live bytes allocated through torch's CPU allocator during ``fn`` (see module doc)."""
-    from torch.profiler import ProfilerActivity, profile
+def _proc_status(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
 
+
+def _release_freed_memory_at_once() -> None:
+    """Make glibc serve every block of 64 KiB or more by ``mmap`` and return it on free.
+
+    Then the resident set follows torch's live tensors (all but the smallest) instead of keeping
+    freed heap. Process-wide and permanent, so it is set only before the memory runs, which come
+    after every timed round.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
+    if not (libc.mallopt(m_mmap_threshold, 64 * 1024) and libc.mallopt(m_trim_threshold, 64 * 1024)):
+        raise OSError("mallopt refused the thresholds")
+
+
+def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
+    """Peak resident memory of the process during ``fn`` above its resident memory before it.
+
+    Linux keeps the resident-set peak (``VmHWM``) and resets it on writing ``5`` to
+    ``/proc/self/clear_refs``, so the peak covers every thread: a method's side thread (VHR's
+    text-only stream) counts, which torch.profiler's memory events would miss. Needs Linux.
+    """
+    _release_freed_memory_at_once()
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
-        fn()
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    del prof
     _trim()
-    events.sort(key=lambda e: e[0])
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
-    return peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status("VmRSS")
+    with torch.inference_mode():
+        fn()
+    return max(0, _proc_status("VmHWM") - before)
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device, static: int,
@@ -368,9 +393,7 @@ def inputs(s: Subject, batch_size: int) -> tuple[list[Any], list[str], Any]:
 
 def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequence[str]) -> list[Config]:
     import lvlm_fix
-    from lvlm_fix.diagnostics import head_statistics
-    from lvlm_fix.hooks.plan import Plan
-    from lvlm_fix.hooks.stats import HeadStatistics
+    from lvlm_fix.diagnostics import head_statistics, record_head_statistics
 
     lvlm = s.lvlm
     images, prompts, batch = inputs(s, batch_size)
@@ -398,12 +421,8 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
     def heads() -> Any:
         if batch_size == 1:
             return head_statistics(lvlm, images[0], prompts[0])
-        # The same pass on a batch of rows: head_statistics() with n image rows.
-        b = lvlm.encode(images, prompts)
-        recorder = HeadStatistics(n_image_rows=batch_size)
-        with Plan(lvlm, [recorder]).active(), torch.inference_mode():
-            lvlm.model.generate(**lvlm.with_text_only_rows(b), max_new_tokens=1, do_sample=False)
-        return recorder.report()
+        # The same passes on a batch of rows.
+        return record_head_statistics(lvlm, lvlm.encode(images, prompts)).report()
 
     configs = [Config("vanilla", vanilla, "vanilla", "vanilla"), Config("sdpa", vanilla, "vanilla", "vanilla",
                                                                            lambda: lvlm.attention_implementation("sdpa"))]
@@ -418,8 +437,8 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
 
 
 def measure(s: Subject, batch_size: int, new_tokens: int, reps: int, methods: Sequence[str],
-            memory: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Warm up, time ``reps`` interleaved rounds, then measure peak memory; one row per config."""
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Warm up and time ``reps`` interleaved rounds; one row per config (memory: :func:`add_memory`)."""
     configs = build_configs(s, batch_size, new_tokens, methods)
     by_name = {c.name: c for c in configs}
     device = s.lvlm.device
@@ -432,36 +451,47 @@ def measure(s: Subject, batch_size: int, new_tokens: int, reps: int, methods: Se
             times[c.name].append(time_call(c.fn, device, c.context))
         log(f"  {s.label} b={batch_size} round {r + 1}/{reps}: "
             + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
-    static = _static_bytes(s.lvlm)
-    mem = {c.name: peak_memory(c.fn, device, static, c.context) if memory else (0, 0) for c in configs}
     rows = []
     for c in configs:
-        base, mbase = by_name[c.baseline], by_name[c.memory_baseline]
+        base = by_name[c.baseline]
         ratios = [t / b for t, b in zip(times[c.name], times[base.name])]
-        total, extra = mem[c.name]
-        btotal, bextra = mem[mbase.name]
         rows.append({
             "model": s.label, "batch": batch_size, "config": c.name, "baseline": c.baseline,
             "time_s": statistics.median(times[c.name]), "baseline_time_s": statistics.median(times[base.name]),
             "time_ratio": statistics.median(ratios), "time_ratio_min": min(ratios), "time_ratio_max": max(ratios),
-            "times_s": times[c.name],
-            "memory_baseline": c.memory_baseline,
-            "peak_bytes": total, "peak_extra_bytes": extra,
-            "mem_ratio": total / btotal if memory and btotal else float("nan"),
-            "mem_extra_ratio": extra / bextra if memory and bextra else float("nan"),
+            "times_s": times[c.name], "memory_baseline": c.memory_baseline,
+            "peak_bytes": 0, "peak_extra_bytes": 0, "mem_ratio": float("nan"), "mem_extra_ratio": float("nan"),
         })
-        if c.name == "heads" and memory:
-            _, pextra = mem["prefill"]
-            rows[-1]["mem_extra_ratio_vs_prefill"] = extra / pextra if pextra else float("nan")
-    for row in rows:
-        m = row["config"]
+        m = c.name
         if m in TIME_TARGETS:
-            row["target"] = f"time <= {TIME_TARGETS[m]}"
-            row["meets_target"] = row["time_ratio"] <= TIME_TARGETS[m]
+            rows[-1]["target"] = f"time <= {TIME_TARGETS[m]}"
+            rows[-1]["meets_target"] = rows[-1]["time_ratio"] <= TIME_TARGETS[m]
         elif m == "heads":
-            row["target"] = f"peak memory <= {HEADS_MEMORY_TARGET} x vanilla generate"
-            row["meets_target"] = bool(row["mem_ratio"] <= HEADS_MEMORY_TARGET) if memory else None
+            rows[-1]["target"] = f"peak memory <= {HEADS_MEMORY_TARGET} x vanilla generate"
+            rows[-1]["meets_target"] = None  # until add_memory
     return rows
+
+
+def add_memory(s: Subject, batch_size: int, new_tokens: int, methods: Sequence[str],
+               rows: list[dict[str, Any]]) -> None:
+    """Peak memory of one extra (untimed) run of each config, filled into ``rows``.
+
+    Run after every timed round of every model: on CPU the measurement changes glibc's
+    allocation policy for the rest of the process (see :func:`cpu_peak_extra_bytes`).
+    """
+    configs = build_configs(s, batch_size, new_tokens, methods)
+    static = _static_bytes(s.lvlm)
+    mem = {c.name: peak_memory(c.fn, s.lvlm.device, static, c.context) for c in configs}
+    for row in rows:
+        total, extra = mem[row["config"]]
+        btotal, bextra = mem[row["memory_baseline"]]
+        row.update(peak_bytes=total, peak_extra_bytes=extra,
+                   mem_ratio=total / btotal if btotal else float("nan"),
+                   mem_extra_ratio=extra / bextra if bextra else float("nan"))
+        if row["config"] == "heads":
+            _, pextra = mem["prefill"]
+            row["mem_extra_ratio_vs_prefill"] = extra / pextra if pextra else float("nan")
+            row["meets_target"] = bool(row["mem_ratio"] <= HEADS_MEMORY_TARGET)
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -587,14 +617,21 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     }
     with tempfile.TemporaryDirectory(prefix="lvlm-fix-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
+        runs = []
         for s in subjects_from_args(args, workdir):
             results["models"][s.label] = s.info
             log(f"{s.label}: {s.info}")
             for b in batch_sizes:
-                rows = measure(s, b, new_tokens, reps, args.methods, memory=not args.no_memory, log=log)
+                rows = measure(s, b, new_tokens, reps, args.methods, log=log)
                 results["rows"] += rows
+                runs.append((s, b, rows))
                 if args.profile:
-                    results["profiles"].update(_profiles(s, b, new_tokens, rows, log))
+                    results["profiles"].update(_profiles(s, b, new_tokens, rows, log, "time"))
+        for s, b, rows in runs:  # memory after all timing (the CPU measurement changes malloc's policy)
+            if not args.no_memory:
+                add_memory(s, b, new_tokens, args.methods, rows)
+                if args.profile:
+                    results["profiles"].update(_profiles(s, b, new_tokens, rows, log, "memory"))
     with contextlib.suppress(OSError):
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     table = format_table(results["rows"])
@@ -609,9 +646,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
 
 
 def _profiles(s: Subject, b: int, new_tokens: int, rows: list[dict[str, Any]],
-              log: Callable[[str], None]) -> dict[str, Any]:
-    """For every target missed: top ops (time) or the allocation peak's site (memory), beside vanilla's."""
-    missed = [r["config"] for r in rows if r.get("meets_target") is False]
+              log: Callable[[str], None], what: str) -> dict[str, Any]:
+    """For every ``what`` ("time" or "memory") target missed: top ops (time) or the allocation
+    peak's site (memory), beside vanilla's."""
+    missed = [r["config"] for r in rows if r.get("meets_target") is False
+              and (r["config"] in TIME_TARGETS) == (what == "time")]
     if not missed:
         return {}
     configs = {c.name: c for c in build_configs(s, b, new_tokens, missed)}
@@ -636,45 +675,29 @@ def _profiles(s: Subject, b: int, new_tokens: int, rows: list[dict[str, Any]],
 def vhr_breakdown(s: Subject, batch_size: int, reps: int = 3) -> dict[str, Any]:
     """Where VHR's extra time goes, from prefill-only calls (medians of ``reps``).
 
-    ``selection_pass_s``: VHR's inner pass (``VHR.before_prefill``) inside one generate;
-    ``prefill_s``: a vanilla prefill of the same rows (the work the pass repeats for the image rows);
-    ``text_rows_unpadded_s``: the text-only rows alone at their own length, the irreducible part.
+    ``vhr_prefill_s``: a prefill with VHR (its selection runs inside it, beside the text-only
+    stream); ``prefill_s``: a vanilla prefill of the same rows; ``text_rows_s``: the text-only
+    stream alone, a plain prefill of the rows without image tokens at their own length (VHR's
+    irreducible extra work).
     """
     import lvlm_fix
-    from lvlm_fix.interventions import vhr as vhr_mod
 
     lvlm = s.lvlm
     _, _, batch = inputs(s, batch_size)
     device = lvlm.device
-    joint = lvlm.with_text_only_rows(batch)
-    text_mask = joint["attention_mask"][batch_size:]
-    n_text = int(text_mask.sum(1).max())
-    text = {"input_ids": joint["input_ids"][batch_size:, -n_text:], "attention_mask": text_mask[:, -n_text:]}
+    text = lvlm.text_only(batch)
     one = {"max_new_tokens": 1, "do_sample": False}
-    spent: list[float] = []
-    original = vhr_mod.VHR.before_prefill
-
-    def timed(self: Any, *a: Any, **k: Any) -> None:
-        t0 = time.perf_counter()
-        original(self, *a, **k)
-        _sync(device)
-        spent.append(time.perf_counter() - t0)
 
     def with_vhr() -> None:
         with lvlm_fix.apply(lvlm, "vhr"):
             lvlm.model.generate(**batch, **one)
 
-    vhr_mod.VHR.before_prefill = timed
-    try:
-        runs = [(time_call(with_vhr, device), time_call(lambda: lvlm.model.generate(**batch, **one), device),
-                 time_call(lambda: lvlm.model.generate(**text, **one), device)) for _ in range(reps)]
-    finally:
-        vhr_mod.VHR.before_prefill = original
+    runs = [(time_call(with_vhr, device), time_call(lambda: lvlm.model.generate(**batch, **one), device),
+             time_call(lambda: lvlm.model.generate(**text, **one), device)) for _ in range(reps)]
     med = lambda xs: round(statistics.median(xs), 4)  # noqa: E731
-    return {"vhr_prefill_s": med([r[0] for r in runs]), "selection_pass_s": med(spent),
-            "prefill_s": med([r[1] for r in runs]), "text_rows_unpadded_s": med([r[2] for r in runs]),
-            "prompt_len": int(batch["input_ids"].shape[1]), "text_only_len": n_text,
-            "selection_rows": 2 * batch_size, "selection_row_len": int(joint["input_ids"].shape[1])}
+    return {"vhr_prefill_s": med([r[0] for r in runs]), "prefill_s": med([r[1] for r in runs]),
+            "text_rows_s": med([r[2] for r in runs]), "prompt_len": int(batch["input_ids"].shape[1]),
+            "text_only_len": int(text["input_ids"].shape[1])}
 
 
 def cpu_peak_site(fn: Callable[[], Any]) -> dict[str, Any]:
