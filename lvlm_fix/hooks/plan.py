@@ -153,40 +153,41 @@ class Plan:
                     raise LvlmFixError(f"layer index {bad[0]} is beyond the model's depth: valid layers are 0..{n - 1}")
         self._num_heads = lvlm.num_heads  # read once: the property walks the config on every access
         self.tokens: TokenState | None = None
-        self._ctx_cache: dict[tuple, AttnContext] = {}
+        self._ctx_cache: dict[tuple, dict[str, Any]] = {}  # this forward's context fields, by (k_len, device)
 
     # -- queried by the attention function --------------------------------------------------
     def touches(self, layer: int) -> bool:
         return layer in self.eager_layers or layer in self.observed_layers
 
     def context(self, layer: int, *, q_len: int, k_len: int | None = None, device: torch.device | None = None) -> AttnContext:
-        """The context of ``layer`` in the current forward (key fields only when ``k_len`` is given)."""
+        """The context of ``layer`` in the current forward (key fields only when ``k_len`` is given).
+
+        Its tensors depend only on the forward and ``k_len``, so they are built once per forward
+        and shared by every layer (each layer gets its own small :class:`AttnContext`).
+        """
         t = self._require_tokens()
-        key = (layer, k_len, device)
-        ctx = self._ctx_cache.get(key)
-        if ctx is not None:
-            return ctx
-        dev = device or t.image_mask.device
-        total = t.past + t.q_len
-        ctx = AttnContext(
-            layer=layer,
-            phase="prefill" if t.q_len > 1 else "decode",
-            step=t.step,
-            query_positions=torch.arange(t.past, total, device=dev),
-            image_end=t.image_end.to(dev),
-        )
-        if k_len is not None:
-            # Keys are the most recent k_len tokens (sliding-window layers keep a suffix), except a
-            # static cache, whose k_len is its capacity: there key j is position j.
-            start = total - k_len if k_len <= total else 0
-            pos = torch.arange(start, start + k_len, device=dev)
-            inside = pos < total
-            idx = pos.clamp(max=total - 1)
-            ctx.key_positions = pos
-            ctx.image_keys = t.image_mask.to(dev)[:, idx] & inside
-            ctx.key_valid = t.valid.to(dev)[:, idx] & inside
-        self._ctx_cache[key] = ctx
-        return ctx
+        key = (k_len, device)
+        fields = self._ctx_cache.get(key)
+        if fields is None:
+            dev = device or t.image_mask.device
+            total = t.past + t.q_len
+            fields = {
+                "phase": "prefill" if t.q_len > 1 else "decode",
+                "step": t.step,
+                "query_positions": torch.arange(t.past, total, device=dev),
+                "image_end": t.image_end.to(dev),
+            }
+            if k_len is not None:
+                # Keys are the most recent k_len tokens (sliding-window layers keep a suffix), except a
+                # static cache, whose k_len is its capacity: there key j is position j.
+                start = total - k_len if k_len <= total else 0
+                pos = torch.arange(start, start + k_len, device=dev)
+                inside = pos < total
+                idx = pos.clamp(max=total - 1)
+                fields.update(key_positions=pos, image_keys=t.image_mask.to(dev)[:, idx] & inside,
+                              key_valid=t.valid.to(dev)[:, idx] & inside)
+            self._ctx_cache[key] = fields
+        return AttnContext(layer=layer, **fields)
 
     def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:
         for p in self.participants:

@@ -81,10 +81,10 @@ def redistribute(
     visual_sink = sink & img
     free = img & ~sink  # non-sink image keys, which receive the freed attention
 
-    def mass(keys: Tensor) -> Tensor:  # [b, h, q]: the rows' total weight on `keys`
-        return torch.matmul(probs, keys.to(dtype)[:, None, :, None]).squeeze(-1)
-
-    s_img, s_visual_sink, s_sink, s_free = mass(img), mass(visual_sink), mass(sink), mass(free)
+    # The four key sets as columns of one [b, 1, k, 4] matrix: one matmul gives every row's mass
+    # on each (few large ops rather than many tiny ones: this runs per edited layer and step).
+    keys = torch.stack([img, visual_sink, sink, free], dim=-1).to(dtype)[:, None]
+    s_img, s_visual_sink, s_sink, s_free = torch.matmul(probs, keys).unbind(-1)  # each [b, h, q]
     n_img = img.sum(-1).to(dtype)[:, None, None]
     r_sink = s_visual_sink / (s_img + _DENOM_EPS * n_img)  # pitfall 10: the eps is inside the sum
     selected = (r_sink <= rho) & (s_img >= summ) & (s_free > 0) & visual_sink.any(-1)[:, None, None]
@@ -92,9 +92,9 @@ def redistribute(
         selected &= eligible.bool()[:, None, :]
     gain = torch.where(selected, (1 - p) * s_sink / s_free.clamp_min(torch.finfo(dtype).tiny), 0.0)
     keep = torch.where(selected, p, 1.0).to(dtype)
-    # factor: p on sinks, 1 + gain on non-sink image keys, 1 elsewhere; exactly 1 in unselected rows
-    on_sink, on_free = sink.to(dtype)[:, None, None, :], free.to(dtype)[:, None, None, :]
-    factor = 1 + (keep - 1)[..., None] * on_sink + gain[..., None] * on_free
+    # factor: p on sinks, 1 + gain on non-sink image keys, 1 elsewhere; exactly 1 in unselected rows.
+    # Sinks and non-sink image keys are disjoint, so each entry of the matmul has one nonzero term.
+    factor = 1 + torch.matmul(torch.stack([keep - 1, gain], dim=-1), keys[..., 2:].transpose(-1, -2))
     return probs * factor, selected
 
 
