@@ -155,3 +155,36 @@ def test_bad_parameters_are_one_line_errors(capsys, tiny_dirs, images, tmp_path,
     line = cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(image), *argv)
     for needle in needles:
         assert needle in line, line
+
+
+@pytest.mark.parametrize("name", ["var", "act"])
+def test_prompt_key_fast_path_equals_the_general_path(name, tiny, images, monkeypatch):
+    """With keys starting at position 0, VAR and ACT work on the prompt's cached key sets; mapping
+    every key back by position (the sliding-window path) must give the same generation."""
+    from lvlm_fix.hooks.plan import Plan
+
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+
+    def run():
+        with torch.inference_mode(), lvlm_fix.apply(lvlm, name, **ACTIVE[name]) as plan:
+            out = lvlm.model.generate(**batch, max_new_tokens=6, do_sample=False, output_scores=True,
+                                      return_dict_in_generate=True)
+        return out, plan.report()
+
+    fast, fast_report = run()
+    general_context = Plan.context
+
+    def unknown_key_start(self, *args, **kwargs):
+        ctx = general_context(self, *args, **kwargs)
+        ctx.key_start = None
+        return ctx
+
+    monkeypatch.setattr(Plan, "context", unknown_key_start)
+    general, general_report = run()
+    assert torch.equal(fast.sequences, general.sequences)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.scores, general.scores))
+    assert fast_report == general_report
+    vanilla = lvlm.model.generate(**batch, max_new_tokens=1, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True)
+    assert not torch.allclose(vanilla.scores[0], fast.scores[0])  # the method did act

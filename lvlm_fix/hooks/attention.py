@@ -111,13 +111,14 @@ def lvlm_fix_attention(
 
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [b, h, q, k]
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)  # [b, h, q, k]
     if mask is not None:
-        scores = scores + mask
+        scores.add_(mask)  # in place: this runs per edited layer and step
     scores = plan.pre_softmax(scores, ctx)
     probs = scores.softmax(dim=-1)  # [b, h, q, k], fp32
     probs = plan.post_softmax(probs, ctx)
-    plan.observe(probs[:, :, -1], ctx)
+    if layer in plan.observed_layers:
+        plan.observe(probs[:, :, -1], ctx)
     if dropout and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     out = torch.matmul(probs, value.float()).to(query.dtype)  # [b, h, q, d]

@@ -46,6 +46,8 @@ class AttnContext:
         image_end: ``[b]`` one past the last image token of each row's prompt (0: no image).
         key_positions: ``[k]`` absolute positions of the keys (sliding-window caches hold a
             suffix of the sequence). None outside the attention function.
+        key_start: the position of key 0 as a Python int (0 unless a sliding window has dropped
+            the oldest keys); None when unknown. With 0, the prompt's keys are the first ones.
         image_keys: ``[b, k]`` True where the key is an image token of that row.
         key_valid: ``[b, k]`` False where the key is padding.
     """
@@ -56,6 +58,7 @@ class AttnContext:
     query_positions: Tensor
     image_end: Tensor
     key_positions: Tensor | None = None
+    key_start: int | None = None
     image_keys: Tensor | None = None
     key_valid: Tensor | None = None
 
@@ -184,7 +187,7 @@ class Plan:
                 pos = torch.arange(start, start + k_len, device=dev)
                 inside = pos < total
                 idx = pos.clamp(max=total - 1)
-                fields.update(key_positions=pos, image_keys=t.image_mask.to(dev)[:, idx] & inside,
+                fields.update(key_positions=pos, key_start=start, image_keys=t.image_mask.to(dev)[:, idx] & inside,
                               key_valid=t.valid.to(dev)[:, idx] & inside)
             self._ctx_cache[key] = fields
         return AttnContext(layer=layer, **fields)

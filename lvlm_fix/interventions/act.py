@@ -210,6 +210,7 @@ class Act(Intervention):
         self._index: dict[tuple[int, torch.device], Tensor] = {}
         self._visible: Tensor | None = None
         self._sinks: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (first key position [1], sinks [b, hs, k])
+        self._key_start0: dict[int, bool] = {}  # layer -> the prefill's keys started at position 0
         self._image: dict[int, Tensor] = {}  # layer -> [b, k] image keys at the prefill (for the report)
         self._first: Tensor | None = None
         self._steps = 0
@@ -254,6 +255,7 @@ class Act(Intervention):
 
     def begin(self, tokens: TokenState) -> None:
         self._sinks.clear()
+        self._key_start0.clear()
         self._image.clear()
         self._visible = None
         self._first = None
@@ -281,13 +283,15 @@ class Act(Intervention):
         p = self._select(probs, ctx.layer)  # [b, hs, q, k]
         k = p.shape[-1]
         key_valid = ctx.key_valid
-        queries = key_valid[:, (ctx.query_positions - ctx.key_positions[0]).clamp(0, k - 1)]  # [b, q] valid queries
+        queries = None  # a decode step's query is a generated token: never padding
         if ctx.step == 0:
+            queries = key_valid[:, (ctx.query_positions - ctx.key_positions[0]).clamp(0, k - 1)]  # [b, q] valid
             visible = self._visible & queries[:, None, :, None] & key_valid[:, None, None, :]
             self._visible = None
             first = key_valid.int().argmax(1)  # the row's first valid token (BOS)
             sinks = act_sinks(p, visible, self.config.thres, keep=first)
             self._sinks[ctx.layer] = (ctx.key_positions[:1], sinks)
+            self._key_start0[ctx.layer] = ctx.key_start == 0
             self._image[ctx.layer] = ctx.image_keys
             self._first = ctx.key_positions[first]
         else:
@@ -299,9 +303,13 @@ class Act(Intervention):
                 raise ConfigError("ACT: the batch changed size between the prefill and a decode step; "
                                   "generate each batch with one generate() call")
             n0 = prefill_sinks.shape[-1]
-            rel = ctx.key_positions - start  # key j was key rel[j] at the prefill
-            inside = (rel >= 0) & (rel < n0)
-            sinks = prefill_sinks[..., rel.clamp(0, n0 - 1)] & inside
+            if ctx.key_start == 0 and self._key_start0[ctx.layer] and k >= n0:
+                # The keys still start where the prefill's did: its sinks, then new keys (never sinks).
+                sinks = torch.nn.functional.pad(prefill_sinks, (0, k - n0), value=False)
+            else:  # a sliding window moved: map each key back to its prefill index
+                rel = ctx.key_positions - start  # key j was key rel[j] at the prefill
+                inside = (rel >= 0) & (rel < n0)
+                sinks = prefill_sinks[..., rel.clamp(0, n0 - 1)] & inside
             self._steps = max(self._steps, ctx.step)
         new = act_redistribute(p, sinks, self.config.beta, rows=queries)
         if p is probs:

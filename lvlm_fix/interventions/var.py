@@ -37,7 +37,7 @@ from .base import Intervention, MethodConfig, check_range, register, resolve_lay
 if TYPE_CHECKING:
     from ..model import LVLM
 
-__all__ = ["VAR", "VARConfig", "default_layers", "redistribute", "row_sink_dims"]
+__all__ = ["VAR", "KeySets", "VARConfig", "default_layers", "redistribute", "redistribute_over", "row_sink_dims"]
 
 _DENOM_EPS = 1e-6  # added to every image key's weight in r_sink's denominator, as the release does
 _MAX_DIMS = 4  # discovered sink dims per row, as stats.discover_sink_dims
@@ -46,6 +46,27 @@ _MAX_DIMS = 4  # discovered sink dims per row, as stats.discover_sink_dims
 def default_layers(n_layers: int) -> list[int]:
     """Layers ``2 .. L-2``: the first two and the last layer are excluded."""
     return list(range(2, n_layers - 1))
+
+
+@dataclass(frozen=True)
+class KeySets:
+    """The key sets of VAR's redistribution, as matmul operands; they depend on the keys only.
+
+    ``columns`` is ``[b, 1, k, 4]``: image keys, visual sinks, all sinks, non-sink image keys
+    (which receive the freed attention), as 0/1 in the attention's dtype. Built once per layer
+    and sequence, they turn the per-step work into a few large ops instead of many tiny ones.
+    """
+
+    columns: Tensor
+    image_eps: Tensor  # [b, 1, 1]: 1e-6 per image key, r_sink's denominator term
+    has_visual_sink: Tensor  # [b, 1, 1] bool
+
+    @classmethod
+    def of(cls, sink_keys: Tensor, image_keys: Tensor, dtype: torch.dtype) -> KeySets:
+        img, sink = image_keys.bool(), sink_keys.bool()
+        visual_sink = sink & img
+        columns = torch.stack([img, visual_sink, sink, img & ~sink], dim=-1).to(dtype)[:, None]
+        return cls(columns, _DENOM_EPS * img.sum(-1).to(dtype)[:, None, None], visual_sink.any(-1)[:, None, None])
 
 
 def redistribute(
@@ -76,25 +97,25 @@ def redistribute(
         its layer has a visual sink, ``r_sink <= rho``, ``s_img >= summ``, and its non-sink image
         attention is positive. Unselected rows are returned bit for bit.
     """
-    dtype = probs.dtype
-    img, sink = image_keys.bool(), sink_keys.bool()
-    visual_sink = sink & img
-    free = img & ~sink  # non-sink image keys, which receive the freed attention
+    return redistribute_over(probs, KeySets.of(sink_keys, image_keys, probs.dtype), eligible, rho=rho, summ=summ, p=p)
 
-    # The four key sets as columns of one [b, 1, k, 4] matrix: one matmul gives every row's mass
-    # on each (few large ops rather than many tiny ones: this runs per edited layer and step).
-    keys = torch.stack([img, visual_sink, sink, free], dim=-1).to(dtype)[:, None]
-    s_img, s_visual_sink, s_sink, s_free = torch.matmul(probs, keys).unbind(-1)  # each [b, h, q]
-    n_img = img.sum(-1).to(dtype)[:, None, None]
-    r_sink = s_visual_sink / (s_img + _DENOM_EPS * n_img)  # pitfall 10: the eps is inside the sum
-    selected = (r_sink <= rho) & (s_img >= summ) & (s_free > 0) & visual_sink.any(-1)[:, None, None]
+
+def redistribute_over(
+    probs: Tensor, keys: KeySets, eligible: Tensor | None = None, *, rho: float, summ: float, p: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`redistribute` with the key sets built beforehand (see :class:`KeySets`)."""
+    dtype = probs.dtype
+    # One matmul gives every row's mass on each of the four key sets.
+    s_img, s_visual_sink, s_sink, s_free = torch.matmul(probs, keys.columns).unbind(-1)  # each [b, h, q]
+    r_sink = s_visual_sink / (s_img + keys.image_eps)  # pitfall 10: the eps is inside the sum
+    selected = (r_sink <= rho) & (s_img >= summ) & (s_free > 0) & keys.has_visual_sink
     if eligible is not None:
         selected &= eligible.bool()[:, None, :]
     gain = torch.where(selected, (1 - p) * s_sink / s_free.clamp_min(torch.finfo(dtype).tiny), 0.0)
-    keep = torch.where(selected, p, 1.0).to(dtype)
+    keep_minus_1 = torch.where(selected, p, 1.0).to(dtype) - 1  # so that 1 + it is p exactly
     # factor: p on sinks, 1 + gain on non-sink image keys, 1 elsewhere; exactly 1 in unselected rows.
     # Sinks and non-sink image keys are disjoint, so each entry of the matmul has one nonzero term.
-    factor = 1 + torch.matmul(torch.stack([keep - 1, gain], dim=-1), keys[..., 2:].transpose(-1, -2))
+    factor = 1 + torch.matmul(torch.stack([keep_minus_1, gain], dim=-1), keys.columns[..., 2:].transpose(-1, -2))
     return probs * factor, selected
 
 
@@ -208,6 +229,7 @@ class VAR(Intervention):
         self._sinks: dict[int, Tensor] = {}  # layer -> [b, t] sinks among the prompt tokens
         self._dims: tuple[Tensor, Tensor] | None = None  # discovered (dims [b, m], found [b, m])
         self._counts: dict[int, Tensor] = {}  # layer -> [b] (head, query) pairs redistributed
+        self._keys: dict[int, KeySets] = {}  # layer -> the prompt's key sets, built at first use
 
     def bind(self, lvlm: LVLM) -> None:
         n = lvlm.num_layers
@@ -246,13 +268,22 @@ class VAR(Intervention):
         sinks = self._sinks.get(ctx.layer)
         if sinks is None:
             return probs
-        pos = ctx.key_positions  # absolute positions (a sliding-window cache holds a suffix)
-        inside = pos < sinks.shape[1]
-        sink_keys = sinks[:, pos.clamp(max=sinks.shape[1] - 1)] & inside
-        out, selected = redistribute(
-            probs, sink_keys, ctx.image_keys, ctx.queries_after_image,
-            rho=self.config.rho, summ=self.config.summ, p=self.config.p,
-        )
+        c = self.config
+        n = sinks.shape[1]  # prompt length: generated tokens are neither sinks nor image tokens
+        eligible = ctx.queries_after_image if ctx.step == 0 else None  # a decode query is past the image
+        if ctx.key_start == 0 and probs.shape[-1] >= n:
+            # Keys 0..n-1 are the prompt: its key sets are fixed for the sequence, and later keys
+            # (generated tokens) are left as they are, so only the prompt's columns are touched.
+            keys = self._keys.get(ctx.layer)
+            if keys is None:
+                keys = self._keys[ctx.layer] = KeySets.of(sinks, self._image.to(sinks.device), probs.dtype)
+            out, selected = redistribute_over(probs[..., :n], keys, eligible, rho=c.rho, summ=c.summ, p=c.p)
+            if probs.shape[-1] > n:
+                out = torch.cat([out, probs[..., n:]], dim=-1)
+        else:  # a sliding window dropped keys: map each key back to its position
+            pos = ctx.key_positions
+            sink_keys = sinks[:, pos.clamp(max=n - 1)] & (pos < n)
+            out, selected = redistribute(probs, sink_keys, ctx.image_keys, eligible, rho=c.rho, summ=c.summ, p=c.p)
         count = selected.sum((1, 2))
         self._counts[ctx.layer] = count if ctx.layer not in self._counts else self._counts[ctx.layer] + count
         return out
