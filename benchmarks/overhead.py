@@ -22,13 +22,13 @@ per-round ratios to its baseline, and peak memory from one extra run of each (no
 
 * CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` (total, weights included) and
   the same minus ``memory_allocated`` before the call ("extra": activations, KV cache, maps).
-* CPU: torch has no peak counter for CPU memory, and glibc normally keeps freed heap resident.
-  So before the memory runs glibc is told to map every block of 64 KiB or more on its own and to
-  unmap it on free; then the process's resident set follows the live tensors. The kernel's
-  resident-set peak (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set
-  before the call is "extra"; it covers every thread (VHR's text-only stream runs on one), which
-  torch.profiler's memory events do not. "Total" is the model's parameter and buffer bytes plus
-  "extra". Linux only.
+* CPU: torch has no peak counter for CPU memory and the process RSS lags the allocator (glibc
+  keeps freed blocks), so the run is recorded with ``torch.profiler`` (``profile_memory=True``),
+  which reports every allocation and free made through torch's CPU allocator; the running sum of
+  those events, in time order, peaks at "extra". The profiler sees only its own thread, so VHR's
+  text-only stream (on a side thread) is measured alone, as a plain prefill of the text-only rows,
+  and its peak is added: an upper bound, since the two peaks need not coincide. "Total" is the
+  model's parameter and buffer bytes plus "extra".
 
 Usage::
 
@@ -291,53 +291,37 @@ def time_call(fn: Callable[[], Any], device: torch.device, context: Callable[[],
         return time.perf_counter() - t0
 
 
-def _proc_status(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _release_freed_memory_at_once() -> None:
-    """Make glibc serve every block of 64 KiB or more by ``mmap`` and return it on free.
-
-    Then the resident set follows torch's live tensors (all but the smallest) instead of keeping
-    freed heap. Process-wide and permanent, so it is set only before the memory runs, which come
-    after every timed round.
-    """
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
-    if not (libc.mallopt(m_mmap_threshold, 64 * 1024) and libc.mallopt(m_trim_threshold, 64 * 1024)):
-        raise OSError("mallopt refused the thresholds")
-
-
 def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
-    """Peak resident memory of the process during ``fn`` above its resident memory before it.
+    """Peak of the live bytes allocated through torch's CPU allocator during ``fn`` (see module doc).
 
-    Linux keeps the resident-set peak (``VmHWM``) and resets it on writing ``5`` to
-    ``/proc/self/clear_refs``, so the peak covers every thread: a method's side thread (VHR's
-    text-only stream) counts, which torch.profiler's memory events would miss. Needs Linux.
+    torch.profiler records the allocations of the thread that runs it only; work a method does on
+    another thread is measured apart (:attr:`Config.side_work`).
     """
-    _release_freed_memory_at_once()
+    from torch.profiler import ProfilerActivity, profile
+
     gc.collect()
-    _trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status("VmRSS")
-    with torch.inference_mode():
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():
         fn()
-    return max(0, _proc_status("VmHWM") - before)
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    del prof
+    _trim()
+    events.sort(key=lambda e: e[0])
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device, static: int,
-                context: Callable[[], Any] = contextlib.nullcontext) -> tuple[int, int]:
-    """``(total, extra)`` peak bytes of one call of ``fn``."""
-    with context():
-        return _peak_memory(fn, device, static)
+def peak_memory(c: Config, device: torch.device, static: int) -> tuple[int, int]:
+    """``(total, extra)`` peak bytes of one call of the configuration."""
+    with c.context():
+        total, extra = _peak_memory(c.fn, device, static)
+        if c.side_work is not None and device.type == "cpu":
+            side = cpu_peak_extra_bytes(c.side_work)
+            total, extra = total + side, extra + side
+        return total, extra
 
 
 def _peak_memory(fn: Callable[[], Any], device: torch.device, static: int) -> tuple[int, int]:
@@ -380,6 +364,9 @@ class Config:
     baseline: str  # the config its time ratio is taken against
     memory_baseline: str
     context: Callable[[], Any] = contextlib.nullcontext  # entered around the call, outside the timing
+    # Work the call does on another thread, as a call of its own: its CPU peak is measured apart
+    # and added (torch.profiler sees one thread). CUDA's counters see every thread already.
+    side_work: Callable[[], Any] | None = None
 
 
 def inputs(s: Subject, batch_size: int) -> tuple[list[Any], list[str], Any]:
@@ -418,6 +405,9 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
         b = lvlm.encode(images, prompts)
         return lvlm.model.generate(**b, max_new_tokens=1, do_sample=False)
 
+    def text_only_prefill() -> Any:  # VHR's side thread, run whole (it stops at the last reinforced layer)
+        return lvlm.model.generate(**lvlm.text_only(batch), max_new_tokens=1, do_sample=False)
+
     def heads() -> Any:
         if batch_size == 1:
             return head_statistics(lvlm, images[0], prompts[0])
@@ -428,7 +418,8 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
                                                                            lambda: lvlm.attention_implementation("sdpa"))]
     for m in methods:
         if m in ("none", "vhr", "var", "act"):
-            configs.append(Config(m, applied(None if m == "none" else m), "vanilla", "vanilla"))
+            configs.append(Config(m, applied(None if m == "none" else m), "vanilla", "vanilla",
+                                  side_work=text_only_prefill if m == "vhr" else None))
         elif m == "carve":
             configs += [Config("api", api(None), "vanilla", "vanilla"), Config("carve", api("carve"), "api", "api")]
         elif m == "heads":
@@ -474,14 +465,10 @@ def measure(s: Subject, batch_size: int, new_tokens: int, reps: int, methods: Se
 
 def add_memory(s: Subject, batch_size: int, new_tokens: int, methods: Sequence[str],
                rows: list[dict[str, Any]]) -> None:
-    """Peak memory of one extra (untimed) run of each config, filled into ``rows``.
-
-    Run after every timed round of every model: on CPU the measurement changes glibc's
-    allocation policy for the rest of the process (see :func:`cpu_peak_extra_bytes`).
-    """
+    """Peak memory of one extra (untimed) run of each config, filled into ``rows``."""
     configs = build_configs(s, batch_size, new_tokens, methods)
     static = _static_bytes(s.lvlm)
-    mem = {c.name: peak_memory(c.fn, s.lvlm.device, static, c.context) for c in configs}
+    mem = {c.name: peak_memory(c, s.lvlm.device, static) for c in configs}
     for row in rows:
         total, extra = mem[row["config"]]
         btotal, bextra = mem[row["memory_baseline"]]
@@ -627,7 +614,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
                 runs.append((s, b, rows))
                 if args.profile:
                     results["profiles"].update(_profiles(s, b, new_tokens, rows, log, "time"))
-        for s, b, rows in runs:  # memory after all timing (the CPU measurement changes malloc's policy)
+        for s, b, rows in runs:  # memory runs, untimed, after all timing
             if not args.no_memory:
                 add_memory(s, b, new_tokens, args.methods, rows)
                 if args.profile:
