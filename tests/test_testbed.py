@@ -121,3 +121,30 @@ def test_shipped_checkpoint_answers_pope(tmp_path):
         answers += processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     accuracy = np.mean([parse_answer(a) == r["label"] for a, r in zip(answers, rows)])
     assert accuracy >= 0.85, accuracy
+
+
+def test_image_attention_profile_matches_eager_attention_weights(tmp_path):
+    """The quality report's per-head image-attention profile, read through lvlm-fix's hook, equals
+    what transformers' eager attention returns (the reference here; the product never asks for it)."""
+    from lvlm_fix.testbed.model import load_testbed
+    from lvlm_fix.testbed.quality import _images, image_attention
+
+    bench = write_benchmark(tmp_path, seed=1, n_images=6)
+    got = image_attention(CHECKPOINT_DIR, bench, n=5)
+    model, processor = load_testbed(CHECKPOINT_DIR)
+    rows = read_jsonl(bench.pope_file("random"))[:5]
+    batch = processor(images=_images(bench, [r["image"] for r in rows]),
+                      text=[format_prompt(r["text"]) for r in rows], padding=True, return_tensors="pt")
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    is_image = batch["input_ids"] == model.config.image_token_id
+    assert len(got) == len(attentions) * attentions[0].shape[1]
+    for row in got:
+        last = attentions[row["layer"]][:, row["head"], -1] * is_image  # [b, k] on image keys
+        mass = last.sum(-1)
+        p = last / mass[:, None]
+        ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
+        assert abs(row["image_mass"] - float(mass.mean())) < 1e-4
+        assert abs(row["effective_tokens"] - float(ent.exp().mean())) < 1e-3
+        assert abs(row["top1_share"] - float(p.amax(-1).mean())) < 1e-4

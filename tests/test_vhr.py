@@ -1,4 +1,4 @@
-"""VHR: head selection by hand, the layer-by-layer selection pass, and generate() end to end."""
+"""VHR: head selection by hand, the layer-by-layer selection beside the text-only stream, and generate() end to end."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _gen(handle, batch, **kw):
 
 
 class _ForcedVHR(VHR):
-    """Runs the selection pass and the hooks even at alpha=1 (to show they change nothing)."""
+    """Runs the text-only stream, the selection and the hooks even at alpha=1 (to show they change nothing)."""
 
     def _identity(self) -> bool:
         return False
@@ -122,15 +122,15 @@ def test_noop_is_vanilla(tiny, images, name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_selection_pass_alone_changes_nothing(tiny, images, name):
-    """At alpha=1 the full machinery (inner pass, hooks) must leave generation bit-identical."""
+def test_selection_machinery_alone_changes_nothing(tiny, images, name):
+    """At alpha=1 the full machinery (text-only stream, selection, hooks) leaves generation bit-identical."""
     handle = tiny(name)
     batch = handle.encode(images[:2], ROWS[:2])
     base = _gen(handle, batch)
     m = _ForcedVHR(VHRConfig(alpha=1.0))
     with Plan(handle, [m]).active():
         out = _gen(handle, batch)
-    assert m.selected  # the pass did run
+    assert m.selected  # the selection did run
     assert torch.equal(base.sequences, out.sequences)
     assert all(torch.equal(x, y) for x, y in zip(base.scores, out.scores))
     # sampling: the pass consumes no random numbers

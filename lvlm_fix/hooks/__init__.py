@@ -6,7 +6,9 @@
   ``try``, remove in ``finally``);
 * ``plan``: :class:`Plan`, the participants of one call and the per-row token bookkeeping
   (image-token positions, padding, step) that every callback receives as :class:`AttnContext`;
-* ``stats``: head statistics reduced on the fly (VHD, visual sinks, entropy, image mass).
+* ``stats``: head statistics reduced on the fly (VHD, visual sinks, entropy, image mass);
+* ``sidepass``: :class:`SidePass`, a second forward run in lock step with the one in progress
+  (VHR's text-only stream), on a thread that strictly alternates with the caller.
 
 Lifetimes: a Plan's hooks exist only inside ``with plan.active():``; per-row state exists only
 from one prefill to the next. After the block, the model has no lvlm-fix hook and no plan.

@@ -132,7 +132,7 @@ class VHRConfig(MethodConfig):
 
     @classmethod
     def noop(cls) -> VHRConfig:
-        """``alpha=1.0``: no hook, no selection pass."""
+        """``alpha=1.0``: no hook, no text-only stream."""
         return cls(alpha=1.0)
 
 

@@ -18,9 +18,12 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 
 from ..evals.chair import ChairEvaluator
 from ..evals.pope import score
+from ..hooks.plan import AttnContext, Participant, Plan
+from ..hooks.stats import entropy, image_mass
 from .benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
 from .model import CHECKPOINT_DIR, format_prompt, load_testbed
 from .world import CAPTION_PROMPT
@@ -93,43 +96,50 @@ def evaluate_chair(model: Any, processor: Any, bench: SyntheticBenchmark, limit:
                 n_hallucinated=result.n_hallucinated, examples=captions[:5])
 
 
-@torch.no_grad()
-def image_attention(model: Any, processor: Any, bench: SyntheticBenchmark, n: int = 64,
-                    ) -> list[dict[str, float]]:
+class _ImageAttention(Participant):
+    """Per layer and head, at the last prompt position: image mass, entropy and top-1 share."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # layer -> ([b, h] x 3)
+
+    def bind(self, lvlm: Any) -> None:
+        self.observed_layers = frozenset(range(lvlm.num_layers))
+
+    def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:  # [b, h, k]
+        img = ctx.image_keys
+        mass = image_mass(probs_last, img)
+        p = probs_last * img[:, None, :] / mass.clamp_min(1e-12)[..., None]
+        self.rows[ctx.layer] = (mass, entropy(probs_last, img[:, None, :]), p.amax(-1))
+
+
+def image_attention(checkpoint: str | Path, bench: SyntheticBenchmark, n: int = 64) -> list[dict[str, float]]:
     """How graded each decoder head's attention over the image tokens is.
 
     For POPE questions, at the last prompt position (where the answer is decided), per
     layer and head: the attention mass on image tokens, and the effective number of image
     tokens attended (exp of the entropy of the attention renormalised over image tokens;
-    1 = one-hot, 64 = uniform over 64 tokens).
+    1 = one-hot, 64 = uniform over 64 tokens). Read through lvlm-fix's own attention hook
+    (the last query's row only), as ``lvlm-fix heads`` reads it.
 
     Returns:
         One dict per (layer, head): layer, head, image_mass, effective_tokens, top1_share.
     """
+    from ..model import load
+
+    lvlm = load(checkpoint, dtype="float32")
     rows = read_jsonl(bench.pope_file("random"))[:n]
-    batch = processor(images=_images(bench, [r["image"] for r in rows]),
-                      text=[format_prompt(r["text"]) for r in rows], padding=True,
-                      return_tensors="pt")
-    previous = {"text_config": model.config.text_config._attn_implementation,
-                "vision_config": model.config.vision_config._attn_implementation}
-    # Only eager attention returns weights (the vision tower too, or it warns).
-    model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
-    try:
-        out = model(**batch, output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
-    is_image = batch["input_ids"] == model.config.image_token_id          # [B, L]
+    lvlm.tokenizer.padding_side = "left"  # the last position is every row's last prompt token
+    batch = lvlm.processor(images=_images(bench, [r["image"] for r in rows]),
+                           text=[format_prompt(r["text"]) for r in rows], padding=True, return_tensors="pt")
+    recorder = _ImageAttention()
+    with Plan(lvlm, [recorder]).active(), torch.inference_mode():
+        lvlm.model(**batch)
     stats = []
-    for layer, att in enumerate(out.attentions):                          # [B, H, L, L]
-        last = att[:, :, -1, :]                                           # [B, H, L]
-        img = last * is_image[:, None, :]
-        mass = img.sum(-1)                                                # [B, H]
-        p = img / mass.clamp_min(1e-12)[..., None]
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
-        for head in range(att.shape[1]):
+    for layer, (mass, ent, top1) in sorted(recorder.rows.items()):
+        for head in range(mass.shape[1]):
             stats.append(dict(layer=layer, head=head, image_mass=float(mass[:, head].mean()),
-                              effective_tokens=float(entropy[:, head].exp().mean()),
-                              top1_share=float(p[:, head].amax(-1).mean())))
+                              effective_tokens=float(ent[:, head].exp().mean()),
+                              top1_share=float(top1[:, head].mean())))
     return stats
 
 
@@ -158,7 +168,7 @@ def evaluate(checkpoint: str | Path | None = None, bench_dir: str | Path | None 
         "chair": evaluate_chair(model, processor, bench, chair_limit, batch_size=batch_size),
     }
     if attention:
-        result["attention"] = image_attention(model, processor, bench)
+        result["attention"] = image_attention(checkpoint or CHECKPOINT_DIR, bench)
     return result
 
 
