@@ -210,7 +210,6 @@ class Act(Intervention):
         self._index: dict[tuple[int, torch.device], Tensor] = {}
         self._visible: Tensor | None = None
         self._sinks: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (first key position [1], sinks [b, hs, k])
-        self._key_start0: dict[int, bool] = {}  # layer -> the prefill's keys started at position 0
         self._image: dict[int, Tensor] = {}  # layer -> [b, k] image keys at the prefill (for the report)
         self._first: Tensor | None = None
         self._steps = 0
@@ -255,7 +254,6 @@ class Act(Intervention):
 
     def begin(self, tokens: TokenState) -> None:
         self._sinks.clear()
-        self._key_start0.clear()
         self._image.clear()
         self._visible = None
         self._first = None
@@ -291,7 +289,6 @@ class Act(Intervention):
             first = key_valid.int().argmax(1)  # the row's first valid token (BOS)
             sinks = act_sinks(p, visible, self.config.thres, keep=first)
             self._sinks[ctx.layer] = (ctx.key_positions[:1], sinks)
-            self._key_start0[ctx.layer] = ctx.key_start == 0
             self._image[ctx.layer] = ctx.image_keys
             self._first = ctx.key_positions[first]
         else:
@@ -303,8 +300,9 @@ class Act(Intervention):
                 raise ConfigError("ACT: the batch changed size between the prefill and a decode step; "
                                   "generate each batch with one generate() call")
             n0 = prefill_sinks.shape[-1]
-            if ctx.key_start == 0 and self._key_start0[ctx.layer] and k >= n0:
-                # The keys still start where the prefill's did: its sinks, then new keys (never sinks).
+            if ctx.key_start == 0:
+                # Keys still start at position 0, so they did at the prefill too (a window only
+                # moves forward): the prefill's keys, then new keys, which are never sinks.
                 sinks = torch.nn.functional.pad(prefill_sinks, (0, k - n0), value=False)
             else:  # a sliding window moved: map each key back to its prefill index
                 rel = ctx.key_positions - start  # key j was key rel[j] at the prefill

@@ -271,7 +271,7 @@ class VAR(Intervention):
         c = self.config
         n = sinks.shape[1]  # prompt length: generated tokens are neither sinks nor image tokens
         eligible = ctx.queries_after_image if ctx.step == 0 else None  # a decode query is past the image
-        if ctx.key_start == 0 and probs.shape[-1] >= n:
+        if ctx.key_start == 0:
             # Keys 0..n-1 are the prompt: its key sets are fixed for the sequence, and later keys
             # (generated tokens) are left as they are, so only the prompt's columns are touched.
             keys = self._keys.get(ctx.layer)
