@@ -1,11 +1,17 @@
 """A synthetic world of COCO objects with language priors, drawn with PIL.
 
-Each scene is a small RGB canvas holding 2-5 objects (COCO categories drawn as simple
+Each scene is a small RGB canvas holding 2-6 objects (COCO categories drawn as simple
 glyphs: a fork has tines, a car has wheels) plus non-object clutter on a textured
 background. Scenes follow *themes* (kitchen, street, park) and four strongly paired
 categories (fork-knife, cup-spoon, car-traffic light, dog-frisbee), so a model trained on
 them picks up the co-occurrence priors that make real LVLMs hallucinate. Category
 frequencies differ, so POPE's "popular" negatives differ from its "random" ones.
+
+Objects carry the attributes the discriminative questions ask about: a colour (instances of
+a category share it), a count (up to three instances) and contact: some objects are placed
+touching an earlier one, and whether two drawn shapes really touch is read from the
+rendering (:meth:`World.contacts`). *Region-task* scenes (:meth:`World.region_scene`) hide one
+small object among dense clutter, so that looking closer (crop and magnify) helps.
 
 Everything is a pure function of ``(world seed, split, stream, index)``: the same scene
 is drawn byte for byte on every run.
@@ -15,7 +21,7 @@ Example:
     >>> scene = world.scene("val", 0)
     >>> image = world.render(scene)            # PIL.Image, 96x96 RGB
     >>> world.caption(scene)
-    'a pink dog , a blue frisbee , a pink bicycle and a yellow chair .'
+    'a yellow dog , a white frisbee , a pink bicycle and a pink chair .'
 """
 
 from __future__ import annotations
