@@ -7,6 +7,7 @@ Public API::
         ids = handle.model.generate(**handle.encode([image], [prompt]), max_new_tokens=64)
     out = lvlm_fix.generate(handle, [image], [prompt], method="vhr+var")   # one call
     stats = lvlm_fix.head_statistics(handle, image, prompt)    # VHD, sinks, entropy, image mass
+    lvlm_fix.register_method(MyMethod)                         # a method of your own (docs/adding-a-method.md)
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "apply", "evaluate", "generate", "head_statistics", "list_methods", "load"]
+__all__ = ["Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
+           "head_statistics", "list_methods", "load", "param", "register_method"]
 
 
 def __getattr__(name: str) -> Any:
@@ -40,4 +42,8 @@ def __getattr__(name: str) -> Any:
         from .interventions import METHODS
 
         return METHODS.names
+    if name in ("register_method", "Intervention", "MethodConfig", "Stage", "param"):
+        from . import interventions
+
+        return getattr(interventions, name)
     raise AttributeError(f"module 'lvlm_fix' has no attribute {name!r}")

@@ -1,63 +1,63 @@
-"""The Python API: apply a method around the real ``generate()``, or generate in one call."""
+"""The Python API: apply methods around the real ``generate()``, or generate in one call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image
-
+from ._lazy import torch
 from .errors import ConfigError
 from .hooks.plan import Plan
-from .interventions import build_methods
-from .model import LVLM
+from .interventions import Generation, Intervention, build_methods
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .model import LVLM
+
+__all__ = ["Generation", "apply", "generate", "run_methods"]
+
+MethodArg = str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None
 
 
 @contextmanager
-def apply(lvlm: LVLM, method: str | Sequence[str] | None, **params: Any) -> Iterator[Plan]:
+def apply(lvlm: LVLM, method: MethodArg, **params: Any) -> Iterator[Plan]:
     """Apply one or more methods to every ``lvlm.model.generate(...)`` / forward inside the block.
 
     Args:
         lvlm: the handle from :func:`lvlm_fix.load`.
-        method: a registered name, ``"vhr+var"`` for several, or None / ``"none"`` for none.
-        **params: method parameters, routed to each method whose config has the field.
+        method: a method spec: a registered name, ``"vhr+var"`` for several, ``"vhr:alpha=1.5"`` with
+            parameters, a dict of per-method parameters ``{"vhr": {"layers": [1]}, "var": {"tau": 3.5}}``,
+            or None / ``"none"`` for none.
+        **params: parameters by field name, each routed to the one composed method that has it (a
+            field that two composed methods share must be set per method, in the dict form).
 
     Yields:
-        The active :class:`~lvlm_fix.hooks.Plan`; ``plan.report()`` says what was touched.
+        The active :class:`~lvlm_fix.hooks.Plan`; ``plan.report()`` says what each method touched,
+        keyed by method name.
 
     Example:
-        >>> with lvlm_fix.apply(handle, "var", rho=0.5):
+        >>> with lvlm_fix.apply(handle, {"vhr": {"layers": [1]}, "var": {"layers": [2], "tau": 3.5}}) as plan:
         ...     ids = handle.model.generate(**batch, max_new_tokens=32)
     """
     methods = build_methods(method, **params)
-    refiners = [m.name for m in methods if m.refines_input]
-    if refiners:
+    wrappers = [m.name for m in methods if m.stage.wraps_generate]
+    if wrappers:
         raise ConfigError(
-            f"method {refiners[0]!r} rewrites the input image, so it cannot wrap a plain generate(); "
-            "use lvlm_fix.generate(handle, images, prompts, method=...)"
+            f"method {wrappers[0]!r} runs generate() itself (stage {methods[0].stage.name.lower()}), so it cannot "
+            "wrap a plain generate(); use lvlm_fix.generate(handle, images, prompts, method=...)"
         )
     plan = Plan(lvlm, methods)
     with plan.active():
         yield plan
 
 
-@dataclass
-class Generation:
-    """Texts generated for a batch, and what the methods saw and touched."""
-
-    texts: list[str]
-    report: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. CARVE's refined images and masks
-
-
 def generate(
     lvlm: LVLM,
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image | Sequence[Image.Image]],
     prompts: Sequence[str],
-    method: str | Sequence[str] | None = None,
+    method: MethodArg = None,
     *,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -70,27 +70,40 @@ def generate(
 
     Args:
         lvlm: the handle from :func:`lvlm_fix.load`.
-        images, prompts: one image and one prompt per row.
-        method: a registered name, ``"vhr+var"``, or None for the vanilla model.
+        images, prompts: one image (or a list of images) and one prompt per row.
+        method: a method spec, as for :func:`apply`; None for the vanilla model.
         max_new_tokens, do_sample, num_beams: passed to ``generate()``.
         seed: seeds torch before generating (sampling).
         generate_kwargs: any other ``generate()`` arguments.
-        **params: method parameters.
+        **params: method parameters, as for :func:`apply`.
+
+    Returns:
+        The texts, each method's report (keyed by method name, as ``plan.report()``) and artifacts.
     """
     methods = build_methods(method, **params)
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams, **(generate_kwargs or {})}
-    images = list(images)
-    artifacts: dict[str, Any] = {}
-    report: dict[str, Any] = {}
-    for m in (m for m in methods if m.refines_input):
-        images, extra = m.refine(lvlm, images, list(prompts), gen)
-        artifacts[m.name] = extra
-        report[m.name] = m.report()
-    batch = lvlm.encode(images, prompts)
-    plan = Plan(lvlm, [m for m in methods if not m.refines_input])
     if seed is not None:
         torch.manual_seed(seed)
+    return run_methods(lvlm, methods, list(images), list(prompts), gen)
+
+
+def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], prompts: list[str],
+                gen: dict[str, Any]) -> Generation:
+    """Apply ``methods`` (in composition order) around one batched ``generate()``.
+
+    A method that wraps ``generate()`` (a pipeline, an input refinement) comes first in the order;
+    it runs the rest through the ``inner`` callback it is given, as many times as it needs. The
+    other methods act inside the model's own ``generate()`` through one :class:`Plan`.
+    """
+    if methods and methods[0].stage.wraps_generate:
+        first, rest = methods[0], methods[1:]
+
+        def inner(images: Sequence[Any], prompts: Sequence[str], gen: dict[str, Any]) -> Generation:
+            return run_methods(lvlm, rest, list(images), list(prompts), gen)
+
+        return first.generate(lvlm, images, prompts, gen, inner)
+    batch = lvlm.encode(images, prompts)
+    plan = Plan(lvlm, methods)
     with plan.active(), torch.inference_mode():
         out = lvlm.model.generate(**batch, **gen)
-    report.update({m.name: m.report() for m in plan.participants})
-    return Generation(texts=lvlm.decode(out, batch["input_ids"].shape[1]), report=report, artifacts=artifacts)
+    return Generation(texts=lvlm.decode(out, batch["input_ids"].shape[1]), report=plan.report())

@@ -29,8 +29,9 @@ class UnknownNameError(LvlmFixError, KeyError):
 
         self.kind, self.name = kind, name
         self.available = sorted(available)
-        close = difflib.get_close_matches(name, self.available, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        by_lower = {a.lower(): a for a in self.available}  # a case slip ("VHR") is the likeliest typo
+        close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
+        hint = f" Did you mean {by_lower[close[0]]!r}?" if close else ""
         super().__init__(f"unknown {kind} {name!r}.{hint} Available: {', '.join(self.available)}")
 
     def __str__(self) -> str:  # KeyError would otherwise quote the whole message

@@ -38,7 +38,7 @@ from .errors import LvlmFixError
 if TYPE_CHECKING:
     from .model import LVLM
 
-__all__ = ["TokenGrid", "grid_token_positions", "image_token_grid", "image_token_grids"]
+__all__ = ["TokenGrid", "image_token_grids"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,6 @@ class TokenGrid:
     @property
     def size(self) -> int:
         return self.rows * self.cols
-
-
-def image_token_grid(lvlm: LVLM, batch: Any) -> list[tuple[int, int]]:
-    """The ``(rows, cols)`` patch grid of each row's image tokens (see the module docstring)."""
-    return [(g.rows, g.cols) for g in image_token_grids(lvlm, batch)]
 
 
 def image_token_grids(lvlm: LVLM, batch: Any) -> list[TokenGrid]:
@@ -83,31 +78,6 @@ def image_token_grids(lvlm: LVLM, batch: Any) -> list[TokenGrid]:
                 f"({lvlm.adapter.model_type}); the processor settings may not match the model config"
             )
     return grids
-
-
-def grid_token_positions(image_mask: torch.Tensor, grids: list[TokenGrid]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence positions of each row's grid tokens, vectorised over rows.
-
-    Args:
-        image_mask: ``[b, t]`` True at image tokens (padding-aware, as in ``TokenState``).
-        grids: one :class:`TokenGrid` per row.
-
-    Returns:
-        ``(positions, valid)``, both ``[b, G]`` with ``G`` the largest grid: ``positions[r, i]`` is
-        the sequence position of grid token ``i`` of row ``r`` (0 where ``valid`` is False).
-    """
-    b, t = image_mask.shape
-    dev = image_mask.device
-    offset = torch.tensor([g.offset for g in grids], device=dev)[:, None]
-    size = torch.tensor([g.size for g in grids], device=dev)[:, None]
-    rank = image_mask.long().cumsum(1) - 1  # index of each image token among the row's image tokens
-    selected = image_mask & (rank >= offset) & (rank < offset + size)
-    pos = torch.arange(t, device=dev).expand(b, t)
-    order = torch.where(selected, pos, pos + t).sort(dim=1).values  # selected positions first, in order
-    g_max = int(size.max())
-    positions = order[:, :g_max]
-    valid = torch.arange(g_max, device=dev)[None, :] < size
-    return torch.where(valid, positions, torch.zeros_like(positions)), valid
 
 
 # -- per family ----------------------------------------------------------------------------------

@@ -20,14 +20,17 @@ NAMES = METHODS.names()
 # uniform: VAR's tau = 20 presumes a 4096-wide backbone (|x_d|/rms(x) <= sqrt(D) = 8 here), and
 # no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered.
 ACTIVE = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}, "carve": {}}
+IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
 
 
 def test_every_method_is_in_the_matrix():
     assert set(NAMES) == set(ACTIVE) == {"vhr", "var", "act", "carve"}
+    for name in NAMES:
+        assert METHODS.get(name).config_cls.math_identity() is not None, name
 
 
-def _noop_params(name: str) -> dict:
-    cfg = METHODS.get(name).config_cls.noop()
+def _config(name: str, which: str) -> dict:
+    cfg = getattr(METHODS.get(name).config_cls, which)()
     return {k: v for k, v in cfg.to_dict().items() if v is not None}
 
 
@@ -36,11 +39,57 @@ def test_noop_is_vanilla_token_for_token(name, family, tiny, images):
     lvlm = tiny(family)
     gen = dict(max_new_tokens=6)
     vanilla = lvlm_fix.generate(lvlm, images, PROMPTS, None, **gen)
-    noop = lvlm_fix.generate(lvlm, images, PROMPTS, name, **gen, **_noop_params(name))
+    noop = lvlm_fix.generate(lvlm, images, PROMPTS, name, **gen, **_config(name, "noop"))
     assert noop.texts == vanilla.texts
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if not METHODS.get(n).refines_input])
+@pytest.mark.parametrize("name", IN_PLAN)
+def test_noop_installs_nothing(name, tiny):
+    with lvlm_fix.apply(tiny("llava"), name, **_config(name, "noop")) as plan:
+        (m,) = plan.participants
+        layer_sets = (m.eager_layers, m.observed_layers, m.head_output_layers, m.residual_layers)
+        assert not any(layer_sets) and not plan.touches(0)
+
+
+def _with_scores(lvlm, batch, method=None, **params):
+    gen = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    if method is None:
+        with torch.inference_mode():
+            return lvlm.model.generate(**batch, **gen), {}
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, method, **params) as plan:
+        out = lvlm.model.generate(**batch, **gen)
+    return out, plan.report()[method]
+
+
+@pytest.mark.parametrize("name", IN_PLAN)
+def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny, images):
+    """The identity with the math in the path: the method's callbacks run on every layer it edits
+    (with thresholds low enough that they select rows here) and change nothing."""
+    lvlm = tiny(family)
+    batch = lvlm.encode(images, PROMPTS)
+    params = {**_config(name, "math_identity"), **ACTIVE[name]}
+    vanilla, _ = _with_scores(lvlm, batch)
+    same, report = _with_scores(lvlm, batch, name, **params)
+    assert torch.equal(same.sequences, vanilla.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(same.scores, vanilla.scores)) <= 1e-5
+    acted = {"vhr": lambda r: any(any(rows) for rows in r["selected_heads"].values()),
+             "var": lambda r: sum(r["redistributed_total"]) > 0,
+             "act": lambda r: any(v["max_per_head"] > 0 for v in r["sinks"].values())}[name]
+    assert acted(report), report
+
+
+def test_carve_math_identity_runs_both_passes_and_matches_vanilla(family, tiny, images):
+    lvlm = tiny(family)
+    vanilla = lvlm_fix.generate(lvlm, images, PROMPTS, None, max_new_tokens=5)
+    same = lvlm_fix.generate(lvlm, images, PROMPTS, "carve", max_new_tokens=5,
+                             **{**_config("carve", "math_identity"), "stat_tokens": 3})
+    assert same.texts == vanilla.texts
+    rows = same.report["carve"]["rows"]
+    assert len(rows) == len(images) and all(r["mask_fraction"] == 1.0 and r["steps"][0] >= 1 for r in rows)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(same.artifacts["carve"]["refined"], images))
+
+
+@pytest.mark.parametrize("name", IN_PLAN)
 def test_default_changes_the_logits(name, family, tiny, images):
     lvlm = tiny(family)
     batch = lvlm.encode(images[:2], PROMPTS[:2])
@@ -49,7 +98,7 @@ def test_default_changes_the_logits(name, family, tiny, images):
         vanilla = lvlm.model(**batch).logits[valid]
         with lvlm_fix.apply(lvlm, name, **ACTIVE[name]):
             steered = lvlm.model(**batch).logits[valid]
-        with lvlm_fix.apply(lvlm, name, **_noop_params(name)):
+        with lvlm_fix.apply(lvlm, name, **_config(name, "noop")):
             noop = lvlm.model(**batch).logits[valid]
     assert (steered - vanilla).abs().max() > 1e-4
     assert torch.equal(noop, vanilla)
@@ -76,17 +125,40 @@ def test_sampling_and_beam_search_run(name, family, tiny, images):
     assert len(beams.texts) == 2
 
 
-def test_composition_applies_each_method(tiny, images):
+def test_composition_applies_each_method_in_stage_order(tiny, images):
     lvlm = tiny("llava")
     out = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], "var+vhr", max_new_tokens=3, **ACTIVE["var"])
     assert set(out.report) == {"vhr", "var"}
     batch = lvlm.encode(images[:2], PROMPTS[:2])
-    with torch.inference_mode(), lvlm_fix.apply(lvlm, "vhr+var", tau=2.5) as plan:
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "var+vhr+act", tau=2.5) as plan:
         both = lvlm.model(**batch).logits
-        assert [p.name for p in plan.participants] == ["vhr", "var"]  # documented order
-    with torch.inference_mode(), lvlm_fix.apply(lvlm, "vhr") as plan:
+        assert [p.name for p in plan.participants] == ["vhr", "act", "var"]  # stage, then name
+        assert set(plan.report()) == {"vhr", "act", "var"}
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "vhr"):
         vhr_only = lvlm.model(**batch).logits
     assert not torch.equal(both, vhr_only)
+
+
+def test_composed_methods_take_their_own_layers(tiny, images):
+    """Two composed methods with different layers in one run, each reported under its own name."""
+    lvlm = tiny("llava")
+    spec = {"vhr": {"layers": [1]}, "var": {"layers": [2], "tau": 2.5}}
+    out = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], spec, max_new_tokens=3)
+    assert out.report["vhr"]["layers"] == [1] and list(out.report["vhr"]["selected_heads"]) == ["1"]
+    assert out.report["var"]["layers"] == [2] and list(out.report["var"]["sinks"]) == ["2"]
+    same = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], "vhr:layers=[1]+var:layers=[2]:tau=2.5", max_new_tokens=3)
+    assert same.texts == out.texts and same.report == out.report
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, spec) as plan:
+        lvlm.model(**lvlm.encode(images[:2], PROMPTS[:2]))
+        assert plan.report()["vhr"]["layers"] == [1] and plan.report()["var"]["layers"] == [2]
+
+
+def test_a_shared_flat_parameter_is_refused(tiny):
+    from lvlm_fix.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"taken by both 'vhr' and 'var'.*--set vhr.layers"):
+        with lvlm_fix.apply(tiny("llava"), "vhr+var", layers=[1]):
+            pass
 
 
 class RaiseAtStep(LogitsProcessor):
@@ -100,7 +172,7 @@ class RaiseAtStep(LogitsProcessor):
         return scores
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if not METHODS.get(n).refines_input])
+@pytest.mark.parametrize("name", IN_PLAN)
 def test_no_hook_survives_an_exception_mid_generate(name, tiny, images):
     lvlm = tiny("gemma3")
     batch = lvlm.encode(images[:2], PROMPTS[:2])
@@ -114,11 +186,12 @@ def test_no_hook_survives_an_exception_mid_generate(name, tiny, images):
         assert torch.equal(lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False), vanilla)
 
 
-def test_refining_methods_refuse_to_wrap_a_plain_generate(tiny):
+def test_methods_that_wrap_generate_refuse_to_wrap_a_plain_generate(tiny):
     from lvlm_fix.errors import ConfigError
 
-    refiners = [n for n in NAMES if METHODS.get(n).refines_input]
-    for name in refiners:
+    wrappers = [n for n in NAMES if METHODS.get(n).stage.wraps_generate]
+    assert wrappers
+    for name in wrappers:
         with pytest.raises(ConfigError, match="lvlm_fix.generate"):
             with lvlm_fix.apply(tiny("llava"), name):
                 pass

@@ -92,6 +92,53 @@ def _split_method_params(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names and kwargs[k] is not None}
 
 
+SET_HELP = ("a parameter of one method, METHOD.FIELD=VALUE (repeatable), e.g. --set vhr.layers=1 --set var.layers=2; "
+            "needed when composed methods share a field. Values: numbers, true/false, lists as 1,2 or [1,2].")
+
+
+def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``("vhr.layers=1", "var.tau=3.5")`` -> ``{"vhr": {"layers": 1}, "var": {"tau": 3.5}}``."""
+    from ..interventions import METHODS, parse_value
+    from ..errors import UnknownNameError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        target, eq, value = item.partition("=")
+        method, dot, key = target.strip().partition(".")
+        if not eq or not dot or not method or not key:
+            raise ConfigError(f"--set {item!r} is not METHOD.FIELD=VALUE; write e.g. --set vhr.alpha=1.5")
+        if method not in METHODS:
+            raise UnknownNameError("method", method, METHODS.names())
+        if key in out.setdefault(method, {}):
+            raise ConfigError(f"--set {method}.{key} is given twice; give it once")
+        out[method][key] = parse_value(value)
+    return out
+
+
+def _params_for(spec: str, flat: dict[str, Any], sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The arguments of ``build_methods(spec, ...)``: the ``--set`` entries and flat flags this spec takes."""
+    from ..interventions import method_fields, parse_spec
+
+    names = [n for n, _ in parse_spec(spec)]
+    fields = {f for n in names for f in method_fields(n)}
+    return {"params": {m: p for m, p in sets.items() if m in names},
+            **{k: v for k, v in flat.items() if k in fields}}
+
+
+def _check_all_used(specs: list[str], flat: dict[str, Any], sets: dict[str, dict[str, Any]]) -> None:
+    """A flag or ``--set`` that no listed method takes is an error, not silently dropped."""
+    from ..interventions import method_fields, parse_spec
+
+    names = {n for spec in specs for n, _ in parse_spec(spec)}
+    for method in sets:
+        if method not in names:
+            raise ConfigError(f"--set names method {method!r}, which is not in {', '.join(specs)}")
+    fields = {f for n in names for f in method_fields(n)}
+    for key in flat:
+        if key not in fields:
+            raise ConfigError(f"--{key.replace('_', '-')} is not a parameter of any of {', '.join(specs)}")
+
+
 # -- shared options -----------------------------------------------------------------------------------
 def _model_options(f: Any) -> Any:
     f = click.option("--device", default=None, help="torch device, e.g. cuda:0 (default: the checkpoint's / CPU).")(f)
@@ -169,11 +216,12 @@ def list_cmd() -> None:
     """List the methods and evals."""
     from ..interventions import METHODS
 
-    click.echo("methods:")
-    click.echo(f"  {'none':8s} the vanilla model (baseline)")
+    click.echo("methods (name, stage, what it does):")
+    click.echo(f"  {'none':8s} {'-':18s} the vanilla model (baseline)")
     for name in METHODS.names():
-        doc = (METHODS.get(name).__doc__ or "").strip().splitlines()[0]
-        click.echo(f"  {name:8s} {doc}")
+        cls = METHODS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        click.echo(f"  {name:8s} {cls.stage.name.lower():18s} {doc}")
     click.echo("evals:")
     try:
         from ..evals.runner import BENCHES
@@ -189,7 +237,9 @@ def list_cmd() -> None:
 @click.option("--image", default=None, help="image file (default on the testbed: a synthetic scene).")
 @click.option("--prompt", default=None, help='user prompt (default: "Please describe this image in detail.").')
 @click.option("--jsonl", default=None, help='rows {"image": path, "prompt": text} to run batched.')
-@click.option("--method", default="none", show_default=True, help="a method, several joined by +, or none.")
+@click.option("--method", default="none", show_default=True,
+              help="a method spec: a method, several joined by + (vhr+var), parameters inline (vhr:alpha=1.5), or none.")
+@click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=VALUE", help=SET_HELP)
 @click.option("--compare", is_flag=True, help="also run the baseline and print both, with what the method touched.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
@@ -198,17 +248,20 @@ def list_cmd() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None,
               help=f"write answers (jsonl) and method artifacts here (with --compare, artifacts go to ./{ARTIFACT_DIR}).")
-def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, jsonl, method, compare,
-            batch_size, max_new_tokens, do_sample, num_beams, seed, out, **kwargs) -> None:
+def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, jsonl, method, sets,
+            compare, batch_size, max_new_tokens, do_sample, num_beams, seed, out, **kwargs) -> None:
     """Generate answers with a method applied (optionally beside the baseline)."""
+    from ..interventions import build_methods
+
+    flat = _split_method_params(kwargs)
+    method_args = {"params": _parse_sets(sets), **flat}
+    methods = build_methods(method, **method_args)  # validate names and values before loading any weights
+
     from tqdm import tqdm
 
     from ..api import generate
-    from ..interventions import build_methods
     from ..model import open_image
 
-    params = _split_method_params(kwargs)
-    build_methods(method, **params)  # validate names and values before loading any weights
     lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
     if jsonl:
         rows = _read_jsonl(jsonl)
@@ -223,8 +276,8 @@ def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, 
     for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1, file=sys.stderr):
         imgs = [open_image(x) if isinstance(x, str) else x for x, _ in batch]
         prompts = [p for _, p in batch]
-        res = generate(lvlm, imgs, prompts, method, **gen, **params)
-        base = generate(lvlm, imgs, prompts, None, **gen) if compare and method != "none" else None
+        res = generate(lvlm, imgs, prompts, method, **gen, **method_args)
+        base = generate(lvlm, imgs, prompts, None, **gen) if compare and methods else None
         for i, (src, p) in enumerate(batch):
             row = {"image": src if isinstance(src, str) else "<testbed scene>", "prompt": p, "method": method,
                    "answer": res.texts[i]}
@@ -303,8 +356,10 @@ def _data_options(f: Any) -> Any:
 @_data_options
 @click.option("--bench", default="pope", show_default=True, type=click.Choice(["pope", "chair"]))
 @click.option("--split", default="adversarial", show_default=True, help="random, popular, adversarial or all (POPE).")
-@click.option("--methods", default="none", show_default=True, help="comma-separated: none,vhr,var,vhr+var ...")
+@click.option("--methods", default="none", show_default=True,
+              help="comma-separated method specs, each its own result: none,vhr,var:tau=3.5,vhr+var ...")
 @click.option("--method", "method_alias", default=None, hidden=True)
+@click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=VALUE", help=SET_HELP)
 @click.option("--limit", default=None, type=int, help="POPE: questions per split; CHAIR: images (default 500).")
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--max-new-tokens", default=None, type=int, help="default 32 (POPE) / 512 (CHAIR).")
@@ -313,22 +368,20 @@ def _data_options(f: Any) -> Any:
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
 @click.option("--out", default="results", show_default=True, help="run folder (resumable).")
 def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, pope_questions, image_dir, hf_dataset,
-             coco_annotations, bench, split, methods, method_alias, limit, batch_size, max_new_tokens, prompt_template,
-             seed, n_boot, out, **kwargs) -> None:
+             coco_annotations, bench, split, methods, method_alias, sets, limit, batch_size, max_new_tokens,
+             prompt_template, seed, n_boot, out, **kwargs) -> None:
     """POPE / CHAIR: baseline and methods on the same samples, with CIs and paired tests."""
     from ..evals.runner import DataSpec, evaluate
     from ..interventions import build_methods
+    from ..interventions.registry import split_specs
 
-    params = _split_method_params(kwargs)
-    names = [m.strip() for m in (method_alias or methods).split(",") if m.strip()]
-    # Each method gets the flags it takes; a flag no listed method takes is an error.
-    per_method = {}
+    flat, overrides = _split_method_params(kwargs), _parse_sets(sets)
+    names = split_specs(method_alias or methods)
+    # Each spec gets the flags and --set entries its methods take; one that no spec takes is an error.
+    _check_all_used(names, flat, overrides)
+    per_method = {m: _params_for(m, flat, overrides) for m in names}
     for m in names:
-        fields = {f.name for x in build_methods(None if m == "none" else m) for f in dataclasses.fields(x.config)}
-        per_method[m] = {k: v for k, v in params.items() if k in fields}
-    unused = set(params) - {k for p in per_method.values() for k in p}
-    if unused:
-        raise ConfigError(f"--{sorted(unused)[0].replace('_', '-')} is not a parameter of any of {names}")
+        build_methods(m, **per_method[m])  # every value checked before any weight is loaded
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number or leave it out")
     if bench == "pope" and split not in ("random", "popular", "adversarial", "all"):
@@ -357,7 +410,7 @@ def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code,
 def calibrate_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, pope_questions, image_dir,
                   hf_dataset, coco_annotations, method, bench, split, limit, out) -> None:
     """ACT's per-head search on a calibration split; writes the head-list file."""
-    from ..calibration import calibrate_act, write_head_file
+    from ..interventions.act import calibrate_act, write_head_file
     from ..evals.runner import DataSpec, load_samples
 
     if limit < 1:
@@ -406,14 +459,12 @@ def testbed_benchmark_cmd(out, seed, n_images) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
-    from ..interventions import METHODS  # noqa: F401 - registers the methods before flags are built
-
     global _METHOD_FLAGS_ADDED
-    if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
-        method_options(run_cmd)
-        method_options(eval_cmd)
-        _METHOD_FLAGS_ADDED = True
     try:
+        if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
+            method_options(run_cmd)  # reads the method configs; imports no torch
+            method_options(eval_cmd)
+            _METHOD_FLAGS_ADDED = True
         cli.main(args=argv, prog_name="lvlm-fix", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -21,13 +21,11 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from .._lazy import torch
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from .plan import Plan
 
 ATTN_NAME = "lvlm_fix"
@@ -36,12 +34,23 @@ ATTN_NAME = "lvlm_fix"
 ACTIVE_PLAN: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
 
 
+# transformers' sdpa path, bound by register(): importing transformers at module import would
+# make `lvlm-fix --help` slow, and the attention function only runs after register().
+sdpa_attention_forward = repeat_kv = None
+
+
 def register() -> None:
     """Register the attention function and its mask function (idempotent).
 
     The mask registration is not optional: a custom attention name without a mask function
     gets *no* mask from transformers, which silently makes prefill bidirectional.
     """
+    global sdpa_attention_forward, repeat_kv
+    from transformers import AttentionInterface
+    from transformers.integrations import sdpa_attention
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    sdpa_attention_forward, repeat_kv = sdpa_attention.sdpa_attention_forward, sdpa_attention.repeat_kv
     AttentionInterface.register(ATTN_NAME, lvlm_fix_attention)
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 

@@ -1,52 +1,42 @@
 """HookSet: every forward hook lvlm-fix puts on a model goes through one of these.
 
-Targets are resolved when added (a wrong module name fails before anything is registered);
-registration happens on ``__enter__`` inside ``try`` (a failure half-way removes what was
-already registered); ``__exit__`` removes every handle, whatever happened inside the block.
+Hooks are declared first (module, function) and registered together on ``__enter__`` inside
+``try``, so a failure half-way removes what was already registered; ``__exit__`` removes every
+handle, whatever happened inside the block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.hooks import RemovableHandle
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class _Spec:
     module: torch.nn.Module
     fn: Callable
-    kind: str  # "forward_pre" | "forward"
     with_kwargs: bool
 
 
 class HookSet:
-    """An all-or-nothing set of forward hooks, used as a context manager."""
+    """An all-or-nothing set of forward pre-hooks, used as a context manager."""
 
     def __init__(self) -> None:
         self._specs: list[_Spec] = []
-        self._handles: list[RemovableHandle] = []
-
-    @staticmethod
-    def resolve(root: torch.nn.Module, target: str | torch.nn.Module) -> torch.nn.Module:
-        """A module, or the submodule of ``root`` at a dotted path (``AttributeError`` if absent)."""
-        return root.get_submodule(target) if isinstance(target, str) else target
+        self._handles: list[Any] = []  # torch RemovableHandles
 
     def forward_pre(self, module: torch.nn.Module, fn: Callable, *, with_kwargs: bool = False) -> HookSet:
-        self._specs.append(_Spec(module, fn, "forward_pre", with_kwargs))
-        return self
-
-    def forward(self, module: torch.nn.Module, fn: Callable, *, with_kwargs: bool = False) -> HookSet:
-        self._specs.append(_Spec(module, fn, "forward", with_kwargs))
+        self._specs.append(_Spec(module, fn, with_kwargs))
         return self
 
     def __enter__(self) -> HookSet:
         try:
             for s in self._specs:
-                register = s.module.register_forward_pre_hook if s.kind == "forward_pre" else s.module.register_forward_hook
-                self._handles.append(register(s.fn, with_kwargs=s.with_kwargs))
+                self._handles.append(s.module.register_forward_pre_hook(s.fn, with_kwargs=s.with_kwargs))
         except BaseException:
             self.remove()
             raise

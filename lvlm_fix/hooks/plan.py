@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from .._lazy import torch
 from ..errors import LvlmFixError
 from .attention import ACTIVE_PLAN, ATTN_NAME
 from .capture import HookSet
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..model import LVLM
 
 
@@ -76,6 +76,7 @@ class Participant:
     tensors of the whole batch and must treat rows independently.
     """
 
+    name: str = ""  # the key of this participant's report; empty: the class name in lower case
     eager_layers: frozenset[int] = frozenset()  # attention rewritten (pre/post softmax): eager path
     observed_layers: frozenset[int] = frozenset()  # last query's attention row read
     head_output_layers: frozenset[int] = frozenset()  # per-head outputs (input of o_proj) read/scaled
@@ -304,4 +305,5 @@ class Plan:
                     p.end()
 
     def report(self) -> dict[str, Any]:
-        return {type(p).__name__: p.report() for p in self.participants}
+        """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""
+        return {p.name or type(p).__name__.lower(): p.report() for p in self.participants}

@@ -21,8 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from .._lazy import torch
 from ..errors import LvlmFixError
 from .plan import StopForward
 

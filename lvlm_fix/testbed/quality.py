@@ -23,7 +23,7 @@ from torch import Tensor
 from ..evals.chair import ChairEvaluator
 from ..evals.pope import score
 from ..hooks.plan import AttnContext, Participant, Plan
-from ..hooks.stats import entropy, image_mass
+from ..diagnostics import entropy, image_mass
 from .benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
 from .model import CHECKPOINT_DIR, format_prompt, load_testbed
 from .world import CAPTION_PROMPT
