@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import json
 import os
 import platform
@@ -86,13 +85,10 @@ class Subject:
 
 
 def register_methods() -> list[str]:
-    """Import the method modules (registering them) and return the registered names."""
-    from lvlm_fix.interventions import METHODS as REGISTRY
+    """The registered method names (the registry imports every built-in on first use)."""
+    from lvlm_fix.interventions import METHODS
 
-    for name in ("vhr", "var", "act", "carve"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(f"lvlm_fix.interventions.{name}")
-    return REGISTRY.names()
+    return METHODS.names()
 
 
 def _describe(lvlm: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ class Adapter:
         image_placeholder: the image placeholder written in ``prompt_template``.
         nested_images: the processor wants ``[[img], [img]]`` for a batch (Idefics3, SmolVLM, Gemma3).
         sink_dims: known sink dimensions of the text backbone, keyed by its hidden size
-            (methods.md §3: found offline on BOS and sink tokens). Missing -> discovered.
+            (found offline on BOS and sink tokens by the VAR authors). Missing -> discovered.
     """
 
     model_type: str

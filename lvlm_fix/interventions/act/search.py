@@ -129,9 +129,10 @@ def calibrate_act(
         ``selected``, ``combined_acc`` and ``combined_gain`` of ACT with all selected heads, ...).
     """
     from ... import __version__
-    from ...evals.pope import build_prompt
 
     ActConfig(beta=beta, thres=thres)  # validates the ranges
+    if "{question}" not in template:
+        raise InputError(f"template {template!r} has no {{question}} field; add it where the question goes")
     n_layers, n_heads = lvlm.num_layers, lvlm.num_heads
     searched = sorted(resolve_layers(None if layers is None else list(layers), default_act_layers(n_layers), n_layers))
     rows = []
@@ -152,7 +153,7 @@ def calibrate_act(
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = lvlm.encode([r[0] for r in chunk], [build_prompt(r[1], template) for r in chunk])
+        batch = lvlm.encode([r[0] for r in chunk], [template.replace("{question}", r[1]) for r in chunk])
         batches.append({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()})
     yes_t = torch.tensor(yes_ids)
     no_t = torch.tensor(no_ids)
