@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = ["Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
-           "head_statistics", "list_methods", "load", "param", "register_method"]
+           "head_statistics", "list_methods", "load", "load_image", "param", "register_method"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from .model import load
 
         return load
+    if name == "load_image":
+        from .images import load_image
+
+        return load_image
     if name == "head_statistics":
         from .diagnostics import head_statistics
 

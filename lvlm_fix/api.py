@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._lazy import torch
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .hooks.plan import Plan
 from .interventions import Generation, Intervention, build_methods
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from .model import LVLM
 
-__all__ = ["Generation", "apply", "generate", "run_methods"]
+__all__ = ["Generation", "apply", "check_length", "generate", "run_methods"]
 
 MethodArg = str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None
 
@@ -103,7 +103,17 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
 
         return first.generate(lvlm, images, prompts, gen, inner)
     batch = lvlm.encode(images, prompts)
+    check_length(lvlm, batch["input_ids"].shape[1], gen.get("max_new_tokens"))
     plan = Plan(lvlm, methods)
     with plan.active(), torch.inference_mode():
         out = lvlm.model.generate(**batch, **gen)
     return Generation(texts=lvlm.decode(out, batch["input_ids"].shape[1]), report=plan.report())
+
+
+def check_length(lvlm: LVLM, prompt_len: int, max_new_tokens: int | None) -> None:
+    """Refuse, before any forward, a prompt (plus the tokens to generate) longer than the model's positions."""
+    limit = getattr(lvlm.text_config, "max_position_embeddings", None)
+    total = prompt_len + (max_new_tokens or 0)
+    if limit and total > limit:
+        raise InputError(f"the prompt is {prompt_len} tokens and max_new_tokens {max_new_tokens or 0}: {total} "
+                         f"exceeds the model's {limit} positions; shorten the prompt or lower --max-new-tokens")

@@ -244,15 +244,3 @@ def load(
                 revision=revision)
     model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
     return lvlm
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, or raise :class:`InputError` naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"image not found: {p}; pass an existing image file")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises several types for a bad file
-        raise InputError(f"cannot read image {p}: {type(e).__name__}; pass a PNG/JPEG file") from None

@@ -87,7 +87,8 @@ def test_unknown_method_suggests_the_close_name(capsys, image_file):
     ('{"image": "a.png"}', "rows.jsonl:1"),
     ('{"image": "a.png", "prompt": "ok"}\nnot json', "rows.jsonl:2"),
 ])
-def test_malformed_jsonl_row(capsys, tiny_dirs, tmp_path, content, needle):
+def test_malformed_jsonl_row(capsys, tiny_dirs, tmp_path, images, content, needle):
+    images[0].save(tmp_path / "a.png")
     rows = tmp_path / "rows.jsonl"
     rows.write_text(content)
     assert needle in cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--jsonl", str(rows))

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
+import tempfile
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -23,7 +26,7 @@ EXAMPLES = """
 Examples:
   lvlm-fix run --method vhr                                  # embedded testbed model and scene
   lvlm-fix run --model llava-hf/llava-1.5-7b-hf --image cat.jpg --prompt "Is there a dog?" --method var --compare
-  lvlm-fix run --model DIR --jsonl rows.jsonl --batch-size 16 --method vhr+var --out answers.jsonl
+  lvlm-fix run --model DIR --jsonl rows.jsonl --batch-size 16 --method vhr+var --out answers/
   lvlm-fix heads --model DIR --image cat.jpg --prompt "Describe the image." --out heads/
   lvlm-fix eval --bench pope --split adversarial --methods none,vhr,var --limit 200 --out results/
 """
@@ -151,6 +154,57 @@ def _model_options(f: Any) -> Any:
     return f
 
 
+DEFAULT_PROMPT = "Please describe this image in detail."
+_DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
+
+
+def _check_device(device: str | None) -> None:
+    """A device torch can use here, or one line naming it and the fix (before any weight is loaded)."""
+    if device is None:
+        return
+    if not _DEVICE.match(device):
+        raise InputError(f"--device {device!r} is not a torch device; use e.g. cpu, cuda, cuda:0 or mps")
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise InputError(f"--device {device}: this torch ({torch.__version__}) has {build}; use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif kind == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def _out_dir(out: str, option: str, owned: tuple[str, ...]) -> Path:
+    """Create the output folder now (before any work), refusing a file, an unwritable place, or
+    earlier results that this command would overwrite (``owned``: the files it writes)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {out} is a file; give a folder (e.g. {option} {path.parent / (path.stem + '_out')})")
+    taken = [name for name in owned if (path / name).exists()]
+    if taken:
+        raise InputError(f"{path / taken[0]} already exists; choose a new {option} folder or move the old results away")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise InputError(f"{option} {out} is not writable ({e.strerror or e}); choose another folder") from None
+    return path
+
+
+def _is_testbed(model_name: str | None) -> bool:
+    from ..model import DEFAULT_MODEL
+
+    return model_name in (None, DEFAULT_MODEL)
+
+
 def _load(model_name: str | None, dtype: str, device: str | None, device_map: str | None, revision: str | None,
           trust_remote_code: bool):
     import os
@@ -166,28 +220,36 @@ def _load(model_name: str | None, dtype: str, device: str | None, device_map: st
                           trust_remote_code=trust_remote_code)
 
 
-def _default_image_and_prompt(lvlm: Any, image: str | None, prompt: str | None) -> tuple[Any, str]:
-    """The image and prompt to use; on the testbed model both have offline defaults."""
-    from ..model import DEFAULT_MODEL, open_image
+def _check_prompt(prompt: str | None) -> str:
+    if prompt is not None and not prompt.strip():
+        raise InputError("--prompt is empty; give the question, or leave --prompt out for the default "
+                         f"({DEFAULT_PROMPT!r})")
+    return prompt if prompt is not None else DEFAULT_PROMPT
+
+
+def _default_image(model_name: str | None, image: str | None) -> Any:
+    """The image to use: the file given (loaded and checked now), or on the testbed a synthetic scene."""
+    from ..images import load_image
 
     if image is not None:
-        return open_image(image), prompt or "Please describe this image in detail."
-    if lvlm.name != DEFAULT_MODEL:
+        return load_image(image)
+    if not _is_testbed(model_name):
         raise InputError("--image is required with --model; pass an image file")
     from ..testbed.world import World
 
     world = World()  # a validation-stream scene the benchmark does not use (stream 999)
-    scene = world.scene("val", 0, stream=999, min_categories=3)
-    return world.render(scene), prompt or "Please describe this image in detail."
+    return world.render(world.scene("val", 0, stream=999, min_categories=3))
 
 
 def _read_jsonl(path: str) -> list[dict[str, str]]:
-    """Rows ``{"image": path, "prompt": text}``; image paths relative to the file's folder."""
+    """Rows ``{"image": path, "prompt": text}``, every image checked readable now; paths relative to the file."""
+    from ..images import check_image_file
+
     p = Path(path)
     if not p.is_file():
         raise InputError(f"jsonl file not found: {p}; pass an existing file")
     rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -196,8 +258,14 @@ def _read_jsonl(path: str) -> list[dict[str, str]]:
             raise InputError(f"{p}:{i}: not valid JSON ({e.msg}); each line must be {{\"image\": ..., \"prompt\": ...}}") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("prompt"), str):
             raise InputError(f"{p}:{i}: each line needs string fields \"image\" and \"prompt\"; got {line.strip()[:80]}")
-        img = Path(row["image"])
-        row["image"] = str(img if img.is_absolute() else p.parent / img)
+        if not row["prompt"].strip():
+            raise InputError(f"{p}:{i}: the prompt is empty; give each row its question")
+        img = Path(row["image"]).expanduser()
+        row["image"] = str(img if img.is_absolute() or "://" in row["image"] else p.parent / img)
+        try:  # the header only: a bad image must stop the run before any answer is generated
+            check_image_file(row["image"])
+        except InputError as e:
+            raise InputError(f"{p}:{i}: {e}") from None
         rows.append(row)
     if not rows:
         raise InputError(f"{p} has no rows; add lines like {{\"image\": \"cat.jpg\", \"prompt\": \"Is there a dog?\"}}")
@@ -247,57 +315,58 @@ def list_cmd() -> None:
 @click.option("--num-beams", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None,
-              help=f"write answers (jsonl) and method artifacts here (with --compare, artifacts go to ./{ARTIFACT_DIR}).")
+              help=f"folder for answers.jsonl (written batch by batch) and method artifacts "
+                   f"(with --compare and no --out, artifacts go to ./{ARTIFACT_DIR}).")
 def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, jsonl, method, sets,
             compare, batch_size, max_new_tokens, do_sample, num_beams, seed, out, **kwargs) -> None:
     """Generate answers with a method applied (optionally beside the baseline)."""
     from ..interventions import build_methods
 
+    # Every input is checked before any weight is loaded or any file written.
     flat = _split_method_params(kwargs)
     method_args = {"params": _parse_sets(sets), **flat}
-    methods = build_methods(method, **method_args)  # validate names and values before loading any weights
+    methods = build_methods(method, **method_args)
+    if jsonl and (image or prompt is not None):
+        raise InputError("--jsonl takes its images and prompts from the file; drop --image and --prompt")
+    _check_device(device)
+    if jsonl:
+        items = [(r["image"], r["prompt"]) for r in _read_jsonl(jsonl)]
+    else:
+        items = [(_default_image(model_name, image), _check_prompt(prompt))]
+    out_dir = _out_dir(out, "--out", ("answers.jsonl",)) if out else None
 
     from tqdm import tqdm
 
     from ..api import generate
-    from ..model import open_image
+    from ..images import load_image
 
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    if jsonl:
-        rows = _read_jsonl(jsonl)
-        items = [(r["image"], r["prompt"]) for r in rows]
-    else:
-        img, text = _default_image_and_prompt(lvlm, image, prompt)
-        items = [(img, text)]
+    lvlm = _load(None if _is_testbed(model_name) else model_name, dtype, device, device_map, revision,
+                 trust_remote_code)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, seed=seed)
-    out_dir = Path(out) if out else None
-    results = []
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    done = 0
     for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1, file=sys.stderr):
-        imgs = [open_image(x) if isinstance(x, str) else x for x, _ in batch]
+        imgs = [load_image(x) if isinstance(x, str) else x for x, _ in batch]
         prompts = [p for _, p in batch]
         res = generate(lvlm, imgs, prompts, method, **gen, **method_args)
         base = generate(lvlm, imgs, prompts, None, **gen) if compare and methods else None
+        rows = []
         for i, (src, p) in enumerate(batch):
             row = {"image": src if isinstance(src, str) else "<testbed scene>", "prompt": p, "method": method,
                    "answer": res.texts[i]}
             if base is not None:
                 row["baseline"] = base.texts[i]
-            results.append(row)
+            rows.append(row)
+            click.echo(f"[baseline] {row['baseline']}\n[{method}] {row['answer']}" if base is not None else row["answer"])
+        if out_dir is not None:  # appended as produced: an interrupted run keeps every finished batch
+            with open(out_dir / "answers.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         if compare:
             _print_touched(res.report)
         if res.artifacts and (out_dir is not None or compare):  # e.g. CARVE's masks, beside the answers
-            _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=len(results) - len(batch))
-    for row in results:
-        if "baseline" in row:
-            click.echo(f"[baseline] {row['baseline']}\n[{method}] {row['answer']}")
-        else:
-            click.echo(row["answer"])
+            _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=done)
+        done += len(batch)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "answers.jsonl", "a") as f:
-            for row in results:
-                f.write(json.dumps(row) + "\n")
         click.echo(f"wrote {out_dir / 'answers.jsonl'}", err=True)
 
 
@@ -329,12 +398,16 @@ def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> Non
 @click.option("--out", required=True, help="folder for stats.json and the PNG figures.")
 def heads_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, out) -> None:
     """Head diagnostics: VHD per layer x head, visual sinks, attention entropy, image mass."""
+    _check_device(device)
+    img, text = _default_image(model_name, image), _check_prompt(prompt)
+    out_dir = _out_dir(out, "--out", ("stats.json",))
+
     from ..diagnostics import head_statistics, write_outputs
 
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    img, text = _default_image_and_prompt(lvlm, image, prompt)
+    lvlm = _load(None if _is_testbed(model_name) else model_name, dtype, device, device_map, revision,
+                 trust_remote_code)
     report = head_statistics(lvlm, img, text)
-    for path in write_outputs(report, Path(out)):
+    for path in write_outputs(report, out_dir):
         click.echo(f"wrote {path}")
     vhd = report["vhd_filtered"]
     top = sorted(((v, l, h) for l, row in zip(report["layers"], vhd) for h, v in enumerate(row)), reverse=True)[:5]
@@ -457,9 +530,15 @@ def testbed_benchmark_cmd(out, seed, n_images) -> None:
     click.echo(f"wrote {out}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``warning:`` line on stderr, without the source line Python would print."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     global _METHOD_FLAGS_ADDED
+    warnings.showwarning = _show_warning
     try:
         if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
             method_options(run_cmd)  # reads the method configs; imports no torch

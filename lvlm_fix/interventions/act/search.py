@@ -64,7 +64,7 @@ def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
 
 def _unpack(sample: Any, index: int) -> tuple[Image.Image, str, bool]:
     """``(image, question, label is yes)`` from a PopeSample-like object or an (image, question, label) tuple."""
-    from ...model import open_image
+    from ...images import load_image
 
     if isinstance(sample, (tuple, list)):
         if len(sample) != 3:
@@ -78,7 +78,7 @@ def _unpack(sample: Any, index: int) -> tuple[Image.Image, str, bool]:
                              "or (image, question, label) tuples") from None
         image = sample.load_image() if hasattr(sample, "load_image") else getattr(sample, "image", None)
     if isinstance(image, (str, Path)):
-        image = open_image(image)
+        image = load_image(image)
     if image is None:
         raise InputError(f"calibration sample {index} has no image")
     lab = str(label).strip().lower()
