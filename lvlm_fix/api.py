@@ -64,6 +64,7 @@ def generate(
     num_beams: int = 1,
     seed: int | None = None,
     generate_kwargs: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
     **params: Any,
 ) -> Generation:
     """Generate answers for (image, prompt) rows with ``method`` applied, batched.
@@ -75,6 +76,7 @@ def generate(
         max_new_tokens, do_sample, num_beams: passed to ``generate()``.
         seed: seeds torch before generating (sampling).
         generate_kwargs: any other ``generate()`` arguments.
+        system_prompt: a system message for every row (see :meth:`LVLM.build_prompt`).
         **params: method parameters.
     """
     methods = build_methods(method, **params)
@@ -86,7 +88,7 @@ def generate(
         images, extra = m.refine(lvlm, images, list(prompts), gen)
         artifacts[m.name] = extra
         report[m.name] = m.report()
-    batch = lvlm.encode(images, prompts)
+    batch = lvlm.encode(images, prompts, system_prompt=system_prompt)
     plan = Plan(lvlm, [m for m in methods if not m.refines_input])
     if seed is not None:
         torch.manual_seed(seed)
