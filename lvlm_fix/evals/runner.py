@@ -302,7 +302,8 @@ def score_outputs(bench: str, path: str | Path, *, out_dir: str | Path, split: s
     samples, texts, dataset = b.read_outputs(path, id_key, text_key, label_key)
     root = Path(out_dir)
     run = {"command": "score", "bench": b.name, "settings": b.settings(), "dataset": dataset,
-           "samples": dataset_fingerprint([{"id": s.id, "split": s.split} for s in samples])}
+           "samples": dataset_fingerprint(sorted(({"id": s.id, "split": s.split} for s in samples),
+                                                 key=lambda r: (r["split"], r["id"])))}
     with _lock(root):
         root.mkdir(parents=True, exist_ok=True)
         store.fixed_json(root / "run.json", run, "scoring run (other samples or settings)")
