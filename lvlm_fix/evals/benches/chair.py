@@ -53,8 +53,8 @@ class ChairBench(Bench):
     def caveat(self) -> str:
         s = self.settings()
         return (f"CHAIR in `{s['chair_mode']}` mode (singulariser {s['singularizer_version']}, synonym file sha256 "
-                f"{s['synonyms_sha256'][:12]}…). The modes read about half of COCO captions differently: compare "
-                "only numbers of the same mode.")
+                f"{s['synonyms_sha256'][:12]}…). The two modes disagree on many captions: compare only numbers of "
+                "the same mode.")
 
     def _kw(self) -> dict[str, Any]:
         return {"mode": self.opts["chair_mode"], "singularizer": self.opts["chair_singularizer"]}
