@@ -66,6 +66,7 @@ def test_stop_strings_cut_the_answer():
     assert runner._cut(" No ", []) == " No "
 
 
+@pytest.mark.filterwarnings("ignore:CHAIR_I is undefined")  # a random tiny model names no object
 def test_chair_end_to_end(tiny, coco, tmp_path):
     lvlm = tiny("qwen2_vl")
     summary = evaluate(lvlm, bench="chair", methods=["none"], limit=3, batch_size=2, max_new_tokens=4,
