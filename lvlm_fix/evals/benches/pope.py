@@ -125,8 +125,11 @@ class PopeBench(Bench):
 
     def aggregate(self, split: str, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         confusion = pope.Confusion.from_pairs((r["pred"], r["label"]) for r in records)
-        return {**pope.metrics(confusion).as_dict(), **asdict(confusion),
-                "n_unparseable": sum(bool(r["unparseable"]) for r in records), "parser": self.parser.name}
+        row = {**pope.metrics(confusion).as_dict(), **asdict(confusion),
+               "n_unparseable": sum(bool(r["unparseable"]) for r in records), "parser": self.parser.name}
+        if self.parser.name != "llava":  # the common yardstick across presets
+            row["n_unparseable_llava"] = sum(pope.is_unparseable(r["answer"]) for r in records)
+        return row
 
     def overall(self, rows: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
         if len(rows) < 2:
