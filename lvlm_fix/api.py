@@ -64,6 +64,7 @@ def generate(
     num_beams: int = 1,
     seed: int | None = None,
     generate_kwargs: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
     **params: Any,
 ) -> Generation:
     """Generate answers for (image, prompt) rows with ``method`` applied, batched.
@@ -75,6 +76,7 @@ def generate(
         max_new_tokens, do_sample, num_beams: passed to ``generate()``.
         seed: seeds torch before generating (sampling).
         generate_kwargs: any other ``generate()`` arguments.
+        system_prompt: a system message for every row (see :meth:`LVLM.build_prompt`).
         **params: method parameters, as for :func:`apply`.
 
     Returns:
@@ -84,11 +86,11 @@ def generate(
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams, **(generate_kwargs or {})}
     if seed is not None:
         torch.manual_seed(seed)
-    return run_methods(lvlm, methods, list(images), list(prompts), gen)
+    return run_methods(lvlm, methods, list(images), list(prompts), gen, system_prompt=system_prompt)
 
 
 def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], prompts: list[str],
-                gen: dict[str, Any]) -> Generation:
+                gen: dict[str, Any], *, system_prompt: str | None = None) -> Generation:
     """Apply ``methods`` (in composition order) around one batched ``generate()``.
 
     A method that wraps ``generate()`` (a pipeline, an input refinement) comes first in the order;
@@ -99,10 +101,10 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
         first, rest = methods[0], methods[1:]
 
         def inner(images: Sequence[Any], prompts: Sequence[str], gen: dict[str, Any]) -> Generation:
-            return run_methods(lvlm, rest, list(images), list(prompts), gen)
+            return run_methods(lvlm, rest, list(images), list(prompts), gen, system_prompt=system_prompt)
 
-        return first.generate(lvlm, images, prompts, gen, inner)
-    batch = lvlm.encode(images, prompts)
+        return first.generate(lvlm, images, prompts, gen, inner, system_prompt=system_prompt)
+    batch = lvlm.encode(images, prompts, system_prompt=system_prompt)
     check_length(lvlm, batch["input_ids"].shape[1], gen.get("max_new_tokens"))
     plan = Plan(lvlm, methods)
     with plan.active(), torch.inference_mode():

@@ -44,3 +44,15 @@ class ConfigError(LvlmFixError, ValueError):
 
 class InputError(LvlmFixError, ValueError):
     """Unreadable image, malformed prompt file, and the like."""
+
+
+class DataError(InputError):
+    """A dataset file, folder or record that is missing or malformed."""
+
+
+class RunFolderBusyError(InputError):
+    """Another live process is writing into the same run folder (``--out``)."""
+
+
+class LvlmFixWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

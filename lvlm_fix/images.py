@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, LvlmFixWarning
 
 __all__ = ["ImageWarning", "check_image_file", "load_image", "to_rgb"]
 
@@ -28,7 +28,7 @@ MIN_SIDE = 16
 MAX_ASPECT = 10.0
 
 
-class ImageWarning(UserWarning):
+class ImageWarning(LvlmFixWarning):
     """An image that loads but is unlikely to be seen well by the model (e.g. 4000 x 50)."""
 
 

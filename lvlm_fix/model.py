@@ -87,26 +87,35 @@ class LVLM:
         return self.model.device
 
     # -- inputs -----------------------------------------------------------------------------
-    def build_prompt(self, prompt: str, n_images: int = 1) -> str:
-        """One user turn with ``n_images`` images then the text, in the model's own format."""
+    def build_prompt(self, prompt: str, n_images: int = 1, system_prompt: str | None = None) -> str:
+        """One user turn with ``n_images`` images then the text, in the model's own format.
+
+        ``system_prompt`` becomes a system turn when the processor has a chat template, and is
+        prepended (with a space) to the formatted prompt otherwise.
+        """
         if getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
             messages = [{"role": "user", "content": content}]
+            if system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": system_prompt})
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         ph = self.adapter.image_placeholder
-        return self.adapter.prompt_template.replace(ph, ph * n_images).format(prompt=prompt)
+        text = self.adapter.prompt_template.replace(ph, ph * n_images).format(prompt=prompt)
+        return text if system_prompt is None else f"{system_prompt} {text}"
 
-    def encode(self, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str]) -> Any:
+    def encode(self, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str],
+               system_prompt: str | None = None) -> Any:
         """Batch inputs for ``generate()``, left padded, on the model's device.
 
         Args:
             images: one image per row, or a list of images per row (all rows the same count).
             prompts: the user text of each row.
+            system_prompt: a system message for every row (see :meth:`build_prompt`).
         """
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
         per_row = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        texts = [self.build_prompt(p, len(ims)) for p, ims in zip(prompts, per_row)]
+        texts = [self.build_prompt(p, len(ims), system_prompt) for p, ims in zip(prompts, per_row)]
         nested = self.adapter.nested_images or len(per_row[0]) > 1
         imgs: list = per_row if nested else [ims[0] for ims in per_row]
         self.tokenizer.padding_side = "left"  # generation appends on the right: pad on the left

@@ -28,13 +28,18 @@ def image_file(tmp_path_factory, images):
     return path
 
 
-def test_list_names_every_method(capsys):
+def test_list_names_every_method_and_eval(capsys):
+    from lvlm_fix.evals.bench import registry
     from lvlm_fix.interventions import METHODS
 
     code, out, _ = run(capsys, "list")
     assert code == 0 and "none" in out
     for name in METHODS.names():
         assert f"  {name} " in out
+    evals = out.split("evals:")[1]
+    assert {"pope", "chair", "amber"} <= set(registry().names())
+    for name in registry().names():
+        assert f"  {name} " in evals
 
 
 def test_run_prints_an_answer_and_jsonl_runs_batched(capsys, tiny_dirs, image_file, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import click
 
-from ..errors import ConfigError, InputError, LvlmFixError
+from ..errors import ConfigError, InputError, LvlmFixError, LvlmFixWarning
 
 EXAMPLES = """
 \b
@@ -29,6 +29,7 @@ Examples:
   lvlm-fix run --model DIR --jsonl rows.jsonl --batch-size 16 --method vhr+var --out answers/
   lvlm-fix heads --model DIR --image cat.jpg --prompt "Describe the image." --out heads/
   lvlm-fix eval --bench pope --split adversarial --methods none,vhr,var --limit 200 --out results/
+  lvlm-fix score --bench chair --coco-annotations annotations/ --captions captions.jsonl --out scored/
 """
 
 
@@ -291,13 +292,10 @@ def list_cmd() -> None:
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         click.echo(f"  {name:8s} {cls.stage.name.lower():18s} {doc}")
     click.echo("evals:")
-    try:
-        from ..evals.runner import BENCHES
+    from ..evals.runner import list_benches
 
-        for name, doc in BENCHES.items():
-            click.echo(f"  {name:8s} {doc}")
-    except ImportError:  # the evals package is optional at import time
-        pass
+    for name, doc in list_benches().items():
+        click.echo(f"  {name:8s} {doc}")
 
 
 @cli.command("run", epilog=EXAMPLES)
@@ -424,49 +422,129 @@ def _data_options(f: Any) -> Any:
     return f
 
 
+# -- bench flags generated from the eval registry ------------------------------------------------------
+def _bench_option_defs() -> dict[str, tuple[Any, str]]:
+    """option name -> (an Option, help joined over the benches that take it)."""
+    from ..evals.bench import registry
+
+    reg = registry()
+    defs: dict[str, tuple[Any, str]] = {}
+    for name in reg.names():
+        for opt in reg.get(name).options:
+            first, help_ = defs.get(opt.name, (opt, ""))
+            if opt.help not in help_:
+                help_ = help_ + (" " if help_ else "") + opt.help
+            defs[opt.name] = (first, help_)
+    return defs
+
+
+def bench_options(command: click.Command) -> click.Command:
+    """Add every bench's own flags (``--prompt-preset``, ``--chair-mode``, ...) and the --bench choices."""
+    from ..evals.bench import registry
+
+    for name, (opt, help_) in sorted(_bench_option_defs().items()):
+        if opt.flag:
+            param = click.Option([opt.cli, name], is_flag=True, default=False, help=help_)
+        else:
+            param = click.Option([opt.cli, name], type=click.Choice(opt.choices) if opt.choices else str,
+                                 default=None, help=help_ + (f" [default: {opt.default}]" if opt.default else ""))
+        command.params.append(param)
+    for param in command.params:
+        if param.name == "bench":
+            param.type = click.Choice(registry().names())
+    return command
+
+
+def _bench_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The bench flags the user gave (unset ones are None / False)."""
+    names = set(_bench_option_defs())
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names and kwargs[k] not in (None, False)}
+
+
+def _system_prompt(value: str | None) -> str | None:
+    if value == "vicuna":
+        from ..evals.pope import VICUNA_SYSTEM_PROMPT
+
+        return VICUNA_SYSTEM_PROMPT
+    return value
+
+
 @cli.command("eval", epilog=EXAMPLES)
 @_model_options
-@_data_options
-@click.option("--bench", default="pope", show_default=True, type=click.Choice(["pope", "chair"]))
-@click.option("--split", default="adversarial", show_default=True, help="random, popular, adversarial or all (POPE).")
+@click.option("--bench", default="pope", show_default=True, help="an eval of `lvlm-fix list`.")
+@click.option("--split", default=None,
+              help="POPE: random, popular, adversarial (default) or all; AMBER: generative, discriminative or all "
+                   "(default); CHAIR takes none.")
 @click.option("--methods", default="none", show_default=True,
               help="comma-separated method specs, each its own result: none,vhr,var:tau=3.5,vhr+var ...")
 @click.option("--method", "method_alias", default=None, hidden=True)
 @click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=VALUE", help=SET_HELP)
-@click.option("--limit", default=None, type=int, help="POPE: questions per split; CHAIR: images (default 500).")
+@click.option("--limit", default=None, type=int, help="samples per split (CHAIR: images, default 500).")
 @click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--max-new-tokens", default=None, type=int, help="default 32 (POPE) / 512 (CHAIR).")
-@click.option("--prompt-template", default=None, help="POPE question template with {question}.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-new-tokens", default=None, type=int,
+              help="default: the bench's (POPE: the preset's; CHAIR 512; AMBER 512 generative, 32 yes/no).")
+@click.option("--prompt-template", default=None,
+              help="user-turn template with {question} (default: the bench's; POPE: the preset's).")
+@click.option("--system-prompt", default=None,
+              help="system prompt for every sample: text, 'vicuna' (LLaVA-1.5's), or '' for none (default: the "
+                   "preset's).")
+@click.option("--seed", default=None, type=int, help="CHAIR image sampling and generation seed (default 0; vcd 55).")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
 @click.option("--out", default="results", show_default=True, help="run folder (resumable).")
-def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, pope_questions, image_dir, hf_dataset,
-             coco_annotations, bench, split, methods, method_alias, sets, limit, batch_size, max_new_tokens,
-             prompt_template, seed, n_boot, out, **kwargs) -> None:
-    """POPE / CHAIR: baseline and methods on the same samples, with CIs and paired tests."""
-    from ..evals.runner import DataSpec, evaluate
+def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, bench, split, methods, method_alias,
+             sets, limit, batch_size, max_new_tokens, prompt_template, system_prompt, seed, n_boot, out,
+             **kwargs) -> None:
+    """POPE / CHAIR / AMBER: baseline and methods on the same samples, with CIs and paired tests."""
+    from ..evals.runner import prepare_eval
     from ..interventions import build_methods
     from ..interventions.registry import split_specs
 
     flat, overrides = _split_method_params(kwargs), _parse_sets(sets)
+    options = _bench_flags(kwargs)
+    if method_alias is not None and methods != "none":
+        raise ConfigError("give the methods once: --methods (comma-separated) or --method, not both")
     names = split_specs(method_alias or methods)
+    if not any(names):
+        raise ConfigError(f"--methods {methods!r} names no method; pass e.g. --methods none,vhr")
     # Each spec gets the flags and --set entries its methods take; one that no spec takes is an error.
     _check_all_used(names, flat, overrides)
     per_method = {m: _params_for(m, flat, overrides) for m in names}
     for m in names:
         build_methods(m, **per_method[m])  # every value checked before any weight is loaded
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit} selects no sample; pass a positive number or leave it out")
-    if bench == "pope" and split not in ("random", "popular", "adversarial", "all"):
-        from ..errors import UnknownNameError
+    _check_device(device)
+    job = prepare_eval(bench, split, names, limit=limit, batch_size=batch_size, out_dir=out,
+                       max_new_tokens=max_new_tokens, prompt_template=prompt_template,
+                       system_prompt=_system_prompt(system_prompt), seed=seed, method_params=per_method,
+                       n_boot=n_boot, **options)
+    with job.lock():  # before the model loads: a second run into --out is refused at once
+        lvlm = _load(None if _is_testbed(model_name) else model_name, dtype, device, device_map, revision,
+                     trust_remote_code)
+        summary = job.run(lvlm)
+    if summary:
+        click.echo((Path(out) / "results.md").read_text())
+        click.echo(f"wrote {Path(out) / 'summary.json'}")
 
-        raise UnknownNameError("POPE split", split, ["random", "popular", "adversarial", "all"])
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    data = DataSpec(pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset,
-                    coco_annotations=coco_annotations)
-    summary = evaluate(lvlm, bench=bench, split=split if bench == "pope" else "all", methods=names, data=data,
-                       limit=limit, batch_size=batch_size, out_dir=out, max_new_tokens=max_new_tokens,
-                       prompt_template=prompt_template, seed=seed, method_params=per_method, n_boot=n_boot)
+
+@cli.command("score")
+@click.option("--bench", required=True, help="an eval of `lvlm-fix list`.")
+@click.option("--input", "--captions", "--answers", "--responses", "input_file", required=True,
+              help="outputs to score: a JSON list or JSON lines. CHAIR: image_id + caption; POPE: question_id + "
+                   "text/answer (or with its own label); AMBER: [{id, response}].")
+@click.option("--split", default=None, help="POPE: the split the answers belong to; AMBER: generative, "
+                                            "discriminative or all.")
+@click.option("--name", default=None, help="the outputs' name in the table and folder (default: the file name).")
+@click.option("--id-key", default=None, help="key of the sample id (default: image_id / question_id / id).")
+@click.option("--text-key", default=None, help="key of the text (default: caption / text / answer / ans / response).")
+@click.option("--label-key", default=None, help="POPE: key of a yes/no (or 1/0) label inside the answer file.")
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
+@click.option("--seed", default=0, show_default=True, type=int, help="bootstrap seed.")
+@click.option("--out", required=True, help="run folder; score several files into one folder to compare them.")
+def score_cmd(bench, input_file, split, name, id_key, text_key, label_key, n_boot, seed, out, **kwargs) -> None:
+    """Score captions / answers generated elsewhere (any model, a paper's released files), as eval does."""
+    from ..evals.runner import score_outputs
+
+    summary = score_outputs(bench, input_file, out_dir=out, split=split, name=name, id_key=id_key, text_key=text_key,
+                            label_key=label_key, n_boot=n_boot, seed=seed, **_bench_flags(kwargs))
     if summary:
         click.echo((Path(out) / "results.md").read_text())
         click.echo(f"wrote {Path(out) / 'summary.json'}")
@@ -483,15 +561,15 @@ def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code,
 def calibrate_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, pope_questions, image_dir,
                   hf_dataset, coco_annotations, method, bench, split, limit, out) -> None:
     """ACT's per-head search on a calibration split; writes the head-list file."""
+    from ..evals.bench import make_bench
     from ..interventions.act import calibrate_act, write_head_file
-    from ..evals.runner import DataSpec, load_samples
 
     if limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number")
-    data = DataSpec(pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
-    samples, dataset, _ = load_samples(bench, split, data, limit, seed=0)
+    pope = make_bench(bench, split, pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
+    samples, dataset = pope.load(limit, seed=0)
     lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    result = calibrate_act(lvlm, samples, limit=limit)
+    result = calibrate_act(lvlm, [s.data for s in samples], limit=limit)
     result.setdefault("calibration", {})["dataset"] = dataset
     write_head_file(result, out)
     click.echo(f"wrote {out}")
@@ -530,19 +608,27 @@ def testbed_benchmark_cmd(out, seed, n_images) -> None:
     click.echo(f"wrote {out}")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one ``warning:`` line on stderr, without the source line Python would print."""
-    click.echo(f"warning: {message}", err=True)
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """lvlm-fix's own warnings (e.g. a repaired samples.jsonl) as one ``warning:`` line."""
+    if issubclass(category, LvlmFixWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_warning(message, category, *args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     global _METHOD_FLAGS_ADDED
-    warnings.showwarning = _show_warning
     try:
         if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
-            method_options(run_cmd)  # reads the method configs; imports no torch
+            method_options(run_cmd)  # reads the method configs and the eval registry; imports no torch
             method_options(eval_cmd)
+            bench_options(eval_cmd)
+            bench_options(score_cmd)
+            warnings.showwarning = _one_line_warning
             _METHOD_FLAGS_ADDED = True
         cli.main(args=argv, prog_name="lvlm-fix", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -195,11 +195,13 @@ class Intervention(Participant):
         return {"method": self.name, "stage": self.stage.name.lower(), "config": self.config.to_dict()}
 
     def generate(self, lvlm: LVLM, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str],
-                 gen: dict[str, Any], inner: Inner) -> Generation:
+                 gen: dict[str, Any], inner: Inner, *, system_prompt: str | None = None) -> Generation:
         """For ``PIPELINE`` and ``INPUT`` stages: produce the answers, calling ``inner`` for each generation.
 
         ``gen`` holds the ``generate()`` arguments of the call; ``inner`` applies the composed
-        methods of later stages. The returned report and artifacts are merged under this method's name.
+        methods of later stages (with the call's ``system_prompt``, which the method's own encodes
+        should pass to ``lvlm.encode`` too). Return the Generation with this method's report (and
+        artifacts) added under its name.
         """
         raise NotImplementedError(f"method {self.name!r} of stage {self.stage.name} must implement generate()")
 

@@ -313,21 +313,23 @@ class Carve(Intervention):
         c = cls.config_cls()
         return [c.instruction + c.suffix]
 
-    def generate(self, lvlm: LVLM, images: Any, prompts: Any, gen: dict[str, Any], inner: Inner) -> Generation:
+    def generate(self, lvlm: LVLM, images: Any, prompts: Any, gen: dict[str, Any], inner: Inner, *,
+                 system_prompt: str | None = None) -> Generation:
         """Refine each row's image, then answer with the methods of later stages (``inner``)."""
         c = self.config
         if not resolve_layers(c.layers, carve_default_layers(lvlm.num_layers), lvlm.num_layers):
             self._report = {"statistics_pass": "none (layers=[]): the input is unchanged"}
             out = inner(images, prompts, gen)
         else:
-            new_images, artifacts = self.refine(lvlm, list(images), list(prompts))
+            new_images, artifacts = self.refine(lvlm, list(images), list(prompts), system_prompt=system_prompt)
             asked = [with_suffix(p, c.suffix) if c.suffix_in_answer else p for p in prompts]
             out = inner(new_images, asked, gen)
             out.artifacts[self.name] = artifacts
         out.report[self.name] = self.report()
         return out
 
-    def refine(self, lvlm: LVLM, images: list[Any], prompts: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    def refine(self, lvlm: LVLM, images: list[Any], prompts: list[str], *,
+               system_prompt: str | None = None) -> tuple[list[Any], dict[str, Any]]:
         """Refine each row's image (the greedy statistics passes and the mask).
 
         Returns:
@@ -339,7 +341,7 @@ class Carve(Intervention):
         originals = [self._single(im, r) for r, im in enumerate(images)]
         if len(originals) != len(prompts):
             raise InputError(f"got {len(originals)} images for {len(prompts)} prompts; give one image per prompt")
-        refined, masks, bboxes, saliency = self._refine(lvlm, originals, prompts)
+        refined, masks, bboxes, saliency = self._refine(lvlm, originals, prompts, system_prompt)
         new_images: list[Any] = refined if c.inputs == "refined" else [[o, r] for o, r in zip(originals, refined)]
         artifacts = {
             "masks": [Image.fromarray(m * 255) for m in masks],
@@ -359,14 +361,14 @@ class Carve(Intervention):
             raise InputError(f"row {row}: CARVE needs a PIL image, got {type(image).__name__}")
         return image
 
-    def _refine(self, lvlm: LVLM, originals: list[Image.Image], prompts: list[str]):
+    def _refine(self, lvlm: LVLM, originals: list[Image.Image], prompts: list[str], system_prompt: str | None):
         c = self.config
         n = len(originals)
         layers = sorted(resolve_layers(c.layers, carve_default_layers(lvlm.num_layers), lvlm.num_layers))
         rgb = [im.convert("RGB") for im in originals]
         # Rows [0, n): question + suffix; rows [n, 2n): general instruction + suffix, same images.
         texts = [with_suffix(p, c.suffix) for p in prompts] + [with_suffix(c.instruction, c.suffix)] * n
-        batch = lvlm.encode(rgb + rgb, texts)
+        batch = lvlm.encode(rgb + rgb, texts, system_prompt=system_prompt)
         from ..layout import image_token_grids  # model knowledge; imports torch, so not at module import
 
         grids = image_token_grids(lvlm, batch)
