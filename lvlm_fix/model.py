@@ -201,6 +201,7 @@ def load(
     device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    processor_kwargs: dict[str, Any] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LVLM:
     """Load a Hugging Face LVLM (hub id or local directory) ready for lvlm-fix.
@@ -216,6 +217,9 @@ def load(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to spread a large model over GPUs).
         revision: hub revision, recorded in provenance.
         trust_remote_code: off unless asked.
+        processor_kwargs: passed to the processor's ``from_pretrained`` (e.g. Qwen's ``max_pixels``).
+        **from_pretrained_kwargs: passed to the model's ``from_pretrained`` (e.g. ``attn_implementation``,
+            ``quantization_config``).
 
     Returns:
         The :class:`LVLM` handle.
@@ -248,7 +252,7 @@ def load(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    processor = load_processor(name, **hub_kwargs)
+    processor = load_processor(name, **hub_kwargs, **(processor_kwargs or {}))
     lvlm = LVLM(model=model, processor=processor, adapter=adapter, name=name if name_or_path else DEFAULT_MODEL,
                 revision=revision)
     model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))

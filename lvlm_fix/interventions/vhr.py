@@ -231,6 +231,15 @@ class VHR(Intervention):
             scale = self._scale[ctx.layer] = scale.to(heads.device, heads.dtype)
         return heads * scale
 
+    def summarize(self, report: dict[str, Any]) -> str:
+        heads = report.get("selected_heads", {})
+        if not heads:
+            return f"no head selected (layers {report.get('layers')}, alpha {report.get('alpha')})"
+        rows = len(next(iter(heads.values())))
+        per_layer = ", ".join(f"L{layer}: {','.join(map(str, sel[0])) or '-'}" for layer, sel in heads.items())
+        return (f"heads x{report['alpha']:g} by layer{' (row 1 of ' + str(rows) + ')' if rows > 1 else ''}: "
+                f"{per_layer}")
+
     def report(self) -> dict[str, Any]:
         """Selected heads per layer per row of the last prefill (beam rows counted as rows)."""
         layers = sorted(self.selected)
