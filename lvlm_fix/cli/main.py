@@ -617,7 +617,7 @@ def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_n
     job = prepare_eval(bench, split, names, limit=limit, batch_size=batch_size, out_dir=out,
                        max_new_tokens=max_new_tokens, generation=decoding, prompt_template=prompt_template,
                        system_prompt=_system_prompt(system_prompt), seed=seed, method_params=per_method,
-                       n_boot=n_boot, **options)
+                       n_boot=n_boot, command=_invocation, **options)
     with job.lock():  # before the model loads: a second run into --out is refused at once
         lvlm = _load(model_opts)
         summary = job.run(lvlm)
@@ -731,9 +731,15 @@ def _one_line_warning(message: Any, category: type[Warning], *args: Any, **kwarg
         _show_warning(message, category, *args, **kwargs)
 
 
+_invocation: str | None = None  # this command line, for the results' provenance
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
-    global _METHOD_FLAGS_ADDED
+    import shlex
+
+    global _METHOD_FLAGS_ADDED, _invocation
+    _invocation = shlex.join(["lvlm-fix", *(sys.argv[1:] if argv is None else argv)])
     try:
         if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
             method_options(run_cmd)  # reads the method configs and the eval registry; imports no torch

@@ -132,11 +132,11 @@ def _checkout_commit() -> str | None:
 
 
 def _command_line() -> str:
+    """How this process was started (the Python API's caller, a script, or ``lvlm-fix``)."""
     import shlex
     import sys
 
-    return " ".join(shlex.quote(a) for a in ["lvlm-fix" if sys.argv[0].endswith("lvlm-fix") else sys.argv[0],
-                                              *sys.argv[1:]])
+    return shlex.join(sys.argv)
 
 
 def _main_process() -> bool:
@@ -180,6 +180,7 @@ class EvalJob:
     n_boot: int
     seed: int
     progress: bool
+    command: str | None = None  # the CLI command line, recorded in the provenance
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold the run folder for this process (see :func:`lvlm_fix.evals.store.run_lock`)."""
@@ -264,7 +265,7 @@ class EvalJob:
         provenance = {**run, "methods": self.seam.resolved(lvlm), "versions": _versions(),
                       "lvlm_fix_commit": _checkout_commit(), "platform": platform.platform(),
                       "device": str(lvlm.model.device), "batch_size": self.batch_size, "processes": world,
-                      "command": _command_line(), "n_boot": self.n_boot, "started": started,
+                      "command": self.command or _command_line(), "n_boot": self.n_boot, "started": started,
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "elapsed_seconds": round(time.perf_counter() - started_clock, 1)}
         return _finish(b, self.samples, answers, self.methods, root, self.n_boot, self.seed, provenance, costs)
@@ -293,6 +294,7 @@ def prepare_eval(
     method_params: dict[str, dict[str, Any]] | None = None,
     n_boot: int = 1000,
     progress: bool = True,
+    command: str | None = None,
     **options: Any,
 ) -> EvalJob:
     """Validate an evaluation and load its samples (no model, nothing written); see :func:`evaluate`."""
@@ -325,7 +327,7 @@ def prepare_eval(
                                 system_prompt=p.system_prompt if system_prompt is None else (system_prompt or None),
                                 seed=p.seed if seed is None else seed)
     return EvalJob(b, methods, seam, samples, dataset, prompting, Path(out_dir) if out_dir is not None else None,
-                   limit, batch_size, n_boot, 0 if seed is None else seed, progress)
+                   limit, batch_size, n_boot, 0 if seed is None else seed, progress, command)
 
 
 def evaluate(lvlm: Any, bench: str = "pope", split: str | None = None, methods: Sequence[str] = (BASELINE,),
