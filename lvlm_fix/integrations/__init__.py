@@ -1,0 +1,1 @@
+"""Bridges to other tools. Each module imports its tool itself; importing this package imports none."""
