@@ -69,46 +69,66 @@ def testbed():
     return lvlm_fix.load(None, dtype="float32")
 
 
-def run_lmms_eval(workdir: Path, name: str, model_args: str) -> tuple[dict, list[dict]]:
-    """``python -m lmms_eval`` on pope_local; the results JSON and the logged samples."""
-    out = workdir / name
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "lvlm_fix", "--model_args", model_args,
-           "--tasks", "pope_local", "--include_path", str(TASKS), "--batch_size", "4", "--device", "cpu",
-           "--output_path", str(out), "--log_samples"]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    # lmms-eval exits 0 even when the evaluation failed: the results file is the evidence.
-    results = sorted(out.rglob("*_results.json"))
-    samples = sorted(out.rglob("*_samples_pope_local.jsonl"))
-    assert proc.returncode == 0 and results and samples, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(results[0].read_text()), [json.loads(line) for line in samples[0].read_text().splitlines()]
+CLI_METHODS = ("none", "vhr")
 
 
-@pytest.mark.parametrize("method", ["none", "vhr"])
-def test_cli_runs_pope_local_with_a_method(workdir, pope_rows, testbed, method):
-    report = workdir / f"report-{method}.jsonl"
-    results, samples = run_lmms_eval(workdir, method, f"method={method},report={report}")
+@pytest.fixture(scope="module")
+def cli_runs(workdir):
+    """``python -m lmms_eval`` on pope_local, baseline and VHR side by side (two processes, one thread each):
+    per method, its results JSON, logged samples, report file and model_args."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for method in CLI_METHODS:
+        model_args = f"method={method},report={workdir / f'report-{method}.jsonl'}"
+        cmd = [sys.executable, "-m", "lmms_eval", "--model", "lvlm_fix", "--model_args", model_args,
+               "--tasks", "pope_local", "--include_path", str(TASKS), "--batch_size", "4", "--device", "cpu",
+               "--output_path", str(workdir / method), "--log_samples"]
+        procs[method] = (model_args, subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT, text=True))
+    runs = {}
+    for method, (model_args, proc) in procs.items():
+        log, _ = proc.communicate(timeout=300)
+        # lmms-eval exits 0 even when the evaluation failed: the results file is the evidence.
+        results = sorted((workdir / method).rglob("*_results.json"))
+        samples = sorted((workdir / method).rglob("*_samples_pope_local.jsonl"))
+        assert proc.returncode == 0 and results and samples, log[-8000:]
+        runs[method] = {"results": json.loads(results[0].read_text()), "model_args": model_args,
+                        "samples": [json.loads(line) for line in samples[0].read_text().splitlines()],
+                        "report": [json.loads(line) for line in (workdir / f"report-{method}.jsonl").open()]}
+    return runs
+
+
+@pytest.mark.parametrize("method", CLI_METHODS)
+def test_cli_runs_pope_local_with_a_method(cli_runs, pope_rows, testbed, method):
+    run = cli_runs[method]
+    results, samples, lines = run["results"], run["samples"], run["report"]
 
     scores = results["results"]["pope_local"]
     assert all(0.0 <= scores[f"{m},none"] <= 1.0 for m in METRICS), scores
     assert results["n-samples"]["pope_local"] == {"original": 12, "effective": 12}
-    assert results["config"]["model_args"] == f"method={method},report={report}"
+    assert results["config"]["model_args"] == run["model_args"]
     # Every answer is what lvlm_fix.generate gives for the same prompt and method.
     by_doc = {s["doc_id"]: s for s in samples}
     assert sorted(by_doc) == list(range(12))
-    rows = [pope_rows[i] for i in range(12)]
-    expected = lvlm_fix.generate(testbed, [r["image"] for r in rows], [r["question"] + POPE_SUFFIX for r in rows],
+    expected = lvlm_fix.generate(testbed, [r["image"] for r in pope_rows], [r["question"] + POPE_SUFFIX for r in pope_rows],
                                  method=method, max_new_tokens=128).texts
     assert [by_doc[i]["filtered_resps"] for i in range(12)] == expected
-    assert [by_doc[i]["target"] for i in range(12)] == [r["answer"] for r in rows]
+    assert [by_doc[i]["target"] for i in range(12)] == [r["answer"] for r in pope_rows]
     # The report file: one line per batch of 4, every document once, VHR's heads when VHR ran.
-    lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert sorted(d for line in lines for d in line["doc_ids"]) == list(range(12))
     assert all(line["method"].split(":")[0] == method and len(line["doc_ids"]) == 4 for line in lines)
     if method == "vhr":
         assert all(len(line["report"]["vhr"]["selected_heads"]["1"]) == 4 for line in lines)
     else:
         assert all(line["report"] == {} for line in lines)
+
+
+def test_the_method_changes_lmms_eval_answers(cli_runs):
+    """Baseline and VHR differ on these 12 questions (else the method would not have reached the model)."""
+    answers = {m: [s["filtered_resps"] for s in sorted(cli_runs[m]["samples"], key=lambda s: s["doc_id"])]
+               for m in CLI_METHODS}
+    assert answers["none"] != answers["vhr"]
 
 
 # -- the model in process ---------------------------------------------------------------------------------
@@ -118,7 +138,8 @@ def test_model_args_become_one_checked_method_setting():
     spec = method_spec("vhr+var", {"vhr.layers": 1, "var.layers": "[2,3]", "tau": 3.5})
     assert spec["vhr"]["layers"] == (1,) and spec["var"]["layers"] == (2, 3) and spec["var"]["tau"] == 3.5
     assert method_spec('"vhr:layers=1+var:tau=3.5"', {}) == method_spec("vhr+var", {"vhr.layers": 1, "tau": 3.5})
-    with pytest.raises(ConfigError, match=r"'alpah' is neither an argument of the lvlm_fix model .*'vhr' \(alpha"):
+    unknown = r"'alpah' is neither an argument of the lvlm_fix model .*'vhr' \(alpha.*did you mean 'alpha'\?"
+    with pytest.raises(ConfigError, match=unknown):
         method_spec("vhr", {"alpah": 2})
     with pytest.raises(ConfigError, match="'alpha' is neither .* method 'none'"):
         method_spec("none", {"alpha": 2})
@@ -141,6 +162,25 @@ def test_bad_model_args_are_refused_before_loading(monkeypatch):
         LvlmFixLMMS.create_from_arg_string("method=vhr", {"batch_size": "auto"})
     with pytest.raises(ConfigError, match="'alph' is neither"):
         LvlmFixLMMS.create_from_arg_string("method=vhr,alph=2", {"batch_size": "4"})
+
+
+def test_model_args_reach_load_and_generation(monkeypatch, tmp_path, testbed):
+    seen = {}
+
+    def fake_load(name, **kwargs):
+        seen.update(name=name, **kwargs)
+        return testbed
+
+    monkeypatch.setattr(lvlm_fix, "load", fake_load)
+    (tmp_path / "system.txt").write_text("Answer briefly.\n")
+    args = (f'pretrained=/models/llava,dtype=bfloat16,device_map=\'{{"": "cpu"}}\',revision=main,'
+            f'system_prompt={tmp_path / "system.txt"},method="vhr:alpha=1.5"')
+    lm = LvlmFixLMMS.create_from_arg_string(args, {"batch_size": "8", "max_batch_size": None, "device": "cpu"})
+    assert seen == {"name": "/models/llava", "dtype": "bfloat16", "device": "cpu", "device_map": {"": "cpu"},
+                    "revision": "main", "trust_remote_code": False}
+    assert lm.batch_size == 8 and lm.system_prompt == "Answer briefly." and lm.spec["vhr"]["alpha"] == 1.5
+    LvlmFixLMMS.create_from_arg_string("", {"batch_size": 1})
+    assert seen["name"] is None  # no pretrained: the embedded testbed
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@
     python -m lmms_eval --model lvlm_fix --model_args pretrained=DIR,method=vhr,alpha=2 --tasks pope
 
 lmms-eval finds the model through lvlm-fix's entry point ``lvlm_fix`` in the group
-``lmms_eval.models`` (see ``pyproject.toml``), which names :func:`manifest`. This module is the only
-one of lvlm-fix that imports lmms_eval; the rest of the package never needs it.
+``lmms_eval.models`` (see ``pyproject.toml``), :func:`lvlm_fix.integrations.lmms_eval_manifest`, and
+imports this module when the model is asked for. Only this module (and that function) import
+lmms_eval; the rest of lvlm-fix never needs it.
 
 ``--model_args`` (comma-separated ``key=value``; lmms-eval reads ``true``/``false``, integers and
 floats, everything else stays a string):
@@ -33,6 +34,8 @@ by identical generation arguments, sorted by prompt length and generated N at a 
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -43,7 +46,6 @@ from typing import Any
 try:
     from lmms_eval.api.instance import Instance
     from lmms_eval.api.model import lmms
-    from lmms_eval.models.registry_v2 import ModelManifest
 except ImportError as e:  # lvlm-fix installed without lmms-eval
     raise ImportError(f"lvlm_fix.integrations.lmms_eval needs lmms-eval ({e}); install it as README.md's "
                       "'lmms-eval' section says: pip install 'lvlm-fix[lmms]' && pip install --no-deps lmms-eval==0.7.3"
@@ -58,17 +60,14 @@ from ..evals.runner import _cut as cut_at_stops
 from ..images import load_image
 from ..interventions import NONE, build_methods, format_spec, method_fields, parse_spec, parse_value
 
-__all__ = ["MODEL_ID", "LvlmFixLMMS", "manifest", "method_spec"]
+__all__ = ["MODEL_ARGS", "LvlmFixLMMS", "method_spec"]
 
-MODEL_ID = "lvlm_fix"
+# The model's own --model_args; every other key is a method parameter.
+MODEL_ARGS = ("pretrained", "method", "dtype", "device", "device_map", "revision", "trust_remote_code",
+              "system_prompt", "report")
 DEFAULT_MAX_NEW_TOKENS = 1024  # when a task sets none: lmms-eval's own models' default
 # Generation arguments of a task that are not generate() arguments.
 _NOT_GENERATE = ("until", "image_aspect_ratio", "max_gen_toks")
-
-
-def manifest() -> ModelManifest:
-    """What lmms-eval's registry loads from the entry point: the model id and its class."""
-    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.LvlmFixLMMS")
 
 
 def method_spec(method: str | None, params: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
@@ -100,24 +99,22 @@ def method_spec(method: str | None, params: dict[str, Any]) -> dict[str, dict[st
             flat[key] = value
         else:
             fields = sorted({f for n in names for f in method_fields(n)})
+            close = difflib.get_close_matches(key.lower(), [*MODEL_ARGS, *fields], n=1)
             raise ConfigError(
                 f"--model_args: {key!r} is neither an argument of the lvlm_fix model ({', '.join(MODEL_ARGS)}) "
                 f"nor a parameter of method {format_spec(parse_spec(method))!r}"
-                + (f" ({', '.join(fields)})" if fields else ""))
+                + (f" ({', '.join(fields)})" if fields else "") + (f"; did you mean {close[0]!r}?" if close else ""))
     methods = build_methods(method, params=dict(per_method), **flat)
     return {m.name: m.config.to_dict() for m in methods} or None
-
-
-MODEL_ARGS = ("pretrained", "method", "dtype", "device", "device_map", "revision", "trust_remote_code",
-              "system_prompt", "report")
 
 
 class LvlmFixLMMS(lmms):
     """lmms-eval's "simple" model protocol around :func:`lvlm_fix.generate` (see the module docstring).
 
-    ``generate_until`` batches; ``loglikelihood`` runs one teacher-forced forward per request under
-    :func:`lvlm_fix.apply` (methods that rewrite the input or run ``generate()`` themselves, such as
-    CARVE, are refused there); ``generate_until_multi_round`` runs each document's rounds in turn.
+    ``generate_until`` batches; ``loglikelihood`` forces each request's continuation through
+    ``generate()`` under :func:`lvlm_fix.apply` (methods that rewrite the input and run ``generate()``
+    themselves, such as CARVE, are refused there); ``generate_until_multi_round`` runs each
+    document's rounds in turn.
     """
 
     is_simple = True
@@ -128,6 +125,8 @@ class LvlmFixLMMS(lmms):
                  batch_size: int | str = 1, max_batch_size: int | None = None, **method_params: Any) -> None:
         super().__init__()
         import lvlm_fix
+
+        del max_batch_size  # lmms-eval always passes it; it only matters for batch_size=auto, refused here
 
         self.batch_size = _batch_size(batch_size)
         self.spec = method_spec(method, method_params)  # every value checked before any weight is loaded
@@ -196,7 +195,7 @@ class LvlmFixLMMS(lmms):
             visuals = doc_to_visual(doc)
             rounds: list[str] = []
             info = None
-            for round_idx in range(10_000):
+            for round_idx in itertools.count():  # until the task's doc_to_text says done
                 if round_idx:
                     visuals, context, done, rounds, info = doc_to_text(
                         doc, previous_output=list(rounds), round_idx=round_idx, previous_round_info=info)
