@@ -179,6 +179,7 @@ def test_model_args_reach_load_and_generation(monkeypatch, tmp_path, testbed):
     assert seen == {"name": "/models/llava", "dtype": "bfloat16", "device": "cpu", "device_map": {"": "cpu"},
                     "revision": "main", "trust_remote_code": False}
     assert lm.batch_size == 8 and lm.system_prompt == "Answer briefly." and lm.spec["vhr"]["alpha"] == 1.5
+    assert lm.device == testbed.device  # where lmms-eval's evaluator puts its gather tensors
     LvlmFixLMMS.create_from_arg_string("", {"batch_size": 1})
     assert seen["name"] is None  # no pretrained: the embedded testbed
 

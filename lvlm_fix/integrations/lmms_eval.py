@@ -143,13 +143,18 @@ class LvlmFixLMMS(lmms):
                                   "each process holds its own copy: leave device_map out")
             from accelerate import Accelerator
 
-            accelerator = Accelerator()
-            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-            device = str(accelerator.device)
+            self.accelerator = Accelerator()  # the evaluator gathers the ranks' results through it
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            device = str(self.accelerator.device)
         elif device is None and device_map is None and torch.cuda.is_available():
             device = "cuda"
         self.lvlm = lvlm_fix.load(pretrained or None, dtype=dtype, device=device, device_map=device_map,
                                   revision=revision, trust_remote_code=trust_remote_code)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (the evaluator puts its gather tensors there)."""
+        return self.lvlm.device
 
     # -- generate_until -------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
