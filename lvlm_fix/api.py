@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
     from .model import LVLM
 
-__all__ = ["Generation", "apply", "check_length", "eos_token_ids", "generate", "generated_lengths", "run_methods"]
+__all__ = ["Generation", "apply", "check_length", "eos_token_ids", "fit_new_tokens", "generate", "generated_lengths",
+           "run_methods"]
 
 MethodArg = str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None
 
@@ -107,7 +108,7 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
         return first.generate(lvlm, images, prompts, gen, inner, system_prompt=system_prompt)
     batch = lvlm.encode(images, prompts, system_prompt=system_prompt)
     gen = dict(gen)
-    check_length(lvlm, batch["input_ids"].shape[1], gen)
+    fit_new_tokens(lvlm, batch["input_ids"].shape[1], gen)
     plan = Plan(lvlm, methods)
     with plan.active(), torch.inference_mode():
         out = lvlm.model.generate(**batch, **gen)
@@ -133,15 +134,23 @@ def generated_lengths(sequences: Any, prompt_len: int, eos: set[int]) -> Any:
     return first.cpu()
 
 
-def check_length(lvlm: LVLM, prompt_len: int, gen: dict[str, Any]) -> None:
-    """Before any forward: refuse a prompt longer than the model's positions, and cap ``max_new_tokens``
-    (with a warning) so that prompt and answer fit them."""
+def check_length(lvlm: LVLM, prompt_len: int, new_tokens: int = 0) -> None:
+    """Refuse, before any forward, a prompt plus ``new_tokens`` longer than the model's positions."""
+    limit = getattr(lvlm.text_config, "max_position_embeddings", None)
+    if limit and prompt_len + new_tokens > limit:
+        extra = f" and {new_tokens} tokens to generate or score" if new_tokens else ""
+        raise InputError(f"the prompt is {prompt_len} tokens{extra}, but the model has {limit} positions; shorten the "
+                         "prompt (or the image's token count)")
+
+
+def fit_new_tokens(lvlm: LVLM, prompt_len: int, gen: dict[str, Any]) -> None:
+    """Refuse a prompt the model cannot hold; cap ``gen["max_new_tokens"]`` (with a warning) so that
+    prompt and answer fit the model's positions."""
     limit = getattr(lvlm.text_config, "max_position_embeddings", None)
     if not limit:
         return
-    if prompt_len >= limit:
-        raise InputError(f"the prompt is {prompt_len} tokens, but the model has {limit} positions; shorten the prompt "
-                         "(or the image's token count)")
+    if prompt_len >= limit:  # not even one token could be generated
+        check_length(lvlm, prompt_len, limit - prompt_len + 1)
     wanted = gen.get("max_new_tokens")
     if wanted is not None and prompt_len + wanted > limit:
         gen["max_new_tokens"] = limit - prompt_len
