@@ -150,7 +150,8 @@ def fit_new_tokens(lvlm: LVLM, prompt_len: int, gen: dict[str, Any]) -> None:
     if not limit:
         return
     if prompt_len >= limit:  # not even one token could be generated
-        check_length(lvlm, prompt_len, limit - prompt_len + 1)
+        raise InputError(f"the prompt is {prompt_len} tokens, but the model has {limit} positions; shorten the prompt "
+                         "(or the image's token count)")
     wanted = gen.get("max_new_tokens")
     if wanted is not None and prompt_len + wanted > limit:
         gen["max_new_tokens"] = limit - prompt_len
