@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import PROMPTS
+from conftest import PROMPTS, no_plan_left
 from lvlm_fix.hooks import Participant, Plan, hooks_on
-from lvlm_fix.hooks.attention import ACTIVE_PLAN, ATTN_NAME
+from lvlm_fix.hooks.attention import ATTN_NAME
 
 
 def _stock(path, text_impl: str):
@@ -103,11 +103,11 @@ def test_no_hook_or_plan_survives_the_context(family, tiny, images):
     with Plan(lvlm, [EveryLayer()]).active():
         assert hooks_on(lvlm.model) > hooks_before
         lvlm.model.generate(**batch, max_new_tokens=2, do_sample=False)
-    assert hooks_on(lvlm.model) == hooks_before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == hooks_before and no_plan_left(lvlm.model)
 
     with pytest.raises(Boom), Plan(lvlm, [FailAtDecode()]).active():
         lvlm.model.generate(**batch, max_new_tokens=5, do_sample=False)
-    assert hooks_on(lvlm.model) == hooks_before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == hooks_before and no_plan_left(lvlm.model)
     assert lvlm.text_config._attn_implementation == ATTN_NAME
     with torch.inference_mode():
         assert torch.equal(lvlm.model.generate(**batch, max_new_tokens=5, do_sample=False), vanilla)
@@ -138,4 +138,4 @@ def test_a_second_plan_cannot_nest(tiny):
         with pytest.raises(LvlmFixError, match="already applied"):
             with Plan(lvlm, [EveryLayer()]).active():
                 pass
-    assert ACTIVE_PLAN.get() is None
+    assert no_plan_left(lvlm.model)
