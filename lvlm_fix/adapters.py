@@ -78,12 +78,15 @@ REFUSED: Mapping[str, str] = MappingProxyType({
     "idefics": _CROSS,
     "evolla": "it reads protein sequences, not images",
     "pi0": "it is an action model: a PaliGemma backbone plus an action expert, not a text generator",
+    "mistral4": "it is a text-only model (no vision tower)",
 })
 
 # Where decoder layers keep their self-attention, and where that keeps its output projection.
 _ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "wo", "c_proj")
 _IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
+# Kinds of decoder block, as text configs name them in ``layer_types``, that are not softmax attention.
+_NOT_ATTENTION = frozenset({"linear_attention", "conv", "mamba", "mlp", "moe"})
 
 
 def unsupported_reason(config: Any) -> str | None:
@@ -98,16 +101,20 @@ def unsupported_reason(config: Any) -> str | None:
         return "its text model is an encoder-decoder, whose encoder reads the image apart from the generated text"
     if getattr(text, "cross_attention_layers", None):
         return _CROSS
-    if _config_image_token_ids(config) == ():
+    if not any(hasattr(config, key) for key in (*_IMAGE_TOKEN_KEYS, "vocabulary_map")):
         return "its config names no image token (image_token_id), so its image features are not placed at image tokens"
     return None
 
 
 def _config_image_token_ids(config: Any) -> tuple[int, ...]:
+    """The image token id of the config (``image_token_id`` / ``image_token_index`` / ``vocabulary_map["<image>"]``)."""
     for key in _IMAGE_TOKEN_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return (value,)
+    vocab = getattr(config, "vocabulary_map", None)
+    if isinstance(vocab, dict) and isinstance(vocab.get("<image>"), int):
+        return (vocab["<image>"],)
     return ()
 
 
@@ -129,6 +136,9 @@ def derive_adapter(model: Any, processor: Any = None) -> Adapter:
     if reason is not None:
         raise UnsupportedModelError(model_type, reason)
     image_token_ids = _config_image_token_ids(config)
+    if not image_token_ids:
+        raise UnsupportedModelError(model_type, "its config's image_token_id is not set; set model.config.image_token_id "
+                                                "to the id of the processor's image token")
     return Adapter(model_type=model_type, text_layers=text_layers, attention=attention, out_proj=out_proj,
                    image_token_ids=image_token_ids, **OVERRIDES.get(model_type, {}))
 
@@ -141,16 +151,14 @@ def _text_model(model: Any) -> Any:
 
 
 def _attention_backend_reason(model: Any) -> str | None:
-    """Whether the text decoder's attention goes through transformers' attention interface with sdpa."""
+    """Why the text decoder's attention cannot go through lvlm-fix's attention function, or None."""
     text = _text_model(model)
-    for what in (text, model):
-        if hasattr(what, "_supports_sdpa"):
-            if not what._supports_sdpa:
-                return ("its text attention runs only through the model's own eager code (e.g. attention sinks or "
-                        "sparse attention), which lvlm-fix's attention function cannot stand in for exactly")
-            if not getattr(what, "_supports_attention_backend", True):
-                return "its text attention does not go through transformers' attention interface"
-            return None
+    if not getattr(text, "_supports_sdpa", True):
+        return ("its text attention runs only through the model's own eager code (e.g. attention sinks or sparse "
+                "attention), which lvlm-fix's attention function cannot stand in for exactly")
+    can_set = getattr(type(text), "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        return "its text attention does not go through transformers' attention interface"
     return None
 
 
@@ -170,6 +178,12 @@ def _find_layers(model: Any) -> tuple[str, str, str, str | None]:
              if isinstance(m, torch.nn.ModuleList) and len(m) == n and name.startswith(prefix)]
     if not lists:
         return "", "", "", f"no list of {n} decoder layers (num_hidden_layers) was found in its text decoder"
+    others = sorted({t for t in getattr(text_config, "layer_types", None) or () if t in _NOT_ATTENTION})
+    if others:
+        n_other = sum(t in _NOT_ATTENTION for t in text_config.layer_types)
+        return "", "", "", (f"{n_other} of its {n} text decoder layers are {' / '.join(others)} blocks, not "
+                            "self-attention; lvlm-fix's methods act on attention layers only (hybrid models are not "
+                            "supported yet)")
     best: tuple[str, str, str, int] | None = None
     for name, layers in lists:
         for attn in _ATTENTION_NAMES:
@@ -184,8 +198,8 @@ def _find_layers(model: Any) -> tuple[str, str, str, str | None]:
         return "", "", "", "its text decoder layers have no self-attention module with an output projection"
     name, attn, out, n_attn = best
     if n_attn < n:
-        return name, attn, out, (f"{n - n_attn} of its {n} text decoder layers are not self-attention (linear "
-                                 "attention, state-space or convolution blocks)")
+        return name, attn, out, (f"{n - n_attn} of its {n} text decoder layers have no self-attention module; "
+                                 "lvlm-fix's methods act on attention layers only (hybrid models are not supported yet)")
     heads = text_config.num_attention_heads
     width = getattr(getattr(getattr(model.get_submodule(name)[0], attn), out), "in_features", None)
     if width is not None and width % heads:
