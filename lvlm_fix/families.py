@@ -85,11 +85,18 @@ def family_types() -> list[str]:
 # where a family couples dimensions the shrinker sets independently.
 FIXES: dict[str, dict[str, Any]] = {
     "apertus1p5": {"audio_config.codebook_dim": OTHER["hidden"]},
-    "aria": {"projector_patch_to_query_dict": {49: 16}, "max_value_projector_patch_to_query_dict": 16},
+    "aria": {"projector_patch_to_query_dict": {64: 16}, "max_value_projector_patch_to_query_dict": 16},
     "dots3_note": {"text_config.head_dim": 16},  # its sliding-window layers: qk_nope_head_dim + qk_rope_head_dim
+    "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [2, 3, 3][::-1]},
     "gemma3": {"mm_tokens_per_image": 16},  # 8 x 8 patches pooled to 4 x 4
+    "gemma4_unified": {"vision_config.mm_embed_dim": OTHER["hidden"], "vision_config.mm_posemb_size": 64,
+                       "vision_config.output_proj_dims": OTHER["hidden"]},
     "kimi_k25": {"projection_hidden_size": OTHER["hidden"]},
     "molmo2": {"adapter_config.vision_feature_layer": [-1, -2]},
+    "ovis2": {"hidden_size": TEXT["hidden"]},
+    # The thinker reads these from the omni model's config, which a thinker config alone lacks.
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 300, "audio_start_token_id": 301, "seconds_per_chunk": 2},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 300, "audio_start_token_id": 301, "seconds_per_chunk": 2},  # the width of its visual embedding table, read by the text decoder
     "muse_glimmer": {"out_hidden_size": 4 * OTHER["hidden"]},  # the vision width after its 2 x 2 merge
     "llama4": {"vision_config.intermediate_size": 4 * OTHER["hidden"],  # the pixel-shuffled width (ratio 0.5)
                "vision_config.projector_input_dim": TEXT["hidden"], "vision_config.projector_output_dim": TEXT["hidden"],
@@ -154,6 +161,10 @@ class _Shrinker:
                     out[k] = min(v, 8)  # shorter than any prompt, so sliding KV caches really crop
             elif isinstance(v, list) and n_old and len(v) == n_old and k != "mrope_section":
                 out[k] = _cycle(v, role["layers"])  # one entry per layer
+            elif (isinstance(v, list) and n_old and v and re.search(r"(indexes|indices|layers?)$", k)
+                  and all(isinstance(i, int) and 0 <= i < n_old for i in v)):
+                # layer indices (e.g. SAM's global-attention blocks): the same relative depths in the small stack
+                out[k] = list(dict.fromkeys(i * role["layers"] // n_old for i in v))
             elif isinstance(v, dict) and v and n_old and all(str(x).isdigit() for x in v):
                 n = role["layers"]  # per-layer settings keyed by layer index
                 out[k] = {str(i): v[key] for i, key in enumerate(sorted(v, key=int)[:n])}
@@ -203,14 +214,21 @@ def tiny_config(model_type: str) -> Any:
     default = cls()
     text = default.get_text_config()
     d = default.to_dict()
+    if d.get("vision_config", 0) is None:  # a vision tower left out by default (e.g. Gemma 4): its defaults
+        d["vision_config"] = cls.sub_configs["vision_config"]().to_dict()
     shrinker = _Shrinker(mrope="mrope_section" in getattr(type(text), "ignore_keys_at_rope_validation", ()))
     if text is default:
         d = shrinker.shrink(d, TEXT)
     else:
         key = next(k for k in default.sub_configs if getattr(default, k, None) is text)
-        d = {**shrinker.shrink({k: v for k, v in d.items() if k != key}, OTHER), key: shrinker.shrink(d[key], TEXT)}
-    if "image_token_id" in d and d["image_token_id"] is None:  # set by real checkpoints only
-        d["image_token_id"] = shrinker.token(2**31 - 1)
+        top = shrinker.shrink({k: v for k, v in d.items() if k != key}, OTHER)
+        d = {**top, key: shrinker.shrink(d[key], TEXT)}
+        for k, v in top.items():  # a top-level copy of a text size (e.g. hidden_size) follows the text config
+            if not isinstance(v, dict) and k in d[key] and default.to_dict().get(k) == text.to_dict().get(k):
+                d[k] = d[key][k]
+    for key in ("image_token_id", "image_token_index"):
+        if key in d and d[key] is None:  # set by real checkpoints only
+            d[key] = shrinker.token(2**31 - 1)
     old, new = default.to_dict().get("vision_config") or {}, d.get("vision_config") or {}
     if d.get("image_grid_pinpoints") and old.get("image_size") != new.get("image_size"):
         scale = _size(new["image_size"]) / _size(old["image_size"])  # anyres tiles follow the vision tower's size
@@ -305,7 +323,10 @@ def _pixel_kind(model: Any) -> Callable[[Any, int], dict[str, Any]]:
     kind = PIXELS.get(model.config.model_type)
     if kind is not None:
         return kind
-    params = inspect.signature(model.get_image_features).parameters if hasattr(model, "get_image_features") else {}
+    try:
+        params = inspect.signature(_image_features_fn(model)).parameters
+    except AttributeError:
+        params = {}
     if "image_grid_thw" in params:
         return _grid_thw
     if "image_sizes" in params:
@@ -313,7 +334,34 @@ def _pixel_kind(model: Any) -> Callable[[Any, int], dict[str, Any]]:
     return _square
 
 
+# Families whose image tokens must follow a start token (the config key naming it): their position
+# ids are computed from it.
+SPANS: dict[str, str] = {"qwen2_5_omni_thinker": "vision_start_token_id", "qwen3_omni_moe_thinker": "vision_start_token_id"}
+
 # Pixel inputs of families whose kind is not read from get_image_features' signature.
+def _patches_xy(model: Any, rows: int) -> dict[str, Any]:
+    """Gemma 4-style: ``[rows, patches, C*P*P]`` with each patch's (x, y); a grid of 2 x 2 pooling windows."""
+    import torch
+
+    v = _vision(model)
+    p, k = _size(v.patch_size), getattr(v, "pooling_kernel_size", 1) or 1
+    if getattr(v, "model_patch_size", None):  # patches already merged k x k: one token each (Gemma 4 unified)
+        p, k = v.model_patch_size, 1
+    side = 2 * k
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    xy = torch.stack([xs.flatten(), ys.flatten()], -1)
+    return {"pixel_values": torch.randn(rows, side * side, getattr(v, "num_channels", 3) * p * p),
+            "image_position_ids": xy.expand(rows, -1, -1).clone()}
+
+
+def _with_high_res(model: Any, rows: int) -> dict[str, Any]:
+    """DeepSeek-VL hybrid: low-resolution pixels plus the same image at the high-resolution tower's size."""
+    import torch
+
+    s = _size(model.config.high_res_vision_config.image_size)
+    return {**_square(model, rows), "high_res_pixel_values": torch.randn(rows, 3, s, s)}
+
+
 def _tiles(model: Any, rows: int, per_tile_mask: bool = False) -> dict[str, Any]:
     """Idefics-style: ``[rows, images, 3, S, S]`` (one image, no splitting) with its pixel (or tile) mask."""
     import torch
@@ -325,6 +373,9 @@ def _tiles(model: Any, rows: int, per_tile_mask: bool = False) -> dict[str, Any]
 
 
 PIXELS: dict[str, Callable[[Any, int], dict[str, Any]]] = {
+    "deepseek_vl_hybrid": _with_high_res,
+    "gemma4": _patches_xy,
+    "gemma4_unified": _patches_xy,
     "granite_docling": partial(_tiles, per_tile_mask=True),
     "idefics2": _tiles,
     "idefics3": _tiles,
@@ -347,17 +398,26 @@ def _flat(x: Any) -> list[Any]:
     return _flat(pooled if pooled is not None else getattr(x, "last_hidden_state", None))
 
 
+def _image_features_fn(model: Any) -> Any:
+    """``get_image_features`` of the model, or of its base model when only that one has it."""
+    for m in (model, getattr(model, "model", None)):
+        if hasattr(m, "get_image_features"):
+            return m.get_image_features
+    raise AttributeError(f"{type(model).__name__} has no get_image_features")
+
+
 def image_token_count(model: Any, pixels: dict[str, Any]) -> int:
     """How many image tokens one image's features fill: the vision side's own output, counted."""
     import inspect
 
     import torch
 
-    params = inspect.signature(model.get_image_features).parameters
+    get = _image_features_fn(model)
+    params = inspect.signature(get).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in pixels.items() if k in params or takes_all}
     with torch.inference_mode():
-        features = _flat(model.get_image_features(**kwargs))
+        features = _flat(get(**kwargs))
     return sum(f.numel() // f.shape[-1] for f in features)
 
 
@@ -384,7 +444,9 @@ def tiny_batch(model: Any, text_lengths: Sequence[int] = (3, 6), seed: int = 0) 
     seqs = []
     for r, n_text in enumerate(text_lengths):
         text = words[torch.randint(len(words), (n_text + 4,), generator=gen)]
-        seqs.append(torch.cat([text[:n_text], torch.full((n_image,), image_id), text[n_text:]]))
+        start = [getattr(config, SPANS[config.model_type])] if config.model_type in SPANS else []
+        image = torch.tensor(start + [image_id] * n_image)
+        seqs.append(torch.cat([text[:n_text], image, text[n_text:]]))
     width = max(len(s) for s in seqs)
     ids = torch.full((rows, width), pad)
     mask = torch.zeros(rows, width, dtype=torch.long)
@@ -436,7 +498,7 @@ class FamilyResult:
 
     def line(self) -> str:
         what = "; ".join(f"{k}: {v}" for k, v in self.touched.items()) if self.status == "works" else self.detail
-        return f"{self.model_type:24s} {self.status:11s} {self.path:11s} {what}"
+        return f"{self.model_type:24s} {self.status:11s} {self.path:11s} {self.seconds:5.1f}s  {what}"
 
 
 def _summary(name: str, report: dict[str, Any]) -> str:
@@ -559,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention
     results = []
     for model_type in args.families or family_types():
         results.append(verify(model_type))
