@@ -72,6 +72,8 @@ OVERRIDES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 })
 
 _CROSS = "the image enters the text decoder through cross-attention layers, not as image tokens in input_ids"
+_OWN_GENERATE = ("its generate() hands the language model embeddings instead of input_ids, so the image tokens "
+                 "cannot be located during generation")
 # Why the seam cannot serve a family, where its config does not say so by itself.
 REFUSED: Mapping[str, str] = MappingProxyType({
     "mllama": _CROSS,
@@ -79,6 +81,9 @@ REFUSED: Mapping[str, str] = MappingProxyType({
     "evolla": "it reads protein sequences, not images",
     "pi0": "it is an action model: a PaliGemma backbone plus an action expert, not a text generator",
     "mistral4": "it is a text-only model (no vision tower)",
+    "blip-2": _OWN_GENERATE,
+    "instructblip": _OWN_GENERATE,
+    "diffusion_gemma": "its text model generates by block diffusion, not one token at a time",
 })
 
 # Where decoder layers keep their self-attention, and where that keeps its output projection.

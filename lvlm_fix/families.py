@@ -51,7 +51,7 @@ _SPECIAL_FROM = VOCAB - 64  # special token ids are moved to the top 64 ids of t
 # Config keys the shrinker sets, by what they size. A key holding something else in some family
 # is fixed up in FIXES.
 _KEYS = {
-    "hidden": ("hidden_size", "d_model", "embed_dim", "n_embd", "width"),
+    "hidden": ("hidden_size", "d_model", "embed_dim", "n_embd", "width", "word_embed_proj_dim"),
     "inter": ("intermediate_size", "ffn_dim", "mlp_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim"),
     "layers": ("num_hidden_layers", "num_layers", "depth", "n_layer", "n_layers", "encoder_layers", "decoder_layers"),
     "heads": ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads", "decoder_attention_heads",
@@ -86,6 +86,7 @@ def family_types() -> list[str]:
 FIXES: dict[str, dict[str, Any]] = {
     "apertus1p5": {"audio_config.codebook_dim": OTHER["hidden"]},
     "aria": {"projector_patch_to_query_dict": {64: 16}, "max_value_projector_patch_to_query_dict": 16},
+    "deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse", "dense", "sparse"]},
     "dots3_note": {"text_config.head_dim": 16},  # its sliding-window layers: qk_nope_head_dim + qk_rope_head_dim
     "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [2, 3, 3][::-1]},
     "gemma3": {"mm_tokens_per_image": 16},  # 8 x 8 patches pooled to 4 x 4
@@ -109,7 +110,14 @@ FIXES: dict[str, dict[str, Any]] = {
 }
 
 # Families that cannot be built here at all, and why.
-UNBUILDABLE: dict[str, str] = {}
+_TIMM = "its vision tower is a timm model, and timm (which needs torchvision) is not installed here"
+UNBUILDABLE: dict[str, str] = {
+    "fast_vlm": _TIMM,
+    "gemma3n": _TIMM,
+    "perception_lm": _TIMM,
+    "llama4": "Llama4ForConditionalGeneration.forward fails in transformers 5.24: it reads image_outputs from its "
+              "language model's output, which has none",
+}
 
 
 # -- configs and models ---------------------------------------------------------------------------
@@ -144,6 +152,8 @@ class _Shrinker:
                 out[k] = self.shrink(v, OTHER)
             elif re.search(r"(token_id|token_index|token_ids|_id)$", k):
                 out[k] = self.token(v)
+            elif k == "head_dim" and v is None and role is TEXT:  # some decoders read it without a fallback
+                out[k] = role["head_dim"]
             elif isinstance(v, bool) or v is None:
                 continue
             elif isinstance(v, int):
@@ -180,7 +190,7 @@ class _Shrinker:
             if "qk_head_dim" in out:
                 out["qk_head_dim"] = out["qk_rope_head_dim"] + out.get("qk_nope_head_dim", 0)
         rope = out.get("rope_parameters")
-        if role is TEXT and isinstance(rope, dict) and (rope.get("mrope_section") or self.mrope):
+        if role is TEXT and isinstance(rope, dict) and rope and (rope.get("mrope_section") or self.mrope):
             # M-RoPE families that leave the section to their modelling code default to Qwen2-VL's.
             out["rope_parameters"] = {**rope, "mrope_section": _mrope_section(rope.get("mrope_section") or [16, 24, 24], out)}
         return out
