@@ -167,7 +167,8 @@ class LVLM:
         """
         ids = batch["input_ids"]
         b, length = ids.shape
-        valid = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
+        mask = batch.get("attention_mask")
+        valid = attention.key_padding(mask, length) if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         keep = valid & ~self.image_token_mask(ids)
         kept = keep.sum(1, keepdim=True)
         width = int(kept.max())

@@ -116,6 +116,18 @@ def additive_mask(
     return mask.float().clamp(min=neg)
 
 
+def key_padding(attention_mask: Tensor, length: int) -> Tensor:
+    """``[b, length]`` True where a key is not padding.
+
+    From the usual 2D mask, or from a 4D one (generate() builds one for static caches): its last
+    query row, which every earlier key of the row is visible to unless it is padding.
+    """
+    if attention_mask.dim() == 2:
+        return attention_mask[:, :length].bool()
+    row = attention_mask[:, 0, -1, :length]
+    return row if row.dtype == torch.bool else row == 0
+
+
 def _attention_probs(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
     """fp32 softmax(q k^T * scaling + mask); query ``[b, h, q, d]``, key ``[b, h, k, d]``."""
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [b, h, q, k]

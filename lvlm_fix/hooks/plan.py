@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LvlmFixError
-from .attention import ATTN_NAME, PlanSeat, acquire_seat, release_seat
+from .attention import ATTN_NAME, PlanSeat, acquire_seat, key_padding, release_seat
 from .capture import HookSet
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ class Plan:
             for p in self.participants:
                 p.before_prefill(self.lvlm, {**kwargs, "input_ids": input_ids})
             image_mask = self.lvlm.image_token_mask(input_ids)
-            valid = mask2d.bool() if mask2d is not None else torch.ones_like(image_mask)
+            valid = key_padding(mask2d, q_len) if mask2d is not None else torch.ones_like(image_mask)
             self.tokens = TokenState(image_mask=image_mask, valid=valid, prompt_len=q_len, q_len=q_len)
             for p in self.participants:
                 p.begin(self.tokens)
@@ -247,8 +247,8 @@ class Plan:
         grow = past + q_len - t.image_mask.shape[1]
         if grow > 0:
             t.image_mask = torch.cat([t.image_mask, t.image_mask.new_zeros(t.image_mask.shape[0], grow)], dim=1)
-        if mask2d is not None and mask2d.shape[1] >= past + q_len:
-            t.valid = mask2d[:, : past + q_len].bool()
+        if mask2d is not None and mask2d.shape[-1] >= past + q_len:
+            t.valid = key_padding(mask2d, past + q_len)
         elif grow > 0:
             t.valid = torch.cat([t.valid, t.valid.new_ones(t.valid.shape[0], grow)], dim=1)
 
