@@ -106,6 +106,10 @@ def unsupported_reason(config: Any) -> str | None:
         return "its text model is an encoder-decoder, whose encoder reads the image apart from the generated text"
     if getattr(text, "cross_attention_layers", None):
         return _CROSS
+    others = sorted({t for t in getattr(text, "layer_types", None) or () if t in _NOT_ATTENTION})
+    if others:
+        return (f"some of its text decoder layers are {' / '.join(others)} blocks, not self-attention; lvlm-fix's "
+                "methods act on attention layers only (hybrid models are not supported yet)")
     if not any(hasattr(config, key) for key in (*_IMAGE_TOKEN_KEYS, "vocabulary_map")):
         return "its config names no image token (image_token_id), so its image features are not placed at image tokens"
     return None
@@ -183,12 +187,6 @@ def _find_layers(model: Any) -> tuple[str, str, str, str | None]:
              if isinstance(m, torch.nn.ModuleList) and len(m) == n and name.startswith(prefix)]
     if not lists:
         return "", "", "", f"no list of {n} decoder layers (num_hidden_layers) was found in its text decoder"
-    others = sorted({t for t in getattr(text_config, "layer_types", None) or () if t in _NOT_ATTENTION})
-    if others:
-        n_other = sum(t in _NOT_ATTENTION for t in text_config.layer_types)
-        return "", "", "", (f"{n_other} of its {n} text decoder layers are {' / '.join(others)} blocks, not "
-                            "self-attention; lvlm-fix's methods act on attention layers only (hybrid models are not "
-                            "supported yet)")
     best: tuple[str, str, str, int] | None = None
     for name, layers in lists:
         for attn in _ATTENTION_NAMES:

@@ -198,7 +198,8 @@ def _not_spatial(lvlm: LVLM, batch: Any, counts: list[int]) -> list[TokenGrid] |
 
 
 def _square(lvlm: LVLM, batch: Any, counts: list[int]) -> list[TokenGrid] | None:
-    cls = 1 if getattr(lvlm.model.config, "vision_feature_select_strategy", "default") == "full" else 0
+    full = getattr(lvlm.model.config, "vision_feature_select_strategy", "default") == "full"
+    cls = 1 if full and getattr(_vision(lvlm), "model_type", "") in _CLS_TOWERS else 0  # "full" keeps CLIP's CLS
     grids = []
     for r, n in enumerate(counts):
         side = math.isqrt(n - cls)
@@ -214,6 +215,8 @@ def _square(lvlm: LVLM, batch: Any, counts: list[int]) -> list[TokenGrid] | None
     return grids
 
 
+# Vision towers that prepend a class token to their patch tokens.
+_CLS_TOWERS = frozenset({"clip_vision_model"})
 # Families whose processor puts the whole-image view after its tiles.
 _GLOBAL_VIEW_LAST = frozenset({"idefics3", "smolvlm"})
 # Families whose image tokens are learned queries, not patches, whatever their count.
