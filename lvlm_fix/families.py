@@ -84,7 +84,13 @@ def family_types() -> list[str]:
 # Config fix-ups applied after the generic shrinker, as dotted keys into the config dict. They are
 # where a family couples dimensions the shrinker sets independently.
 FIXES: dict[str, dict[str, Any]] = {
-    "apertus1p5": {"audio_config.codebook_dim": OTHER["hidden"]},
+    "apertus1p5": {"audio_config.codebook_dim": OTHER["hidden"],  # image and audio codes inside the small vocab
+                   "image_token_offset": 256, "vision_config.codebook_size": 64, "audio_token_offset": 320,
+                   "audio_config.codebook_size": 64,
+                   # a small VQ image tokenizer: 3 stages (4x downsampling), one residual block each
+                   "vision_config.base_channels": 32, "vision_config.latent_channels": 32,
+                   "vision_config.embed_dim": 16, "vision_config.num_res_blocks": 1,
+                   "vision_config.channel_multiplier": [1, 1, 2]},
     "aria": {"projector_patch_to_query_dict": {64: 16}, "max_value_projector_patch_to_query_dict": 16},
     "deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse", "dense", "sparse"]},
     "dots3_note": {"text_config.head_dim": 16},  # its sliding-window layers: qk_nope_head_dim + qk_rope_head_dim
@@ -112,7 +118,11 @@ FIXES: dict[str, dict[str, Any]] = {
 
 # Families that cannot be built here at all, and why.
 _TIMM = "its vision tower is a timm model, and timm (which needs torchvision) is not installed here"
+_VQ = ("its image tokens are VQ codes looked up through the checkpoint's vocabulary map, which the tiny builder does "
+       "not construct")
 UNBUILDABLE: dict[str, str] = {
+    "chameleon": _VQ,
+    "emu3": _VQ,
     "fast_vlm": _TIMM,
     "gemma3n": _TIMM,
     "perception_lm": _TIMM,
@@ -381,6 +391,17 @@ def _patch_rows(model: Any, rows: int) -> dict[str, Any]:
     return {"pixel_values": torch.randn(rows, 4, getattr(c, "num_channels", 3) * c.patch_size**2)}
 
 
+def _naflex(model: Any, rows: int) -> dict[str, Any]:
+    """SigLIP2-NaFlex-style: ``[rows, patches, C*P*P]`` with each image's patch grid and patch mask (4 x 4)."""
+    import torch
+
+    v = _vision(model)
+    p = _size(v.patch_size)
+    return {"pixel_values": torch.randn(rows, 16, getattr(v, "num_channels", 3) * p * p),
+            "spatial_shapes": torch.tensor([[4, 4]] * rows),
+            "pixel_attention_mask": torch.ones(rows, 16, dtype=torch.long)}
+
+
 def _tiles(model: Any, rows: int, per_tile_mask: bool = False) -> dict[str, Any]:
     """Idefics-style: ``[rows, images, 3, S, S]`` (one image, no splitting) with its pixel (or tile) mask."""
     import torch
@@ -391,7 +412,15 @@ def _tiles(model: Any, rows: int, per_tile_mask: bool = False) -> dict[str, Any]
     return {"pixel_values": torch.randn(rows, 1, getattr(v, "num_channels", 3), s, s), "pixel_attention_mask": mask}
 
 
+def _image_sized(model: Any, rows: int, side: int = 16) -> dict[str, Any]:
+    """``[rows, 3, side, side]`` pixels with ``image_sizes``: for towers without a patch size (a VQ tokenizer)."""
+    import torch
+
+    return {"pixel_values": torch.randn(rows, 3, side, side), "image_sizes": torch.tensor([[side, side]] * rows)}
+
+
 PIXELS: dict[str, Callable[[Any, int], dict[str, Any]]] = {
+    "apertus1p5": _image_sized,
     "deepseek_vl_hybrid": _with_high_res,
     "fuyu": _patch_rows,
     "gemma4": _patches_xy,
@@ -401,6 +430,7 @@ PIXELS: dict[str, Callable[[Any, int], dict[str, Any]]] = {
     "idefics3": _tiles,
     "inkling_mm_model": _tiles,
     "kimi_k25": partial(_grid_thw, layout="chw"),
+    "lfm2_vl": _naflex,
     "paddleocr_vl": partial(_grid_thw, layout="chw"),
     "smolvlm": _tiles,
     "video_llama_3": partial(_grid_thw, image_merge_sizes=2),
