@@ -91,29 +91,23 @@ FIXES: dict[str, dict[str, Any]] = {
                    "vision_config.base_channels": 32, "vision_config.latent_channels": 32,
                    "vision_config.embed_dim": 16, "vision_config.num_res_blocks": 1,
                    "vision_config.channel_multiplier": [1, 1, 2]},
-    "aria": {"projector_patch_to_query_dict": {64: 16}, "max_value_projector_patch_to_query_dict": 16},
-    "deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse", "dense", "sparse"]},
-    "dots3_note": {"text_config.head_dim": 16},  # its sliding-window layers: qk_nope_head_dim + qk_rope_head_dim
-    "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [2, 3, 3][::-1]},
+    "aria": {"projector_patch_to_query_dict": {64: 16}, "max_value_projector_patch_to_query_dict": 16},  # 8x8 -> 16
+    "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [3, 3, 2]},  # its height and width sections equal
     "gemma3": {"mm_tokens_per_image": 16},  # 8 x 8 patches pooled to 4 x 4
     "gemma4_unified": {"vision_config.mm_embed_dim": OTHER["hidden"], "vision_config.mm_posemb_size": 64,
                        "vision_config.output_proj_dims": OTHER["hidden"]},
-    "kimi_k25": {"projection_hidden_size": OTHER["hidden"]},
-    "molmo2": {"adapter_config.vision_feature_layer": [-1, -2]},
-    "ovis2": {"hidden_size": TEXT["hidden"]},
-    # The thinker reads these from the omni model's config, which a thinker config alone lacks.
-    "qwen2_5_omni_thinker": {"vision_start_token_id": 300, "audio_start_token_id": 301, "seconds_per_chunk": 2},
-    "qwen3_omni_moe_thinker": {"vision_start_token_id": 300, "audio_start_token_id": 301, "seconds_per_chunk": 2},  # the width of its visual embedding table, read by the text decoder
+    "kimi_k25": {"projection_hidden_size": OTHER["hidden"]},  # its projector's norm runs at the vision width
     "muse_glimmer": {"out_hidden_size": 4 * OTHER["hidden"]},  # the vision width after its 2 x 2 merge
     "muse_spark": {"out_hidden_size": 4 * OTHER["hidden"]},
-    "llama4": {"vision_config.intermediate_size": 4 * OTHER["hidden"],  # the pixel-shuffled width (ratio 0.5)
-               "vision_config.projector_input_dim": TEXT["hidden"], "vision_config.projector_output_dim": TEXT["hidden"],
-               "vision_config.vision_output_dim": TEXT["hidden"]},
-    "paddleocr_vl": {"text_config.rope_parameters.mrope_section": [2, 3, 3]},
+    "ovis2": {"hidden_size": TEXT["hidden"]},  # the width of its visual embedding table, read by the text decoder
+    "paddleocr_vl": {"text_config.rope_parameters.mrope_section": [2, 3, 3]},  # M-RoPE left to the modelling code
+    # The thinker reads these from the omni model's config, which a thinker config alone lacks.
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 300, "audio_start_token_id": 301, "seconds_per_chunk": 2},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 300, "audio_start_token_id": 301, "seconds_per_chunk": 2},
     "qwen2_vl": {"vision_config.hidden_size": TEXT["hidden"]},  # Qwen2-VL's vision hidden_size is its output width
     "shieldgemma2": {"mm_tokens_per_image": 16},
-    "step3p7": {"text_config.sliding_window": 8},
-    "vipllava": {"vision_feature_layers": [-2, -1]},
+    "step3p7": {"text_config.sliding_window": 8},  # its sliding layers have no default window
+    "vipllava": {"vision_feature_layers": [-2, -1]},  # indices into the 2-layer tiny tower
 }
 
 # Families that cannot be built here at all, and why.
@@ -139,7 +133,7 @@ def _cycle(values: Sequence[Any], n: int) -> list[Any]:
 
 
 class _Shrinker:
-    """Shrinks a config dict in place of its sub-config dicts; remaps large token ids into the small vocabulary."""
+    """Shrinks a config dict and its nested sub-config dicts; moves large token ids into the small vocabulary."""
 
     def __init__(self, mrope: bool = False) -> None:
         self.token_ids: dict[int, int] = {}
@@ -192,6 +186,8 @@ class _Shrinker:
         patch, image = out.get("patch_size"), out.get("image_size")
         if role is OTHER and isinstance(patch, int) and isinstance(image, int):
             out["image_size"] = 8 * patch  # 8 x 8 patches: few image tokens, and divisible by 2 and 4 for pooling
+        elif role is OTHER and isinstance(patch, list) and isinstance(image, list) and len(patch) == len(image) == 2:
+            out["image_size"] = [8 * p for p in patch]  # (height, width) pairs, e.g. InternVL
         if role is OTHER and isinstance(out.get("projection_dim"), int):
             out["projection_dim"] = TEXT["hidden"]  # where a vision config projects, it projects to the text width
         if isinstance(out.get("qk_rope_head_dim"), int):  # multi-head latent attention: RoPE runs on head_dim,
