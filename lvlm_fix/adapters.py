@@ -144,12 +144,22 @@ def derive_adapter(model: Any, processor: Any = None) -> Adapter:
     text_layers, attention, out_proj, reason = _find_layers(model)
     if reason is not None:
         raise UnsupportedModelError(model_type, reason)
-    image_token_ids = _config_image_token_ids(config)
+    image_token_ids = _config_image_token_ids(config) or _processor_image_token_ids(processor)
     if not image_token_ids:
-        raise UnsupportedModelError(model_type, "its config's image_token_id is not set; set model.config.image_token_id "
-                                                "to the id of the processor's image token")
+        raise UnsupportedModelError(model_type, "neither its config (image_token_id) nor its processor (image_token) "
+                                                "names its image token; set model.config.image_token_id")
     return Adapter(model_type=model_type, text_layers=text_layers, attention=attention, out_proj=out_proj,
                    image_token_ids=image_token_ids, **OVERRIDES.get(model_type, {}))
+
+
+def _processor_image_token_ids(processor: Any) -> tuple[int, ...]:
+    """The id of the processor's image token (``processor.image_token``), when the config names none."""
+    token = getattr(processor, "image_token", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if not isinstance(token, str) or tokenizer is None:
+        return ()
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return (token_id,) if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else ()
 
 
 def _text_model(model: Any) -> Any:

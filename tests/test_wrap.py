@@ -91,3 +91,13 @@ def test_load_refuses_from_the_config_before_any_weight(tmp_path, capsys):
     line = cli_error(capsys, "run", "--model", str(tmp_path), "--image", str(image), "--prompt", "Hi")
     assert "'florence2' is not supported" in line and "encoder-decoder" in line
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "florence2"
+
+
+def test_the_image_token_comes_from_the_processor_when_the_config_names_none(tiny_dirs):
+    processor = load_processor(tiny_dirs("llava"))
+    model = _loaded(tiny_dirs("llava"))
+    expected = model.config.image_token_id
+    model.config.image_token_id = None
+    assert lvlm_fix.wrap(model, processor).image_token_ids == (expected,)
+    with pytest.raises(UnsupportedModelError, match="neither its config .* nor its processor"):
+        lvlm_fix.wrap(model)
