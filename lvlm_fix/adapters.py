@@ -65,6 +65,7 @@ OVERRIDES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "qwen2_vl": {"prompt_template": _QWEN, "image_placeholder": _QWEN_IMAGE,
                  "sink_dims": {3584: (458, 2570)}},  # Qwen2-VL-7B, VAR paper
     "qwen2_5_vl": {"prompt_template": _QWEN, "image_placeholder": _QWEN_IMAGE},
+    "qwen3_vl": {"prompt_template": _QWEN, "image_placeholder": _QWEN_IMAGE},
     "idefics3": {"prompt_template": _IDEFICS, "nested_images": True},
     "smolvlm": {"prompt_template": _IDEFICS, "nested_images": True},
     "gemma3": {"prompt_template": "<start_of_turn>user\n<start_of_image>{prompt}<end_of_turn>\n<start_of_turn>model\n",

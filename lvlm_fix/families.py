@@ -634,9 +634,9 @@ def verify(model_type: str) -> FamilyResult:
 
 
 def _processor_families() -> tuple[str, ...]:
-    from .tiny import FAMILIES
+    from .tiny import PROCESSOR_FAMILIES
 
-    return FAMILIES
+    return PROCESSOR_FAMILIES
 
 
 def _model_only(model_type: str) -> dict[str, Any]:
