@@ -19,6 +19,7 @@ path turns that mask into the additive form itself.
 
 from __future__ import annotations
 
+import threading
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -58,25 +59,30 @@ class PlanSeat:
         self.users = 0
 
 
+_SEATS_LOCK = threading.Lock()  # plans may enter and leave from several threads (side streams, user threads)
+
+
 def acquire_seat(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> PlanSeat:
     """The model's seat, installed on its attention modules if no plan of the model is active yet."""
-    seat = model.__dict__.get(SEAT_ATTR)
-    if seat is None:
-        seat = PlanSeat(model, attention_modules)
-        for i, m in enumerate(attention_modules):
-            m.__dict__[SEAT_ATTR] = (seat, i)  # __dict__: plain attribute, not a registered submodule
-        model.__dict__[SEAT_ATTR] = seat
-    seat.users += 1
-    return seat
+    with _SEATS_LOCK:
+        seat = model.__dict__.get(SEAT_ATTR)
+        if seat is None:
+            seat = PlanSeat(model, attention_modules)
+            for i, m in enumerate(attention_modules):
+                m.__dict__[SEAT_ATTR] = (seat, i)  # __dict__: plain attribute, not a registered submodule
+            model.__dict__[SEAT_ATTR] = seat
+        seat.users += 1
+        return seat
 
 
 def release_seat(seat: PlanSeat) -> None:
     """Undo one :func:`acquire_seat`; the last one removes the seat from the model."""
-    seat.users -= 1
-    if seat.users == 0:
-        for m in seat.modules:
-            m.__dict__.pop(SEAT_ATTR, None)
-        seat.model.__dict__.pop(SEAT_ATTR, None)
+    with _SEATS_LOCK:
+        seat.users -= 1
+        if seat.users == 0:
+            for m in seat.modules:
+                m.__dict__.pop(SEAT_ATTR, None)
+            seat.model.__dict__.pop(SEAT_ATTR, None)
 
 
 def active_plan(model: torch.nn.Module) -> Plan | None:
