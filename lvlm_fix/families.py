@@ -676,6 +676,7 @@ def _with_processor(model_type: str) -> dict[str, Any]:
 def _checked(lvlm: Any, batch: dict[str, Any]) -> dict[str, Any]:
     import traceback
 
+    from .errors import LvlmFixError
     from .layout import image_token_grids
 
     try:
@@ -686,8 +687,11 @@ def _checked(lvlm: Any, batch: dict[str, Any]) -> dict[str, Any]:
     try:
         g = image_token_grids(lvlm, batch)[0]
         grid = f"{g.rows}x{g.cols}" + (f" at +{g.offset}" if g.offset else "")
-    except Exception as e:  # noqa: BLE001 - reported, not fatal: the methods do not need a grid
-        grid = f"none ({_error(e)[:60]})"
+    except LvlmFixError as e:  # reported, not fatal: VHR, VAR and ACT need no grid (CARVE and the figure do)
+        message = str(e)
+        grid = "none: " + ("learned " + message.split("they are the ")[-1] if "not a patch grid" in message
+                           else "separator tokens in unknown places" if "separator tokens" in message
+                           else "not a square, and the inputs give no grid")
     return {"status": "works", "touched": touched, "grid": grid}
 
 

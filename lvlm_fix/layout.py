@@ -119,7 +119,10 @@ def _vision(lvlm: LVLM) -> Any:
     return getattr(lvlm.model.config, "vision_config", None) or lvlm.model.config
 
 
-def _merge_size(lvlm: LVLM) -> int:
+def _merge_size(lvlm: LVLM, batch: Any = None) -> int:
+    sizes = batch.get("image_merge_sizes") if hasattr(batch, "get") else None  # per image (VideoLLaMA3)
+    if sizes is not None:
+        return int(sizes.flatten()[0])
     v = _vision(lvlm)
     merge = getattr(v, "spatial_merge_size", None) or getattr(v, "merge_size", None) or \
         getattr(lvlm.model.config, "spatial_merge_size", None) or getattr(v, "merge_kernel_size", None) or 1
@@ -130,8 +133,9 @@ def _from_grid_thw(lvlm: LVLM, batch: Any, counts: list[int]) -> list[TokenGrid]
     thw = batch.get("image_grid_thw") if hasattr(batch, "get") else None
     if thw is None:
         return None
-    merge = _merge_size(lvlm)
+    merge = _merge_size(lvlm, batch)
     thw = thw.tolist()
+    one_each = len(thw) == len(counts)  # one image per row; otherwise rows hold several, in order
     grids, k = [], 0
     for r, n in enumerate(counts):
         if k >= len(thw):
@@ -139,10 +143,14 @@ def _from_grid_thw(lvlm: LVLM, batch: Any, counts: list[int]) -> list[TokenGrid]
         t, h, w = thw[k]
         grids.append(TokenGrid(h // merge, w // merge, 0))
         used = 0
-        while used < n and k < len(thw):  # consume every image of this row
+        while k < len(thw) and (used == 0 or (not one_each and used < n)):  # consume this row's images
             t, h, w = thw[k]
             used += t * h * w // merge**2
             k += 1
+        if used != n:
+            raise LvlmFixError(
+                f"row {r}: its {n} image tokens are not whole image_grid_thw grids ({used} cells): the "
+                f"{lvlm.adapter.model_type!r} processor adds separator tokens whose places lvlm_fix.layout does not know")
     return grids
 
 
