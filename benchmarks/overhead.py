@@ -226,17 +226,13 @@ def real_size_config(name: str, *, shrink: bool = False) -> tuple[Any, Any, int]
 def real_size_subject(name: str, device: str, dtype: str, *, shrink: bool = False) -> Subject:
     """Instantiate :func:`real_size_config` directly on ``device`` (no checkpoint is written).
 
-    The handle is built as :func:`lvlm_fix.load` builds it: lvlm-fix's attention registered and the
-    text decoder switched to it.
+    The handle is :func:`lvlm_fix.wrap` of the instantiated model, as :func:`lvlm_fix.load` builds it.
     """
     from transformers import AutoModelForImageTextToText
 
-    from lvlm_fix.adapters import adapter_for
-    from lvlm_fix.hooks import attention
-    from lvlm_fix.model import LVLM, _resolve_dtype
+    from lvlm_fix.model import _resolve_dtype, wrap
 
     config, processor, side = real_size_config(name, shrink=shrink)
-    attention.register()
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=_resolve_dtype(dtype))
@@ -244,8 +240,7 @@ def real_size_subject(name: str, device: str, dtype: str, *, shrink: bool = Fals
     tok = processor.tokenizer
     model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id)
-    lvlm = LVLM(model=model, processor=processor, adapter=adapter_for(config.model_type), name=name)
-    model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
+    lvlm = wrap(model, processor, name=name)
     s = Subject(f"{name} (random{', shrunk' if shrink else ''})", lvlm, side, _describe(lvlm))
     s.info["weights"] = "random"
     return s

@@ -10,9 +10,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import lvlm_fix
-from conftest import PROMPTS, cli_error
+from conftest import PROMPTS, cli_error, no_plan_left
 from lvlm_fix.hooks import hooks_on
-from lvlm_fix.hooks.attention import ACTIVE_PLAN
 from lvlm_fix.interventions import METHODS
 
 NAMES = METHODS.names()
@@ -181,7 +180,7 @@ def test_no_hook_survives_an_exception_mid_generate(name, tiny, images):
         vanilla = lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False)
     with pytest.raises(KeyboardInterrupt), lvlm_fix.apply(lvlm, name, **ACTIVE[name]):
         lvlm.model.generate(**batch, max_new_tokens=4, logits_processor=LogitsProcessorList([RaiseAtStep(2)]))
-    assert hooks_on(lvlm.model) == before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == before and no_plan_left(lvlm.model)
     with torch.inference_mode():
         assert torch.equal(lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False), vanilla)
 
@@ -213,7 +212,7 @@ def test_carve_hygiene_when_generation_fails(tiny, images, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lvlm_fix.generate(lvlm, images[:1], PROMPTS[:1], "carve", max_new_tokens=3)
     monkeypatch.undo()
-    assert hooks_on(lvlm.model) == before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == before and no_plan_left(lvlm.model)
 
 
 @pytest.mark.parametrize("argv, needles", [
