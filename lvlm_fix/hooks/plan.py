@@ -88,6 +88,14 @@ class Participant:
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
 
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        """Add hooks of its own (e.g. on the vision tower) to the plan's :class:`HookSet`.
+
+        Called when the plan is entered, before any hook is registered; the hooks are registered
+        and removed with the plan's own. A hook runs for any forward of its module, so it should
+        act only while ``ACTIVE_PLAN.get() is plan``.
+        """
+
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         """Runs before the prefill forward with the model's inputs (e.g. VHR prepares its text-only stream)."""
 
@@ -294,6 +302,8 @@ class Plan:
             hooks.forward_pre(layers[i].self_attn.o_proj, self._head_hook(i))
         for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
             hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
+        for p in self.participants:
+            p.install(self, hooks)
         with hooks, self.lvlm.attention_implementation(ATTN_NAME):
             token = ACTIVE_PLAN.set(self)
             try:
