@@ -418,7 +418,7 @@ class MVP(Intervention):
             })
         total = {k: sum(stage[k] for stage in cost.values())
                  for k in ("forward_passes", "prompt_tokens", "generated_tokens")}
-        self._report = {"views": dict(views), "top_k": c.top_k, "rows": row_reports, "cost": {**cost, "total": total}}
+        self._report = {"views": dict(views), "top_k": c.top_k, "cost": {**cost, "total": total}, "rows": row_reports}
         caption_text = [{v: captions[(r, v)] for v in names if (r, v) in captions} for r in range(len(rows))]
         return Generation(texts=texts, report={**last.report, self.name: self._report},
                           artifacts={**last.artifacts, self.name: {"captions": caption_text}})
