@@ -243,6 +243,7 @@ class Paint(Intervention):
         c = self.config
         self.eager_layers = resolve_layers(c.layers, default_layers(lvlm.num_layers), lvlm.num_layers)
         self._image_token_id = lvlm.image_token_id
+        self._masks, self._fresh = None, False  # nothing carries over from an earlier call
         if not self.eager_layers:
             return
         self._vision = vision_cls_attention(lvlm.model)
