@@ -231,11 +231,13 @@ def test_cli_run_compare_and_eval_on_the_testbed(capsys, tmp_path):
     from lvlm_fix.cli.main import main
 
     main(["run", "--method", "mvp", "--compare", "--prompt", "Is there a dog in the image?", "--max-new-tokens", "4",
-          "--set", "mvp.caption_max_new_tokens=6"])
+          "--set", "mvp.caption_max_new_tokens=6", "--out", str(tmp_path / "run")])
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].startswith("[baseline] ") and lines[1] in ("[mvp] Yes", "[mvp] No")
     assert "[mvp touched]" in captured.err and '"cost"' in captured.err
+    row = json.loads((tmp_path / "run" / "answers.jsonl").read_text())
+    assert row["answer"] == lines[1].removeprefix("[mvp] ") and "baseline" in row
     main(["eval", "--bench", "pope", "--split", "random", "--limit", "2", "--batch-size", "2", "--n-boot", "10",
           "--methods", "none,paint,mvp:caption_max_new_tokens=6", "--out", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
