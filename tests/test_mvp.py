@@ -28,7 +28,7 @@ from lvlm_fix.interventions.mvp import (
 )
 from lvlm_fix.tiny import build_image
 
-SHORT = dict(caption_max_new_tokens=3, path_max_new_tokens=3)
+SHORT = dict(caption_max_new_tokens=3, path_max_new_tokens=3, top_k=1)  # fast: short texts, one path per view
 
 
 # -- the math, by hand ------------------------------------------------------------------------------
