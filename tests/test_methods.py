@@ -19,9 +19,9 @@ NAMES = METHODS.names()
 # Settings under which each method acts on the tiny random models, whose attention is nearly
 # uniform: VAR's tau = 20 presumes a 4096-wide backbone (|x_d|/rms(x) <= sqrt(D) = 8 here), and
 # no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered.
-# MVP's captions and yes/no paths are cut short (the defaults are 512 and 50 tokens).
+# MVP's captions and yes/no paths are cut short (the defaults are 512 and 50 tokens), one path per view.
 ACTIVE = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}, "carve": {}, "paint": {},
-          "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3}}
+          "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1}}
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
 # Methods that work on some families only; elsewhere they must refuse with one clear error.
 ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order")}
