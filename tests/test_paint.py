@@ -69,7 +69,8 @@ def test_margin_edit_by_hand():
 def test_spatial_scores_are_received_attention_not_the_degenerate_row_sums():
     torch.manual_seed(0)
     q, k = torch.randn(2, 5, 8), torch.randn(2, 5, 8)  # [b, 1 + 4 patches, 2 heads x 4]
-    probs = (q.view(2, 5, 2, 4).transpose(1, 2) @ k.view(2, 5, 2, 4).transpose(1, 2).transpose(-1, -2) * 0.5).softmax(-1)
+    qh, kh = q.view(2, 5, 2, 4).transpose(1, 2), k.view(2, 5, 2, 4).transpose(1, 2)
+    probs = (qh @ kh.transpose(-1, -2) * 0.5).softmax(-1)  # [b, heads, queries, keys]
     expected = probs.mean(1).mean(1)[:, 1:]  # column means over heads and queries, CLS column dropped
     assert torch.allclose(spatial_scores(q, k, head_dim=4, scale=0.5), expected)
     # The release sums each query's row instead: a softmax row sums to 1, so every score is 1.
@@ -270,5 +271,5 @@ def test_bad_parameters_raise_config_error(params, needle):
 
 
 def test_vit_layer_beyond_the_towers_depth(tiny, images):
-    with pytest.raises(ConfigError, match="summary_layer=5 is beyond the vision tower's depth; valid ViT layers are 0..1"):
+    with pytest.raises(ConfigError, match="summary_layer=5 is beyond the vision tower's depth; valid ViT layers are 0"):
         lvlm_fix.generate(tiny("llava"), images[:1], PROMPTS[:1], "paint", summary_layer=5)

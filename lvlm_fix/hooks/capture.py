@@ -105,8 +105,8 @@ def vision_cls_attention(model: torch.nn.Module) -> ClsAttention:
 
     kind = getattr(model.config, "model_type", "?")
     vision_config = getattr(model.config, "vision_config", None)
-    tower = next((m for m in model.modules() if vision_config is not None and getattr(m, "config", None) is vision_config),
-                 None)
+    tower = next((m for m in model.modules() if vision_config is not None
+                  and getattr(m, "config", None) is vision_config), None)
     if tower is None:
         raise LvlmFixError(f"cannot find the vision tower of this {kind!r} model (no module carries its vision_config)")
     if not any(name.rsplit(".", 1)[-1] in _CLS_PARAMETERS for name, _ in tower.named_parameters()):

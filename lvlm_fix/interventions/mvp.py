@@ -482,8 +482,8 @@ class MVP(Intervention):
                     view_scores[YES] = view_scores.get(YES, 0.0) + path.prob
                 return
             word, start = found  # the step whose token holds the word's first character
-            step = next((i for i in range(len(tokens)) if len(decode(tokens[: i + 1], skip_special_tokens=True)) > start),
-                        len(tokens) - 1)
+            prefix_len = [len(decode(tokens[: i + 1], skip_special_tokens=True)) for i in range(len(tokens))]
+            step = next((i for i, n in enumerate(prefix_len) if n > start), len(tokens) - 1)
             view_scores[word] = view_scores.get(word, 0.0) + path.prob * sure[step]
             return
         eos = _eos_ids(lvlm)
@@ -527,7 +527,7 @@ class MVP(Intervention):
     def _caption_budget(self, lvlm: LVLM, rows: list[Any], prompts: list[str], names: list[str], modes: list[str],
                         gen: dict[str, Any], system_prompt: str | None, cap_images: list[Any],
                         cap_prompts: list[str]) -> int:
-        """``caption_max_new_tokens``, lowered so that the captions, and the prompts that hold them, fit the positions."""
+        """``caption_max_new_tokens``, lowered so that the captions and the prompts holding them fit the positions."""
         c = self.config
         limit = getattr(lvlm.text_config, "max_position_embeddings", None)
         if not limit:
