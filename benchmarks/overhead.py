@@ -11,6 +11,10 @@ every round, so drift and position effects cancel), after one warm-up run of eac
 ``vhr``/``var``/``act``  ``with lvlm_fix.apply(lvlm, m): generate``
 ``api``          ``lvlm_fix.generate(lvlm, images, prompts, method=None)`` (encode included): CARVE's baseline
 ``carve``        ``lvlm_fix.generate(..., method="carve")``: two statistics passes, refine, final pass
+``paint``        ``with lvlm_fix.apply(lvlm, "paint"): generate`` (the tower's CLS rows, the last-row edit)
+``yes_no``       ``lvlm_fix.generate`` of a POPE question, no method, stopping at EOS: MVP's baseline
+``mvp``          ``lvlm_fix.generate(..., method="mvp")`` on that question: 3 captions per image (capped at
+                 the benchmark's new-token count), a scoring forward per view, the yes/no paths
 ``prefill``      encode + ``generate(max_new_tokens=1)``: the baseline of the statistics pass
 ``heads``        the statistics pass of ``lvlm-fix heads`` (:func:`lvlm_fix.head_statistics`; batch > 1
                  runs the same recorder on a batch of rows). It is prefill-only by design.
@@ -62,10 +66,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-METHODS = ("none", "vhr", "var", "act", "carve", "heads")  # rows of the table, in this order
+METHODS = ("none", "vhr", "var", "act", "carve", "paint", "mvp", "heads")  # rows of the table, in this order
 TIME_TARGETS = {"vhr": 1.10, "var": 1.25, "act": 1.25, "carve": 2.5}  # ratio to vanilla sdpa (the issue)
 HEADS_MEMORY_TARGET = 1.2  # the statistics pass's peak memory / vanilla generate's
 PROMPT = "Describe the image in detail."
+YES_NO_PROMPT = "Is there a dog in the image?"  # MVP answers yes/no questions (POPE)
 
 # The ~118M-parameter random LLaVA of feasibility.md §4 (CLIP-S/16 at 224px: 196 image tokens).
 SIZED_LLAVA = dict(text_layers=10, text_hidden=640, text_heads=10, vision_layers=6, vision_hidden=384,
@@ -392,6 +397,14 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
                                      generate_kwargs={"min_new_tokens": new_tokens})
         return run
 
+    def yes_no(method: str | None) -> Callable[[], Any]:
+        params = {"caption_max_new_tokens": new_tokens} if method == "mvp" else {}
+
+        def run() -> Any:  # stops at EOS, as a POPE evaluation does
+            return lvlm_fix.generate(lvlm, images, [YES_NO_PROMPT] * batch_size, method, max_new_tokens=new_tokens,
+                                     **params)
+        return run
+
     def prefill() -> Any:
         b = lvlm.encode(images, prompts)
         return lvlm.model.generate(**b, max_new_tokens=1, do_sample=False)
@@ -408,11 +421,14 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
     configs = [Config("vanilla", vanilla, "vanilla", "vanilla"), Config("sdpa", vanilla, "vanilla", "vanilla",
                                                                            lambda: lvlm.attention_implementation("sdpa"))]
     for m in methods:
-        if m in ("none", "vhr", "var", "act"):
+        if m in ("none", "vhr", "var", "act", "paint"):
             configs.append(Config(m, applied(None if m == "none" else m), "vanilla", "vanilla",
                                   side_work=text_only_prefill if m == "vhr" else None))
         elif m == "carve":
             configs += [Config("api", api(None), "vanilla", "vanilla"), Config("carve", api("carve"), "api", "api")]
+        elif m == "mvp":
+            configs += [Config("yes_no", yes_no(None), "vanilla", "vanilla"),
+                        Config("mvp", yes_no("mvp"), "yes_no", "yes_no")]
         elif m == "heads":
             configs += [Config("prefill", prefill, "vanilla", "vanilla"), Config("heads", heads, "prefill", "vanilla")]
     return configs
@@ -479,6 +495,8 @@ _LABELS = {
     "api": "lvlm_fix.generate(method=None)",
     "prefill": "prefill only (generate, 1 token)",
     "heads": "heads (statistics pass, prefill only)",
+    "yes_no": "lvlm_fix.generate(method=None), a POPE question",
+    "mvp": "mvp (same POPE question)",
 }
 
 

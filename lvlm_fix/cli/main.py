@@ -476,12 +476,12 @@ def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> Non
     """Save PIL images found in method artifacts (e.g. CARVE's masks) as PNGs."""
     from PIL import Image
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for method, art in artifacts.items():
         for key, value in (art or {}).items():
             if isinstance(value, list):
                 for i, im in enumerate(value):
                     if isinstance(im, Image.Image):
+                        out_dir.mkdir(parents=True, exist_ok=True)  # only when there is an image to save
                         path = out_dir / f"{method}_{key}_{start + i}.png"
                         im.save(path)
                         click.echo(f"saved {path}", err=True)

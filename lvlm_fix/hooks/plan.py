@@ -93,6 +93,14 @@ class Participant:
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
 
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        """Add hooks of its own (e.g. on the vision tower) to the plan's :class:`HookSet`.
+
+        Called when the plan is entered, before any hook is registered; the hooks are registered
+        and removed with the plan's own. A hook runs for any forward of its module, so it should
+        act only while ``plan.is_current()``.
+        """
+
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         """Runs before the prefill forward with the model's inputs (e.g. VHR prepares its text-only stream)."""
 
@@ -165,6 +173,11 @@ class Plan:
         self._seat: PlanSeat | None = None  # the model's seat while this plan is active
         self._ctx_cache: dict[tuple, dict[str, Any]] = {}  # this forward's context fields, by (k_len, device)
 
+    def is_current(self) -> bool:
+        """Whether the forward in progress (in this thread) belongs to this plan, not to another
+        plan of the model (VHR's text-only stream) nor to a forward run outside any plan."""
+        return self._seat is not None and self._seat.current.get() is self
+
     # -- queried by the attention function --------------------------------------------------
     def touches(self, layer: int) -> bool:
         return layer in self.eager_layers or layer in self.observed_layers
@@ -223,7 +236,7 @@ class Plan:
         return self.tokens
 
     def _on_model_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._seat.current.get() is not self:  # another plan's forward (e.g. VHR's text-only stream)
+        if not self.is_current():  # another plan's forward (e.g. VHR's text-only stream)
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -255,7 +268,7 @@ class Plan:
 
     def _head_hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-            if self._seat.current.get() is not self:
+            if not self.is_current():
                 return None
             x = args[0]  # [b, q, h*d], the input of o_proj
             b, q, hd = x.shape
@@ -273,7 +286,7 @@ class Plan:
 
     def _residual_hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._seat.current.get() is not self:
+            if not self.is_current():
                 return
             hidden = args[0] if args else kwargs["hidden_states"]  # [b, q, hidden]
             ctx = self.context(layer, q_len=hidden.shape[1], device=hidden.device)
@@ -298,6 +311,8 @@ class Plan:
             hooks.forward_pre(self.lvlm.out_proj(i), self._head_hook(i))
         for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
             hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
+        for p in self.participants:
+            p.install(self, hooks)
         seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules)
         try:
             if seat.current.get() is not None and not inner:
