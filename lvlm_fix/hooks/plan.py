@@ -9,6 +9,9 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
   padding and variable image-token counts are handled) and every participant's per-row state
   is reset through ``begin``; later forwards (decode steps) extend the token bookkeeping;
 * exit (normally or by exception): hooks removed, ``ACTIVE_PLAN`` reset. Nothing stays patched.
+
+A forward that a participant runs for itself beside the real one (a contrast stream's rows) runs
+inside :func:`outside_plan`, so that no participant edits or counts it.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class Participant:
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
 
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        """Declare hooks of its own on ``hooks`` (e.g. a forward hook on the model); called on entering the plan."""
+
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
 
@@ -158,6 +164,10 @@ class Plan:
         self._num_heads = lvlm.num_heads  # read once: the property walks the config on every access
         self.tokens: TokenState | None = None
         self._ctx_cache: dict[tuple, dict[str, Any]] = {}  # this forward's context fields, by (k_len, device)
+
+    def is_current(self) -> bool:
+        """Whether the forward in progress belongs to this plan (not to another plan, nor outside any)."""
+        return ACTIVE_PLAN.get() is self
 
     # -- queried by the attention function --------------------------------------------------
     def touches(self, layer: int) -> bool:
@@ -294,6 +304,8 @@ class Plan:
             hooks.forward_pre(layers[i].self_attn.o_proj, self._head_hook(i))
         for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
             hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
+        for p in self.participants:
+            p.install(self, hooks)
         with hooks, self.lvlm.attention_implementation(ATTN_NAME):
             token = ACTIVE_PLAN.set(self)
             try:
@@ -307,3 +319,17 @@ class Plan:
     def report(self) -> dict[str, Any]:
         """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""
         return {p.name or type(p).__name__.lower(): p.report() for p in self.participants}
+
+
+@contextmanager
+def outside_plan(lvlm: LVLM) -> Iterator[None]:
+    """Run ``lvlm``'s forwards inside the block as if no plan were active: no participant edits, reads or counts them.
+
+    The one place where a participant's own forward (a contrast stream's rows) leaves the plan of
+    the call in progress; the plan's hooks stay registered but are dormant for these forwards.
+    """
+    token = ACTIVE_PLAN.set(None)
+    try:
+        yield
+    finally:
+        ACTIVE_PLAN.reset(token)
