@@ -183,8 +183,8 @@ class ICDConfig(ContrastConfig):
         "before temperature/top-k/top-p. 0 cuts nothing. Default 0.1 (source: ICD release, icd_llava_pope.py "
         "cd_beta)."), lo=0.0, hi=1.0)
     disturbance: str = param(DISTURBANCES[3], (
-        "The disturbance instruction of the contrast prompt. Default: the fourth of the release's five "
-        f"({DISTURBANCES[3]!r}; source: ICD release, icd_llava_pope.py; `lvlm-fix list` shows them all)."))
+        "The disturbance instruction of the contrast prompt. Default: the fourth of the five the release loops over "
+        f"({DISTURBANCES[3]!r}; source: ICD release, icd_llava_pope.py; the five are ICD.prompts())."))
     placement: Literal["auto", "system", "user"] = param("auto", (
         "Where the disturbance goes: system = as the chat template's system message (the release, LLaVA path); "
         "user = before the user's text, after the image; auto = system when the model's template has a system "
@@ -208,7 +208,7 @@ class ICDConfig(ContrastConfig):
 
 @register_method
 class ICD(Intervention, ContrastStream):
-    """Instruction contrastive decoding: logits contrasted with those under a disturbance instruction."""
+    """ICD: next-token logits contrasted with those under a disturbance instruction."""
 
     name = "icd"
     stage = Stage.LOGITS

@@ -87,7 +87,7 @@ class M3IDConfig(ContrastConfig):
 
 @register_method
 class M3ID(Intervention, ContrastStream):
-    """Multi-modal mutual-information decoding: a growing PMI bonus against the rows without image."""
+    """M3ID: a growing, gated mutual-information bonus against the rows without the image."""
 
     name = "m3id"
     stage = Stage.LOGITS

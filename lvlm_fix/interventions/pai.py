@@ -110,7 +110,7 @@ class PAIConfig(ContrastConfig):
 
 @register_method
 class PAI(Intervention, ContrastStream):
-    """Paying more attention to image: image-attention amplification and guidance against the text-only rows."""
+    """PAI: image-attention amplification and guidance against the rows without the image."""
 
     name = "pai"
     stage = Stage.ATTENTION_SCORES

@@ -129,7 +129,7 @@ class VCDConfig(ContrastConfig):
 
 @register_method
 class VCD(Intervention, ContrastStream):
-    """Visual contrastive decoding: logits contrasted with those of the diffusion-noised image."""
+    """VCD: next-token logits contrasted with those of the diffusion-noised image."""
 
     name = "vcd"
     stage = Stage.LOGITS
