@@ -354,8 +354,9 @@ class ContrastStream(Participant):
         bound.arguments["pixel_values"] = self.contrast_pixels(bound.arguments["pixel_values"], bound.arguments)
         with outside_plan(self._plan.lvlm):
             changed = enc.encoder(*bound.args, **bound.kwargs)
-        now = len(features.pooler_output)
-        if now != enc.n_features:  # generate() expanded the main features for beams / num_return_sequences
+        pooled = getattr(features, "pooler_output", None)
+        now = 0 if pooled is None else len(pooled)
+        if enc.n_features and now != enc.n_features:  # generate() expanded them for beams / num_return_sequences
             k = now // enc.n_features
             self._plan.lvlm.model._expand_multimodal_outputs(rows["input_ids"][::k], {"image": changed}, expand_size=k)
         rows["mm_encoder_outputs"] = {**rows["mm_encoder_outputs"], "image": changed}

@@ -95,10 +95,15 @@ def _system_edit(lvlm: LVLM, text: str) -> DisturbanceEdit | None:
     edits = set()
     for probe in _PROBES:
         user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}]
-        system = [{"role": "system", "content": [{"type": "text", "text": text}]}]
-        try:
-            disturbed = processor.apply_chat_template(system + user, add_generation_prompt=True)
-        except Exception:  # a template that refuses a system message has none
+        disturbed = None
+        for content in ([{"type": "text", "text": text}], text):  # templates take a list of parts, or a string
+            try:
+                disturbed = processor.apply_chat_template([{"role": "system", "content": content}, *user],
+                                                          add_generation_prompt=True)
+                break
+            except Exception:  # a template that refuses a system message has none
+                continue
+        if disturbed is None:
             return None
         a = lvlm.tokenizer(lvlm.build_prompt(probe))["input_ids"]
         b = lvlm.tokenizer(disturbed)["input_ids"]
