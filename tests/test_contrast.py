@@ -17,7 +17,9 @@ from lvlm_fix.errors import ConfigError, LvlmFixError
 from lvlm_fix.hooks import hooks_on
 from lvlm_fix.hooks.contrast import ContrastStream, insert_tokens, linear_contrast, text_positions
 from lvlm_fix.hooks.plan import ACTIVE_PLAN
+from lvlm_fix.interventions import METHODS
 
+CONTRAST = ["vcd", "icd", "m3id", "pai"]
 # The stream fed the main rows' own input, no cut: every decoding mode must equal vanilla generate().
 NULL = {"vcd": {"alpha": 1.0, "beta": 0.0, "null_contrast": True}}
 
@@ -35,19 +37,27 @@ def _generate(lvlm, batch, method=None, **gen):
     return out, plan.report()
 
 
+MODES = {"greedy": {}, "sampling": {"do_sample": True, "seed": 5}, "beams": {"num_beams": 3},
+         "sampling x2": {"do_sample": True, "num_return_sequences": 2, "seed": 5}}
+
+
+@pytest.mark.parametrize("setting", ["noop", "math_identity"])
+@pytest.mark.parametrize("name", CONTRAST)
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
-@pytest.mark.parametrize("mode", [{}, {"do_sample": True, "seed": 5}, {"num_beams": 3},
-                                  {"do_sample": True, "num_return_sequences": 2, "seed": 5}])
-def test_null_contrast_is_vanilla_in_every_decoding_mode(family, mode, tiny, images):
-    """Two streams with their own caches, reordered with the beams, the combination before the warpers:
-    with the contrast equal to the main rows, generate() must not see the difference."""
+def test_identity_settings_are_vanilla_in_every_decoding_mode(family, name, setting, tiny, images):
+    """noop() installs nothing; math_identity() runs the stream (its own cache, reordered with the beams,
+    combined before the warpers) and changes nothing: generate() must not see either, token for token."""
     lvlm = tiny(family)
     batch = lvlm.encode(images, PROMPTS)
-    vanilla, _ = _generate(lvlm, batch, **mode)
-    same, report = _generate(lvlm, batch, NULL, **mode)
-    assert torch.equal(same.sequences, vanilla.sequences)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(same.scores, vanilla.scores))
-    assert report["vcd"]["stream_ran"] and report["vcd"]["steps"] == len(vanilla.scores)
+    config = getattr(METHODS.get(name).config_cls, setting)().to_dict()
+    for mode, gen in MODES.items():
+        vanilla, _ = _generate(lvlm, batch, **gen)
+        same, report = _generate(lvlm, batch, {name: config}, **gen)
+        assert torch.equal(same.sequences, vanilla.sequences), mode
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(same.scores, vanilla.scores)), mode
+        assert report[name]["stream_ran"] == (setting == "math_identity"), mode
+        if setting == "math_identity":
+            assert report[name]["steps"] == len(vanilla.scores), mode
 
 
 def test_beam_reordering_of_the_contrast_cache_matters(tiny, images, monkeypatch):
