@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from ..model import LVLM
 
-__all__ = ["DISTURBANCES", "ICD", "ICDConfig", "DisturbanceEdit", "disturbance_edit"]
+__all__ = ["DISTURBANCES", "ICD", "ICDConfig", "DisturbanceEdit", "apply_edit", "disturbance_edit"]
 
 # The five disturbance instructions of the release's POPE scripts, in its order.
 DISTURBANCES = (
@@ -113,9 +113,8 @@ def _system_edit(lvlm: LVLM, text: str) -> DisturbanceEdit | None:
         s = _common_prefix(a[c:][::-1], b[c:][::-1])
         edits.add(DisturbanceEdit("system", new=tuple(b[c:len(b) - s]), head=tuple(a[:c]), old=tuple(a[c:len(a) - s])))
     edit = edits.pop()
-    if edits or lvlm.image_token_id in edit.head + edit.old:  # the edit depends on the user's text, or sits after the image
-        return None
-    return edit
+    # An edit that differs with the user's text, or that sits after the image, is not a system message.
+    return None if edits or lvlm.image_token_id in edit.head + edit.old else edit
 
 
 def _user_edit(lvlm: LVLM, text: str) -> DisturbanceEdit:
