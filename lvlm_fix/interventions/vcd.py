@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
     from torch import Tensor
 
+    from ..model import LVLM
+
 __all__ = ["VCD", "VCDConfig", "NOISE_STEPS", "add_diffusion_noise", "noise_coefficients"]
 
 NOISE_STEPS = 1000
@@ -141,7 +143,7 @@ class VCD(Intervention, ContrastStream):
     def contrast_active(self) -> bool:
         return self.config.alpha != 0 or self.config.beta != 0
 
-    def bind(self, lvlm: Any) -> None:
+    def bind(self, lvlm: LVLM) -> None:
         self.null_contrast = self.config.null_contrast
         self.kept: list[int] = []  # tokens surviving the plausibility cut at the first step, per row
         super().bind(lvlm)
