@@ -17,11 +17,15 @@ from lvlm_fix.interventions import METHODS
 NAMES = METHODS.names()
 # Settings under which each method acts on the tiny random models, whose attention is nearly
 # uniform: VAR's tau = 20 presumes a 4096-wide backbone (|x_d|/rms(x) <= sqrt(D) = 8 here), and
-# no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered.
-# MVP's captions and yes/no paths are cut short (the defaults are 512 and 50 tokens), one path per view.
+# no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered. The contrastive
+# methods act at their defaults (their plausibility cuts keep almost every token of these flat
+# distributions, and M3ID's gate is open). MVP's captions and yes/no paths are cut short (the
+# defaults are 512 and 50 tokens), one path per view.
 ACTIVE = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}, "carve": {}, "paint": {},
-          "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1}}
+          "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
+          "vcd": {}, "icd": {}, "m3id": {}, "pai": {}}
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
+CONTRAST = ["vcd", "icd", "m3id", "pai"]  # methods that decode a contrast stream
 # Methods that work on some families only; elsewhere they must refuse with one clear error.
 ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order")}
 
@@ -39,7 +43,7 @@ def _refused(name: str, family: str, run) -> bool:
 
 
 def test_every_method_is_in_the_matrix():
-    assert set(NAMES) == set(ACTIVE) == {"vhr", "var", "act", "carve", "paint", "mvp"}
+    assert set(NAMES) == set(ACTIVE) == {"vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai"}
     for name in NAMES:
         assert METHODS.get(name).config_cls.math_identity() is not None, name
 
@@ -60,10 +64,16 @@ def test_noop_is_vanilla_token_for_token(name, family, tiny, images):
 
 @pytest.mark.parametrize("name", IN_PLAN)
 def test_noop_installs_nothing(name, tiny):
-    with lvlm_fix.apply(tiny("llava"), name, **_config(name, "noop")) as plan:
+    lvlm = tiny("llava")
+    with lvlm_fix.apply(lvlm, None):
+        empty_plan_hooks = hooks_on(lvlm.model)
+    with lvlm_fix.apply(lvlm, name, **_config(name, "noop")) as plan:
         (m,) = plan.participants
         layer_sets = (m.eager_layers, m.observed_layers, m.head_output_layers, m.residual_layers)
         assert not any(layer_sets) and not plan.touches(0)
+        # No forward hook, and no patched attribute (a contrast stream's beam reordering and image tap).
+        assert hooks_on(lvlm.model) == empty_plan_hooks
+        assert "_reorder_cache" not in vars(lvlm.model) and "get_image_features" not in vars(lvlm.model.base_model)
 
 
 def _with_scores(lvlm, batch, method=None, **params):
@@ -89,11 +99,14 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
     same, report = _with_scores(lvlm, batch, name, **params)
     assert torch.equal(same.sequences, vanilla.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(same.scores, vanilla.scores)) <= 1e-5
+    streamed = lambda r: r["stream_ran"] and r["steps"] == len(same.scores) and r["rows"] == 3  # noqa: E731
     acted = {"vhr": lambda r: any(any(rows) for rows in r["selected_heads"].values()),
              "var": lambda r: sum(r["redistributed_total"]) > 0,
              "act": lambda r: any(v["max_per_head"] > 0 for v in r["sinks"].values()),
              "paint": lambda r: r["edited_forwards"] > 0 and sum(i["local"] + i["summary"] for i in r["images"]) > 0,
-             }[name]
+             "vcd": streamed, "icd": streamed, "pai": streamed,
+             # the real no-image stream (not a null contrast), its gate closed
+             "m3id": lambda r: streamed(r) and r["contrast_prompt_tokens"] < batch["input_ids"].shape[1]}[name]
     assert acted(report), report
 
 
@@ -236,6 +249,7 @@ def test_no_hook_survives_an_exception_mid_generate(name, tiny, images):
     with pytest.raises(KeyboardInterrupt), lvlm_fix.apply(lvlm, name, **ACTIVE[name]):
         lvlm.model.generate(**batch, max_new_tokens=4, logits_processor=LogitsProcessorList([RaiseAtStep(2)]))
     assert hooks_on(lvlm.model) == before and no_plan_left(lvlm.model)
+    assert "_reorder_cache" not in vars(lvlm.model) and "get_image_features" not in vars(lvlm.model.base_model)
     with torch.inference_mode():
         assert torch.equal(lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False), vanilla)
 

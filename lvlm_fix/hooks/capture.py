@@ -2,7 +2,10 @@
 
 Hooks are declared first (module, function) and registered together on ``__enter__`` inside
 ``try``, so a failure half-way removes what was already registered; ``__exit__`` removes every
-handle, whatever happened inside the block.
+handle, whatever happened inside the block. Besides forward pre- and post-hooks, a HookSet can
+shadow one attribute of an object for its lifetime (:meth:`HookSet.patch`): the contrast stream
+uses it for the two methods ``generate()`` calls by name outside any forward (beam reordering of
+the cache, and the image encoder it runs before the prefill), which no module hook can see.
 
 Also here: :func:`vision_cls_attention`, which finds, by structure, where a vision tower's CLS
 query attends (the attention module of each ViT layer, whose q/k projections a forward hook
@@ -21,33 +24,58 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class _Spec:
-    module: torch.nn.Module
-    fn: Callable
-    with_kwargs: bool
-    post: bool = False  # a forward hook (sees the output) rather than a pre-hook
+    module: Any  # a torch.nn.Module, or any object for a patch
+    fn: Any  # the hook, or the patch's value
+    with_kwargs: bool = False
+    kind: str = "pre"  # "pre" (forward pre-hook), "post" (forward hook) or "patch"
+    name: str = ""  # the patched attribute
+
+
+class _Patch:
+    """``obj.name`` shadowed by an instance attribute until :meth:`remove` (then as before)."""
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name = obj, name
+        self._had, self._before = name in vars(obj), vars(obj).get(name)
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        if self._had:
+            setattr(self.obj, self.name, self._before)
+        else:
+            delattr(self.obj, self.name)
 
 
 class HookSet:
-    """An all-or-nothing set of forward (pre-)hooks, used as a context manager."""
+    """An all-or-nothing set of forward hooks and attribute patches, used as a context manager."""
 
     def __init__(self) -> None:
         self._specs: list[_Spec] = []
-        self._handles: list[Any] = []  # torch RemovableHandles
+        self._handles: list[Any] = []  # torch RemovableHandles and _Patches
 
     def forward_pre(self, module: torch.nn.Module, fn: Callable, *, with_kwargs: bool = False) -> HookSet:
         self._specs.append(_Spec(module, fn, with_kwargs))
         return self
 
-    def forward(self, module: torch.nn.Module, fn: Callable) -> HookSet:
-        """A forward hook ``fn(module, args, output)``, called after ``module`` ran."""
-        self._specs.append(_Spec(module, fn, False, post=True))
+    def forward(self, module: torch.nn.Module, fn: Callable, *, with_kwargs: bool = False) -> HookSet:
+        """A forward hook ``fn(module, args, [kwargs,] output)``, run after the forward."""
+        self._specs.append(_Spec(module, fn, with_kwargs, kind="post"))
+        return self
+
+    def patch(self, obj: Any, name: str, value: Any) -> HookSet:
+        """Shadow ``obj.name`` by ``value`` (an instance attribute) while the set is entered."""
+        self._specs.append(_Spec(obj, value, kind="patch", name=name))
         return self
 
     def __enter__(self) -> HookSet:
         try:
             for s in self._specs:
-                register = s.module.register_forward_hook if s.post else s.module.register_forward_pre_hook
-                self._handles.append(register(s.fn, with_kwargs=s.with_kwargs))
+                if s.kind == "patch":
+                    self._handles.append(_Patch(s.module, s.name, s.fn))
+                elif s.kind == "post":
+                    self._handles.append(s.module.register_forward_hook(s.fn, with_kwargs=s.with_kwargs))
+                else:
+                    self._handles.append(s.module.register_forward_pre_hook(s.fn, with_kwargs=s.with_kwargs))
         except BaseException:
             self.remove()
             raise
@@ -57,7 +85,7 @@ class HookSet:
         self.remove()
 
     def remove(self) -> None:
-        """Remove every registered hook (idempotent, newest first)."""
+        """Remove every registered hook and patch (idempotent, newest first)."""
         while self._handles:
             self._handles.pop().remove()
 

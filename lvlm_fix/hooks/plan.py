@@ -14,6 +14,9 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
 A plan acts on its own model only: a forward of another model while it is active runs untouched,
 and two models can each have a plan active at once. Two plans on one model nest only as a
 participant's own forward on a side thread (``active(inner=True)``, VHR's text-only stream).
+
+A forward that a participant runs for itself beside the real one (a contrast stream's rows) runs
+inside :func:`outside_plan`, so that no participant edits or counts it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import LvlmFixError
-from .attention import ATTN_NAME, PlanSeat, acquire_seat, key_padding, release_seat
+from .attention import ATTN_NAME, SEAT_ATTR, PlanSeat, acquire_seat, key_padding, release_seat
 from .capture import HookSet
 
 if TYPE_CHECKING:
@@ -89,6 +92,9 @@ class Participant:
 
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
+
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        """Declare hooks of its own on ``hooks`` (e.g. a forward hook on the model); called on entering the plan."""
 
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
@@ -333,3 +339,21 @@ class Plan:
     def report(self) -> dict[str, Any]:
         """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""
         return {p.name or type(p).__name__.lower(): p.report() for p in self.participants}
+
+
+@contextmanager
+def outside_plan(lvlm: LVLM) -> Iterator[None]:
+    """Run ``lvlm``'s forwards inside the block as if no plan were active: no participant edits, reads or counts them.
+
+    The one place where a participant's own forward (a contrast stream's rows) leaves the plan of
+    the call in progress; the plan's hooks stay registered but are dormant for these forwards.
+    """
+    seat = lvlm.model.__dict__.get(SEAT_ATTR)
+    if seat is None:  # no plan is active on this model: nothing to leave
+        yield
+        return
+    token = seat.current.set(None)  # this thread only; the plan comes back when the block ends
+    try:
+        yield
+    finally:
+        seat.current.reset(token)

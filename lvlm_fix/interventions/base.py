@@ -110,6 +110,18 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ContrastConfig(MethodConfig):
+    """Base of the configs of methods that decode a contrast stream: the field they all share."""
+
+    null_contrast: bool = param(False, (
+        "Give the contrast stream the main rows' own input instead of the method's contrast (noised image, "
+        "disturbed instruction, no image). The stream still runs beside generate() with its own cache; with the "
+        "plausibility cut off the combination then returns the main logits, i.e. vanilla decoding through the "
+        "whole two-stream machinery: a check of the mechanism on a new model. Default False (source: lvlm-fix; not part "
+        "of the method)."))
+
+
 def _checked(name: str, value: Any, typ: Any, meta: Any) -> Any:
     """``value`` converted to the field type ``typ`` (int -> float, list -> tuple), or ConfigError."""
     args = get_args(typ)
