@@ -3,10 +3,12 @@
 Public API::
 
     handle = lvlm_fix.load("llava-hf/llava-1.5-7b-hf")        # or a local dir; None = embedded testbed
+    handle = lvlm_fix.wrap(model, processor)                  # a model you loaded yourself (quantised, sharded)
     with lvlm_fix.apply(handle, "vhr", alpha=2.0):            # around the real generate()
         ids = handle.model.generate(**handle.encode([image], [prompt]), max_new_tokens=64)
     out = lvlm_fix.generate(handle, [image], [prompt], method="vhr+var")   # one call
     stats = lvlm_fix.head_statistics(handle, image, prompt)    # VHD, sinks, entropy, image mass
+    lvlm_fix.register_method(MyMethod)                         # a method of your own (docs/adding-a-method.md)
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "apply", "evaluate", "generate", "head_statistics", "list_methods", "load"]
+__all__ = ["Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
+           "head_statistics", "list_methods", "load", "load_image", "param", "register_method", "wrap"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,10 +27,14 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
-    if name == "load":
-        from .model import load
+    if name in ("load", "wrap"):
+        from . import model
 
-        return load
+        return getattr(model, name)
+    if name == "load_image":
+        from .images import load_image
+
+        return load_image
     if name == "head_statistics":
         from .diagnostics import head_statistics
 
@@ -40,4 +47,8 @@ def __getattr__(name: str) -> Any:
         from .interventions import METHODS
 
         return METHODS.names
+    if name in ("register_method", "Intervention", "MethodConfig", "Stage", "param"):
+        from . import interventions
+
+        return getattr(interventions, name)
     raise AttributeError(f"module 'lvlm_fix' has no attribute {name!r}")

@@ -1,96 +1,159 @@
-"""The Python API: apply a method around the real ``generate()``, or generate in one call."""
+"""The Python API: apply methods around the real ``generate()``, or generate in one call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image
-
-from .errors import ConfigError
+from ._lazy import torch
+from .errors import ConfigError, InputError, LvlmFixWarning
 from .hooks.plan import Plan
-from .interventions import build_methods
-from .model import LVLM
+from .interventions import Generation, Intervention, build_methods
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .model import LVLM
+
+__all__ = ["Generation", "apply", "check_length", "eos_token_ids", "fit_new_tokens", "generate", "generated_lengths",
+           "run_methods"]
+
+MethodArg = str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None
 
 
 @contextmanager
-def apply(lvlm: LVLM, method: str | Sequence[str] | None, **params: Any) -> Iterator[Plan]:
+def apply(lvlm: LVLM, method: MethodArg, **params: Any) -> Iterator[Plan]:
     """Apply one or more methods to every ``lvlm.model.generate(...)`` / forward inside the block.
 
     Args:
         lvlm: the handle from :func:`lvlm_fix.load`.
-        method: a registered name, ``"vhr+var"`` for several, or None / ``"none"`` for none.
-        **params: method parameters, routed to each method whose config has the field.
+        method: a method spec: a registered name, ``"vhr+var"`` for several, ``"vhr:alpha=1.5"`` with
+            parameters, a dict of per-method parameters ``{"vhr": {"layers": [1]}, "var": {"tau": 3.5}}``,
+            or None / ``"none"`` for none.
+        **params: parameters by field name, each routed to the one composed method that has it (a
+            field that two composed methods share must be set per method, in the dict form).
 
     Yields:
-        The active :class:`~lvlm_fix.hooks.Plan`; ``plan.report()`` says what was touched.
+        The active :class:`~lvlm_fix.hooks.Plan`; ``plan.report()`` says what each method touched,
+        keyed by method name.
 
     Example:
-        >>> with lvlm_fix.apply(handle, "var", rho=0.5):
+        >>> with lvlm_fix.apply(handle, {"vhr": {"layers": [1]}, "var": {"layers": [2], "tau": 3.5}}) as plan:
         ...     ids = handle.model.generate(**batch, max_new_tokens=32)
     """
     methods = build_methods(method, **params)
-    refiners = [m.name for m in methods if m.refines_input]
-    if refiners:
+    wrappers = [m.name for m in methods if m.stage.wraps_generate]
+    if wrappers:
         raise ConfigError(
-            f"method {refiners[0]!r} rewrites the input image, so it cannot wrap a plain generate(); "
-            "use lvlm_fix.generate(handle, images, prompts, method=...)"
+            f"method {wrappers[0]!r} runs generate() itself (stage {methods[0].stage.name.lower()}), so it cannot "
+            "wrap a plain generate(); use lvlm_fix.generate(handle, images, prompts, method=...)"
         )
     plan = Plan(lvlm, methods)
     with plan.active():
         yield plan
 
 
-@dataclass
-class Generation:
-    """Texts generated for a batch, and what the methods saw and touched."""
-
-    texts: list[str]
-    report: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. CARVE's refined images and masks
-
-
 def generate(
     lvlm: LVLM,
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image | Sequence[Image.Image]],
     prompts: Sequence[str],
-    method: str | Sequence[str] | None = None,
+    method: MethodArg = None,
     *,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     num_beams: int = 1,
     seed: int | None = None,
     generate_kwargs: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
     **params: Any,
 ) -> Generation:
     """Generate answers for (image, prompt) rows with ``method`` applied, batched.
 
     Args:
         lvlm: the handle from :func:`lvlm_fix.load`.
-        images, prompts: one image and one prompt per row.
-        method: a registered name, ``"vhr+var"``, or None for the vanilla model.
+        images, prompts: one image (or a list of images) and one prompt per row.
+        method: a method spec, as for :func:`apply`; None for the vanilla model.
         max_new_tokens, do_sample, num_beams: passed to ``generate()``.
         seed: seeds torch before generating (sampling).
         generate_kwargs: any other ``generate()`` arguments.
-        **params: method parameters.
+        system_prompt: a system message for every row (see :meth:`LVLM.build_prompt`).
+        **params: method parameters, as for :func:`apply`.
+
+    Returns:
+        The texts, each method's report (keyed by method name, as ``plan.report()``) and artifacts.
     """
     methods = build_methods(method, **params)
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams, **(generate_kwargs or {})}
-    images = list(images)
-    artifacts: dict[str, Any] = {}
-    report: dict[str, Any] = {}
-    for m in (m for m in methods if m.refines_input):
-        images, extra = m.refine(lvlm, images, list(prompts), gen)
-        artifacts[m.name] = extra
-        report[m.name] = m.report()
-    batch = lvlm.encode(images, prompts)
-    plan = Plan(lvlm, [m for m in methods if not m.refines_input])
     if seed is not None:
         torch.manual_seed(seed)
+    return run_methods(lvlm, methods, list(images), list(prompts), gen, system_prompt=system_prompt)
+
+
+def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], prompts: list[str],
+                gen: dict[str, Any], *, system_prompt: str | None = None) -> Generation:
+    """Apply ``methods`` (in composition order) around one batched ``generate()``.
+
+    A method that wraps ``generate()`` (a pipeline, an input refinement) comes first in the order;
+    it runs the rest through the ``inner`` callback it is given, as many times as it needs. The
+    other methods act inside the model's own ``generate()`` through one :class:`Plan`.
+    """
+    if methods and methods[0].stage.wraps_generate:
+        first, rest = methods[0], methods[1:]
+
+        def inner(images: Sequence[Any], prompts: Sequence[str], gen: dict[str, Any]) -> Generation:
+            return run_methods(lvlm, rest, list(images), list(prompts), gen, system_prompt=system_prompt)
+
+        return first.generate(lvlm, images, prompts, gen, inner, system_prompt=system_prompt)
+    batch = lvlm.encode(images, prompts, system_prompt=system_prompt)
+    gen = dict(gen)
+    fit_new_tokens(lvlm, batch["input_ids"].shape[1], gen)
+    plan = Plan(lvlm, methods)
     with plan.active(), torch.inference_mode():
         out = lvlm.model.generate(**batch, **gen)
-    report.update({m.name: m.report() for m in plan.participants})
-    return Generation(texts=lvlm.decode(out, batch["input_ids"].shape[1]), report=report, artifacts=artifacts)
+    prompt_len = batch["input_ids"].shape[1]
+    return Generation(texts=lvlm.decode(out, prompt_len), report=plan.report(),
+                      tokens=generated_lengths(out, prompt_len, eos_token_ids(lvlm)).tolist())
+
+
+def eos_token_ids(lvlm: LVLM) -> set[int]:
+    """The ids that end a generation (the generation config's, else the tokenizer's)."""
+    eos = lvlm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = lvlm.tokenizer.eos_token_id
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+
+
+def generated_lengths(sequences: Any, prompt_len: int, eos: set[int]) -> Any:
+    """``[rows]`` generated tokens per row, up to and including the first EOS (padding after it excluded)."""
+    gen = sequences[:, prompt_len:]
+    n = gen.shape[1]
+    is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=gen.dtype, device=gen.device))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((gen.shape[0],), n, device=gen.device))
+    return first.cpu()
+
+
+def check_length(lvlm: LVLM, prompt_len: int, new_tokens: int = 0) -> None:
+    """Refuse, before any forward, a prompt plus ``new_tokens`` longer than the model's positions."""
+    limit = getattr(lvlm.text_config, "max_position_embeddings", None)
+    if limit and prompt_len + new_tokens > limit:
+        extra = f" and {new_tokens} tokens to generate or score" if new_tokens else ""
+        raise InputError(f"the prompt is {prompt_len} tokens{extra}, but the model has {limit} positions; shorten the "
+                         "prompt (or the image's token count)")
+
+
+def fit_new_tokens(lvlm: LVLM, prompt_len: int, gen: dict[str, Any]) -> None:
+    """Refuse a prompt the model cannot hold; cap ``gen["max_new_tokens"]`` (with a warning) so that
+    prompt and answer fit the model's positions."""
+    limit = getattr(lvlm.text_config, "max_position_embeddings", None)
+    if not limit:
+        return
+    if prompt_len >= limit:  # not even one token could be generated
+        raise InputError(f"the prompt is {prompt_len} tokens, but the model has {limit} positions; shorten the prompt "
+                         "(or the image's token count)")
+    wanted = gen.get("max_new_tokens")
+    if wanted is not None and prompt_len + wanted > limit:
+        gen["max_new_tokens"] = limit - prompt_len
+        warnings.warn(f"max_new_tokens capped so that prompt and answer fit the model's {limit} positions",
+                      LvlmFixWarning, stacklevel=3)

@@ -1,18 +1,166 @@
-"""``lvlm-fix heads``: the prompt forwards that record head statistics, and their figures."""
+"""``lvlm-fix heads``: head statistics reduced on the fly, the prompt forwards that record them, and figures.
+
+No full attention map is ever kept. Definitions:
+
+* VHD (VHR's metric): per head, the L2 distance between the head's output at the last prompt
+  position with the image and with the image tokens removed; the outlier filter zeroes heads whose
+  VHD *and* text-only norm both exceed mean + std over the layer's heads
+  (:func:`lvlm_fix.interventions.vhr.head_divergence`, :func:`~lvlm_fix.interventions.vhr.outlier_filter`);
+* massive activations (VAR's sink test): ``phi(x_j) = max_{d in D} |x_j[d]| / rms(x_j)`` with an RMS
+  norm without learned weight; tokens with ``phi > tau`` are sinks
+  (:func:`lvlm_fix.interventions.var.sink_scores`);
+* entropy of a head's attention row (natural log), over all keys and over image keys only
+  (renormalised); image-attention mass = the row's total weight on image keys.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image
+from ._lazy import torch
+from .errors import LvlmFixError
+from .hooks.plan import AttnContext, Participant, Plan, TokenState
+from .interventions.var import SINK_TAU, dims_from_votes, normalized_activations, sink_scores, sink_votes
+from .interventions.vhr import head_divergence, outlier_filter
+from .layout import image_token_grids
 
-from .hooks.plan import Plan
-from .hooks.stats import SINK_TAU, HeadStatistics, LastPositionHeads
-from .model import LVLM
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import Tensor
+
+    from .model import LVLM
+
+
+# -- pure reductions --------------------------------------------------------------------------
+def entropy(probs: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Entropy (nats) of attention rows ``[..., k]``, optionally over the keys in ``keep`` only.
+
+    With ``keep``, the kept weights are renormalised first; a row that keeps no weight has
+    entropy 0.
+    """
+    p = probs.float()
+    if keep is not None:
+        p = p * keep
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def image_mass(probs: Tensor, image_keys: Tensor) -> Tensor:
+    """Total attention weight on image keys: ``[b, h, k]`` x ``[b, k]`` -> ``[b, h]``."""
+    return (probs.float() * image_keys[:, None, :]).sum(-1)
+
+
+
+# -- the recorders behind `lvlm-fix heads` ------------------------------------------------------
+class LastPositionHeads(Participant):
+    """Every layer's per-head outputs at the last prompt position: the text-only pass of VHD."""
+
+    def __init__(self) -> None:
+        self.heads: dict[int, Tensor] = {}  # layer -> [n, h, d]
+
+    def bind(self, lvlm: LVLM) -> None:
+        self.head_output_layers = frozenset(range(lvlm.num_layers))
+
+    def head_output(self, heads: Tensor, ctx: AttnContext) -> None:
+        if ctx.step == 0:
+            self.heads[ctx.layer] = heads[:, -1].clone()  # a copy: a view would keep the whole layer input
+
+
+class HeadStatistics(Participant):
+    """Records VHD, visual sinks, entropy and image mass during one prompt forward of the image rows.
+
+    Attention statistics are taken at the last prompt position. VHD compares each layer's head
+    outputs there with ``text_heads``, the same rows' head outputs without image tokens
+    (:class:`LastPositionHeads` on :meth:`LVLM.text_only`, run before).
+    """
+
+    def __init__(self, text_heads: dict[int, Tensor], sink_dims: tuple[int, ...] | None = None,
+                 tau: float = SINK_TAU) -> None:
+        self.text_heads = text_heads
+        self.sink_dims = sink_dims
+        self.tau = tau
+        self.vhd: dict[int, Tensor] = {}
+        self.text_norm_sq: dict[int, Tensor] = {}
+        self.entropy_all: dict[int, Tensor] = {}
+        self.entropy_image: dict[int, Tensor] = {}
+        self.image_mass: dict[int, Tensor] = {}
+        self.phi: dict[int, Tensor] = {}
+        self._votes: Tensor | None = None
+        self._top: dict[int, tuple[Tensor, Tensor]] = {}
+        self.image_mask: Tensor | None = None
+
+    def bind(self, lvlm: LVLM) -> None:
+        every = frozenset(range(lvlm.num_layers))
+        self.observed_layers = self.head_output_layers = self.residual_layers = every
+        if self.sink_dims is None:
+            self.sink_dims = lvlm.known_sink_dims
+        self.sink_dims_source = "adapter" if self.sink_dims else "discovered"
+
+    def begin(self, tokens: TokenState) -> None:
+        self.image_mask = tokens.image_mask.cpu()
+
+    def head_output(self, heads: Tensor, ctx: AttnContext) -> None:
+        a, b = heads[:, -1], self.text_heads[ctx.layer].to(heads.device)  # [n, h, d]
+        self.vhd[ctx.layer] = head_divergence(a, b).cpu()
+        self.text_norm_sq[ctx.layer] = b.float().pow(2).sum(-1).cpu()
+
+    def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:
+        p, img, valid = probs_last, ctx.image_keys, ctx.key_valid  # [n, h, k], [n, k], [n, k]
+        self.entropy_all[ctx.layer] = entropy(p, valid[:, None, :]).cpu()
+        self.entropy_image[ctx.layer] = entropy(p, img[:, None, :]).cpu()
+        self.image_mass[ctx.layer] = image_mass(p, img).cpu()
+
+    def residual(self, hidden: Tensor, ctx: AttnContext) -> None:
+        if self.sink_dims:
+            self.phi[ctx.layer] = sink_scores(hidden, self.sink_dims).cpu()
+            return
+        # Dims unknown: keep per token only its largest normalised entry and that entry's dim,
+        # plus this layer's votes; finish() picks the dims once every layer has voted.
+        top, arg = normalized_activations(hidden).max(-1)  # [n, t]
+        self._top[ctx.layer] = (top.cpu(), arg.cpu())
+        if ctx.layer >= 1:  # the embedding layer's input carries no massive activations yet
+            votes = sink_votes(hidden, self.tau).cpu()
+            self._votes = votes if self._votes is None else self._votes + votes
+
+    def finish(self) -> None:
+        """Resolve the sink dims (discovering them if needed) and each token's sink score."""
+        if self.sink_dims or not self._top:
+            return
+        self.sink_dims = dims_from_votes(self._votes) if self._votes is not None else ()
+        dims = torch.tensor(self.sink_dims, dtype=torch.long)
+        for layer, (top, arg) in self._top.items():
+            self.phi[layer] = torch.where(torch.isin(arg, dims), top, torch.zeros_like(top))
+        self._top.clear()
+
+    def report(self) -> dict[str, Any]:
+        self.finish()
+        layers = sorted(self.vhd)
+
+        def table(d: dict[int, Tensor]) -> list[list[float]]:
+            return [d[layer].mean(0).tolist() for layer in layers]
+
+        filtered = {layer: outlier_filter(self.vhd[layer], self.text_norm_sq[layer]) for layer in layers}
+        img = self.image_mask
+        sinks = {}
+        for layer in sorted(self.phi):
+            flagged = (self.phi[layer] > self.tau) & img  # [n, t] visual sinks only
+            start = img.int().argmax(1)  # first image token per row
+            sinks[layer] = [[int(j - start[r]) for j in torch.nonzero(flagged[r]).flatten()] for r in range(len(img))]
+        return {
+            "layers": layers,
+            "vhd": table(self.vhd),
+            "vhd_filtered": table(filtered),
+            "entropy_all": table(self.entropy_all),
+            "entropy_image": table(self.entropy_image),
+            "image_mass": table(self.image_mass),
+            "sink_tau": self.tau,
+            "sink_dims": list(self.sink_dims or ()),
+            "sink_dims_source": self.sink_dims_source,
+            "n_image_tokens": [int(x) for x in img.sum(1)],
+            "visual_sinks": {str(k): v for k, v in sinks.items()},  # image-token offsets per row
+        }
 
 
 def head_statistics(lvlm: LVLM, image: Image.Image, prompt: str, *, tau: float = SINK_TAU) -> dict[str, Any]:
@@ -28,10 +176,28 @@ def head_statistics(lvlm: LVLM, image: Image.Image, prompt: str, *, tau: float =
         ``entropy_all``, ``entropy_image``, ``image_mass``), ``sink_dims`` (with their source:
         adapter table or discovered), and ``visual_sinks`` (image-token offsets per layer).
     """
-    report = record_head_statistics(lvlm, lvlm.encode([image], [prompt]), tau=tau).report()
+    batch = lvlm.encode([image], [prompt])
+    report = record_head_statistics(lvlm, batch, tau=tau).report()
     report.update(model=lvlm.name, model_type=lvlm.adapter.model_type, prompt=prompt,
-                  num_layers=lvlm.num_layers, num_heads=lvlm.num_heads)
+                  num_layers=lvlm.num_layers, num_heads=lvlm.num_heads, **image_grid(lvlm, batch))
     return report
+
+
+def image_grid(lvlm: LVLM, batch: Any) -> dict[str, Any]:
+    """The first row's image-token grid as the processor laid it out (:mod:`lvlm_fix.layout`), for the report.
+
+    ``image_grid`` is ``[rows, cols, offset]`` (offset among the row's image tokens), or None with
+    ``image_grid_error`` saying why; ``image_token_positions`` maps each image token (in order) to
+    its offset from the first one, so positional offsets can be turned into grid cells.
+    """
+    mask = lvlm.image_token_mask(batch["input_ids"][:1])[0]
+    pos = torch.nonzero(mask).flatten()
+    out: dict[str, Any] = {"image_token_positions": (pos - pos[0]).tolist() if len(pos) else []}
+    try:
+        g = image_token_grids(lvlm, batch)[0]
+    except LvlmFixError as e:
+        return {**out, "image_grid": None, "image_grid_error": str(e)}
+    return {**out, "image_grid": [g.rows, g.cols, g.offset]}
 
 
 def record_head_statistics(lvlm: LVLM, batch: Any, *, tau: float = SINK_TAU) -> HeadStatistics:
@@ -44,14 +210,6 @@ def record_head_statistics(lvlm: LVLM, batch: Any, *, tau: float = SINK_TAU) -> 
         with Plan(lvlm, [recorder]).active():
             lvlm.model.generate(**batch, max_new_tokens=1, do_sample=False)
     return recorder
-
-
-def _grid(n: int) -> tuple[int, int]:
-    """A near-square (rows, cols) grid for n image tokens (exact when n is a square)."""
-    rows = int(math.isqrt(n))
-    while rows > 1 and n % rows:
-        rows -= 1
-    return rows, n // rows
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -76,16 +234,27 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
-    n_img = report["n_image_tokens"][0]
-    counts = torch.zeros(max(n_img, 1))
+    # Layers flagging each image token, placed on the image's patch grid as the processor laid it out.
+    rank = {p: i for i, p in enumerate(report.get("image_token_positions", []))}  # offset -> image-token index
+    counts = torch.zeros(max(len(rank), 1))
     for offsets in report["visual_sinks"].values():
         for j in offsets[0]:
-            if 0 <= j < n_img:
-                counts[j] += 1
-    rows, cols = _grid(max(n_img, 1))
+            if j in rank:
+                counts[rank[j]] += 1
+    title = f"visual sinks: layers flagging each image token\n(dims {report['sink_dims']}, {report['sink_dims_source']})"
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    im = ax.imshow(counts.view(rows, cols).numpy(), cmap="magma")
-    ax.set(title=f"visual sinks: layers flagging each image token\n(dims {report['sink_dims']}, {report['sink_dims_source']})")
+    if report.get("image_grid"):
+        rows, cols, offset = report["image_grid"]
+        im = ax.imshow(counts[offset: offset + rows * cols].view(rows, cols).numpy(), cmap="magma")
+        outside = len(rank) - rows * cols
+        if outside:
+            title += f"\n{rows}x{cols} grid shown; {outside} other image tokens (tiles, newlines) not drawn"
+    else:  # no grid can be read from the processor's output: the tokens in order, and why
+        im = ax.imshow(counts[None, :].numpy(), cmap="magma", aspect="auto")
+        ax.set_yticks([])
+        ax.set_xlabel("image token (in sequence order)")
+        title += "\n(no patch grid: " + report.get("image_grid_error", "unknown layout")[:60] + "...)"
+    ax.set(title=title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     written.append(out_dir / "visual_sinks.png")

@@ -10,14 +10,14 @@ class LvlmFixError(Exception):
 
 
 class UnsupportedModelError(LvlmFixError):
-    """The model's ``config.model_type`` has no adapter."""
+    """A model the attention seam cannot serve; the message says why and what works."""
 
-    def __init__(self, model_type: str, supported: Iterable[str]) -> None:
-        self.model_type = model_type
-        self.supported = sorted(supported)
+    def __init__(self, model_type: str, reason: str) -> None:
+        self.model_type, self.reason = model_type, reason
         super().__init__(
-            f"unsupported model type {model_type!r}; supported types: {', '.join(self.supported)} "
-            "(add an Adapter to lvlm_fix.adapters.ADAPTERS for a new architecture)"
+            f"model type {model_type!r} is not supported: {reason}. lvlm-fix works on LVLMs whose text decoder is a "
+            "stack of self-attention layers reading the image as image tokens in input_ids (llava, qwen2_vl, gemma3, "
+            "internvl, mistral3 and more: the verified families are listed in docs/supported-models.md)"
         )
 
 
@@ -29,8 +29,9 @@ class UnknownNameError(LvlmFixError, KeyError):
 
         self.kind, self.name = kind, name
         self.available = sorted(available)
-        close = difflib.get_close_matches(name, self.available, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        by_lower = {a.lower(): a for a in self.available}  # a case slip ("VHR") is the likeliest typo
+        close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
+        hint = f" Did you mean {by_lower[close[0]]!r}?" if close else ""
         super().__init__(f"unknown {kind} {name!r}.{hint} Available: {', '.join(self.available)}")
 
     def __str__(self) -> str:  # KeyError would otherwise quote the whole message
@@ -43,3 +44,15 @@ class ConfigError(LvlmFixError, ValueError):
 
 class InputError(LvlmFixError, ValueError):
     """Unreadable image, malformed prompt file, and the like."""
+
+
+class DataError(InputError):
+    """A dataset file, folder or record that is missing or malformed."""
+
+
+class RunFolderBusyError(InputError):
+    """Another live process is writing into the same run folder (``--out``)."""
+
+
+class LvlmFixWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

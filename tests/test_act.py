@@ -12,7 +12,7 @@ import torch
 import lvlm_fix
 import lvlm_fix.interventions.act  # noqa: F401  (registers "act")
 from conftest import PROMPTS
-from lvlm_fix.calibration import answer_token_ids, calibrate_act, write_head_file
+from lvlm_fix.interventions.act import answer_token_ids, calibrate_act, write_head_file
 from lvlm_fix.errors import ConfigError
 from lvlm_fix.hooks.plan import AttnContext, Plan
 from lvlm_fix.interventions.act import Act, ActConfig, act_redistribute, act_sinks, default_act_layers, parse_heads
@@ -151,7 +151,7 @@ def test_default_config_changes_logits(fam, tiny_dirs, sharp_llava, images):
     batch = lvlm.encode(images, PROMPTS)
     vanilla, _ = _logits(lvlm, batch)
     acted, plan = _logits(lvlm, batch, "act")
-    rep = plan.report()["Act"]
+    rep = plan.report()["act"]
     assert rep["head_source"].startswith("default")
     assert sorted(map(int, rep["heads"])) == default_act_layers(lvlm.num_layers)
     assert any(v["max_per_head"] > 0 for v in rep["sinks"].values())
@@ -165,13 +165,13 @@ def test_batched_equals_each_row_alone(sharp_llava, images):
     batch = lvlm.encode(images, PROMPTS)  # three prompt lengths -> left padding
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3
     together, plan = _logits(lvlm, batch, "act", thres=0.05)
-    sinks = plan.report()["Act"]["sinks"]
+    sinks = plan.report()["act"]["sinks"]
     for i in range(3):
         alone, plan_i = _logits(lvlm, lvlm.encode(images[i : i + 1], PROMPTS[i : i + 1]), "act", thres=0.05)
         assert torch.equal(alone.sequences[0, -4:], together.sequences[i, -4:])
         for a, b in zip(alone.logits, together.logits):
             assert torch.allclose(a[0], b[i], atol=1e-4), (a[0] - b[i]).abs().max()
-        for layer, s in plan_i.report()["Act"]["sinks"].items():
+        for layer, s in plan_i.report()["act"]["sinks"].items():
             assert s["positions"][0] == sinks[layer]["positions"][i]  # same sinks, counted from each row's BOS
 
 
@@ -179,9 +179,9 @@ def test_batched_equals_each_row_alone(sharp_llava, images):
 @pytest.mark.parametrize(
     "params, needle",
     [
-        (dict(beta=1.5), "beta=1.5 is out of range; valid range is [0.0, 1.0]"),
+        (dict(beta=1.5), "beta=1.5 is out of range; valid range is [0, 1]"),
         (dict(beta=-0.1), "beta=-0.1"),
-        (dict(thres=2.0), "thres=2.0 is out of range; valid range is [0.0, 1.0]"),
+        (dict(thres=2.0), "thres=2.0 is out of range; valid range is [0, 1]"),
         (dict(heads="2-0"), "heads='2-0'"),
         (dict(heads="1:0", heads_file="x.json"), "either heads_file or heads"),
     ],

@@ -1,4 +1,5 @@
-"""CHAIR object extraction and metrics on hand-written captions and a tiny COCO annotation."""
+"""CHAIR in lvlm-fix mode (object extraction and metrics) on hand-written captions and a tiny COCO
+annotation; original mode has its own file, test_chair_original.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from lvlm_fix.evals import chair, stats
 from lvlm_fix.evals.chair import ChairEvaluator, SynonymTable, caption_to_objects
-from lvlm_fix.evals.data import DataError
+from lvlm_fix.errors import DataError
 
 # Real COCO category ids, for flavour; only the names matter.
 CATEGORIES = {
@@ -53,7 +54,7 @@ def write_coco(root: Path, images: dict[int, tuple[list[int], list[str]]] = IMAG
 
 @pytest.fixture
 def evaluator(tmp_path: Path) -> ChairEvaluator:
-    return ChairEvaluator.from_coco(*write_coco(tmp_path))
+    return ChairEvaluator.from_coco(*write_coco(tmp_path), mode="lvlm-fix")
 
 
 @pytest.mark.parametrize(
@@ -66,6 +67,8 @@ def evaluator(tmp_path: Path) -> ChairEvaluator:
         ("A teddy bear.", ["teddy bear"]),  # not a bear
         ("A baby elephant.", ["elephant"]),  # baby + animal -> animal, no person
         ("An adult giraffe and its baby.", ["giraffe", "person"]),  # rule needs adjacency
+        ("A bear with a baby cub.", ["bear"]),  # cub and animal are animals too: no person
+        ("Two adult animals.", []),
         ("A toilet seat.", ["toilet"]),
         ("A toilet with the seat up.", ["toilet"]),  # seat dropped when a toilet is mentioned
         ("A seat by the window.", ["chair"]),
@@ -83,11 +86,11 @@ def evaluator(tmp_path: Path) -> ChairEvaluator:
     ],
 )
 def test_caption_to_objects(caption: str, nodes: list[str]) -> None:
-    assert [m.node for m in caption_to_objects(caption)] == nodes
+    assert [m.node for m in caption_to_objects(caption, "lvlm-fix")] == nodes
 
 
 def test_mentions_keep_surface_words_and_multiplicity() -> None:
-    mentions = caption_to_objects("A dog chases another dog and a puppy.")
+    mentions = caption_to_objects("A dog chases another dog and a puppy.", "lvlm-fix")
     assert [(m.word, m.node) for m in mentions] == [("dog", "dog"), ("dog", "dog"), ("puppy", "dog")]
 
 
@@ -134,12 +137,13 @@ def test_evaluate_hand_computed(evaluator: ChairEvaluator) -> None:
     assert result.mean_length == pytest.approx((13 + 10 + 10 + 7 + 6 + 4) / 6)
     first = result.details[0]
     assert first.mentioned == ["dog", "dog", "fire hydrant", "car"]
-    assert first.mentioned_words == ["dog", "puppy", "fire hydrant", "car"]
+    assert first.words == ["dog", "puppy", "fire hydrant", "car"]
     assert first.hallucinated == ["car"]
     assert first.gt == ["dog", "fire hydrant"]
     assert result.details[4].gt == ["bed", "cat"] and result.details[4].image_id == 105
     summary = result.as_dict(include_details=False)
-    assert summary["singularizer"] == chair.SINGULARIZER and "details" not in summary
+    assert summary["settings"]["singularizer_version"] == chair.SINGULARIZER and "details" not in summary
+    assert summary["settings"]["chair_mode"] == "lvlm-fix"
     json.dumps(result.as_dict())  # JSON-ready
 
 
@@ -185,6 +189,8 @@ def test_from_coco_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"categories": [{"id": 1, "name": "unicorn"}], "annotations": []}))
     with pytest.raises(DataError, match="category 'unicorn' is not in the synonym table"):
+        ChairEvaluator.from_coco(bad, cap, mode="lvlm-fix")
+    with pytest.raises(DataError, match="category 'unicorn' is not in the original CHAIR synonym table"):
         ChairEvaluator.from_coco(bad, cap)
     with pytest.raises(DataError, match=r"lacks \['categories'\]"):
         ChairEvaluator.from_coco(cap, cap)  # a captions file passed as instances

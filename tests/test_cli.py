@@ -28,13 +28,18 @@ def image_file(tmp_path_factory, images):
     return path
 
 
-def test_list_names_every_method(capsys):
+def test_list_names_every_method_and_eval(capsys):
+    from lvlm_fix.evals.bench import registry
     from lvlm_fix.interventions import METHODS
 
     code, out, _ = run(capsys, "list")
     assert code == 0 and "none" in out
     for name in METHODS.names():
         assert f"  {name} " in out
+    evals = out.split("evals:")[1]
+    assert {"pope", "chair", "amber"} <= set(registry().names())
+    for name in registry().names():
+        assert f"  {name} " in evals
 
 
 def test_run_prints_an_answer_and_jsonl_runs_batched(capsys, tiny_dirs, image_file, tmp_path):
@@ -87,7 +92,8 @@ def test_unknown_method_suggests_the_close_name(capsys, image_file):
     ('{"image": "a.png"}', "rows.jsonl:1"),
     ('{"image": "a.png", "prompt": "ok"}\nnot json', "rows.jsonl:2"),
 ])
-def test_malformed_jsonl_row(capsys, tiny_dirs, tmp_path, content, needle):
+def test_malformed_jsonl_row(capsys, tiny_dirs, tmp_path, images, content, needle):
+    images[0].save(tmp_path / "a.png")
     rows = tmp_path / "rows.jsonl"
     rows.write_text(content)
     assert needle in cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--jsonl", str(rows))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,9 @@ from lvlm_fix.evals.pope import Confusion, metrics, parse_answer
         ("I cannot tell", "yes", True),  # no yes/no word: canonical rule says yes, but flagged
         ("No", "no", False),
         ("No\n", "no", False),  # surrounding whitespace is stripped first
-        ("NO", "yes", False),  # the canonical rule is case-sensitive: only No / no / not
+        ("NO", "yes", True),  # the canonical rule is case-sensitive: only No / no / not; counted as unparseable
+        ("No!", "yes", True),  # "No!" is not the word "No" for the rule
+        ("Not sure", "yes", True),
         ("Yes. There is no cat next to it.", "yes", False),  # only the first sentence counts
         ("Yes, there is a dog", "yes", False),
         ("The dog is not visible", "no", False),
@@ -32,9 +36,69 @@ def test_parse_answer_follows_canonical_rule(text: str, expected: str, unparseab
     assert pope.is_unparseable(text) is unparseable
 
 
-def test_is_unparseable_uses_word_boundaries() -> None:
+def test_unparseable_follows_the_parser() -> None:
     assert pope.is_unparseable("nothing noted, yesterday")  # no/yes only inside other words
-    assert not pope.is_unparseable("Well... NO")
+    assert pope.is_unparseable("Well... NO")  # first sentence "Well": nothing the llava parser reads
+    assert not pope.is_unparseable("NO", "opera") and pope.parse_answer("NO", "opera") == "no"
+    assert pope.is_unparseable("Maybe.", "vcd") and not pope.is_unparseable("nothing", "vcd")
+
+
+@pytest.mark.parametrize(("parser", "text", "label", "expected"), [
+    ("opera", "There isn't a dog.", "yes", "no"),  # a word ending in n't
+    ("opera", "Yes. There is no cat.", "yes", "no"),  # every sentence counts
+    ("opera", "Yes, it is.", "no", "yes"),
+    ("vcd", "Yes there is", "yes", "yes"),
+    ("vcd", "I don't know", "no", "no"),  # 'no' inside 'know' counts for a no label
+    ("vcd", "Nope", "yes", "no"),  # no 'yes' substring: a miss
+    ("vcd", "Sure", "no", "yes"),  # no 'no' substring: a false yes
+    ("lmms-exact", " Yes ", "yes", "yes"),
+    ("lmms-exact", "Yes.", "yes", None),  # only exact words count
+])
+def test_parsers(parser: str, text: str, label: str, expected: str | None) -> None:
+    assert pope.parse_answer(text, parser, label) == expected
+
+
+def test_lmms_exact_scoring_hand_computed() -> None:
+    report = pope.score(["Yes", "no", "maybe", "yes", "No", "yes"], ["yes", "no", "yes", "no", "no", "yes"],
+                        "lmms-exact")
+    assert report.confusion == Confusion(tp=2, fp=1, tn=2, fn=0, other_yes=1)
+    m = report.metrics
+    assert (m.accuracy, m.precision, m.recall, m.f1) == pytest.approx((4 / 6, 2 / 3, 1.0, 0.8))
+    assert (m.yes_ratio, m.label_yes_ratio) == pytest.approx((3 / 6, 3 / 6))  # predictions vs labels
+    assert report.n_unparseable == 1
+
+
+def test_vcd_scoring_hand_computed() -> None:
+    report = pope.score(["Yes there is", "I don't know", "Nope", "Sure"], ["yes", "no", "yes", "no"], "vcd")
+    assert report.confusion == Confusion(tp=1, fp=1, tn=1, fn=1)
+    assert report.metrics.yes_ratio == pytest.approx(0.5) and report.n_unparseable == 1  # "Sure" ("nope" has "no")
+
+
+def test_presets() -> None:
+    assert set(pope.PRESETS) == {"raw", "llava", "lmms-eval", "vcd", "opera"}
+    for preset in pope.PRESETS.values():
+        assert preset.parser in pope.PARSERS
+        assert pope.build_prompt("Q?", preset.template).startswith("Q?")
+    llava = pope.PRESETS["llava"]
+    assert pope.build_prompt("Is there a dog?", llava.template) == (
+        "Is there a dog?\nAnswer the question using a single word or phrase.")
+    assert llava.system_prompt == pope.VICUNA_SYSTEM_PROMPT and llava.generation["max_new_tokens"] == 128
+    assert pope.PRESETS["raw"].system_prompt is None and pope.PRESETS["raw"].parser == "llava"
+    assert pope.PRESETS["lmms-eval"].generation["stop"] == ["\n\n"] and pope.PRESETS["lmms-eval"].parser == "lmms-exact"
+    vcd = pope.PRESETS["vcd"]
+    assert vcd.generation["do_sample"] and vcd.generation["temperature"] == 1.0 and vcd.seed == 55
+    assert pope.PRESETS["opera"].generation == {"max_new_tokens": 10, "do_sample": False, "num_beams": 5}
+
+
+@pytest.mark.parametrize(("template", "needle"), [
+    ("{question} {oops}", "unknown field {oops}"),
+    ("{question} {0}", "unknown field {0}"),
+    ("{question", "not a valid template"),
+    ("Answer yes or no.", "no '{question}' field"),
+])
+def test_bad_templates_name_the_problem(template: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        pope.check_template(template)
 
 
 def test_confusion_from_pairs_counts_each_cell() -> None:
@@ -68,7 +132,7 @@ def test_metrics_zero_denominators_give_zero() -> None:
     )
     empty = metrics(Confusion())
     assert empty.as_dict() == {
-        "accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0, "n": 0
+        "accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0, "n": 0, "label_yes_ratio": 0.0
     }
 
 
@@ -111,7 +175,7 @@ def test_prompt_templates() -> None:
     assert pope.build_prompt(q, pope.LLAVA_QUESTION_TEMPLATE) == (
         q + "\nAnswer the question using a single word or phrase."
     )
-    with pytest.raises(InputError, match="no '\\{question\\}' field"):
+    with pytest.raises(ConfigError, match="no '\\{question\\}' field"):
         pope.build_prompt(q, "Answer yes or no.")
     assert pope.SPLITS == ("random", "popular", "adversarial")
 
@@ -120,15 +184,21 @@ def test_stats_functions_match_metrics_and_broadcast() -> None:
     preds = ["yes"] * 3 + ["yes"] + ["no"] * 4 + ["no"] * 2
     labels = ["yes"] * 3 + ["no"] + ["no"] * 4 + ["yes"] * 2
     values = pope.per_sample_array(preds, labels)
-    assert values.shape == (10, 2)
+    assert values.shape == (10, 3)
     expected = metrics(Confusion(tp=3, fp=1, tn=4, fn=2)).as_dict()
     for name, fn in pope.STATS.items():
         assert float(fn(values)) == pytest.approx(expected[name])
-        batch = fn(np.stack([values, values[::-1]]))  # (k, n, 2) -> (k,)
+        batch = fn(np.stack([values, values[::-1]]))  # (k, n, 3) -> (k,)
         assert batch.shape == (2,) and batch == pytest.approx([expected[name]] * 2)
 
 
 # ---- bootstrap statistics -------------------------------------------------------------------
+
+
+def _as_pope(pred_label: np.ndarray) -> np.ndarray:
+    """[pred_yes, label_yes] rows -> the [pred_yes, pred_no, label_yes] rows of pope.per_sample_array."""
+    return np.stack([pred_label[:, 0], 1 - pred_label[:, 0], pred_label[:, 1]], axis=1)
+
 
 
 def test_bootstrap_ci_of_constant_is_degenerate() -> None:
@@ -147,7 +217,7 @@ def test_bootstrap_ci_follows_documented_recipe() -> None:
 
 def test_bootstrap_ci_width_is_plausible_for_accuracy() -> None:
     # 400 answers, half right: the normal approximation gives 0.5 +- 0.049.
-    values = np.array([[1, 1], [1, 0]] * 200)
+    values = np.array([[1, 0, 1], [1, 0, 0]] * 200)
     ci = stats.bootstrap_ci(values, pope.STATS["accuracy"], n_boot=2000, seed=1)
     assert ci.estimate == 0.5
     assert ci.low < 0.5 < ci.high
@@ -156,7 +226,7 @@ def test_bootstrap_ci_width_is_plausible_for_accuracy() -> None:
 
 def test_batched_and_index_forms_agree_with_per_replicate() -> None:
     rng = np.random.default_rng(0)
-    values = rng.integers(0, 2, size=(60, 2))
+    values = _as_pope(rng.integers(0, 2, size=(60, 2)))
     f1 = pope.STATS["f1"]
     one = stats.bootstrap_ci(values, f1, n_boot=300, seed=5)
     many = stats.bootstrap_ci(values, f1, n_boot=300, seed=5, batched=True)
@@ -165,7 +235,7 @@ def test_batched_and_index_forms_agree_with_per_replicate() -> None:
 
 
 def test_paired_bootstrap_identical_systems_p_is_one() -> None:
-    values = np.array([[1, 1], [0, 1], [1, 0], [0, 0]] * 10)
+    values = _as_pope(np.array([[1, 1], [0, 1], [1, 0], [0, 0]] * 10))
     result = stats.paired_bootstrap(values, values, pope.STATS["f1"], n_boot=100)
     assert result.diff == 0.0 and result.p_value == 1.0
 
@@ -190,7 +260,7 @@ def test_paired_bootstrap_one_sample_difference_is_not_significant() -> None:
 
 def test_paired_bootstrap_batched_matches() -> None:
     rng = np.random.default_rng(1)
-    a, b = rng.integers(0, 2, (80, 2)), rng.integers(0, 2, (80, 2))
+    a, b = _as_pope(rng.integers(0, 2, (80, 2))), _as_pope(rng.integers(0, 2, (80, 2)))
     acc = pope.STATS["accuracy"]
     assert stats.paired_bootstrap(a, b, acc, n_boot=250, seed=2) == stats.paired_bootstrap(
         a, b, acc, n_boot=250, seed=2, batched=True

@@ -8,15 +8,9 @@ import torch
 
 import lvlm_fix
 from lvlm_fix.hooks.plan import AttnContext
-from lvlm_fix.hooks.stats import (
-    HeadStatistics,
-    discover_sink_dims,
-    entropy,
-    head_divergence,
-    image_mass,
-    outlier_filter,
-    sink_scores,
-)
+from lvlm_fix.diagnostics import HeadStatistics, entropy, image_mass
+from lvlm_fix.interventions.var import discover_sink_dims, sink_scores
+from lvlm_fix.interventions.vhr import head_divergence, outlier_filter
 
 
 def test_entropy_matches_hand_computed_values():

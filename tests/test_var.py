@@ -11,7 +11,7 @@ import torch
 import lvlm_fix
 from lvlm_fix.errors import ConfigError
 from lvlm_fix.hooks.plan import Participant, Plan
-from lvlm_fix.hooks.stats import discover_sink_dims
+from lvlm_fix.interventions.var import discover_sink_dims
 from lvlm_fix.interventions.var import VAR, VARConfig, default_layers, redistribute, row_sink_dims
 
 FAMILIES = ("llava", "qwen2_vl", "gemma3")
@@ -106,7 +106,7 @@ def test_default_layers_exclude_first_two_and_last():
 
 # -- config --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, text", [
-    ({"rho": 1.5}, r"rho=1.5 .*\[0.0, 1.0\]"), ({"p": -0.1}, "p=-0.1"), ({"summ": 2.0}, "summ=2.0"),
+    ({"rho": 1.5}, r"rho=1.5 .*\[0, 1\]"), ({"p": -0.1}, "p=-0.1"), ({"summ": 2.0}, "summ=2.0"),
     ({"tau": -1.0}, "tau=-1.0"), ({"p": float("nan")}, "p=nan"), ({"sink_dims": ()}, "sink_dims=()"),
     ({"sink_dims": (-3,)}, "-3"), ({"layers": (2.5,)}, "layers="),
 ])
@@ -121,7 +121,8 @@ def test_config_fields_document_default_and_source():
     for name, text in VARConfig.field_help().items():
         assert "Default" in text and "source" in text, name
     assert "non-sink" in VARConfig.field_help()["rho"].lower()
-    assert VARConfig.noop() == VARConfig(p=1.0)
+    assert VARConfig.noop() == VARConfig(layers=())
+    assert VARConfig.math_identity() == VARConfig(p=1.0)
 
 
 def test_bad_layers_and_dims_raise_at_bind(tiny):
@@ -140,7 +141,7 @@ def test_noop_is_vanilla(tiny, images, name):
     handle = tiny(name)
     batch = handle.encode(images[:2], ROWS[:2])
     base = _gen(handle, batch, max_new_tokens=6)
-    with lvlm_fix.apply(handle, "var", p=1.0, **SINKS) as plan:
+    with lvlm_fix.apply(handle, "var", layers=(), **SINKS) as plan:
         out = _gen(handle, batch, max_new_tokens=6)
     (m,) = plan.participants
     assert not m.eager_layers and not m.residual_layers and not m.head_output_layers
@@ -218,7 +219,7 @@ def test_report_contents(tiny, images):
     batch = handle.encode(images[:2], ROWS[:2])
     with lvlm_fix.apply(handle, "var", layers=layers, **SINKS) as plan:
         ids = handle.model.generate(**batch, max_new_tokens=3, do_sample=False)
-    assert plan.report()["VAR"] == report
+    assert plan.report()["var"] == report
     assert handle.decode(ids, batch["input_ids"].shape[1]) == res.texts
 
 
@@ -227,19 +228,19 @@ def test_sink_dims_from_adapter_or_discovered(tiny, images):
     batch = handle.encode(images[:1], ROWS[:1])
     with lvlm_fix.apply(handle, "var", layers=(1,)) as plan:  # tau 20: random weights have no sinks
         _gen(handle, batch)
-    report = plan.report()["VAR"]
+    report = plan.report()["var"]
     assert report["sink_dims_source"] == "discovered"
     assert report["sink_dims"] == [[]] and report["rows_without_sink_dims"] == [0]
     assert report["redistributed_total"] == [0]
     with lvlm_fix.apply(handle, "var", layers=(1,), tau=2.0) as plan:
         _gen(handle, batch)
-    report = plan.report()["VAR"]
+    report = plan.report()["var"]
     assert report["sink_dims_source"] == "discovered" and 1 <= len(report["sink_dims"][0]) <= 4
     adapter = dataclasses.replace(handle.adapter, sink_dims={handle.hidden_size: (3, 5)})
     known = dataclasses.replace(handle, adapter=adapter)
     with lvlm_fix.apply(known, "var", layers=(1,)) as plan:
         _gen(known, batch)
-    report = plan.report()["VAR"]
+    report = plan.report()["var"]
     assert report["sink_dims_source"] == "adapter" and report["sink_dims"] == [[3, 5]]
 
 
@@ -264,12 +265,12 @@ def test_sinks_are_detected_per_sample(tiny, images):
     a, b = handle.encode(images[:1], ROWS[:1]), handle.encode(images[2:3], ROWS[2:3])
     with lvlm_fix.apply(handle, "var", layers=(1,), **SINKS) as plan:
         _gen(handle, a)
-        first = plan.report()["VAR"]
+        first = plan.report()["var"]
         _gen(handle, b)
-        second = plan.report()["VAR"]
+        second = plan.report()["var"]
     with lvlm_fix.apply(handle, "var", layers=(1,), **SINKS) as plan:
         _gen(handle, b)
-    assert second == plan.report()["VAR"]
+    assert second == plan.report()["var"]
     assert first["sinks"] != second["sinks"]
 
 

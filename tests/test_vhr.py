@@ -22,13 +22,6 @@ def _gen(handle, batch, **kw):
         return handle.model.generate(**batch, output_scores=True, return_dict_in_generate=True, **kw)
 
 
-class _ForcedVHR(VHR):
-    """Runs the text-only stream, the selection and the hooks even at alpha=1 (to show they change nothing)."""
-
-    def _identity(self) -> bool:
-        return False
-
-
 # -- pure maths ------------------------------------------------------------------------------
 def _heads(vhd: list[float], ta: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """[h, 2] outputs with ||a_i - b_i|| = vhd_i and ||b_i||^2 = ta_i (b on axis 0, a - b on axis 1)."""
@@ -89,7 +82,8 @@ def test_config_fields_document_default_and_source():
     assert (cfg.alpha, cfg.layers, cfg.outlier_filter) == (2.0, None, True)
     for name, text in VHRConfig.field_help().items():
         assert "Default" in text and "source" in text, name
-    assert VHRConfig.noop() == VHRConfig(alpha=1.0)
+    assert VHRConfig.noop() == VHRConfig(layers=())
+    assert VHRConfig.math_identity() == VHRConfig(alpha=1.0)
     assert VHRConfig(layers=[1, -1]).layers == (1, -1)
 
 
@@ -112,13 +106,13 @@ def test_noop_is_vanilla(tiny, images, name):
     handle = tiny(name)
     batch = handle.encode(images[:2], ROWS[:2])
     base = _gen(handle, batch, max_new_tokens=6)
-    with lvlm_fix.apply(handle, "vhr", alpha=1.0) as plan:
+    with lvlm_fix.apply(handle, "vhr", layers=()) as plan:
         out = _gen(handle, batch, max_new_tokens=6)
     (m,) = plan.participants
     assert not m.head_output_layers and not m.eager_layers and not m.residual_layers
     assert torch.equal(base.sequences, out.sequences)
     assert all(torch.equal(x, y) for x, y in zip(base.scores, out.scores))
-    assert plan.report()["VHR"]["selected_heads"] == {}
+    assert plan.report()["vhr"]["selected_heads"] == {}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -127,7 +121,7 @@ def test_selection_machinery_alone_changes_nothing(tiny, images, name):
     handle = tiny(name)
     batch = handle.encode(images[:2], ROWS[:2])
     base = _gen(handle, batch)
-    m = _ForcedVHR(VHRConfig(alpha=1.0))
+    m = VHR(VHRConfig.math_identity())
     with Plan(handle, [m]).active():
         out = _gen(handle, batch)
     assert m.selected  # the selection did run
@@ -137,7 +131,7 @@ def test_selection_machinery_alone_changes_nothing(tiny, images, name):
     torch.manual_seed(3)
     base = _gen(handle, batch, do_sample=True, top_k=0)
     torch.manual_seed(3)
-    with Plan(handle, [_ForcedVHR(VHRConfig(alpha=1.0))]).active():
+    with Plan(handle, [VHR(VHRConfig.math_identity())]).active():
         out = _gen(handle, batch, do_sample=True, top_k=0)
     assert torch.equal(base.sequences, out.sequences)
 
@@ -150,7 +144,7 @@ def test_default_changes_logits_and_reports(tiny, images, name):
     with lvlm_fix.apply(handle, "vhr") as plan:
         out = _gen(handle, batch)
     assert not torch.allclose(base.scores[0], out.scores[0])
-    report = plan.report()["VHR"]
+    report = plan.report()["vhr"]
     json.dumps(report)
     layers = default_layers(handle.num_layers)
     assert report["layers"] == layers and report["alpha"] == 2.0 and report["outlier_filter"] is True
@@ -210,7 +204,7 @@ def test_selection_is_layer_by_layer_on_the_reinforced_model(tiny, images):
     layers = default_layers(handle.num_layers)
     with lvlm_fix.apply(handle, "vhr", alpha=2.0) as plan:
         _gen(handle, batch, max_new_tokens=1)
-    got = plan.report()["VHR"]["selected_heads"]
+    got = plan.report()["vhr"]["selected_heads"]
     want = _reference_selection(handle, batch, layers, 2.0)
     assert got == {str(i): want[i] for i in layers}
 
@@ -221,7 +215,7 @@ def test_frozen_heads_scale_every_position_at_every_step(tiny, images):
     batch = handle.encode(images[:2], ROWS[:2])
     with lvlm_fix.apply(handle, "vhr") as plan:
         out = _gen(handle, batch, max_new_tokens=6)
-    selected = plan.report()["VHR"]["selected_heads"]
+    selected = plan.report()["vhr"]["selected_heads"]
     h = handle.num_heads
     hooks = []
     for layer, rows in selected.items():
@@ -260,12 +254,12 @@ def test_apply_around_generate_and_state_reset(tiny, images):
     a, b = handle.encode(images[:1], ROWS[:1]), handle.encode(images[1:2], ROWS[1:2])
     with lvlm_fix.apply(handle, "vhr") as plan:
         ids_a = handle.model.generate(**a, max_new_tokens=4, do_sample=False)
-        report_a = plan.report()["VHR"]
+        report_a = plan.report()["vhr"]
         handle.model.generate(**b, max_new_tokens=4, do_sample=False)
-        report_b = plan.report()["VHR"]
+        report_b = plan.report()["vhr"]
     with lvlm_fix.apply(handle, "vhr") as plan:
         handle.model.generate(**b, max_new_tokens=4, do_sample=False)
-    assert report_b == plan.report()["VHR"]  # nothing of sample a carried over
+    assert report_b == plan.report()["vhr"]  # nothing of sample a carried over
     res = lvlm_fix.generate(handle, images[:1], ROWS[:1], method="vhr", max_new_tokens=4)
     assert res.report["vhr"] == report_a
     assert handle.decode(ids_a, a["input_ids"].shape[1]) == res.texts
@@ -277,13 +271,13 @@ def test_beam_search_and_sampling(tiny, images, name):
     batch = handle.encode(images[:2], ROWS[:2])
     with lvlm_fix.apply(handle, "vhr") as plan:
         out = _gen(handle, batch, num_beams=2, num_return_sequences=2, max_new_tokens=4)
-    rows = plan.report()["VHR"]["selected_heads"]
+    rows = plan.report()["vhr"]["selected_heads"]
     for per_row in rows.values():  # rows are expanded per beam before the prefill
         assert len(per_row) == 4 and per_row[0] == per_row[1] and per_row[2] == per_row[3]
     assert out.sequences.shape[0] == 4
     with lvlm_fix.apply(handle, "vhr") as plan:
         plain = _gen(handle, batch, max_new_tokens=1)
-    assert {k: [v[0], v[2]] for k, v in rows.items()} == plan.report()["VHR"]["selected_heads"]
+    assert {k: [v[0], v[2]] for k, v in rows.items()} == plan.report()["vhr"]["selected_heads"]
     res = lvlm_fix.generate(handle, images[:2], ROWS[:2], method="vhr", do_sample=True, seed=1, max_new_tokens=4)
     res2 = lvlm_fix.generate(handle, images[:2], ROWS[:2], method="vhr", do_sample=True, seed=1, max_new_tokens=4)
     assert res.texts == res2.texts

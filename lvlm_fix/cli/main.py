@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
+import tempfile
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import click
 
-from ..errors import ConfigError, InputError, LvlmFixError
+from ..errors import ConfigError, InputError, LvlmFixError, LvlmFixWarning
 
 EXAMPLES = """
 \b
 Examples:
   lvlm-fix run --method vhr                                  # embedded testbed model and scene
   lvlm-fix run --model llava-hf/llava-1.5-7b-hf --image cat.jpg --prompt "Is there a dog?" --method var --compare
-  lvlm-fix run --model DIR --jsonl rows.jsonl --batch-size 16 --method vhr+var --out answers.jsonl
+  lvlm-fix run --model DIR --jsonl rows.jsonl --batch-size 16 --method vhr+var --out answers/
   lvlm-fix heads --model DIR --image cat.jpg --prompt "Describe the image." --out heads/
   lvlm-fix eval --bench pope --split adversarial --methods none,vhr,var --limit 200 --out results/
+  lvlm-fix score --bench chair --coco-annotations annotations/ --captions captions.jsonl --out scored/
+  lvlm-fix eval --bench pope --methods none,vhr:alpha=1.5,vhr:alpha=2 --out sweep/ && lvlm-fix report sweep/
 """
 
 
@@ -92,6 +97,53 @@ def _split_method_params(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names and kwargs[k] is not None}
 
 
+SET_HELP = ("a parameter of one method, METHOD.FIELD=VALUE (repeatable), e.g. --set vhr.layers=1 --set var.layers=2; "
+            "needed when composed methods share a field. Values: numbers, true/false, lists as 1,2 or [1,2].")
+
+
+def _parse_sets(sets: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``("vhr.layers=1", "var.tau=3.5")`` -> ``{"vhr": {"layers": 1}, "var": {"tau": 3.5}}``."""
+    from ..interventions import METHODS, parse_value
+    from ..errors import UnknownNameError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        target, eq, value = item.partition("=")
+        method, dot, key = target.strip().partition(".")
+        if not eq or not dot or not method or not key:
+            raise ConfigError(f"--set {item!r} is not METHOD.FIELD=VALUE; write e.g. --set vhr.alpha=1.5")
+        if method not in METHODS:
+            raise UnknownNameError("method", method, METHODS.names())
+        if key in out.setdefault(method, {}):
+            raise ConfigError(f"--set {method}.{key} is given twice; give it once")
+        out[method][key] = parse_value(value)
+    return out
+
+
+def _params_for(spec: str, flat: dict[str, Any], sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The arguments of ``build_methods(spec, ...)``: the ``--set`` entries and flat flags this spec takes."""
+    from ..interventions import method_fields, parse_spec
+
+    names = [n for n, _ in parse_spec(spec)]
+    fields = {f for n in names for f in method_fields(n)}
+    return {"params": {m: p for m, p in sets.items() if m in names},
+            **{k: v for k, v in flat.items() if k in fields}}
+
+
+def _check_all_used(specs: list[str], flat: dict[str, Any], sets: dict[str, dict[str, Any]]) -> None:
+    """A flag or ``--set`` that no listed method takes is an error, not silently dropped."""
+    from ..interventions import method_fields, parse_spec
+
+    names = {n for spec in specs for n, _ in parse_spec(spec)}
+    for method in sets:
+        if method not in names:
+            raise ConfigError(f"--set names method {method!r}, which is not in {', '.join(specs)}")
+    fields = {f for n in names for f in method_fields(n)}
+    for key in flat:
+        if key not in fields:
+            raise ConfigError(f"--{key.replace('_', '-')} is not a parameter of any of {', '.join(specs)}")
+
+
 # -- shared options -----------------------------------------------------------------------------------
 def _model_options(f: Any) -> Any:
     f = click.option("--device", default=None, help="torch device, e.g. cuda:0 (default: the checkpoint's / CPU).")(f)
@@ -99,48 +151,154 @@ def _model_options(f: Any) -> Any:
     f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")(f)
     f = click.option("--revision", default=None, help="hub revision of --model.")(f)
     f = click.option("--trust-remote-code", is_flag=True, help="allow the model repository's own code.")(f)
+    f = click.option("--processor-args", default=None, metavar="K=V,...",
+                     help="keyword arguments for the processor's from_pretrained, e.g. max_pixels=200704 (Qwen).")(f)
+    f = click.option("--model-args", default=None, metavar="K=V,...",
+                     help="keyword arguments for the model's from_pretrained, e.g. attn_implementation=eager or "
+                          "quantization_config={\"load_in_4bit\":true} (K=V pairs or one JSON object).")(f)
     f = click.option("--model", "model_name", default=None,
                      help="hub id or local directory (default: the embedded testbed model).")(f)
     return f
 
 
-def _load(model_name: str | None, dtype: str, device: str | None, device_map: str | None, revision: str | None,
-          trust_remote_code: bool):
+def _kwargs(text: str | None, option: str) -> dict[str, Any]:
+    """``--model-args`` / ``--processor-args``: a JSON object or ``k=v,k=v`` (values read as in method specs)."""
+    from ..interventions import parse_value
+    from ..interventions.registry import split_specs
+
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{option} {text!r} is not a JSON object ({e.msg}); write k=v,k=v or {{\"k\": v}}") from None
+        if not isinstance(value, dict):
+            raise InputError(f"{option} {text!r} is not a JSON object; write k=v,k=v or {{\"k\": v}}")
+        return value
+    out = {}
+    for item in split_specs(text):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise InputError(f"{option}: {item!r} is not key=value; write e.g. {option} attn_implementation=eager")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+DEFAULT_PROMPT = "Please describe this image in detail."
+_DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
+
+
+def _check_device(device: str | None) -> None:
+    """A device torch can use here, or one line naming it and the fix (before any weight is loaded)."""
+    if device is None:
+        return
+    if not _DEVICE.match(device):
+        raise InputError(f"--device {device!r} is not a torch device; use e.g. cpu, cuda, cuda:0 or mps")
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise InputError(f"--device {device}: this torch ({torch.__version__}) has {build}; use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif kind == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def _out_dir(out: str, option: str, owned: tuple[str, ...]) -> Path:
+    """Create the output folder now (before any work), refusing a file, an unwritable place, or
+    earlier results that this command would overwrite (``owned``: the files it writes)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {out} is a file; give a folder (e.g. {option} {path.parent / (path.stem + '_out')})")
+    taken = [name for name in owned if (path / name).exists()]
+    if taken:
+        raise InputError(f"{path / taken[0]} already exists; choose a new {option} folder or move the old results away")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise InputError(f"{option} {out} is not writable ({e.strerror or e}); choose another folder") from None
+    return path
+
+
+def _is_testbed(model_name: str | None) -> bool:
+    from ..model import DEFAULT_MODEL
+
+    return model_name in (None, DEFAULT_MODEL)
+
+
+MODEL_PARAMS = ("model_name", "dtype", "device", "device_map", "revision", "trust_remote_code", "model_args",
+                "processor_args")
+
+
+def _model_params(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the model options out of a command's arguments and check them (before any weight is loaded)."""
+    opts = {k: kwargs.pop(k) for k in MODEL_PARAMS}
+    _check_device(opts["device"])
+    opts["model_args"] = _kwargs(opts["model_args"], "--model-args")
+    opts["processor_args"] = _kwargs(opts["processor_args"], "--processor-args")
+    return opts
+
+
+def _load(opts: dict[str, Any]):
+    """The model of ``opts`` (from :func:`_model_params`); the testbed when no or ``testbed`` model is named."""
     import os
 
     from .. import model as model_mod
 
-    if device is None and device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    device = opts["device"]
+    if device is None and opts["device_map"] is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
         from accelerate import PartialState  # under `accelerate launch` / torchrun: one device per process
 
         device = str(PartialState(cpu=not torch.cuda.is_available()).device)
-    return model_mod.load(model_name, dtype=dtype, device=device, device_map=device_map, revision=revision,
-                          trust_remote_code=trust_remote_code)
+    name = None if _is_testbed(opts["model_name"]) else opts["model_name"]
+    return model_mod.load(name, dtype=opts["dtype"], device=device, device_map=opts["device_map"],
+                          revision=opts["revision"], trust_remote_code=opts["trust_remote_code"],
+                          processor_kwargs=opts["processor_args"], **opts["model_args"])
 
 
-def _default_image_and_prompt(lvlm: Any, image: str | None, prompt: str | None) -> tuple[Any, str]:
-    """The image and prompt to use; on the testbed model both have offline defaults."""
-    from ..model import DEFAULT_MODEL, open_image
+def _check_prompt(prompt: str | None) -> str:
+    if prompt is not None and not prompt.strip():
+        raise InputError("--prompt is empty; give the question, or leave --prompt out for the default "
+                         f"({DEFAULT_PROMPT!r})")
+    return prompt if prompt is not None else DEFAULT_PROMPT
+
+
+def _default_image(model_name: str | None, image: str | None) -> tuple[Any, list[str] | None]:
+    """The image to use and, for the testbed's own scene, the objects in it: the file given (loaded and
+    checked now; objects unknown), or on the testbed a synthetic scene the benchmark does not use."""
+    from ..images import load_image
 
     if image is not None:
-        return open_image(image), prompt or "Please describe this image in detail."
-    if lvlm.name != DEFAULT_MODEL:
+        return load_image(image), None
+    if not _is_testbed(model_name):
         raise InputError("--image is required with --model; pass an image file")
     from ..testbed.world import World
 
     world = World()  # a validation-stream scene the benchmark does not use (stream 999)
     scene = world.scene("val", 0, stream=999, min_categories=3)
-    return world.render(scene), prompt or "Please describe this image in detail."
+    return world.render(scene), sorted(set(scene.categories))
 
 
 def _read_jsonl(path: str) -> list[dict[str, str]]:
-    """Rows ``{"image": path, "prompt": text}``; image paths relative to the file's folder."""
+    """Rows ``{"image": path, "prompt": text}``, every image checked readable now; paths relative to the file."""
+    from ..images import check_image_file
+
     p = Path(path)
     if not p.is_file():
         raise InputError(f"jsonl file not found: {p}; pass an existing file")
     rows = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -149,8 +307,14 @@ def _read_jsonl(path: str) -> list[dict[str, str]]:
             raise InputError(f"{p}:{i}: not valid JSON ({e.msg}); each line must be {{\"image\": ..., \"prompt\": ...}}") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("prompt"), str):
             raise InputError(f"{p}:{i}: each line needs string fields \"image\" and \"prompt\"; got {line.strip()[:80]}")
-        img = Path(row["image"])
-        row["image"] = str(img if img.is_absolute() else p.parent / img)
+        if not row["prompt"].strip():
+            raise InputError(f"{p}:{i}: the prompt is empty; give each row its question")
+        img = Path(row["image"]).expanduser()
+        row["image"] = str(img if img.is_absolute() or "://" in row["image"] else p.parent / img)
+        try:  # the header only: a bad image must stop the run before any answer is generated
+            check_image_file(row["image"])
+        except InputError as e:
+            raise InputError(f"{p}:{i}: {e}") from None
         rows.append(row)
     if not rows:
         raise InputError(f"{p} has no rows; add lines like {{\"image\": \"cat.jpg\", \"prompt\": \"Is there a dog?\"}}")
@@ -169,101 +333,155 @@ def list_cmd() -> None:
     """List the methods and evals."""
     from ..interventions import METHODS
 
-    click.echo("methods:")
-    click.echo(f"  {'none':8s} the vanilla model (baseline)")
+    click.echo("methods (name, stage, what it does):")
+    click.echo(f"  {'none':8s} {'-':18s} the vanilla model (baseline)")
     for name in METHODS.names():
-        doc = (METHODS.get(name).__doc__ or "").strip().splitlines()[0]
-        click.echo(f"  {name:8s} {doc}")
+        cls = METHODS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        click.echo(f"  {name:8s} {cls.stage.name.lower():18s} {doc}")
     click.echo("evals:")
-    try:
-        from ..evals.runner import BENCHES
+    from ..evals.runner import list_benches
 
-        for name, doc in BENCHES.items():
-            click.echo(f"  {name:8s} {doc}")
-    except ImportError:  # the evals package is optional at import time
-        pass
+    for name, doc in list_benches().items():
+        click.echo(f"  {name:8s} {doc}")
+
+
+def _generation_options(f: Any) -> Any:
+    """Decoding flags shared by run and eval (eval: None keeps the bench preset's setting)."""
+    f = click.option("--repetition-penalty", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="generate()'s repetition_penalty (default: none).")(f)
+    f = click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True),
+                     help="nucleus sampling mass, with --do-sample.")(f)
+    f = click.option("--temperature", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="sampling temperature, with --do-sample.")(f)
+    return f
+
+
+def _generation_kwargs(do_sample: bool | None, temperature: float | None, top_p: float | None,
+                       repetition_penalty: float | None) -> dict[str, Any]:
+    """The generate() arguments the decoding flags set (unset flags are left out)."""
+    if (temperature is not None or top_p is not None) and do_sample is False:
+        raise InputError("--temperature and --top-p apply to sampling; add --do-sample")
+    out = {"temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @cli.command("run", epilog=EXAMPLES)
 @_model_options
 @click.option("--image", default=None, help="image file (default on the testbed: a synthetic scene).")
-@click.option("--prompt", default=None, help='user prompt (default: "Please describe this image in detail.").')
+@click.option("--prompt", default=None, help=f'user prompt (default: "{DEFAULT_PROMPT}").')
+@click.option("--system-prompt", default=None, help="a system message before the user turn (default: none).")
 @click.option("--jsonl", default=None, help='rows {"image": path, "prompt": text} to run batched.')
-@click.option("--method", default="none", show_default=True, help="a method, several joined by +, or none.")
+@click.option("--method", default="none", show_default=True,
+              help="a method spec: a method, several joined by + (vhr+var), parameters inline (vhr:alpha=1.5), or none.")
+@click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=VALUE", help=SET_HELP)
 @click.option("--compare", is_flag=True, help="also run the baseline and print both, with what the method touched.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--do-sample", is_flag=True, help="sample instead of greedy decoding.")
+@_generation_options
 @click.option("--num-beams", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None,
-              help=f"write answers (jsonl) and method artifacts here (with --compare, artifacts go to ./{ARTIFACT_DIR}).")
-def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, jsonl, method, compare,
-            batch_size, max_new_tokens, do_sample, num_beams, seed, out, **kwargs) -> None:
+              help=f"folder for answers.jsonl and reports.jsonl (written batch by batch) and method artifacts "
+                   f"(with --compare and no --out, artifacts go to ./{ARTIFACT_DIR}).")
+def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_size, max_new_tokens, do_sample,
+            temperature, top_p, repetition_penalty, num_beams, seed, out, **kwargs) -> None:
     """Generate answers with a method applied (optionally beside the baseline)."""
+    from ..interventions import build_methods
+
+    # Every input is checked before any weight is loaded or any file written.
+    model_opts = _model_params(kwargs)
+    flat = _split_method_params(kwargs)
+    method_args = {"params": _parse_sets(sets), **flat}
+    methods = build_methods(method, **method_args)
+    if jsonl and (image or prompt is not None):
+        raise InputError("--jsonl takes its images and prompts from the file; drop --image and --prompt")
+    if system_prompt is not None and not system_prompt.strip():
+        raise InputError("--system-prompt is empty; give the system message or leave the flag out")
+    extra = _generation_kwargs(do_sample, temperature, top_p, repetition_penalty)
+    truth: list[str] | None = None  # the objects of the testbed's default scene, to mark hallucinations
+    if jsonl:
+        items = [(r["image"], r["prompt"]) for r in _read_jsonl(jsonl)]
+    else:
+        img, truth = _default_image(model_opts["model_name"], image)
+        items = [(img, _check_prompt(prompt))]
+    out_dir = _out_dir(out, "--out", ("answers.jsonl", "reports.jsonl")) if out else None
+
     from tqdm import tqdm
 
     from ..api import generate
-    from ..interventions import build_methods
-    from ..model import open_image
+    from ..images import load_image
 
-    params = _split_method_params(kwargs)
-    build_methods(method, **params)  # validate names and values before loading any weights
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    if jsonl:
-        rows = _read_jsonl(jsonl)
-        items = [(r["image"], r["prompt"]) for r in rows]
-    else:
-        img, text = _default_image_and_prompt(lvlm, image, prompt)
-        items = [(img, text)]
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, seed=seed)
-    out_dir = Path(out) if out else None
-    results = []
+    lvlm = _load(model_opts)
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, seed=seed,
+               generate_kwargs=extra or None, system_prompt=system_prompt)
+    if truth is not None:
+        click.echo(f"scene (the testbed knows what it drew): {', '.join(truth)}")
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    done = 0
     for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1, file=sys.stderr):
-        imgs = [open_image(x) if isinstance(x, str) else x for x, _ in batch]
+        imgs = [load_image(x) if isinstance(x, str) else x for x, _ in batch]
         prompts = [p for _, p in batch]
-        res = generate(lvlm, imgs, prompts, method, **gen, **params)
-        base = generate(lvlm, imgs, prompts, None, **gen) if compare and method != "none" else None
+        res = generate(lvlm, imgs, prompts, method, **gen, **method_args)
+        base = generate(lvlm, imgs, prompts, None, **gen) if compare and methods else None
+        rows = []
         for i, (src, p) in enumerate(batch):
             row = {"image": src if isinstance(src, str) else "<testbed scene>", "prompt": p, "method": method,
                    "answer": res.texts[i]}
             if base is not None:
                 row["baseline"] = base.texts[i]
-            results.append(row)
+            rows.append(row)
+            answers = ([("baseline", row["baseline"])] if base is not None else []) + [(method, row["answer"])]
+            for label, text in answers:
+                shown = text if truth is None else _mark_absent(text, truth)
+                click.echo(f"[{label}] {shown}" if len(answers) > 1 or truth is not None else shown)
+        if truth is not None:
+            click.echo("  *word*: an object the answer names that is not in the scene")
+        if out_dir is not None:  # appended as produced: an interrupted run keeps every finished batch
+            with open(out_dir / "answers.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            with open(out_dir / "reports.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"rows": [done, done + len(batch)], "report": res.report}, default=str) + "\n")
         if compare:
-            _print_touched(res.report)
+            _print_touched(methods, res.report, out_dir)
         if res.artifacts and (out_dir is not None or compare):  # e.g. CARVE's masks, beside the answers
-            _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=len(results) - len(batch))
-    for row in results:
-        if "baseline" in row:
-            click.echo(f"[baseline] {row['baseline']}\n[{method}] {row['answer']}")
-        else:
-            click.echo(row["answer"])
+            _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=done)
+        done += len(batch)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "answers.jsonl", "a") as f:
-            for row in results:
-                f.write(json.dumps(row) + "\n")
-        click.echo(f"wrote {out_dir / 'answers.jsonl'}", err=True)
+        click.echo(f"wrote {out_dir / 'answers.jsonl'} and {out_dir / 'reports.jsonl'}", err=True)
 
 
-def _print_touched(report: dict[str, Any]) -> None:
-    for name, rep in report.items():
-        summary = json.dumps(rep, default=str)
-        click.echo(f"[{name} touched] {summary[:600]}{'...' if len(summary) > 600 else ''}", err=True)
+def _mark_absent(text: str, truth: list[str]) -> str:
+    """``text`` with every object it names that is not in ``truth`` marked ``*like this*`` (CHAIR's extractor)."""
+    from ..evals.chair import make_extractor
+
+    extract = make_extractor("lvlm-fix")
+    absent = {m.word for m in extract(text) if m.node not in truth}
+    for word in sorted(absent, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w*])({re.escape(word)}s?)(?![\w*])", r"*\1*", text)
+    return text
+
+
+def _print_touched(methods: list[Any], report: dict[str, Any], out_dir: Path | None) -> None:
+    """One short line per method of what it touched; the full report goes to --out (reports.jsonl)."""
+    for m in methods:
+        if m.name in report:
+            click.echo(f"[{m.name} touched] {m.summarize(report[m.name])}", err=True)
+    if out_dir is None:
+        click.echo("(the full report of each method: pass --out DIR, it goes to DIR/reports.jsonl)", err=True)
 
 
 def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> None:
     """Save PIL images found in method artifacts (e.g. CARVE's masks) as PNGs."""
     from PIL import Image
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for method, art in artifacts.items():
         for key, value in (art or {}).items():
             if isinstance(value, list):
                 for i, im in enumerate(value):
                     if isinstance(im, Image.Image):
+                        out_dir.mkdir(parents=True, exist_ok=True)  # only when there is an image to save
                         path = out_dir / f"{method}_{key}_{start + i}.png"
                         im.save(path)
                         click.echo(f"saved {path}", err=True)
@@ -274,14 +492,17 @@ def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> Non
 @click.option("--image", default=None, help="image file (default on the testbed: a synthetic scene).")
 @click.option("--prompt", default=None, help="user prompt.")
 @click.option("--out", required=True, help="folder for stats.json and the PNG figures.")
-def heads_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, out) -> None:
+def heads_cmd(image, prompt, out, **kwargs) -> None:
     """Head diagnostics: VHD per layer x head, visual sinks, attention entropy, image mass."""
+    model_opts = _model_params(kwargs)
+    (img, _), text = _default_image(model_opts["model_name"], image), _check_prompt(prompt)
+    out_dir = _out_dir(out, "--out", ("stats.json",))
+
     from ..diagnostics import head_statistics, write_outputs
 
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    img, text = _default_image_and_prompt(lvlm, image, prompt)
+    lvlm = _load(model_opts)
     report = head_statistics(lvlm, img, text)
-    for path in write_outputs(report, Path(out)):
+    for path in write_outputs(report, out_dir):
         click.echo(f"wrote {path}")
     vhd = report["vhd_filtered"]
     top = sorted(((v, l, h) for l, row in zip(report["layers"], vhd) for h, v in enumerate(row)), reverse=True)[:5]
@@ -298,52 +519,146 @@ def _data_options(f: Any) -> Any:
     return f
 
 
+# -- bench flags generated from the eval registry ------------------------------------------------------
+def _bench_option_defs() -> dict[str, tuple[Any, str]]:
+    """option name -> (an Option, help joined over the benches that take it)."""
+    from ..evals.bench import registry
+
+    reg = registry()
+    defs: dict[str, tuple[Any, str]] = {}
+    for name in reg.names():
+        for opt in reg.get(name).options:
+            first, help_ = defs.get(opt.name, (opt, ""))
+            if opt.help not in help_:
+                help_ = help_ + (" " if help_ else "") + opt.help
+            defs[opt.name] = (first, help_)
+    return defs
+
+
+def bench_options(command: click.Command) -> click.Command:
+    """Add every bench's own flags (``--prompt-preset``, ``--chair-mode``, ...) and the --bench choices."""
+    from ..evals.bench import registry
+
+    for name, (opt, help_) in sorted(_bench_option_defs().items()):
+        if opt.flag:
+            param = click.Option([opt.cli, name], is_flag=True, default=False, help=help_)
+        else:
+            param = click.Option([opt.cli, name], type=click.Choice(opt.choices) if opt.choices else str,
+                                 default=None, help=help_ + (f" [default: {opt.default}]" if opt.default else ""))
+        command.params.append(param)
+    for param in command.params:
+        if param.name == "bench":
+            param.type = click.Choice(registry().names())
+    return command
+
+
+def _bench_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The bench flags the user gave (unset ones are None / False)."""
+    names = set(_bench_option_defs())
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names and kwargs[k] not in (None, False)}
+
+
+def _system_prompt(value: str | None) -> str | None:
+    if value == "vicuna":
+        from ..evals.pope import VICUNA_SYSTEM_PROMPT
+
+        return VICUNA_SYSTEM_PROMPT
+    return value
+
+
 @cli.command("eval", epilog=EXAMPLES)
 @_model_options
-@_data_options
-@click.option("--bench", default="pope", show_default=True, type=click.Choice(["pope", "chair"]))
-@click.option("--split", default="adversarial", show_default=True, help="random, popular, adversarial or all (POPE).")
-@click.option("--methods", default="none", show_default=True, help="comma-separated: none,vhr,var,vhr+var ...")
+@click.option("--bench", default="pope", show_default=True, help="an eval of `lvlm-fix list`.")
+@click.option("--split", default=None,
+              help="POPE: random, popular, adversarial (default) or all; AMBER: generative, discriminative or all "
+                   "(default); CHAIR takes none.")
+@click.option("--methods", default="none", show_default=True,
+              help="comma-separated method specs, each its own result: none,vhr,var:tau=3.5,vhr+var ...")
 @click.option("--method", "method_alias", default=None, hidden=True)
-@click.option("--limit", default=None, type=int, help="POPE: questions per split; CHAIR: images (default 500).")
+@click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=VALUE", help=SET_HELP)
+@click.option("--limit", default=None, type=int, help="samples per split (CHAIR: images, default 500).")
 @click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--max-new-tokens", default=None, type=int, help="default 32 (POPE) / 512 (CHAIR).")
-@click.option("--prompt-template", default=None, help="POPE question template with {question}.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-new-tokens", default=None, type=int,
+              help="default: the bench's (POPE: the preset's; CHAIR 512; AMBER 512 generative, 32 yes/no).")
+@click.option("--do-sample/--greedy", default=None, help="sample or decode greedily (default: the preset's).")
+@_generation_options
+@click.option("--num-beams", default=None, type=click.IntRange(min=1), help="beam search (default: the preset's).")
+@click.option("--prompt-template", default=None,
+              help="user-turn template with {question} (default: the bench's; POPE: the preset's).")
+@click.option("--system-prompt", default=None,
+              help="system prompt for every sample: text, 'vicuna' (LLaVA-1.5's), or '' for none (default: the "
+                   "preset's).")
+@click.option("--seed", default=None, type=int, help="CHAIR image sampling and generation seed (default 0; vcd 55).")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
 @click.option("--out", default="results", show_default=True, help="run folder (resumable).")
-def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, pope_questions, image_dir, hf_dataset,
-             coco_annotations, bench, split, methods, method_alias, limit, batch_size, max_new_tokens, prompt_template,
-             seed, n_boot, out, **kwargs) -> None:
-    """POPE / CHAIR: baseline and methods on the same samples, with CIs and paired tests."""
-    from ..evals.runner import DataSpec, evaluate
+def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_new_tokens, do_sample, temperature,
+             top_p, repetition_penalty, num_beams, prompt_template, system_prompt, seed, n_boot, out,
+             **kwargs) -> None:
+    """POPE / CHAIR / AMBER: baseline and methods on the same samples, with CIs and paired tests."""
+    from ..evals.runner import prepare_eval
     from ..interventions import build_methods
+    from ..interventions.registry import split_specs
 
-    params = _split_method_params(kwargs)
-    names = [m.strip() for m in (method_alias or methods).split(",") if m.strip()]
-    # Each method gets the flags it takes; a flag no listed method takes is an error.
-    per_method = {}
+    model_opts = _model_params(kwargs)
+    flat, overrides = _split_method_params(kwargs), _parse_sets(sets)
+    decoding = _generation_kwargs(do_sample, temperature, top_p, repetition_penalty)
+    decoding.update({k: v for k, v in (("do_sample", do_sample), ("num_beams", num_beams)) if v is not None})
+    options = _bench_flags(kwargs)
+    if method_alias is not None and methods != "none":
+        raise ConfigError("give the methods once: --methods (comma-separated) or --method, not both")
+    names = split_specs(method_alias or methods)
+    if not any(names):
+        raise ConfigError(f"--methods {methods!r} names no method; pass e.g. --methods none,vhr")
+    # Each spec gets the flags and --set entries its methods take; one that no spec takes is an error.
+    _check_all_used(names, flat, overrides)
+    per_method = {m: _params_for(m, flat, overrides) for m in names}
     for m in names:
-        fields = {f.name for x in build_methods(None if m == "none" else m) for f in dataclasses.fields(x.config)}
-        per_method[m] = {k: v for k, v in params.items() if k in fields}
-    unused = set(params) - {k for p in per_method.values() for k in p}
-    if unused:
-        raise ConfigError(f"--{sorted(unused)[0].replace('_', '-')} is not a parameter of any of {names}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit} selects no sample; pass a positive number or leave it out")
-    if bench == "pope" and split not in ("random", "popular", "adversarial", "all"):
-        from ..errors import UnknownNameError
-
-        raise UnknownNameError("POPE split", split, ["random", "popular", "adversarial", "all"])
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    data = DataSpec(pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset,
-                    coco_annotations=coco_annotations)
-    summary = evaluate(lvlm, bench=bench, split=split if bench == "pope" else "all", methods=names, data=data,
-                       limit=limit, batch_size=batch_size, out_dir=out, max_new_tokens=max_new_tokens,
-                       prompt_template=prompt_template, seed=seed, method_params=per_method, n_boot=n_boot)
+        build_methods(m, **per_method[m])  # every value checked before any weight is loaded
+    job = prepare_eval(bench, split, names, limit=limit, batch_size=batch_size, out_dir=out,
+                       max_new_tokens=max_new_tokens, generation=decoding, prompt_template=prompt_template,
+                       system_prompt=_system_prompt(system_prompt), seed=seed, method_params=per_method,
+                       n_boot=n_boot, command=_invocation, **options)
+    with job.lock():  # before the model loads: a second run into --out is refused at once
+        lvlm = _load(model_opts)
+        summary = job.run(lvlm)
     if summary:
         click.echo((Path(out) / "results.md").read_text())
         click.echo(f"wrote {Path(out) / 'summary.json'}")
+
+
+@cli.command("score")
+@click.option("--bench", required=True, help="an eval of `lvlm-fix list`.")
+@click.option("--input", "--captions", "--answers", "--responses", "input_file", required=True,
+              help="outputs to score: a JSON list or JSON lines. CHAIR: image_id + caption; POPE: question_id + "
+                   "text/answer (or with its own label); AMBER: [{id, response}].")
+@click.option("--split", default=None, help="POPE: the split the answers belong to; AMBER: generative, "
+                                            "discriminative or all.")
+@click.option("--name", default=None, help="the outputs' name in the table and folder (default: the file name).")
+@click.option("--id-key", default=None, help="key of the sample id (default: image_id / question_id / id).")
+@click.option("--text-key", default=None, help="key of the text (default: caption / text / answer / ans / response).")
+@click.option("--label-key", default=None, help="POPE: key of a yes/no (or 1/0) label inside the answer file.")
+@click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
+@click.option("--seed", default=0, show_default=True, type=int, help="bootstrap seed.")
+@click.option("--out", required=True, help="run folder; score several files into one folder to compare them.")
+def score_cmd(bench, input_file, split, name, id_key, text_key, label_key, n_boot, seed, out, **kwargs) -> None:
+    """Score captions / answers generated elsewhere (any model, a paper's released files), as eval does."""
+    from ..evals.runner import score_outputs
+
+    summary = score_outputs(bench, input_file, out_dir=out, split=split, name=name, id_key=id_key, text_key=text_key,
+                            label_key=label_key, n_boot=n_boot, seed=seed, **_bench_flags(kwargs))
+    if summary:
+        click.echo((Path(out) / "results.md").read_text())
+        click.echo(f"wrote {Path(out) / 'summary.json'}")
+
+
+@cli.command("report")
+@click.argument("results_dir")
+def report_cmd(results_dir) -> None:
+    """Figures of a results folder (metrics with CIs, trade-offs, cost), linked from its results.md."""
+    from ..report import write_report
+
+    for path in write_report(results_dir):
+        click.echo(f"wrote {path}")
 
 
 @cli.command("calibrate")
@@ -354,18 +669,19 @@ def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code,
 @click.option("--split", default="random", show_default=True, help="POPE split used as the calibration set.")
 @click.option("--limit", default=100, show_default=True, type=int, help="calibration samples.")
 @click.option("--out", required=True, help="head-list JSON file to write (pass it as --heads-file).")
-def calibrate_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, pope_questions, image_dir,
-                  hf_dataset, coco_annotations, method, bench, split, limit, out) -> None:
+def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, out,
+                  **kwargs) -> None:
     """ACT's per-head search on a calibration split; writes the head-list file."""
-    from ..calibration import calibrate_act, write_head_file
-    from ..evals.runner import DataSpec, load_samples
+    from ..evals.bench import make_bench
+    from ..interventions.act import calibrate_act, write_head_file
 
+    model_opts = _model_params(kwargs)
     if limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number")
-    data = DataSpec(pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
-    samples, dataset, _ = load_samples(bench, split, data, limit, seed=0)
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
-    result = calibrate_act(lvlm, samples, limit=limit)
+    pope = make_bench(bench, split, pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
+    samples, dataset = pope.load(limit, seed=0)
+    lvlm = _load(model_opts)
+    result = calibrate_act(lvlm, [s.data for s in samples], limit=limit)
     result.setdefault("calibration", {})["dataset"] = dataset
     write_head_file(result, out)
     click.echo(f"wrote {out}")
@@ -404,16 +720,34 @@ def testbed_benchmark_cmd(out, seed, n_images) -> None:
     click.echo(f"wrote {out}")
 
 
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """lvlm-fix's own warnings (e.g. a repaired samples.jsonl) as one ``warning:`` line."""
+    if issubclass(category, LvlmFixWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_warning(message, category, *args, **kwargs)
+
+
+_invocation: str | None = None  # this command line, for the results' provenance
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
-    from ..interventions import METHODS  # noqa: F401 - registers the methods before flags are built
+    import shlex
 
-    global _METHOD_FLAGS_ADDED
-    if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
-        method_options(run_cmd)
-        method_options(eval_cmd)
-        _METHOD_FLAGS_ADDED = True
+    global _METHOD_FLAGS_ADDED, _invocation
+    _invocation = shlex.join(["lvlm-fix", *(sys.argv[1:] if argv is None else argv)])
     try:
+        if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
+            method_options(run_cmd)  # reads the method configs and the eval registry; imports no torch
+            method_options(eval_cmd)
+            bench_options(eval_cmd)
+            bench_options(score_cmd)
+            warnings.showwarning = _one_line_warning
+            _METHOD_FLAGS_ADDED = True
         cli.main(args=argv, prog_name="lvlm-fix", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

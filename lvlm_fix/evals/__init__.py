@@ -1,4 +1,7 @@
-"""Model-free evaluation code: POPE and CHAIR scoring, bootstrap statistics, dataset loaders.
+"""Model-free evaluation code: POPE, CHAIR and AMBER scoring, bootstrap statistics, dataset loaders.
+
+The benchmarks themselves (data, prompts, records, metrics, tables) are registered classes in
+:mod:`lvlm_fix.evals.benches`; :mod:`lvlm_fix.evals.runner` runs any of them.
 
 Names are re-exported lazily, so ``import lvlm_fix.evals`` imports nothing heavy (not even numpy)
 until one of them is used.
@@ -14,6 +17,8 @@ _EXPORTS = {
         "SPLITS",
         "DEFAULT_QUESTION_TEMPLATE",
         "LLAVA_QUESTION_TEMPLATE",
+        "PRESETS",
+        "PARSERS",
         "Confusion",
         "PopeMetrics",
         "PopeReport",
@@ -29,9 +34,14 @@ _EXPORTS = {
         "ChairResult",
         "SynonymTable",
         "caption_to_objects",
+        "make_extractor",
         "sample_chair_image_ids",
         "SINGULARIZER",
+        "MODES",
+        "DEFAULT_MODE",
     ),
+    "amber": ("AmberData", "extract_nouns", "generative_metrics", "discriminative_metrics", "amber_score"),
+    "runner": ("evaluate", "score_outputs", "list_benches"),
     "stats": (
         "BootstrapCI",
         "PairedBootstrap",
@@ -40,7 +50,6 @@ _EXPORTS = {
         "paired_bootstrap_p",
     ),
     "data": (
-        "DataError",
         "PopeSample",
         "CocoImageSample",
         "load_pope_jsonl",
@@ -50,21 +59,26 @@ _EXPORTS = {
     ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+_MODULE_OF["DataError"] = "data"  # defined in lvlm_fix.errors, kept importable from here
 
 __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:
+    from lvlm_fix.errors import DataError
+    from lvlm_fix.evals.amber import AmberData, amber_score, discriminative_metrics, extract_nouns, generative_metrics
     from lvlm_fix.evals.chair import (
+        DEFAULT_MODE,
+        MODES,
         SINGULARIZER,
         ChairEvaluator,
         ChairResult,
         SynonymTable,
         caption_to_objects,
+        make_extractor,
         sample_chair_image_ids,
     )
     from lvlm_fix.evals.data import (
         CocoImageSample,
-        DataError,
         PopeSample,
         dataset_fingerprint,
         load_coco_captions_for_chair,
@@ -74,6 +88,8 @@ if TYPE_CHECKING:
     from lvlm_fix.evals.pope import (
         DEFAULT_QUESTION_TEMPLATE,
         LLAVA_QUESTION_TEMPLATE,
+        PARSERS,
+        PRESETS,
         SPLITS,
         Confusion,
         PopeMetrics,
@@ -85,6 +101,7 @@ if TYPE_CHECKING:
         parse_answer,
         score,
     )
+    from lvlm_fix.evals.runner import evaluate, list_benches, score_outputs
     from lvlm_fix.evals.stats import (
         BootstrapCI,
         PairedBootstrap,

@@ -1,45 +1,55 @@
 """CHAIR (Rohrbach et al., 2018): how many COCO objects a caption mentions that are not there.
 
-Pipeline for one caption (:class:`ObjectExtractor`):
+Two extraction modes (``--chair-mode``); every result names its mode, singulariser (with version)
+and synonym table (with sha256):
 
-1. lower-case and split into words with the regex ``[a-z]+`` (no NLTK data needed; hyphens and
-   apostrophes separate words, so "hot-dog" reads as "hot dog");
-2. singularise each word with ``inflect.engine().singular_noun(w) or w`` (the VHR / SSL / ILVAD
-   choice; recorded as :data:`SINGULARIZER`), except words of the vocabulary itself, which inflect
-   would damage ("bus" -> "bu", "tennis" -> "tenni");
-3. merge multi-word terms, longest first ("fire hydrant", "hot dog", "teddy bear", ...), plus
-   :data:`NON_OBJECT_PHRASES` such as "train track", which merge into no object;
-4. special rules: "baby" / "adult" before an animal and "passenger" before a vehicle are dropped
-   (a baby elephant is an elephant, a passenger train a train); "seat" is dropped when the
-   caption mentions a toilet; "toilet seat" and "bow tie" are table phrases (toilet, tie);
-   "wine glas" (what pattern.en makes of "wine glasses") is read as "wine glass";
-5. keep vocabulary words only and map each to its node word (the COCO category name).
+* ``original`` (the default, :data:`DEFAULT_MODE`): the original ``utils/chair.py`` of
+  LisaAnne/Hallucination token for token, quirks included (``bus`` is lost to ``bu``, ``ties``
+  become ``ty``); see :mod:`.chair_original`. Published CHAIR numbers (OPERA, PAI, VHR) come from
+  this code, so this is the mode whose numbers can be put beside theirs.
+* ``lvlm-fix``: this project's reading, which fixes what the original gets wrong
+  (:class:`ObjectExtractor`):
 
-The vocabulary (``resources/coco_synonyms.txt``) lists the 80 COCO categories with synonyms.
+  1. lower-case and split into words with the regex ``[a-z]+`` (hyphens and apostrophes separate
+     words, so "hot-dog" reads as "hot dog");
+  2. singularise each word with ``inflect.engine().singular_noun(w) or w`` (recorded as
+     :data:`SINGULARIZER`), except words of the vocabulary itself, which inflect would damage
+     ("bus" -> "bu", "tennis" -> "tenni");
+  3. merge multi-word terms, longest first ("fire hydrant", "hot dog", "toilet bowl", ...), plus
+     :data:`NON_OBJECT_PHRASES` such as "train track", which merge into no object;
+  4. special rules: "baby" / "adult" before an animal (a COCO animal, "animal" or "cub") and
+     "passenger" before a vehicle are dropped (a baby cub is no person, a passenger train a
+     train); "seat" is dropped when the caption mentions a toilet; "toilet seat" and "bow tie" are
+     table phrases (toilet, tie); "wine glas" (pattern.en's "wine glasses") reads as "wine glass";
+  5. keep vocabulary words only and map each to its node word (the COCO category name), with the
+     project's own table ``resources/coco_synonyms.txt``.
 
 Metrics (:meth:`ChairEvaluator.evaluate`), all **fractions in [0, 1]** (papers print x100):
 
 * CHAIR_S = captions with >= 1 hallucinated object / captions;
 * CHAIR_I = hallucinated object mentions / object mentions, with multiplicity ("a dog ... the
   dog" is two mentions);
-* recall = sum over captions of |distinct mentioned objects in the ground truth| / sum of
-  |ground-truth objects| (pooled over captions);
-* mean_length = mean number of whitespace-separated words per caption.
+* recall (OPERA's addition) = sum over captions of |distinct mentioned objects in the ground
+  truth| / sum of |ground-truth objects| (pooled over captions);
+* mean_length = mean number of whitespace-separated words per caption; mean_tokens = mean number
+  of items the extractor saw after merging (OPERA's "Len", punctuation included in original mode).
 
 The ground truth of an image is its instance-annotation categories plus the objects its
-reference captions mention (extracted the same way).
+reference captions mention, extracted by the same mode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import json
 import random
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata, resources
 from os import PathLike
 from pathlib import Path
@@ -48,7 +58,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lvlm_fix.evals.data import DataError
+from lvlm_fix.errors import DataError, UnknownNameError
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 """The VHR-protocol caption prompt (OPERA / PAI use "Please help me describe the image in detail.")."""
@@ -80,9 +90,17 @@ ANIMALS = frozenset(
     {"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"}
 )
 VEHICLES = frozenset({"airplane", "bus", "train", "boat", "car", "truck"})
+ANIMAL_WORDS = frozenset({"animal", "cub"})
+"""Words that are no COCO object but still make "baby" / "adult" an animal's, not a person."""
 
-# modifier word -> node words it modifies; "baby elephant" is one elephant, not a person too.
-_MODIFIERS: dict[str, frozenset[str]] = {"baby": ANIMALS, "adult": ANIMALS, "passenger": VEHICLES}
+# modifier word -> (node words it modifies, other words it modifies); "baby elephant" is one
+# elephant, "baby cub" no object at all, never a person.
+_MODIFIERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "baby": (ANIMALS, ANIMAL_WORDS), "adult": (ANIMALS, ANIMAL_WORDS), "passenger": (VEHICLES, frozenset())}
+
+MODES = ("original", "lvlm-fix")
+DEFAULT_MODE = "original"
+"""The CLI's and :class:`ChairEvaluator`'s default: the numbers papers publish (module docstring)."""
 
 # Extra phrases -> the table entry they stand for. pattern.en, the original CHAIR singulariser,
 # strips the final "s" of "glass"; keeping its output readable keeps the two variants comparable.
@@ -125,6 +143,8 @@ class SynonymTable:
 
     node_of: Mapping[str, str]
     nodes: tuple[str, ...]
+    sha256: str = ""
+    """sha256 of the file it was read from (empty for tables built from lines)."""
 
     @classmethod
     def from_lines(cls, lines: Iterable[str], source: str = "<lines>") -> SynonymTable:
@@ -158,14 +178,17 @@ class SynonymTable:
         """Load a table file; ``None`` loads the packaged COCO table."""
         if path is None:
             packaged = resources.files("lvlm_fix.evals").joinpath("resources", SYNONYMS_RESOURCE)
-            text = packaged.read_text("utf-8")
-            return cls.from_lines(text.splitlines(), source=SYNONYMS_RESOURCE)
+            data = packaged.read_bytes()
+            table = cls.from_lines(data.decode("utf-8").splitlines(), source=SYNONYMS_RESOURCE)
+            return dataclasses.replace(table, sha256=hashlib.sha256(data).hexdigest())
         p = Path(path)
         if not p.is_file():
             raise DataError(
                 f"synonym table not found: {p}; pass an existing file, or None for the packaged one"
             )
-        return cls.from_lines(p.read_text("utf-8").splitlines(), source=str(p))
+        data = p.read_bytes()
+        table = cls.from_lines(data.decode("utf-8").splitlines(), source=str(p))
+        return dataclasses.replace(table, sha256=hashlib.sha256(data).hexdigest())
 
 
 @functools.cache
@@ -182,7 +205,9 @@ class Mention(NamedTuple):
 
 
 class ObjectExtractor:
-    """Turns a caption into COCO object mentions; see the module docstring for the steps."""
+    """``--chair-mode lvlm-fix``: caption -> COCO object mentions (module docstring, steps 1-5)."""
+
+    mode = "lvlm-fix"
 
     def __init__(self, table: SynonymTable | None = None) -> None:
         self.table = table if table is not None else default_synonyms()
@@ -199,22 +224,43 @@ class ObjectExtractor:
         # Vocabulary words are already in the table's form; singularising them only does harm.
         self._keep = frozenset(word for key in phrases for word in key)
 
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The node words (COCO category names)."""
+        return self.table.nodes
+
+    def describe(self) -> dict[str, str]:
+        """What a result must name: mode, singulariser and version, synonym table and sha256."""
+        mapping = "\n".join(f"{k} -> {v}" for k, v in sorted(self.table.node_of.items()))
+        return {"chair_mode": self.mode, "singularizer": "inflect", "singularizer_version": SINGULARIZER,
+                "tokenizer": "regex [a-z]+",
+                "synonyms": SYNONYMS_RESOURCE if self.table == default_synonyms() else "custom table",
+                "synonyms_sha256": self.table.sha256 or hashlib.sha256(mapping.encode()).hexdigest()}
+
+    def category(self, name: str) -> str:
+        """The node word of a COCO category name from an instances file."""
+        key = " ".join(str(name).lower().split())
+        if key not in self.table.node_of:
+            raise DataError(f"category {name!r} is not in the synonym table; "
+                            "use COCO 2014/2017 instance files or extend the table")
+        return self.table.node_of[key]
+
     def singularize(self, word: str) -> str:
         """Singular form of one lower-case word (vocabulary words are returned unchanged)."""
         return word if word in self._keep else _inflect_singular(word)
 
-    def __call__(self, caption: str) -> list[Mention]:
-        """All object mentions in ``caption``, in order and with repeats."""
+    def extract(self, caption: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """``([(matched words, category), ...] in caption order, merged words)``."""
         words = [self.singularize(w) for w in _WORD.findall(caption.lower())]
         merged = self._merge(words)
-        kept = [
-            item
-            for item, nxt in zip(merged, merged[1:] + [("", None)])
-            if not (item[0] in _MODIFIERS and nxt[1] in _MODIFIERS[item[0]])
-        ]
+        kept = [item for item, nxt in zip(merged, merged[1:] + [("", None)]) if not _modifies(item[0], *nxt)]
         if any(node == "toilet" for _, node in kept):
             kept = [item for item in kept if item[0] != "seat"]
-        return [Mention(word, node) for word, node in kept if node is not None]
+        return [(word, node) for word, node in kept if node is not None], [word for word, _ in merged]
+
+    def __call__(self, caption: str) -> list[Mention]:
+        """All object mentions in ``caption``, in order and with repeats."""
+        return [Mention(w, n) for w, n in self.extract(caption)[0]]
 
     def _merge(self, words: list[str]) -> list[tuple[str, str | None]]:
         """Greedy longest-first phrase matching; unknown words stay, with node None."""
@@ -230,14 +276,51 @@ class ObjectExtractor:
         return merged
 
 
+def _modifies(word: str, next_word: str, next_node: str | None) -> bool:
+    """Whether ``word`` is a modifier ("baby", "passenger") of the next item, not an object."""
+    if word not in _MODIFIERS:
+        return False
+    nodes, words = _MODIFIERS[word]
+    return next_node in nodes or next_word in words
+
+
+def make_extractor(mode: str = DEFAULT_MODE, singularizer: str | None = None,
+                   synonyms: SynonymTable | None = None) -> Any:
+    """The extractor of a CHAIR mode (``"original"`` or ``"lvlm-fix"``).
+
+    Args:
+        mode: see the module docstring. ``"opera"`` is refused: it needs NLTK's tagger and WordNet
+            data, which cannot be installed offline, and approximating it would not be OPERA.
+        singularizer: original mode only: ``"pattern"`` (default) or ``"inflect"``.
+        synonyms: lvlm-fix mode only: another synonym table.
+    """
+    from ..errors import ConfigError
+
+    if mode == "opera":
+        raise ConfigError("--chair-mode opera is not offered: OPERA's extractor needs NLTK's perceptron tagger and "
+                          "WordNet data, which cannot be installed offline; use --chair-mode original (its basis)")
+    if mode == "original":
+        if synonyms is not None:
+            raise ConfigError("--chair-mode original uses the original synonym file; a custom table needs lvlm-fix mode")
+        from .chair_original import OriginalExtractor
+
+        return OriginalExtractor(singularizer or "pattern")
+    if mode == "lvlm-fix":
+        if singularizer not in (None, "inflect"):
+            raise ConfigError(f"--chair-singularizer {singularizer} applies to --chair-mode original only; "
+                              "lvlm-fix mode always uses inflect with vocabulary words protected")
+        return ObjectExtractor(synonyms)
+    raise UnknownNameError("CHAIR mode", mode, MODES)
+
+
 @functools.cache
-def _default_extractor() -> ObjectExtractor:
-    return ObjectExtractor()
+def _extractor(mode: str, singularizer: str | None) -> Any:
+    return make_extractor(mode, singularizer)
 
 
-def caption_to_objects(caption: str) -> list[Mention]:
-    """Object mentions of a caption with the packaged vocabulary; see :class:`ObjectExtractor`."""
-    return _default_extractor()(caption)
+def caption_to_objects(caption: str, mode: str = DEFAULT_MODE, singularizer: str | None = None) -> list[Mention]:
+    """Object mentions of a caption in a CHAIR mode, in order and with repeats."""
+    return [Mention(w, n) for w, n in _extractor(mode, singularizer).extract(caption)[0]]
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -245,20 +328,27 @@ def caption_to_objects(caption: str) -> list[Mention]:
 
 @dataclass(frozen=True)
 class CaptionDetail:
-    """Per-caption CHAIR breakdown. Object lists hold node words; ``gt`` is sorted."""
+    """Per-caption CHAIR breakdown. Object lists hold node words (COCO category names), in caption
+    order with repeats; ``words`` are the matched caption words; ``gt`` is sorted."""
 
     image_id: int
     caption: str
     mentioned: list[str]
-    mentioned_words: list[str]
+    words: list[str]
     hallucinated: list[str]
     gt: list[str]
     n_words: int
+    n_tokens: int
 
     @property
     def covered(self) -> int:
         """Distinct mentioned objects that are in the ground truth (recall numerator)."""
         return len(set(self.mentioned).intersection(self.gt))
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> CaptionDetail:
+        """Back from a stored per-sample record (``samples.jsonl``)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
 
 
 COUNT_COLUMNS = ("hallucinated_caption", "hallucinated", "mentions", "covered", "gt")
@@ -270,19 +360,41 @@ class ChairResult:
     """CHAIR summary (fractions) with per-caption details.
 
     ``chair_i_defined`` is False when no caption mentions any object; CHAIR_I is then reported
-    as 0.0 (and a ``RuntimeWarning`` is issued) instead of dividing by zero.
+    as 0.0 (and a ``RuntimeWarning`` is issued) instead of dividing by zero. ``settings`` names
+    the mode, singulariser (with version) and synonym table (with sha256).
     """
 
     chair_s: float
     chair_i: float
     recall: float
     mean_length: float
+    mean_tokens: float
     n: int
     n_mentions: int
     n_hallucinated: int
     chair_i_defined: bool
-    singularizer: str
+    settings: dict[str, str]
     details: list[CaptionDetail] = field(repr=False)
+
+    @classmethod
+    def from_details(cls, details: Sequence[CaptionDetail], settings: dict[str, str]) -> ChairResult:
+        """Pool per-caption details into the metrics of the module docstring."""
+        n = len(details)
+        n_mentions = sum(len(d.mentioned) for d in details)
+        n_hallucinated = sum(len(d.hallucinated) for d in details)
+        n_gt = sum(len(d.gt) for d in details)
+        if n_mentions == 0:
+            warnings.warn("CHAIR_I is undefined: no caption mentions a COCO object; reporting 0.0 with "
+                          "chair_i_defined=False", RuntimeWarning, stacklevel=3)
+        return cls(
+            chair_s=sum(bool(d.hallucinated) for d in details) / n if n else 0.0,
+            chair_i=n_hallucinated / n_mentions if n_mentions else 0.0,
+            recall=sum(d.covered for d in details) / n_gt if n_gt else 0.0,
+            mean_length=sum(d.n_words for d in details) / n if n else 0.0,
+            mean_tokens=sum(d.n_tokens for d in details) / n if n else 0.0,
+            n=n, n_mentions=n_mentions, n_hallucinated=n_hallucinated, chair_i_defined=n_mentions > 0,
+            settings=dict(settings), details=list(details),
+        )
 
     def as_dict(self, include_details: bool = True) -> dict[str, Any]:
         """The summary as a plain dict (JSON-ready)."""
@@ -293,11 +405,13 @@ class ChairResult:
 
     def counts(self) -> np.ndarray:
         """Per-caption integer counts, shape ``(n, 5)``, columns :data:`COUNT_COLUMNS`."""
-        rows = [
-            [bool(d.hallucinated), len(d.hallucinated), len(d.mentioned), d.covered, len(d.gt)]
-            for d in self.details
-        ]
-        return np.array(rows, dtype=np.int64).reshape(-1, len(COUNT_COLUMNS))
+        return caption_counts(self.details)
+
+
+def caption_counts(details: Sequence[CaptionDetail]) -> np.ndarray:
+    """Per-caption integer counts, shape ``(n, 5)``, columns :data:`COUNT_COLUMNS`."""
+    rows = [[bool(d.hallucinated), len(d.hallucinated), len(d.mentioned), d.covered, len(d.gt)] for d in details]
+    return np.array(rows, dtype=np.int64).reshape(-1, len(COUNT_COLUMNS))
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -328,6 +442,8 @@ class ChairEvaluator:
         *,
         image_ids: Sequence[int] | None = None,
         file_names: Mapping[int, str] | None = None,
+        mode: str = DEFAULT_MODE,
+        singularizer: str | None = None,
         synonyms: SynonymTable | None = None,
     ) -> None:
         """Build from already-parsed annotations.
@@ -338,13 +454,17 @@ class ChairEvaluator:
             image_ids: Known image ids in COCO order (the sampling pool); defaults to the
                 caption images followed by instance-only images.
             file_names: Image id -> image file name.
-            synonyms: Vocabulary; the packaged COCO table by default.
+            mode: ``"original"`` or ``"lvlm-fix"`` (module docstring).
+            singularizer: original mode: ``"pattern"`` (default) or ``"inflect"``.
+            synonyms: lvlm-fix mode: a vocabulary other than the packaged one.
 
         Raises:
             DataError: If an instance object is not a node word of the vocabulary.
+            ConfigError: For a mode / singulariser combination that does not exist.
         """
-        self.extractor = ObjectExtractor(synonyms)
-        nodes = set(self.extractor.table.nodes)
+        self.extractor = make_extractor(mode, singularizer, synonyms)
+        self.settings: dict[str, str] = self.extractor.describe()
+        nodes = set(self.extractor.nodes)
         self._instances = {int(k): frozenset(v) for k, v in instance_objects.items()}
         for image_id, objects in self._instances.items():
             unknown = sorted(objects - nodes)
@@ -366,6 +486,8 @@ class ChairEvaluator:
         instances_paths: str | PathLike[str] | Sequence[str | PathLike[str]],
         captions_paths: str | PathLike[str] | Sequence[str | PathLike[str]],
         *,
+        mode: str = DEFAULT_MODE,
+        singularizer: str | None = None,
         synonyms: SynonymTable | None = None,
     ) -> ChairEvaluator:
         """Build from COCO ``instances_*.json`` and ``captions_*.json`` files.
@@ -373,18 +495,19 @@ class ChairEvaluator:
         Several files of each kind are merged (the original CHAIR concatenates train2014 and
         val2014; val2014 alone suffices for val images, as ids do not overlap). The image order,
         used for sampling, is that of the ``images`` lists of the caption files, as in
-        ``pycocotools.COCO(captions).getImgIds()``.
+        ``pycocotools.COCO(captions).getImgIds()``. Instance categories map to node words through
+        the mode's synonym table.
 
         Raises:
             DataError: Naming a missing or malformed file, or a category that is not in the
                 vocabulary.
         """
-        table = synonyms if synonyms is not None else default_synonyms()
+        extractor = make_extractor(mode, singularizer, synonyms)
         instance_objects: dict[int, set[str]] = {}
         for path in _as_paths(instances_paths):
             data = _read_coco_json(path, "instances", ("categories", "annotations"))
             with _malformed_entry(path, "instances"):
-                _add_instances(data, table, instance_objects, path)
+                _add_instances(data, extractor, instance_objects, path)
         captions: dict[int, list[str]] = {}
         file_names: dict[int, str] = {}
         for path in _as_paths(captions_paths):
@@ -395,11 +518,16 @@ class ChairEvaluator:
                     file_names[int(image["id"])] = str(image["file_name"])
                 for ann in data["annotations"]:
                     captions.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]))
-        return cls(instance_objects, captions, file_names=file_names, synonyms=table)
+        return cls(instance_objects, captions, file_names=file_names, mode=mode, singularizer=singularizer,
+                   synonyms=synonyms)
 
     def caption_objects(self, caption: str) -> list[Mention]:
-        """Object mentions of a caption under this evaluator's vocabulary."""
-        return self.extractor(caption)
+        """Object mentions of a caption under this evaluator's mode."""
+        return [Mention(w, n) for w, n in self.extractor.extract(caption)[0]]
+
+    def has_image(self, image_id: int) -> bool:
+        """Whether the loaded annotations know this image."""
+        return int(image_id) in self._instances or int(image_id) in self._captions
 
     def gt_objects(self, image_id: int) -> frozenset[str]:
         """Node words present in an image: instance categories plus reference-caption objects.
@@ -409,16 +537,31 @@ class ChairEvaluator:
         """
         image_id = int(image_id)
         if image_id not in self._gt:
-            if image_id not in self._instances and image_id not in self._captions:
+            if not self.has_image(image_id):
                 raise DataError(
                     f"image_id {image_id} is not in the loaded COCO annotations; evaluate only "
                     "images of the annotation files given to ChairEvaluator.from_coco"
                 )
             objects = set(self._instances.get(image_id, ()))
             for caption in self._captions.get(image_id, ()):
-                objects.update(m.node for m in self.extractor(caption))
+                objects.update(n for _, n in self.extractor.extract(caption)[0])
             self._gt[image_id] = frozenset(objects)
         return self._gt[image_id]
+
+    def score(self, image_id: int, caption: str) -> CaptionDetail:
+        """The CHAIR breakdown of one caption of one image."""
+        gt = self.gt_objects(image_id)
+        mentions, tokens = self.extractor.extract(caption)
+        return CaptionDetail(
+            image_id=int(image_id),
+            caption=caption,
+            mentioned=[n for _, n in mentions],
+            words=[w for w, _ in mentions],
+            hallucinated=[n for _, n in mentions if n not in gt],
+            gt=sorted(gt),
+            n_words=len(caption.split()),
+            n_tokens=len(tokens),
+        )
 
     def evaluate(self, records: Iterable[Mapping[str, Any]]) -> ChairResult:
         """Score generated captions.
@@ -433,30 +576,7 @@ class ChairEvaluator:
             DataError: If a record lacks a key, its caption is not a string, or its image has
                 no ground truth.
         """
-        details = [self._detail(i, record) for i, record in enumerate(records)]
-        n = len(details)
-        n_mentions = sum(len(d.mentioned) for d in details)
-        n_hallucinated = sum(len(d.hallucinated) for d in details)
-        n_gt = sum(len(d.gt) for d in details)
-        if n_mentions == 0:
-            warnings.warn(
-                "CHAIR_I is undefined: no caption mentions a COCO object; reporting 0.0 with "
-                "chair_i_defined=False",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return ChairResult(
-            chair_s=sum(bool(d.hallucinated) for d in details) / n if n else 0.0,
-            chair_i=n_hallucinated / n_mentions if n_mentions else 0.0,
-            recall=sum(d.covered for d in details) / n_gt if n_gt else 0.0,
-            mean_length=sum(d.n_words for d in details) / n if n else 0.0,
-            n=n,
-            n_mentions=n_mentions,
-            n_hallucinated=n_hallucinated,
-            chair_i_defined=n_mentions > 0,
-            singularizer=SINGULARIZER,
-            details=details,
-        )
+        return ChairResult.from_details([self._detail(i, r) for i, r in enumerate(records)], self.settings)
 
     def _detail(self, index: int, record: Mapping[str, Any]) -> CaptionDetail:
         for key in ("image_id", "caption"):
@@ -474,32 +594,17 @@ class ChairEvaluator:
                 f"CHAIR record {index} has image_id {record['image_id']!r}; "
                 "use the integer COCO image id"
             ) from None
-        gt = self.gt_objects(image_id)
-        mentions = self.extractor(caption)
-        return CaptionDetail(
-            image_id=image_id,
-            caption=caption,
-            mentioned=[m.node for m in mentions],
-            mentioned_words=[m.word for m in mentions],
-            hallucinated=[m.node for m in mentions if m.node not in gt],
-            gt=sorted(gt),
-            n_words=len(caption.split()),
-        )
+        return self.score(image_id, caption)
 
 
-def _add_instances(
-    data: Mapping[str, Any], table: SynonymTable, out: dict[int, set[str]], path: Path
-) -> None:
-    """Add each image's instance categories, as node words, to ``out``."""
+def _add_instances(data: Mapping[str, Any], extractor: Any, out: dict[int, set[str]], path: Path) -> None:
+    """Add each image's instance categories, as node words of the extractor's table, to ``out``."""
     node_of_category: dict[int, str] = {}
     for cat in data["categories"]:
-        name = " ".join(str(cat["name"]).lower().split())
-        if name not in table.node_of:
-            raise DataError(
-                f"{path}: category {cat['name']!r} is not in the synonym table; "
-                "use COCO 2014/2017 instance files or extend the table"
-            )
-        node_of_category[int(cat["id"])] = table.node_of[name]
+        try:
+            node_of_category[int(cat["id"])] = extractor.category(str(cat["name"]))
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
     for image in data.get("images", []):
         out.setdefault(int(image["id"]), set())  # images without objects still have a GT
     for ann in data["annotations"]:

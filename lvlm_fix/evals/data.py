@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from lvlm_fix.errors import ConfigError, InputError, UnknownNameError
+from lvlm_fix.errors import ConfigError, DataError, UnknownNameError
 from lvlm_fix.evals.pope import SPLITS
 
 if TYPE_CHECKING:
@@ -30,10 +30,6 @@ DEFAULT_POPE_HF_ID = "lmms-lab/POPE"
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
 _POPE_HF_COLUMNS = ("question_id", "question", "answer", "image_source", "image", "category")
 _POPE_JSONL_KEYS = ("question_id", "image", "text", "label")
-
-
-class DataError(InputError):
-    """A dataset file, folder or record that is missing or malformed."""
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -282,6 +278,8 @@ def load_coco_captions_for_chair(
     seed: int = 0,
     instances_paths: StrPath | Sequence[StrPath] | None = None,
     captions_paths: StrPath | Sequence[StrPath] | None = None,
+    mode: str | None = None,
+    singularizer: str | None = None,
 ) -> tuple[list[CocoImageSample], ChairEvaluator]:
     """The CHAIR image subset and its evaluator (VHR protocol: ``n`` val2014 images, seeded).
 
@@ -293,6 +291,8 @@ def load_coco_captions_for_chair(
         seed: Sampling seed (see :func:`~lvlm_fix.evals.chair.sample_chair_image_ids`).
         instances_paths: Explicit instance files (override ``annotations_dir``).
         captions_paths: Explicit caption files; their images, in file order, are the pool.
+        mode: CHAIR mode of the evaluator (default :data:`~lvlm_fix.evals.chair.DEFAULT_MODE`).
+        singularizer: original mode's singulariser (``"pattern"`` or ``"inflect"``).
 
     Returns:
         ``(samples, evaluator)``, samples in draw order.
@@ -301,7 +301,7 @@ def load_coco_captions_for_chair(
         DataError: Naming a missing annotation file or folder, or the first sampled image that
             is not in ``image_dir``.
     """
-    from lvlm_fix.evals.chair import ChairEvaluator, sample_chair_image_ids
+    from lvlm_fix.evals.chair import DEFAULT_MODE, ChairEvaluator, sample_chair_image_ids
 
     if annotations_dir is None:
         if instances_paths is None or captions_paths is None:
@@ -320,7 +320,7 @@ def load_coco_captions_for_chair(
     captions = captions_paths if captions_paths is not None else root / "captions_val2014.json"
     image_root = Path(image_dir)
     _check_image_dir(image_root)
-    evaluator = ChairEvaluator.from_coco(instances, captions)
+    evaluator = ChairEvaluator.from_coco(instances, captions, mode=mode or DEFAULT_MODE, singularizer=singularizer)
     ids = sample_chair_image_ids(evaluator.image_ids, n=n, seed=seed)
     names = [evaluator.file_names[i] for i in ids]
     _first_missing_image(image_root, names)

@@ -1,27 +1,34 @@
-"""Batched, resumable evaluation: baseline and methods on identical samples, in one run.
+"""Batched, resumable evaluation over the bench registry: baseline and methods on identical samples.
 
 Layout of a run folder (``--out``)::
 
-    run.json                  what the run is (model, bench, splits, data hash, generation); fixed
-    <method>/config.json      the method's resolved config; fixed
-    <method>/samples.jsonl    append-only, one record per sample, flushed and fsynced per batch
+    run.json                  what the run is (bench and its settings, model, data hash, prompts); fixed
+    <method>/config.json      the method's resolved config (or, for ``score``, the scored file); fixed
+    <method>/samples.jsonl    append-only, one scored record per sample, flushed and fsynced per batch
     summary.json              metrics with bootstrap CIs, paired tests vs the baseline, provenance
     results.md                the comparison table
+    .lock                     while a run writes: its pid and host (a second run is refused)
 
-Resuming: the same command again reads each ``samples.jsonl``, drops a torn last line, skips the
-samples already there, and continues; a run folder made with other settings is refused rather
-than mixed. Under ``accelerate launch`` every process takes every k-th sample and writes its own
-``samples.rank<r>.jsonl``; the main process merges the shards into ``samples.jsonl``.
+Resuming: the same command again reads each ``samples.jsonl`` (unreadable lines are set aside, every
+valid record kept), skips the samples already there, and continues; a folder made with other
+settings is refused rather than mixed. The summary covers every method whose records in the folder
+are complete, not only the ones of the last command. Under ``accelerate launch`` every process
+takes every k-th sample and writes its own ``samples.rank<r>.jsonl``; the main process merges them.
+
+``lvlm-fix score`` (:func:`score_outputs`) runs the same scoring and summary on answers that were
+generated elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,195 +36,79 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from . import chair as chair_mod
-from . import pope as pope_mod
-from .data import (
-    DataError,
-    dataset_fingerprint,
-    load_coco_captions_for_chair,
-    load_pope_hf,
-    load_pope_jsonl,
-)
+from . import store
+from .bench import Bench, Prompting, Sample, make_bench, registry
+from .data import dataset_fingerprint
+from .pope import check_template
 from .stats import bootstrap_ci, paired_bootstrap
 
-BENCHES = {
-    "pope": "POPE object probing (yes/no): random / popular / adversarial splits",
-    "chair": "CHAIR caption hallucination on COCO-format instances + captions",
-}
-POPE_MAX_NEW_TOKENS = 32  # answers are a word or a sentence; the parser reads the first sentence
 BASELINE = "none"
 
 
-@dataclass(frozen=True)
-class DataSpec:
-    """Where samples come from; all None -> the synthetic benchmark of the embedded testbed.
+def list_benches() -> dict[str, str]:
+    """Registered benches: name -> one-line description."""
+    reg = registry()
+    return {name: reg.get(name).description for name in reg.names()}
 
-    Attributes:
-        pope_questions: a POPE question file (one split) or a folder of ``*_<split>.json[l]``.
-        image_dir: images referenced by the question / caption files.
-        hf_dataset: a ``datasets`` id or local copy with the lmms-lab/POPE schema.
-        coco_annotations: folder with ``instances_val2014.json`` and ``captions_val2014.json``.
+
+# -- the method seam: the only place the runner touches the method kit ------------------------------
+class MethodSeam:
+    """Validates and describes the method settings, and generates with one of them.
+
+    A setting is a method spec (``"none"``, ``"vhr"``, ``"vhr:alpha=1.5+var"``) plus parameters
+    from flags (``params``); it is named by its canonical spec, which is also its results folder
+    (``:`` written as ``,``) and its table row. Two settings that resolve to the same methods and
+    parameters are refused. ``build_methods`` and ``api.generate`` are the whole interface.
     """
 
-    pope_questions: str | None = None
-    image_dir: str | None = None
-    hf_dataset: str | None = None
-    coco_annotations: str | None = None
+    def __init__(self, methods: Sequence[str], params: dict[str, dict[str, Any]]) -> None:
+        from ..interventions import build_methods, format_spec, parse_spec
 
-    @property
-    def synthetic(self) -> bool:
-        return not (self.pope_questions or self.hf_dataset or self.coco_annotations)
+        self.names = [format_spec(parse_spec(m)) for m in methods]
+        self.params = {name: params.get(m, {}) for name, m in zip(self.names, methods)}
+        built = {name: build_methods(name, **self.params[name]) for name in self.names}
+        self.configs = {name: [x.describe() for x in ms] for name, ms in built.items()}
+        seen: dict[str, str] = {}
+        for name in self.names:
+            key = json.dumps(self.configs[name], sort_keys=True, default=str)
+            if key in seen and seen[key] != name:
+                raise ConfigError(f"settings {seen[key]!r} and {name!r} are the same methods with the same parameters; "
+                                  "list each setting once")
+            seen[key] = name
 
+    def resolved(self, lvlm: Any) -> dict[str, list[dict[str, Any]]]:
+        """Each setting's methods described on ``lvlm``: config plus the layers they use there."""
+        from ..interventions import build_methods
 
-# -- samples --------------------------------------------------------------------------------------
-def _splits(split: str) -> list[str]:
-    if split == "all":
-        return list(pope_mod.SPLITS)
-    if split not in pope_mod.SPLITS:
-        from ..errors import UnknownNameError
+        return {name: [x.describe(lvlm) for x in build_methods(name, **self.params[name])] for name in self.names}
 
-        raise UnknownNameError("POPE split", split, [*pope_mod.SPLITS, "all"])
-    return [split]
+    def generate(self, lvlm: Any, images: list[Any], prompts: list[str], method: str, generation: dict[str, Any],
+                 seed: int, system_prompt: str | None) -> Any:
+        """The :class:`~lvlm_fix.interventions.Generation` of one batch (texts, generated tokens)."""
+        from ..api import generate
 
-
-def _pope_file(questions: Path, split: str) -> Path:
-    if questions.is_file():
-        return questions
-    if not questions.is_dir():
-        raise DataError(f"POPE question file or folder not found: {questions}; pass e.g. coco_pope_{split}.json")
-    found = sorted(p for p in questions.iterdir() if p.stem.endswith(f"_{split}") and p.suffix in (".json", ".jsonl"))
-    if not found:
-        raise DataError(f"no *_{split}.json file in {questions}; name the question files like coco_pope_{split}.json")
-    return found[0]
-
-
-def load_samples(bench: str, split: str, data: DataSpec, limit: int | None, seed: int) -> tuple[list[Any], dict[str, Any], Any]:
-    """The samples to evaluate, a description of the dataset, and (CHAIR) the evaluator."""
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit} selects no sample; pass a positive number or leave it out")
-    if bench == "pope":
-        samples: list[Any] = []
-        files: list[Path] = []
-        if data.synthetic:
-            from ..testbed.benchmark import SyntheticBenchmark, ensure_benchmark
-
-            bench_dir = SyntheticBenchmark(ensure_benchmark())
-            for s in _splits(split):
-                files.append(bench_dir.pope_file(s))
-                samples += load_pope_jsonl(files[-1], bench_dir.images_dir, s)[:limit]
-            dataset = {"id": "lvlm-fix synthetic POPE", "path": str(bench_dir.root)}
-        elif data.hf_dataset:
-            for s in _splits(split):
-                samples += load_pope_hf(data.hf_dataset, s)[:limit]
-            dataset = {"id": data.hf_dataset}
-        else:
-            if not data.image_dir:
-                raise ConfigError("--image-dir is required with --pope-questions; pass the COCO val2014 image folder")
-            for s in _splits(split):
-                files.append(_pope_file(Path(data.pope_questions), s))
-                samples += load_pope_jsonl(files[-1], data.image_dir, s)[:limit]
-            dataset = {"id": str(data.pope_questions), "image_dir": str(data.image_dir)}
-        dataset["sha256"] = dataset_fingerprint(files if files else samples)
-        dataset["n"] = len(samples)
-        return samples, dataset, None
-    if bench == "chair":
-        if split not in ("all", "val", "default"):
-            raise ConfigError(f"CHAIR has no split {split!r}; leave --split out")
-        n = limit or chair_mod.DEFAULT_NUM_IMAGES
-        if data.synthetic:
-            from ..testbed.benchmark import SyntheticBenchmark, ensure_benchmark
-
-            b = SyntheticBenchmark(ensure_benchmark())
-            samples, evaluator = load_coco_captions_for_chair(
-                None, b.images_dir, n=n, seed=seed, instances_paths=b.instances_file, captions_paths=b.captions_file)
-            files = [b.instances_file, b.captions_file]
-            dataset = {"id": "lvlm-fix synthetic COCO-format captions", "path": str(b.root)}
-        else:
-            if not data.coco_annotations or not data.image_dir:
-                raise ConfigError("CHAIR needs --coco-annotations DIR and --image-dir DIR (COCO 2014 val)")
-            samples, evaluator = load_coco_captions_for_chair(data.coco_annotations, data.image_dir, n=n, seed=seed)
-            files = [Path(data.coco_annotations) / "instances_val2014.json"]
-            dataset = {"id": str(data.coco_annotations), "image_dir": str(data.image_dir)}
-        dataset.update(sha256=dataset_fingerprint(files), n=len(samples),
-                       image_ids=[s.image_id for s in samples], sampling=f"random.Random({seed}).sample(ids, {n})")
-        return samples, dataset, evaluator
-    from ..errors import UnknownNameError
-
-    raise UnknownNameError("bench", bench, BENCHES)
+        known = {k: generation[k] for k in ("max_new_tokens", "do_sample", "num_beams") if k in generation}
+        extra = {k: v for k, v in generation.items() if k not in known}
+        return generate(lvlm, images, prompts, None if method == BASELINE else method, seed=seed,
+                        system_prompt=system_prompt, generate_kwargs=extra or None, **known, **self.params[method])
 
 
-def sample_id(sample: Any) -> str:
-    return f"{sample.split}/{sample.question_id}" if hasattr(sample, "question_id") else str(sample.image_id)
+    def warm_up(self, lvlm: Any, image: Any, prompt: str, system_prompt: str | None) -> None:
+        """A two-token vanilla generation, untimed, so the first setting's cost has no first-call overheads."""
+        from ..api import generate
+
+        generate(lvlm, [image], [prompt], None, max_new_tokens=2, system_prompt=system_prompt)
 
 
-# -- the append-only store ----------------------------------------------------------------------------
-def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """Records by id; a torn last line (a run killed mid-write) is dropped from the file."""
-    if not path.exists():
-        return {}
-    records: dict[str, dict[str, Any]] = {}
-    lines = path.read_bytes().split(b"\n")
-    good = []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # only the last line can be torn: everything before was fsynced whole
-        records.setdefault(rec["id"], rec)
-        good.append(line)
-    if len(good) != len([x for x in lines if x.strip()]):
-        path.write_bytes(b"".join(x + b"\n" for x in good))
-    return records
+def setting_folder(root: Path, name: str) -> Path:
+    """The results folder of setting ``name`` (its spec with ``:`` as ``,`` and no quotes)."""
+    return root / name.replace(":", ",").replace('"', "")
 
 
-def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _merge_shards(mdir: Path, ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Fold every process's shard into ``samples.jsonl`` (sample order), then drop the shards."""
-    shards = sorted(mdir.glob("samples.rank*.jsonl"))
-    merged: dict[str, dict[str, Any]] = {}
-    for path in [mdir / "samples.jsonl", *shards]:
-        for k, v in read_records(path).items():
-            merged.setdefault(k, v)
-    tmp = mdir / "samples.jsonl.tmp"
-    tmp.unlink(missing_ok=True)
-    append_records(tmp, [merged[i] for i in ids if i in merged])
-    os.replace(tmp, mdir / "samples.jsonl")  # the shards stay until the merged file is complete
-    for path in shards:
-        path.unlink()
-    return merged
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
-def _fixed_json(path: Path, data: dict[str, Any], what: str) -> None:
-    """Write ``data`` once; later runs in the same folder must match it."""
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(data, default=str)):
-            diff = sorted(k for k in set(old) | set(data) if old.get(k) != json.loads(json.dumps(data, default=str)).get(k))
-            raise InputError(f"{path.parent} holds results of a different {what} (differs in {', '.join(diff)}); "
-                             "use a new --out folder or the original settings")
-        return
-    _write_json(path, data)
-
-
-# -- evaluation ----------------------------------------------------------------------------------------
+# -- provenance helpers -----------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("lvlm-fix", "torch", "transformers", "accelerate", "datasets", "numpy", "inflect"):
+    for name in ("lvlm-fix", "torch", "transformers", "accelerate", "datasets", "numpy", "inflect", "nltk"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -225,225 +116,382 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _generate_batch(lvlm: Any, images: list[Any], prompts: list[str], method: str, gen: dict[str, Any],
-                    params: dict[str, Any]) -> list[str]:
-    from ..api import generate
+def _checkout_commit() -> str | None:
+    """The git commit of the lvlm-fix checkout this runs from (``+dirty`` with local changes), else None."""
+    import subprocess
 
-    return generate(lvlm, images, prompts, None if method == BASELINE else method, **gen, **params).texts
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
 
 
-def evaluate(
-    lvlm: Any,
+def _command_line() -> str:
+    """How this process was started (the Python API's caller, a script, or ``lvlm-fix``)."""
+    import shlex
+    import sys
+
+    return shlex.join(sys.argv)
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def _lock(root: Path | None) -> Iterator[None]:
+    if root is None or not _main_process():
+        yield
+    else:
+        with store.run_lock(root):
+            yield
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """The text up to the first stop string (lmms-eval's ``until``), stripped."""
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    return text.strip() if stops else text
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+@dataclass
+class EvalJob:
+    """A validated evaluation: the bench, methods, samples and prompts; :meth:`run` generates.
+
+    Built by :func:`prepare_eval`, which checks everything a user can get wrong (names, flags,
+    templates, data files) before any model is loaded or anything is written.
+    """
+
+    bench: Bench
+    methods: list[str]
+    seam: MethodSeam
+    samples: list[Sample]
+    dataset: dict[str, Any]
+    prompting: dict[str, Prompting]
+    out_dir: Path | None
+    limit: int | None
+    batch_size: int
+    n_boot: int
+    seed: int
+    progress: bool
+    command: str | None = None  # the CLI command line, recorded in the provenance
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the run folder for this process (see :func:`lvlm_fix.evals.store.run_lock`)."""
+        return _lock(self.out_dir)
+
+    def run(self, lvlm: Any) -> dict[str, Any]:
+        """Generate what is missing, store it, and write (and return) the summary."""
+        from accelerate import PartialState
+        from tqdm import tqdm
+
+        from .cost import CostMeter
+
+        started, started_clock = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+        b = self.bench
+        first = {sp: next(s for s in self.samples if s.split == sp) for sp in self.prompting}
+        run = {
+            "bench": b.name, "settings": b.settings(), "limit": self.limit,
+            "model": lvlm.name, "revision": lvlm.revision, "model_type": lvlm.adapter.model_type,
+            "dtype": str(lvlm.model.dtype), "dataset": self.dataset,
+            "splits": {sp: {"template": p.template, "system_prompt": p.system_prompt, "generation": dict(p.generation),
+                            "seed": p.seed, "prompt_example": lvlm.build_prompt(
+                                p.template.format(question=first[sp].question), system_prompt=p.system_prompt)}
+                       for sp, p in self.prompting.items()},
+        }
+        # cpu=True lets torchrun / accelerate launch shard over CPU processes too (gloo); without it
+        # accelerate sees one process per CPU worker, and every worker would write every sample.
+        state = PartialState(cpu=lvlm.model.device.type == "cpu")
+        rank, world = state.process_index, state.num_processes
+        root = self.out_dir
+        if root is not None and state.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            store.fixed_json(root / "run.json", run, "run")
+        state.wait_for_everyone()
+
+        ids = [s.id for s in self.samples]
+        answers: dict[str, dict[str, dict[str, Any]]] = {}
+        costs: dict[str, dict[str, Any]] = {}
+        self._warm_up(lvlm, root)
+        for method in self.methods:
+            mdir = setting_folder(root, method) if root is not None else None
+            meter = CostMeter(lvlm.model)
+            done: dict[str, dict[str, Any]] = {}
+            store_path = None
+            if mdir is not None:
+                if state.is_main_process:
+                    mdir.mkdir(exist_ok=True)
+                    store.fixed_json(mdir / "config.json", {"method": method, "config": self.seam.configs[method]},
+                                     f"{method} config")
+                state.wait_for_everyone()
+                store_path = mdir / ("samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
+                for shard in [mdir / "samples.jsonl", *sorted(mdir.glob("samples.rank*.jsonl"))]:
+                    for k, v in store.read_records(shard, b.valid).items():
+                        done.setdefault(k, v)
+            mine = [s for i, s in enumerate(self.samples) if i % world == rank and s.id not in done]
+            bar = tqdm(total=len(mine), desc=f"{b.name} {method}", unit="sample", disable=not self.progress or not mine)
+            with meter.setting():
+                for split, p in self.prompting.items():
+                    todo = [s for s in mine if s.split == split]
+                    gen = dict(p.generation)
+                    stops = gen.pop("stop", [])
+                    for start in range(0, len(todo), self.batch_size):
+                        batch = todo[start : start + self.batch_size]
+                        images = [s.load_image() for s in batch]
+                        with meter.batch(len(batch)) as counted:
+                            out = self.seam.generate(lvlm, images, [p.template.format(question=s.question) for s in batch],
+                                                     method, gen, p.seed, p.system_prompt)
+                            counted["generated_tokens"] = sum(out.tokens)
+                        recs = [b.record(s, _cut(t, stops)) for s, t in zip(batch, out.texts)]
+                        done.update((r["id"], r) for r in recs)
+                        if store_path is not None:
+                            store.append_records(store_path, recs)
+                        bar.update(len(batch))
+            bar.close()
+            costs[method] = meter.save(mdir if state.is_main_process and world == 1 else None)
+            state.wait_for_everyone()
+            if mdir is not None and world > 1 and state.is_main_process:
+                done = store.merge_shards(mdir, ids, b.valid)
+            answers[method] = done
+
+        if not state.is_main_process:
+            return {}
+        provenance = {**run, "methods": self.seam.resolved(lvlm), "versions": _versions(),
+                      "lvlm_fix_commit": _checkout_commit(), "platform": platform.platform(),
+                      "device": str(lvlm.model.device), "batch_size": self.batch_size, "processes": world,
+                      "command": self.command or _command_line(), "n_boot": self.n_boot, "started": started,
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "elapsed_seconds": round(time.perf_counter() - started_clock, 1)}
+        return _finish(b, self.samples, answers, self.methods, root, self.n_boot, self.seed, provenance, costs)
+
+    def _warm_up(self, lvlm: Any, root: Path | None) -> None:
+        """One short untimed generation, so that the first setting's cost carries no first-call overheads."""
+        pending = any(not (setting_folder(root, m) / "samples.jsonl").exists() for m in self.methods) if root else True
+        if pending and self.samples:
+            s, p = self.samples[0], self.prompting[self.samples[0].split]
+            self.seam.warm_up(lvlm, s.load_image(), p.template.format(question=s.question), p.system_prompt)
+
+
+def prepare_eval(
     bench: str = "pope",
-    split: str = "adversarial",
+    split: str | None = None,
     methods: Sequence[str] = (BASELINE,),
     *,
-    data: DataSpec | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     out_dir: str | Path | None = None,
     max_new_tokens: int | None = None,
+    generation: dict[str, Any] | None = None,
     prompt_template: str | None = None,
-    seed: int = 0,
+    system_prompt: str | None = None,
+    seed: int | None = None,
     method_params: dict[str, dict[str, Any]] | None = None,
     n_boot: int = 1000,
     progress: bool = True,
-) -> dict[str, Any]:
+    command: str | None = None,
+    **options: Any,
+) -> EvalJob:
+    """Validate an evaluation and load its samples (no model, nothing written); see :func:`evaluate`."""
+    methods = list(dict.fromkeys(m.strip() for m in methods if m and m.strip()))
+    if not methods:
+        raise ConfigError("--methods names no method; pass e.g. --methods none,vhr")
+    for value, flag in ((limit, "--limit"), (batch_size, "--batch-size"), (max_new_tokens, "--max-new-tokens"),
+                        (n_boot, "--n-boot")):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be at least 1" + ("; leave it out for all samples"
+                                                                        if flag == "--limit" else ""))
+    if prompt_template is not None:
+        check_template(prompt_template)
+    b = make_bench(bench, split, **options)
+    seam = MethodSeam(methods, method_params or {})  # validates names and parameters; names the settings
+    methods = seam.names
+    samples, dataset = b.load(limit, 0 if seed is None else seed)
+    if not samples:
+        raise InputError(f"--bench {bench} found no samples; check the data flags")
+    prompting = {}
+    for sp in dict.fromkeys(s.split for s in samples):
+        p = b.prompting(sp)
+        gen = {**p.generation, **(generation or {})}
+        if max_new_tokens is not None:
+            gen["max_new_tokens"] = max_new_tokens
+        if not gen.get("do_sample"):  # sampling settings of a preset mean nothing when decoding greedily
+            for key in ("temperature", "top_p", "top_k"):
+                gen.pop(key, None)
+        prompting[sp] = replace(p, template=prompt_template or p.template, generation=gen,
+                                system_prompt=p.system_prompt if system_prompt is None else (system_prompt or None),
+                                seed=p.seed if seed is None else seed)
+    return EvalJob(b, methods, seam, samples, dataset, prompting, Path(out_dir) if out_dir is not None else None,
+                   limit, batch_size, n_boot, 0 if seed is None else seed, progress, command)
+
+
+def evaluate(lvlm: Any, bench: str = "pope", split: str | None = None, methods: Sequence[str] = (BASELINE,),
+             **kwargs: Any) -> dict[str, Any]:
     """Evaluate the baseline and methods on the same samples; return (and write) the summary.
 
     Args:
         lvlm: the handle from :func:`lvlm_fix.load`.
-        bench: ``"pope"`` or ``"chair"``.
-        split: a POPE split or ``"all"`` (ignored for CHAIR).
+        bench: a registered bench (``lvlm-fix list``): ``"pope"``, ``"chair"``, ``"amber"``.
+        split: a split of the bench, ``"all"``, or None for its default (CHAIR takes none).
         methods: method specs, e.g. ``["none", "vhr", "vhr+var"]``.
-        data: where the samples come from (default: the synthetic benchmark).
-        limit: POPE: questions per split; CHAIR: number of images (default 500).
-        batch_size: rows per ``generate()`` call.
-        out_dir: run folder (created); None keeps results in memory only.
-        max_new_tokens: default 32 for POPE, 512 for CHAIR.
-        prompt_template: POPE question template with ``{question}`` (default: the raw question).
-        seed: CHAIR image sampling seed and generation seed.
-        method_params: per method spec, its parameters.
-        n_boot: bootstrap replicates for CIs and paired tests.
-        progress: show a progress bar with ETA.
+        **kwargs: ``limit`` (per split; CHAIR: images, default 500), ``batch_size``, ``out_dir``
+            (run folder; None keeps results in memory), ``max_new_tokens``, ``generation`` (other
+            ``generate()`` arguments overriding the preset's, e.g. ``{"num_beams": 5}``), ``prompt_template``
+            (with ``{question}``), ``system_prompt`` (``""`` for none), ``seed``, ``method_params``
+            (per method spec, its parameters), ``n_boot``, ``progress``, and the bench's own
+            options (e.g. ``pope_questions=``, ``image_dir=``, ``prompt_preset=``, ``chair_mode=``).
 
     Returns:
         The summary dict (also ``summary.json`` in ``out_dir``).
     """
-    from accelerate import PartialState
-    from tqdm import tqdm
+    job = prepare_eval(bench, split, methods, **kwargs)
+    with job.lock():
+        return job.run(lvlm)
 
-    from ..interventions import build_methods
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size} must be at least 1")
-    method_params = method_params or {}
-    methods = list(dict.fromkeys(methods))
-    configs = {m: [x.describe() for x in build_methods(None if m == BASELINE else m, **method_params.get(m, {}))]
-               for m in methods}  # validates names and parameters before any generation
-    data = data or DataSpec()
-    samples, dataset, evaluator = load_samples(bench, split, data, limit, seed)
-    if bench == "pope":
-        template = prompt_template or pope_mod.DEFAULT_QUESTION_TEMPLATE
-        prompt_of: Callable[[Any], str] = lambda s: pope_mod.build_prompt(s.question, template)  # noqa: E731
-        tokens = max_new_tokens or POPE_MAX_NEW_TOKENS
-    else:
-        template = chair_mod.DEFAULT_PROMPT
-        prompt_of = lambda s: chair_mod.DEFAULT_PROMPT  # noqa: E731
-        tokens = max_new_tokens or chair_mod.DEFAULT_MAX_NEW_TOKENS
-    gen = {"max_new_tokens": tokens, "do_sample": False, "num_beams": 1}
-    run = {
-        "bench": bench, "splits": _splits(split) if bench == "pope" else ["val"], "limit": limit,
-        "model": lvlm.name, "revision": lvlm.revision, "model_type": lvlm.adapter.model_type,
-        "dtype": str(lvlm.model.dtype), "dataset": dataset, "generation": gen, "prompt_template": template,
-        "prompt_example": lvlm.build_prompt(prompt_of(samples[0])), "seed": seed,
-    }
-    # cpu=True lets torchrun / accelerate launch shard over CPU processes too (gloo); without it
-    # accelerate sees one process per CPU worker, and every worker would write every sample.
-    state = PartialState(cpu=lvlm.model.device.type == "cpu")
-    rank, world = state.process_index, state.num_processes
-    root = Path(out_dir) if out_dir is not None else None
-    if root is not None and state.is_main_process:
+# -- scoring existing outputs -------------------------------------------------------------------------
+def score_outputs(bench: str, path: str | Path, *, out_dir: str | Path, split: str | None = None,
+                  name: str | None = None, id_key: str | None = None, text_key: str | None = None,
+                  label_key: str | None = None, n_boot: int = 1000, seed: int = 0, **options: Any) -> dict[str, Any]:
+    """Score answers generated elsewhere with the same code as :func:`evaluate`.
+
+    Args:
+        bench: ``"chair"`` (rows with ``image_id`` and ``caption``), ``"pope"`` (``question_id`` and
+            ``text``/``answer``/``ans``, paired with the question files, or with their own ``label``)
+            or ``"amber"`` (``[{"id", "response"}]``).
+        path: a JSON list or a JSON-lines file.
+        out_dir: run folder; several files scored into one folder (each under its ``name``) are
+            compared in one table, the first one named ``none`` (if any) being the baseline.
+        name: the folder / table name of this file (default: the file name without extension).
+        id_key, text_key, label_key: the keys of the rows, when not the usual ones.
+        **options: the bench's options (e.g. ``coco_annotations=``, ``chair_mode=``, ``pope_parser=``).
+    """
+    path = Path(path)
+    name = name or path.stem
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"--name {name!r} must be a plain folder name")
+    if n_boot < 1:
+        raise ConfigError(f"--n-boot {n_boot} must be at least 1")
+    b = make_bench(bench, split, **options)
+    b.scoring = True
+    samples, texts, dataset = b.read_outputs(path, id_key, text_key, label_key)
+    root = Path(out_dir)
+    run = {"command": "score", "bench": b.name, "settings": b.settings(), "dataset": dataset,
+           "samples": dataset_fingerprint(sorted(({"id": s.id, "split": s.split} for s in samples),
+                                                 key=lambda r: (r["split"], r["id"])))}
+    with _lock(root):
         root.mkdir(parents=True, exist_ok=True)
-        _fixed_json(root / "run.json", run, "run")
-    state.wait_for_everyone()
-
-    ids = [sample_id(s) for s in samples]
-    answers: dict[str, dict[str, dict[str, Any]]] = {}
-    for method in methods:
-        mdir = root / method if root is not None else None
-        store = None
-        done: dict[str, dict[str, Any]] = {}
-        if mdir is not None:
-            if state.is_main_process:
-                mdir.mkdir(exist_ok=True)
-                _fixed_json(mdir / "config.json", {"method": method, "config": configs[method]}, f"{method} config")
-            state.wait_for_everyone()
-            store = mdir / ("samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
-            for shard in [mdir / "samples.jsonl", *sorted(mdir.glob("samples.rank*.jsonl"))]:
-                for k, v in read_records(shard).items():
-                    done.setdefault(k, v)
-        mine = [s for i, s in enumerate(samples) if i % world == rank and ids[i] not in done]
-        bar = tqdm(total=len(mine), desc=f"{bench} {method}", unit="sample", disable=not progress or not mine)
-        for start in range(0, len(mine), batch_size):
-            batch = mine[start : start + batch_size]
-            texts = _generate_batch(lvlm, [s.load_image() for s in batch], [prompt_of(s) for s in batch], method,
-                                    {**gen, "seed": seed}, method_params.get(method, {}))
-            recs = [_record(s, t, bench) for s, t in zip(batch, texts)]
-            for r in recs:
-                done[r["id"]] = r
-            if store is not None:
-                append_records(store, recs)
-            bar.update(len(batch))
-        bar.close()
-        state.wait_for_everyone()
-        if mdir is not None and world > 1 and state.is_main_process:
-            done = _merge_shards(mdir, ids)
-        answers[method] = done
-
-    if not state.is_main_process:
-        return {}
-    summary = _summarise(bench, samples, ids, answers, evaluator, methods, n_boot, seed)
-    summary["provenance"] = {**run, "methods": configs, "versions": _versions(), "platform": platform.platform(),
-                             "n_boot": n_boot, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if root is not None:
-        _write_json(root / "summary.json", summary)
-        (root / "results.md").write_text(comparison_table(summary))
-    return summary
+        store.fixed_json(root / "run.json", run, "scoring run (other samples or settings)")
+        mdir = root / name
+        mdir.mkdir(exist_ok=True)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        store.fixed_json(mdir / "config.json", {"method": name, "scored_file": str(path.resolve()),
+                                                "sha256": digest}, f"scored file for {name!r}")
+        done = store.read_records(mdir / "samples.jsonl", b.valid)
+        todo = [s for s in samples if s.id not in done]
+        for start in range(0, len(todo), 1000):
+            recs = [b.record(s, texts[s.id]) for s in todo[start : start + 1000]]
+            done.update((r["id"], r) for r in recs)
+            store.append_records(mdir / "samples.jsonl", recs)
+        provenance = {**run, "versions": _versions(), "platform": platform.platform(), "n_boot": n_boot,
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return _finish(b, samples, {name: done}, [name], root, n_boot, seed, provenance)
 
 
-def _record(sample: Any, text: str, bench: str) -> dict[str, Any]:
-    if bench == "pope":
-        return {"id": sample_id(sample), "split": sample.split, "question": sample.question, "label": sample.label,
-                "answer": text, "pred": pope_mod.parse_answer(text), "unparseable": pope_mod.is_unparseable(text)}
-    return {"id": sample_id(sample), "image_id": sample.image_id, "caption": text}
-
-
+# -- summary ------------------------------------------------------------------------------------------
 def _ci(values: np.ndarray, fn: Callable, n_boot: int, seed: int) -> dict[str, float]:
     ci = bootstrap_ci(values, fn, n_boot=n_boot, seed=seed, batched=True)
     return {"value": ci.estimate, "low": ci.low, "high": ci.high}
 
 
-def _pope_arrays(recs: list[dict[str, Any]]) -> np.ndarray:
-    return np.array([[r["pred"] == "yes", r["label"] == "yes"] for r in recs], dtype=float)  # [n, 2]
+def _method_order(root: Path | None, current: list[str]) -> list[str]:
+    """Methods of the summary: those already summarised in the folder (in their order), then this
+    command's, then any other method folder."""
+    if root is None:
+        return current
+    order: list[str] = []
+    summary = root / "summary.json"
+    if summary.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            order += list(json.loads(summary.read_text())["methods"])
+    order += current
+    order += sorted(_config_name(d) for d in root.iterdir() if (d / "config.json").is_file())
+    return [m for m in dict.fromkeys(order) if (setting_folder(root, m) / "config.json").is_file() or m in current]
 
 
-_POPE_FNS = {
-    "accuracy": lambda a: (a[..., 0] == a[..., 1]).mean(-1),
-    "f1": lambda a: np.divide(2 * (a[..., 0] * a[..., 1]).sum(-1), (a[..., 0] + a[..., 1]).sum(-1),
-                              out=np.zeros(a.shape[:-2]), where=(a[..., 0] + a[..., 1]).sum(-1) > 0),
-    "yes_ratio": lambda a: a[..., 0].mean(-1),
-}
+def _config_name(folder: Path) -> str:
+    """The setting name a results folder holds (its config.json's ``method``; the folder name for old runs)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads((folder / "config.json").read_text())["method"])
+    return folder.name
 
 
-def _summarise(bench: str, samples: list[Any], ids: list[str], answers: dict[str, dict[str, dict[str, Any]]],
-               evaluator: Any, methods: list[str], n_boot: int, seed: int) -> dict[str, Any]:
-    baseline = BASELINE if BASELINE in methods else methods[0]
-    out: dict[str, Any] = {"bench": bench, "baseline": baseline, "methods": {}}
-    missing = {m: [i for i in ids if i not in answers[m]] for m in methods}
-    for m, miss in missing.items():
-        if miss:
-            raise InputError(f"method {m!r} lacks {len(miss)} samples (first {miss[0]}); rerun the same command to resume")
-    if bench == "pope":
-        splits = list(dict.fromkeys(s.split for s in samples))
-        arrays = {m: {sp: _pope_arrays([answers[m][i] for i, s in zip(ids, samples) if s.split == sp]) for sp in splits}
-                  for m in methods}
-        for m in methods:
-            per_split = {}
-            for sp in splits:
-                recs = [answers[m][i] for i, s in zip(ids, samples) if s.split == sp]
-                rep = pope_mod.score([r["answer"] for r in recs], [r["label"] for r in recs])
-                row = rep.as_dict()
-                row["ci"] = {k: _ci(arrays[m][sp], fn, n_boot, seed) for k, fn in _POPE_FNS.items()}
+def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[str, Any]]], current: list[str],
+            root: Path | None, n_boot: int, seed: int, provenance: dict[str, Any],
+            costs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Summarise every complete method (this command's and those already in the folder), write
+    ``summary.json`` and ``results.md``, return the summary."""
+    from . import cost
+
+    order = _method_order(root, current)
+    costs = dict(costs or {})
+    for m in order:
+        if m not in answers and root is not None:
+            answers[m] = store.read_records(setting_folder(root, m) / "samples.jsonl", b.valid)
+        if m not in costs and root is not None:
+            costs[m] = cost.load(setting_folder(root, m))
+    ids = [s.id for s in samples]
+    complete = [m for m in order if all(i in answers[m] for i in ids)]
+    incomplete = {m: f"{sum(i in answers[m] for i in ids)}/{len(ids)}" for m in order if m not in complete}
+    if not complete:
+        raise InputError(f"no method has all {len(ids)} samples; rerun the same command to resume")
+    baseline = BASELINE if BASELINE in complete else complete[0]
+    splits = {sp: [s.id for s in samples if s.split == sp] for sp in dict.fromkeys(s.split for s in samples)}
+    summary: dict[str, Any] = {"bench": b.name, "settings": b.settings(), "baseline": baseline, "methods": {}}
+    for m in complete:
+        rows = {}
+        for sp, sp_ids in splits.items():
+            recs = [answers[m][i] for i in sp_ids]
+            row = b.aggregate(sp, recs)
+            stats = b.stats(sp)
+            if stats:
+                values = b.values(sp, recs)
+                row["ci"] = {k: _ci(values, fn, n_boot, seed) for k, fn in stats.items()}
                 if m != baseline:
-                    row["vs_baseline"] = {k: paired_bootstrap(arrays[m][sp], arrays[baseline][sp], fn, n_boot=n_boot,
-                                                              seed=seed, batched=True).as_dict()
-                                          for k, fn in _POPE_FNS.items() if k != "yes_ratio"}
-                per_split[sp] = row
-            avg = {k: float(np.mean([per_split[sp][k] for sp in splits]))
-                   for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-            out["methods"][m] = {"splits": per_split, "average": avg}
-        return out
-    for m in methods:
-        recs = [answers[m][i] for i in ids]
-        res = evaluator.evaluate(recs)
-        counts = res.counts()
-        row = res.as_dict(include_details=False)
-        row["ci"] = {k: _ci(counts, fn, n_boot, seed) for k, fn in chair_mod.STATS.items()}
-        if m != baseline:
-            base_counts = evaluator.evaluate([answers[baseline][i] for i in ids]).counts()
-            row["vs_baseline"] = {k: paired_bootstrap(counts, base_counts, fn, n_boot=n_boot, seed=seed,
-                                                      batched=True).as_dict() for k, fn in chair_mod.STATS.items()}
-        out["methods"][m] = row
-    return out
+                    base = b.values(sp, [answers[baseline][i] for i in sp_ids])
+                    row["vs_baseline"] = {k: paired_bootstrap(values, base, fn, n_boot=n_boot, seed=seed,
+                                                              batched=True).as_dict() for k, fn in stats.items()}
+            rows[sp] = row
+        summary["methods"][m] = {"splits": rows, **b.overall(rows)}
+    if incomplete:
+        summary["incomplete"] = incomplete
+    summary["cost"] = cost.summarise({m: costs[m] for m in complete if costs.get(m)}, baseline)
+    summary["provenance"] = provenance
+    if root is not None:
+        store.write_json(root / "summary.json", summary)
+        (root / "results.md").write_text(comparison_table(b, summary))
+    return summary
 
 
-def comparison_table(summary: dict[str, Any]) -> str:
-    """The markdown table: each method's metrics with 95% CIs and the paired p-value vs baseline."""
-    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
-    lines = []
-    if summary["bench"] == "pope":
-        lines += ["| method | split | accuracy [95% CI] | F1 [95% CI] | yes-ratio | unparseable | p (acc) | p (F1) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for m, res in summary["methods"].items():
-            for sp, row in res["splits"].items():
-                ci = row["ci"]
-                vs = row.get("vs_baseline", {})
-                p = lambda k: f"{vs[k]['p_value']:.3g}" if k in vs else "—"  # noqa: E731
-                lines.append(f"| {m} | {sp} | {pct(row['accuracy'])} [{pct(ci['accuracy']['low'])}, {pct(ci['accuracy']['high'])}] "
-                             f"| {pct(row['f1'])} [{pct(ci['f1']['low'])}, {pct(ci['f1']['high'])}] | {pct(row['yes_ratio'])} "
-                             f"| {row['n_unparseable']} | {p('accuracy')} | {p('f1')} |")
-            if len(res["splits"]) > 1:
-                a = res["average"]
-                lines.append(f"| {m} | average | {pct(a['accuracy'])} | {pct(a['f1'])} | {pct(a['yes_ratio'])} | | | |")
-    else:
-        lines += ["| method | CHAIR_S [95% CI] | CHAIR_I [95% CI] | recall [95% CI] | length | p (CHAIR_S) | p (CHAIR_I) |",
-                  "|---|---|---|---|---|---|---|"]
-        for m, row in summary["methods"].items():
-            ci, vs = row["ci"], row.get("vs_baseline", {})
-            cell = lambda k: f"{pct(row[k])} [{pct(ci[k]['low'])}, {pct(ci[k]['high'])}]"  # noqa: E731
-            p = lambda k: f"{vs[k]['p_value']:.3g}" if k in vs else "—"  # noqa: E731
-            lines.append(f"| {m} | {cell('chair_s')} | {cell('chair_i')} | {cell('recall')} | {row['mean_length']:.1f} "
-                         f"| {p('chair_s')} | {p('chair_i')} |")
-    return "\n".join(lines) + "\n\nValues in %; p: two-sided paired bootstrap vs the baseline on the same samples.\n"
+def comparison_table(b: Bench, summary: dict[str, Any]) -> str:
+    """results.md: what was measured and how, the bench's table, and how to read it."""
+    lines = [f"# {b.name} results", ""]
+    if b.caveat():
+        lines += [f"**Note:** {b.caveat()}", ""]
+    settings = ", ".join(f"{k}={v}" for k, v in summary["settings"].items() if len(str(v)) <= 80)
+    if settings:
+        lines += [f"Settings: {settings}.", ""]
+    lines += b.table(summary)
+    for m, have in summary.get("incomplete", {}).items():
+        lines.append(f"\n`{m}` is not in the table: it has {have} samples; rerun with --methods {m} to finish it.")
+    lines += ["", f"Values in %; p: two-sided paired bootstrap vs the baseline (`{summary['baseline']}`) on the same "
+                  "samples."]
+    from .cost import table as cost_table
 
+    lines += cost_table(summary.get("cost", {}), summary["baseline"])
+    return "\n".join(lines) + "\n"

@@ -1,6 +1,20 @@
-"""The methods, registered by name in :data:`METHODS` (importing this package registers them)."""
+"""The methods. Each built-in is one module (or package) of this folder and registers itself; they
+are imported on the first lookup in :data:`METHODS`, so importing this package is cheap."""
 
-from .base import METHODS, NONE, ORDER, Intervention, MethodConfig, build_methods, register, split_methods
-from . import act, carve, var, vhr  # noqa: E402,F401 - each module registers its method
+from .base import ContrastConfig, Generation, Intervention, MethodConfig, Stage, param, resolve_layers
+from .registry import (
+    ENTRY_POINT_GROUP,
+    METHODS,
+    NONE,
+    PLUGINS_ENV,
+    build_methods,
+    format_spec,
+    method_fields,
+    parse_spec,
+    parse_value,
+    register_method,
+)
 
-__all__ = ["METHODS", "NONE", "ORDER", "Intervention", "MethodConfig", "build_methods", "register", "split_methods"]
+__all__ = ["ENTRY_POINT_GROUP", "METHODS", "NONE", "PLUGINS_ENV", "ContrastConfig", "Generation", "Intervention",
+           "MethodConfig", "Stage", "build_methods", "format_spec", "method_fields", "param", "parse_spec",
+           "parse_value", "register_method", "resolve_layers"]

@@ -1,48 +1,102 @@
-"""What a method is: a frozen config dataclass plus the method's math, registered by name.
+"""What a method is: a stage, a frozen config and the method's math, all in the method's own file.
 
-A method subclasses :class:`Intervention` (itself a :class:`~lvlm_fix.hooks.Participant`:
-it declares the layers it needs in ``bind`` and overrides the callbacks it uses) and pairs it
-with a config subclass of :class:`MethodConfig` whose fields carry ``metadata={"help": ...}``
-stating the default and its source. ``Config.noop()`` gives settings under which the method is
-an exact identity. Method files hold math only: layers, heads and image positions arrive
-through ``bind`` (the :class:`~lvlm_fix.model.LVLM` handle) and the callbacks' ``ctx``.
+A method subclasses :class:`Intervention` and declares three class attributes:
 
-Composition (``"vhr+var"``) applies methods in the fixed order of :data:`ORDER`: first the
-input refinement (CARVE: the final answer is generated on the refined image), then the
-head-output scaling (VHR), then the attention redistributions (VAR, then ACT), each seeing the
-output of the one before.
+* ``name``: its registered name, used on the command line and as its results folder;
+* ``stage``: where it acts (:class:`Stage`); composition order follows the stages;
+* ``config_cls``: a frozen :class:`MethodConfig` dataclass whose fields are its parameters, each
+  declared with :func:`param` (default, help text naming the source, valid range).
+
+Methods that act inside ``generate()`` (head outputs, attention, logits) are
+:class:`~lvlm_fix.hooks.Participant`\\ s: ``bind`` declares the layers they need and the callbacks
+do the math, on tensors of the whole batch, row by row. Methods that act around ``generate()``
+(input refinement, pipelines) override :meth:`Intervention.generate`. A method file holds the
+method's math and nothing about module paths or model names: layers, heads and image positions
+arrive through ``bind`` (the model handle) and the callbacks' ``ctx``.
+
+Registering is :func:`lvlm_fix.register_method` (built-in files decorate their class with it;
+the package imports every module of ``lvlm_fix.interventions`` on first use, so a new built-in is
+one new file). See ``docs/adding-a-method.md`` for a complete example.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 import typing
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError
 from ..hooks.plan import Participant
-from ..registry import Registry
 
-ORDER = ("carve", "vhr", "var", "act")
-NONE = "none"  # the baseline: no method
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..model import LVLM
+
+
+class Stage(enum.IntEnum):
+    """Where a method acts. Composed methods are applied in this order; within a stage, by name."""
+
+    PIPELINE = 0  # runs several generate() calls of its own and combines them (e.g. MVP)
+    INPUT = 1  # rewrites the input image or prompt, then generates once (e.g. CARVE)
+    HEAD_OUTPUTS = 2  # scales per-head attention outputs, the input of o_proj (e.g. VHR)
+    ATTENTION_SCORES = 3  # edits pre-softmax attention logits (e.g. PAI)
+    ATTENTION_WEIGHTS = 4  # edits post-softmax attention weights (e.g. VAR, ACT)
+    LOGITS = 5  # combines the next-token logits with a contrast stream (e.g. VCD)
+
+    @property
+    def wraps_generate(self) -> bool:
+        """The method calls ``generate()`` itself, so it cannot wrap a caller's ``generate()``."""
+        return self in (Stage.PIPELINE, Stage.INPUT)
+
+
+def param(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+          lo_open: bool = False) -> Any:
+    """A config field: ``default``, a ``help`` text stating the default and its source, and a range.
+
+    Numeric values must lie in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); a bound of None is
+    unbounded. Every float must be finite. Types are checked from the field's annotation.
+    """
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open})
 
 
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig:
-    """Base of every method's config: frozen, keyword-only, validated on construction."""
+    """Base of every method's config: frozen, keyword-only, checked on construction.
+
+    Every field is checked against its annotation (``float`` finite and within its declared range,
+    ``int`` not a bool, ``tuple[int, ...]`` from a list or a single int, ``Literal`` one of its
+    choices); :meth:`validate` adds the checks that involve several fields.
+    """
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _checked(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+            object.__setattr__(self, f.name, value)
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming a bad value and its valid range."""
+        """Raise :class:`ConfigError` naming a bad combination of values and the fix."""
 
     @classmethod
     def noop(cls) -> MethodConfig:
-        """Settings under which the method is an exact identity."""
+        """Settings under which the method installs nothing: the model runs exactly as without it."""
         raise NotImplementedError(cls.__name__)
+
+    @classmethod
+    def math_identity(cls) -> MethodConfig | None:
+        """Settings under which the method's callbacks run on every layer it edits and change nothing.
+
+        The identity test with the math in the path: tokens equal to vanilla ``generate()``,
+        logits within float rounding (eager fp32 math is not bit-identical to sdpa). None when the
+        method has no such setting.
+        """
+        return None
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -56,76 +110,144 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ContrastConfig(MethodConfig):
+    """Base of the configs of methods that decode a contrast stream: the field they all share."""
+
+    null_contrast: bool = param(False, (
+        "Give the contrast stream the main rows' own input instead of the method's contrast (noised image, "
+        "disturbed instruction, no image). The stream still runs beside generate() with its own cache; with the "
+        "plausibility cut off the combination then returns the main logits, i.e. vanilla decoding through the "
+        "whole two-stream machinery: a check of the mechanism on a new model. Default False (source: lvlm-fix; not part "
+        "of the method)."))
+
+
+def _checked(name: str, value: Any, typ: Any, meta: Any) -> Any:
+    """``value`` converted to the field type ``typ`` (int -> float, list -> tuple), or ConfigError."""
+    args = get_args(typ)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{name}=None is not allowed; give a value or leave {name} out for its default")
+    if type(None) in args:  # Optional[X]: check against X
+        inner = [a for a in args if a is not type(None)]
+        typ = inner[0] if len(inner) == 1 else typing.Union[tuple(inner)]
+        args = get_args(typ)
+    origin = get_origin(typ)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, args))}")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        _check_range(name, value, meta)
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value} is not a finite number; give a real value")
+        _check_range(name, value, meta)
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        return value
+    if origin is tuple and args[-1] is Ellipsis:  # tuple[int, ...]
+        items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise ConfigError(f"{name}={value!r} must be a list of integers, e.g. [1, 2]")
+        for item in items:
+            _checked(name, item, args[0], meta)
+        return tuple(items)
+    return value  # other annotations are the method's own business (validate())
+
+
+def _check_range(name: str, value: float, meta: Any) -> None:
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    if below or (hi is not None and value > hi):
+        left = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+        right = "inf)" if hi is None else f"{hi:g}]"
+        rng = f"{left}, {right}"
+        raise ConfigError(f"{name}={value} is out of range; valid range is {rng}")
+
+
+@dataclass
+class Generation:
+    """Texts generated for a batch, and what the methods saw and touched."""
+
+    texts: list[str]
+    report: dict[str, Any] = field(default_factory=dict)  # per method name
+    artifacts: dict[str, Any] = field(default_factory=dict)  # per method name, e.g. CARVE's refined images
+    tokens: list[int] = field(default_factory=list)  # generated tokens per row, up to and including EOS
+
+
+# What a method that wraps generate() calls to generate: ``inner(images, prompts, gen)`` applies the
+# composed methods of the later stages around the model's own generate() and returns their Generation.
+Inner = Callable[[Sequence[Any], Sequence[str], dict[str, Any]], Generation]
+
+
 class Intervention(Participant):
-    """A registered method. ``refines_input`` methods rewrite the image instead of the model."""
+    """A registered method: ``name``, ``stage``, ``config_cls`` and the math (see the module docstring)."""
 
     name: ClassVar[str]
+    stage: ClassVar[Stage]
     config_cls: ClassVar[type[MethodConfig]]
-    refines_input: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
 
-    def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "config": self.config.to_dict()}
+    def describe(self, lvlm: LVLM | None = None) -> dict[str, Any]:
+        """The method, its stage and its config (written to every result's provenance); with a model,
+        also what it acts on there (:meth:`layers_on`), e.g. the default layers resolved to its depth."""
+        out = {"method": self.name, "stage": self.stage.name.lower(), "config": self.config.to_dict()}
+        if lvlm is not None:
+            out["on_model"] = self.layers_on(lvlm)
+        return out
 
+    def layers_on(self, lvlm: LVLM) -> dict[str, list[int]]:
+        """The layers this method uses on ``lvlm``, by role (the layer sets ``bind`` declares)."""
+        self.bind(lvlm)
+        roles = ("eager_layers", "observed_layers", "head_output_layers", "residual_layers")
+        return {role: sorted(getattr(self, role)) for role in roles if getattr(self, role)}
 
-METHODS: Registry[type[Intervention]] = Registry("method")
+    def generate(self, lvlm: LVLM, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str],
+                 gen: dict[str, Any], inner: Inner, *, system_prompt: str | None = None) -> Generation:
+        """For ``PIPELINE`` and ``INPUT`` stages: produce the answers, calling ``inner`` for each generation.
 
+        ``gen`` holds the ``generate()`` arguments of the call; ``inner`` applies the composed
+        methods of later stages (with the call's ``system_prompt``, which the method's own encodes
+        should pass to ``lvlm.encode`` too). Return the Generation with this method's report (and
+        artifacts) added under its name.
+        """
+        raise NotImplementedError(f"method {self.name!r} of stage {self.stage.name} must implement generate()")
 
-def register(cls: type[Intervention]) -> type[Intervention]:
-    """Class decorator: registers ``cls`` under ``cls.name``."""
-    return METHODS.register(cls.name)(cls)
+    def summarize(self, report: dict[str, Any]) -> str:
+        """One short human line of what the method touched (``run --compare``), from its :meth:`report`.
 
+        The default lists the report's short values; methods override it with what matters.
+        """
+        short = [f"{k}={v}" for k, v in report.items()
+                 if isinstance(v, (bool, int, float, str)) or (isinstance(v, (list, tuple)) and len(str(v)) <= 40)]
+        return "; ".join(short)[:300]
 
-def split_methods(spec: str | Sequence[str] | None) -> list[str]:
-    """``"vhr+var"`` -> ``["vhr", "var"]`` in composition order; ``None``/``"none"`` -> ``[]``."""
-    if spec is None:
+    @classmethod
+    def prompts(cls) -> list[str]:
+        """Texts this method sends to the model besides the user's prompt (e.g. a general instruction).
+
+        The embedded testbed's tests check that each one encodes without unknown tokens.
+        """
         return []
-    names = [s.strip() for s in (spec.split("+") if isinstance(spec, str) else spec) if s.strip()]
-    names = [n for n in names if n != NONE]
-    for n in names:
-        if n not in METHODS:
-            raise UnknownNameError("method", n, [*METHODS.names(), NONE])
-    if len(set(names)) != len(names):
-        raise ConfigError(f"method {spec!r} names a method twice; list each once, e.g. 'vhr+var'")
-    return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
-
-
-def build_methods(spec: str | Sequence[str] | None, **params: Any) -> list[Intervention]:
-    """Instantiate the methods of ``spec`` with ``params`` routed to every config that has the field.
-
-    Raises:
-        UnknownNameError: an unknown method.
-        ConfigError: a parameter no selected method takes, or a value out of range.
-    """
-    classes = [METHODS.get(n) for n in split_methods(spec)]
-    params = {k: v for k, v in params.items() if v is not None}
-    unused = set(params)
-    methods = []
-    for cls in classes:
-        fields = {f.name for f in dataclasses.fields(cls.config_cls)}
-        mine = {k: v for k, v in params.items() if k in fields}
-        unused -= set(mine)
-        try:
-            methods.append(cls(cls.config_cls(**mine)))
-        except TypeError as e:
-            raise ConfigError(f"bad parameters for {cls.name}: {e}") from None
-    if unused:
-        names = "+".join(c.name for c in classes) or NONE
-        raise ConfigError(f"parameter {sorted(unused)[0]!r} is not a parameter of method {names!r}; see `lvlm-fix list`")
-    return methods
-
-
-def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    """Raise :class:`ConfigError` unless ``lo <= value <= hi``."""
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ConfigError(f"{name}={value} is out of range; valid range is {rng}")
 
 
 def resolve_layers(layers: Sequence[int] | None, default: Sequence[int], n_layers: int, name: str = "layers") -> frozenset[int]:
-    """Explicit ``layers`` (negative counts from the end) or ``default``; each must exist."""
+    """Explicit ``layers`` (negative counts from the end; ``()`` is none) or ``default``; each must exist."""
     chosen = default if layers is None else layers
     out = set()
     for i in chosen:

@@ -1,4 +1,4 @@
-"""CARVE, Contrastive Attention Refinement for Visual Enhancement (Ge et al., arXiv 2509.06461; methods.md §5).
+"""CARVE, Contrastive Attention Refinement for Visual Enhancement (Ge et al., arXiv 2509.06461).
 
 An input-pixel method: the model's internals are read, never edited. Two greedy statistics
 passes record, at every generation step ``t`` and read layer ``l``, the head-mean attention of
@@ -13,7 +13,8 @@ the last query over the image tokens: ``aQ`` for the question, ``aG`` for a gene
     refined = (image * M) cropped to bbox(M), resized by max(W / cw, H / ch) (LANCZOS)
 
 and the answer is generated on the refined image (the paper's Alg. 1) or on [original, refined]
-(the released code; ``inputs="both"``).
+(the released code; ``inputs="both"``), with the question and the answer suffix (as the release
+does in all three passes; ``suffix_in_answer=false`` answers the question as written).
 
 Differences from the release (YuyaoGe/CARVE a1f0442), all deliberate:
 
@@ -32,8 +33,11 @@ Differences from the release (YuyaoGe/CARVE a1f0442), all deliberate:
 * ``fusion="last"`` is the paper's ``T_end`` (the last aligned step alone), which the release lacks.
 * The refined size is ``floor(side * s)`` as in the release, with a 1e-6 tolerance so that float
   error in ``W / cw * cw`` cannot lose a pixel.
+* The suffix is not appended a second time to a prompt that already ends with it (e.g. POPE's
+  ``llava`` preset, whose question already asks for a single word or phrase).
+* The default answers on the refined image alone, as the paper's Alg. 1 (``inputs="both"`` is the
+  release's two-image prompt, which LLaVA-1.5 was not trained on).
 """
-
 from __future__ import annotations
 
 import math
@@ -41,20 +45,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from .._lazy import torch
+from ..errors import InputError
 from ..hooks.plan import AttnContext, Participant, Plan, StopForward, TokenState
-from ..layout import TokenGrid, grid_token_positions, image_token_grids
-from .base import Intervention, MethodConfig, check_range, register, resolve_layers
+from .base import Generation, Inner, Intervention, MethodConfig, Stage, param, resolve_layers
+from .registry import register_method
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..layout import TokenGrid
     from ..model import LVLM
 
-__all__ = ["Carve", "CarveConfig", "carve_default_layers", "carve_mask", "fuse_saliency", "refine_image",
-           "step_weights"]
+__all__ = ["Carve", "CarveConfig", "carve_default_layers", "carve_mask", "fuse_saliency", "grid_token_positions",
+           "refine_image", "step_weights", "with_suffix"]
 
 GENERAL_INSTRUCTION = "Write a general description of the image."
 ANSWER_SUFFIX = " Answer the question using a single word or phrase."
@@ -67,7 +73,37 @@ def carve_default_layers(n_layers: int) -> list[int]:
     return list(range(lo, hi + 1))
 
 
+def with_suffix(prompt: str, suffix: str) -> str:
+    """``prompt + suffix``, unless the prompt already ends with the suffix (compared without spaces)."""
+    return prompt if not suffix.strip() or prompt.rstrip().endswith(suffix.strip()) else prompt + suffix
+
+
 # -- the math (pure) -------------------------------------------------------------------------------
+def grid_token_positions(image_mask: Tensor, grids: list[TokenGrid]) -> tuple[Tensor, Tensor]:
+    """Sequence positions of each row's grid tokens, vectorised over rows.
+
+    Args:
+        image_mask: ``[b, t]`` True at image tokens (padding-aware, as in ``TokenState``).
+        grids: one :class:`~lvlm_fix.layout.TokenGrid` per row.
+
+    Returns:
+        ``(positions, valid)``, both ``[b, G]`` with ``G`` the largest grid: ``positions[r, i]`` is
+        the sequence position of grid token ``i`` of row ``r`` (0 where ``valid`` is False).
+    """
+    b, t = image_mask.shape
+    dev = image_mask.device
+    offset = torch.tensor([g.offset for g in grids], device=dev)[:, None]
+    size = torch.tensor([g.size for g in grids], device=dev)[:, None]
+    rank = image_mask.long().cumsum(1) - 1  # index of each image token among the row's image tokens
+    selected = image_mask & (rank >= offset) & (rank < offset + size)
+    pos = torch.arange(t, device=dev).expand(b, t)
+    order = torch.where(selected, pos, pos + t).sort(dim=1).values  # selected positions first, in order
+    g_max = int(size.max())
+    positions = order[:, :g_max]
+    valid = torch.arange(g_max, device=dev)[None, :] < size
+    return torch.where(valid, positions, torch.zeros_like(positions)), valid
+
+
 def step_weights(t_q: Tensor, t_g: Tensor, n_steps: int, fusion: str) -> Tensor:
     """``[n_steps, n]`` weights ``w_t`` per row: zero outside ``t < min(T_Q, T_G)``.
 
@@ -158,52 +194,53 @@ def refine_image(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, tup
 # -- config --------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class CarveConfig(MethodConfig):
-    """CARVE settings (methods.md §5; YuyaoGe/CARVE a1f0442, version v4)."""
+    """CARVE settings (YuyaoGe/CARVE a1f0442, version v4)."""
 
-    instruction: str = field(default=GENERAL_INSTRUCTION, metadata={"help": (
+    instruction: str = param(GENERAL_INSTRUCTION, (
         "General instruction G of the contrast pass. Default 'Write a general description of the image.' "
-        "(source: carve/attention.py GENERAL_INSTRUCTION; the best of 5 in paper App. D).")})
-    suffix: str = field(default=ANSWER_SUFFIX, metadata={"help": (
-        "Appended to both the question and G in the statistics passes. Default ' Answer the question using a "
-        "single word or phrase.' (source: carve/pipeline.py ANSWER_SUFFIX, _build_inputs).")})
-    layers: tuple[int, ...] | None = field(default=None, metadata={"help": (
-        "Layers whose attention is read (negative counts from the end). Default None: 20..25 of 32 scaled to "
-        "the depth, rounded half up (source: carve/attention.py DEFAULT_LAYERS = range(20, 26)).")})
-    lam: float = field(default=1e-8, metadata={"help": (
+        "(source: carve/attention.py GENERAL_INSTRUCTION; the best of 5 in paper App. D)."))
+    suffix: str = param(ANSWER_SUFFIX, (
+        "Appended to the question and to G in the statistics passes (and to the question in the final pass, "
+        "see suffix_in_answer), unless the text already ends with it. Default ' Answer the question using a "
+        "single word or phrase.' (source: carve/pipeline.py ANSWER_SUFFIX, _build_inputs)."))
+    suffix_in_answer: bool = param(True, (
+        "Also append the suffix to the question of the final pass, as the release does. Turn it off for "
+        "open-ended prompts (captions): the suffix asks for a single word. Default True (source: "
+        "carve/pipeline.py, the final pass uses Q + suffix)."))
+    layers: tuple[int, ...] | None = param(None, (
+        "Layers whose attention is read (negative counts from the end); [] for none (then no statistics pass "
+        "runs and the input is left as it is). Default None: 20..25 of 32 scaled to the depth, rounded half up "
+        "(source: carve/attention.py DEFAULT_LAYERS = range(20, 26))."))
+    lam: float = param(1e-8, (
         "Regulariser lambda of the ratio aQ / (aG + lambda), > 0. Default 1e-8 (source: carve/pipeline.py; "
-        "paper Thm. 3).")})
-    top_percent: float = field(default=0.2, metadata={"help": (
+        "paper Thm. 3)."), lo=0.0, lo_open=True)
+    top_percent: float = param(0.2, (
         "Fraction p of pixels above the threshold (tau = the 100(1-p) percentile of S); also sets the region "
-        "count floor(p * #components). 1.0 = no change, an exact no-op. Default 0.2 (source: "
-        "carve/masking.py create_attention_mask).")})
-    min_regions: int = field(default=3, metadata={"help": (
+        "count floor(p * #components). 1.0 keeps every pixel (the image is unchanged; the statistics passes "
+        "still run). Default 0.2 (source: carve/masking.py create_attention_mask)."), lo=0.0, hi=1.0, lo_open=True)
+    min_regions: int = param(3, (
         "K: keep at least this many connected regions (the code's max(K, floor(p * #components)); the paper "
-        "calls K a maximum). Default 3 (source: carve/masking.py min_keep_regions).")})
-    fusion: Literal["full", "first", "last"] = field(default="full", metadata={"help": (
+        "calls K a maximum). Default 3 (source: carve/masking.py min_keep_regions)."), lo=1)
+    fusion: Literal["full", "first", "last"] = param("full", (
         "Time fusion: full = every aligned step weighted t+1 (paper T_full), first = the prefill only "
         "(release v1-v3; the statistics passes then stop after the deepest read layer), last = the last aligned "
-        "step (paper T_end). Default full (source: main.py version v4, carve/attention.py step_mode='all').")})
-    stat_tokens: int = field(default=32, metadata={"help": (
-        "Max new tokens of each greedy statistics pass. Default 32 (source: carve/pipeline.py max_new_tokens).")})
-    inputs: Literal["refined", "both"] = field(default="refined", metadata={"help": (
+        "step (paper T_end). Default full (source: main.py version v4, carve/attention.py step_mode='all')."))
+    stat_tokens: int = param(32, (
+        "Max new tokens of each greedy statistics pass. Default 32 (source: carve/pipeline.py max_new_tokens)."),
+        lo=1)
+    inputs: Literal["refined", "both"] = param("refined", (
         "Images of the final pass: refined = the refined image alone (paper Alg. 1), both = [original, refined] "
-        "(the released code; a 2-image prompt). Default refined (source: paper Alg. 1).")})
-
-    def validate(self) -> None:
-        if not self.lam > 0:
-            raise ConfigError(f"lam={self.lam} is out of range; valid range is (0, inf)")
-        if not 0 < self.top_percent <= 1:
-            raise ConfigError(f"top_percent={self.top_percent} is out of range; valid range is (0, 1]")
-        check_range("min_regions", self.min_regions, 1, None)
-        check_range("stat_tokens", self.stat_tokens, 1, None)
-        if self.fusion not in ("full", "first", "last"):
-            raise ConfigError(f"fusion={self.fusion!r} is not valid; choose one of 'full', 'first', 'last'")
-        if self.inputs not in ("refined", "both"):
-            raise ConfigError(f"inputs={self.inputs!r} is not valid; choose one of 'refined', 'both'")
+        "(the released code; a 2-image prompt). Default refined (source: paper Alg. 1)."))
 
     @classmethod
     def noop(cls) -> CarveConfig:
-        return cls(top_percent=1.0, inputs="refined")
+        """No layer: no statistics pass; the image and the prompt go to generate() as given."""
+        return cls(layers=())
+
+    @classmethod
+    def math_identity(cls) -> CarveConfig:
+        """Both statistics passes run and the mask keeps every pixel; the question is answered as written."""
+        return cls(top_percent=1.0, suffix_in_answer=False)
 
 
 # -- the statistics recorder ---------------------------------------------------------------------
@@ -241,40 +278,47 @@ class ImageAttentionRecorder(Participant):
         return torch.stack([torch.stack(self.maps[layer]) for layer in sorted(self.maps)]).float().cpu()
 
 
-def _generated_lengths(seq: Tensor, prompt_len: int, eos: set[int]) -> Tensor:
-    """Per row, the number of generated tokens up to and including the first EOS."""
-    gen = seq[:, prompt_len:]
-    n = gen.shape[1]
-    is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=gen.dtype, device=gen.device))
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((gen.shape[0],), n, device=gen.device))
-    return first.cpu()
-
-
-def _eos_ids(lvlm: LVLM) -> set[int]:
-    eos = lvlm.model.generation_config.eos_token_id
-    if eos is None:
-        eos = lvlm.tokenizer.eos_token_id
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-
-
 # -- the intervention ----------------------------------------------------------------------------
-@register
+@register_method
 class Carve(Intervention):
     """CARVE: mask, crop and magnify the image where question-specific attention is high."""
 
     name = "carve"
+    stage = Stage.INPUT
     config_cls = CarveConfig
     config: CarveConfig
-    refines_input = True
 
     def __init__(self, config: CarveConfig | None = None) -> None:
         super().__init__(config)
         self._report: dict[str, Any] = {}
 
-    def refine(
-        self, lvlm: LVLM, images: list[Any], prompts: list[str], gen: dict[str, Any] | None = None
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """Refine each row's image; ``gen`` (the final pass's settings) does not affect the greedy statistics passes.
+    @classmethod
+    def prompts(cls) -> list[str]:
+        c = cls.config_cls()
+        return [c.instruction + c.suffix]
+
+    def layers_on(self, lvlm: LVLM) -> dict[str, list[int]]:
+        n = lvlm.num_layers
+        return {"read_layers": sorted(resolve_layers(self.config.layers, carve_default_layers(n), n))}
+
+    def generate(self, lvlm: LVLM, images: Any, prompts: Any, gen: dict[str, Any], inner: Inner, *,
+                 system_prompt: str | None = None) -> Generation:
+        """Refine each row's image, then answer with the methods of later stages (``inner``)."""
+        c = self.config
+        if not resolve_layers(c.layers, carve_default_layers(lvlm.num_layers), lvlm.num_layers):
+            self._report = {"statistics_pass": "none (layers=[]): the input is unchanged"}
+            out = inner(images, prompts, gen)
+        else:
+            new_images, artifacts = self.refine(lvlm, list(images), list(prompts), system_prompt=system_prompt)
+            asked = [with_suffix(p, c.suffix) if c.suffix_in_answer else p for p in prompts]
+            out = inner(new_images, asked, gen)
+            out.artifacts[self.name] = artifacts
+        out.report[self.name] = self.report()
+        return out
+
+    def refine(self, lvlm: LVLM, images: list[Any], prompts: list[str], *,
+               system_prompt: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+        """Refine each row's image (the greedy statistics passes and the mask).
 
         Returns:
             ``(new_images, artifacts)``: per row the refined image (or ``[original, refined]`` with
@@ -285,17 +329,7 @@ class Carve(Intervention):
         originals = [self._single(im, r) for r, im in enumerate(images)]
         if len(originals) != len(prompts):
             raise InputError(f"got {len(originals)} images for {len(prompts)} prompts; give one image per prompt")
-        if c.top_percent >= 1.0:
-            # tau = min(S): every pixel is kept in one region, so the refined image is the original. No pass runs.
-            refined = list(originals)
-            masks = [np.ones((im.size[1], im.size[0]), np.uint8) for im in originals]
-            bboxes = [(0, 0, *im.size) for im in originals]
-            saliency: list[np.ndarray | None] = [None] * len(originals)
-            rows = [{"bbox": list(b), "refined_size": list(im.size), "mask_fraction": 1.0}
-                    for b, im in zip(bboxes, originals)]
-            self._report = {"statistics_pass": "skipped (top_percent=1: the image is unchanged)", "rows": rows}
-        else:
-            refined, masks, bboxes, saliency = self._refine(lvlm, originals, prompts)
+        refined, masks, bboxes, saliency = self._refine(lvlm, originals, prompts, system_prompt)
         new_images: list[Any] = refined if c.inputs == "refined" else [[o, r] for o, r in zip(originals, refined)]
         artifacts = {
             "masks": [Image.fromarray(m * 255) for m in masks],
@@ -315,13 +349,16 @@ class Carve(Intervention):
             raise InputError(f"row {row}: CARVE needs a PIL image, got {type(image).__name__}")
         return image
 
-    def _refine(self, lvlm: LVLM, originals: list[Image.Image], prompts: list[str]):
+    def _refine(self, lvlm: LVLM, originals: list[Image.Image], prompts: list[str], system_prompt: str | None):
         c = self.config
         n = len(originals)
         layers = sorted(resolve_layers(c.layers, carve_default_layers(lvlm.num_layers), lvlm.num_layers))
         rgb = [im.convert("RGB") for im in originals]
         # Rows [0, n): question + suffix; rows [n, 2n): general instruction + suffix, same images.
-        batch = lvlm.encode(rgb + rgb, [p + c.suffix for p in prompts] + [c.instruction + c.suffix] * n)
+        texts = [with_suffix(p, c.suffix) for p in prompts] + [with_suffix(c.instruction, c.suffix)] * n
+        batch = lvlm.encode(rgb + rgb, texts, system_prompt=system_prompt)
+        from ..layout import image_token_grids  # model knowledge; imports torch, so not at module import
+
         grids = image_token_grids(lvlm, batch)
         first_only = c.fusion == "first"
         recorder = ImageAttentionRecorder(layers, grids, stop_layer=max(layers) if first_only else None)
@@ -337,7 +374,9 @@ class Carve(Intervention):
         if seq is None:
             lengths = torch.ones(2 * n, dtype=torch.long)
         else:
-            lengths = _generated_lengths(seq, prompt_len, _eos_ids(lvlm)).clamp(max=maps.shape[1])
+            from ..api import eos_token_ids, generated_lengths
+
+            lengths = generated_lengths(seq, prompt_len, eos_token_ids(lvlm)).clamp(max=maps.shape[1])
         t_q, t_g = lengths[:n], lengths[n:]
         weights = step_weights(t_q, t_g, maps.shape[1], c.fusion)
         sizes = [im.size for im in rgb]
@@ -362,6 +401,15 @@ class Carve(Intervention):
                else f"greedy generate, up to {c.stat_tokens} tokens, KV cache, 2 rows per sample")
         self._report = {"layers": layers, "statistics_pass": how, "rows": rows}
         return refined, masks, bboxes, saliency
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        rows = report.get("rows", [])
+        if not rows or "kept" not in rows[0]:
+            return report.get("statistics_pass", "")
+        r = rows[0]
+        return (f"kept {100 * r['mask_fraction']:.0f}% of the pixels in {r['kept']} of {r['components']} regions, "
+                f"crop {r['bbox']} magnified to {r['refined_size'][0]}x{r['refined_size'][1]}"
+                + (f" (row 1 of {len(rows)})" if len(rows) > 1 else ""))
 
     def report(self) -> dict[str, Any]:
         c = self.config

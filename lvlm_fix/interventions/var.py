@@ -1,4 +1,4 @@
-"""VAR: Visual Attention Redistribution, "See What You Are Told" (methods.md §3).
+"""VAR: Visual Attention Redistribution, "See What You Are Told" (Kang et al., ICLR 2025).
 
 Some tokens (BOS, punctuation, background image patches) carry massive activations in a few
 fixed hidden dimensions of the backbone, the "sink dimensions", and soak up attention while
@@ -14,33 +14,80 @@ contributing little. VAR, per sample and per layer:
    sink (visual and text) and hands the rest to the non-sink image tokens, in proportion to their
    attention. Rows still sum to 1.
 
-Differences from the release (VisAttnSink ``98e62d6``), all on purpose: sinks are detected for
-every sample (the release reuses the first sample's), the last layer is not edited (the release
-edits it through a shadowed flag), rows of a batch are independent, and a selected row whose
-non-sink image attention is zero is left alone (the release would divide by zero).
+Differences from the release (VisAttnSink ``98e62d6``), all on purpose:
+
+* sinks are detected for every sample (the release reuses the first sample's for the whole run);
+* the last layer is not edited, as the paper says (the release edits it through a shadowed flag);
+* rows of a batch are independent (the release is batch size 1);
+* a selected (head, query) row whose non-sink image attention is zero is left unchanged (the
+  release divides by that zero and writes NaN into the attention);
+* when the model's sink dimensions are not known (only LLaMA-2-7B/13B and Qwen2-VL-7B are), they
+  are discovered per sample from the prompt's residual stream at the first VAR layer (the dims
+  where most tokens exceed ``tau``), and reported.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from .._lazy import torch
 from ..errors import ConfigError
 from ..hooks.plan import AttnContext, TokenState
-from ..hooks.stats import SINK_TAU, normalized_activations, sink_scores
-from .base import Intervention, MethodConfig, check_range, register, resolve_layers
+from .base import Intervention, MethodConfig, Stage, param, resolve_layers
+from .registry import register_method
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..model import LVLM
 
-__all__ = ["VAR", "KeySets", "VARConfig", "default_layers", "redistribute", "redistribute_over", "row_sink_dims"]
+__all__ = ["SINK_TAU", "VAR", "KeySets", "VARConfig", "default_layers", "dims_from_votes", "discover_sink_dims",
+           "normalized_activations", "redistribute", "redistribute_over", "row_sink_dims", "sink_scores", "sink_votes"]
+
+# The sink threshold on RMS-normalised activations. |x_d|/rms(x) is at most sqrt(D), so 20 presumes
+# a wide backbone (D = 4096 in LLaVA-1.5); narrow models need less.
+SINK_TAU = 20.0
+_RMS_EPS = 1e-6
 
 _DENOM_EPS = 1e-6  # added to every image key's weight in r_sink's denominator, as the release does
-_MAX_DIMS = 4  # discovered sink dims per row, as stats.discover_sink_dims
+_MAX_DIMS = 4  # discovered sink dims per row, as discover_sink_dims
+
+
+# -- massive activations (sink detection) ------------------------------------------------------------
+def normalized_activations(hidden: Tensor) -> Tensor:
+    """``|x_j[d]| / rms(x_j)`` in fp32, RMS norm without learned weight: ``[..., t, D]``."""
+    x = hidden.float()
+    return x.abs() / (x.pow(2).mean(-1, keepdim=True) + _RMS_EPS).sqrt()
+
+
+def sink_scores(hidden: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``phi(x_j) = max_{d in dims} |x_j[d]| / rms(x_j)``: ``[b, t, D]`` -> ``[b, t]``."""
+    x = hidden.float()
+    rms = (x.pow(2).mean(-1) + _RMS_EPS).sqrt()
+    return x[..., list(dims)].abs().amax(-1) / rms
+
+
+def sink_votes(hidden: Tensor, tau: float = SINK_TAU) -> Tensor:
+    """Per dimension, how many tokens of ``hidden`` ``[b, t, D]`` exceed ``tau`` there: ``[D]``."""
+    return (normalized_activations(hidden) > tau).flatten(0, -2).sum(0)
+
+
+def dims_from_votes(votes: Tensor, max_dims: int = _MAX_DIMS) -> tuple[int, ...]:
+    """The dims with at least a tenth of the top vote count, most votes first (at most ``max_dims``).
+
+    Massive activations sit in a few fixed dims of a backbone, so votes concentrate there; an
+    empty tuple means no entry crossed the threshold.
+    """
+    if int(votes.max()) == 0:
+        return ()
+    order = votes.argsort(descending=True)[:max_dims]
+    return tuple(int(d) for d in order if votes[d] * 10 >= votes[order[0]])
+
+
+def discover_sink_dims(hidden: Tensor, tau: float = SINK_TAU, max_dims: int = _MAX_DIMS) -> tuple[int, ...]:
+    """Dimensions that carry massive activations in ``hidden`` ``[b, t, D]`` (see :func:`dims_from_votes`)."""
+    return dims_from_votes(sink_votes(hidden, tau), max_dims)
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -152,67 +199,60 @@ def _row_sink_scores(hidden: Tensor, dims: Tensor, found: Tensor) -> Tensor:
 class VARConfig(MethodConfig):
     """VAR's parameters."""
 
-    tau: float = field(default=SINK_TAU, metadata={"help": (
+    tau: float = param(SINK_TAU, (
         "Sink threshold: a token is a sink in a layer when max over the sink dims of "
         "|x_j[d]| / rms(x_j) (RMS norm without weight, fp32) on the residual entering the layer "
-        "exceeds tau. Default 20 (source: VisAttnSink A_exps/lv1.5_7b.yml tau; "
-        "src/logic/logic.py DimProspector).")})
-    rho: float = field(default=0.5, metadata={"help": (
+        "exceeds tau. |x_d|/rms(x) is at most sqrt(hidden size), so small models need a smaller tau. "
+        "Default 20 (source: VisAttnSink A_exps/lv1.5_7b.yml tau; src/logic/logic.py DimProspector)."), lo=0.0)
+    rho: float = param(0.5, (
         "Largest visual-sink share r_sink = sum_{visual sinks} A / sum_{image} (A + 1e-6) of a "
         "(head, query) for its attention to be redistributed (the release's convention, r_sink <= "
         "rho). The paper states it as a visual NON-sink ratio >= rho_paper; the two agree at 0.5, "
         "so the paper's per-task 0.8 / 0.9 would be 0.2 / 0.1 here. Default 0.5 (source: "
-        "lv1.5_7b.yml rho; src/logic/logic.py HeadFork).")})
-    summ: float = field(default=0.2, metadata={"help": (
+        "lv1.5_7b.yml rho; src/logic/logic.py HeadFork)."), lo=0.0, hi=1.0)
+    summ: float = param(0.2, (
         "Smallest total image attention sum_{image} A of a (head, query) for its attention to be "
-        "redistributed. Default 0.2 (source: lv1.5_7b.yml summ; src/logic/logic.py HeadFork).")})
-    p: float = field(default=0.6, metadata={"help": (
+        "redistributed. Default 0.2 (source: lv1.5_7b.yml summ; src/logic/logic.py HeadFork)."), lo=0.0, hi=1.0)
+    p: float = param(0.6, (
         "Fraction of a selected (head, query)'s attention on sink tokens (visual and text) that is "
         "KEPT; the other 1 - p goes to the non-sink image tokens in proportion to their attention. "
-        "1.0 is an exact identity (the method does nothing). Called beta in the release README. "
-        "Default 0.6 (source: lv1.5_7b.yml p; src/logic/logic.py VARProcessor.attn_redist).")})
-    layers: tuple[int, ...] | None = field(default=None, metadata={"help": (
+        "1.0 runs the detection and selection and moves nothing. Called beta in the release README. "
+        "Default 0.6 (source: lv1.5_7b.yml p; src/logic/logic.py VARProcessor.attn_redist)."), lo=0.0, hi=1.0)
+    layers: tuple[int, ...] | None = param(None, (
         "Decoder layers where sinks are detected and attention is redistributed, 0-based, negative "
-        "counting from the end. None: 2 .. L-2, the first two and the last layer excluded as the "
-        "paper says (the release also edits the last layer, a bug not reproduced). Default None "
-        "(source: VAR paper; release sink_select_layers range(L)[2:]).")})
-    sink_dims: tuple[int, ...] | None = field(default=None, metadata={"help": (
+        "counting from the end; [] for none (the method then installs nothing). None: 2 .. L-2, the "
+        "first two and the last layer excluded as the paper says (the release also edits the last "
+        "layer, a bug not reproduced). Default None (source: VAR paper; release sink_select_layers "
+        "range(L)[2:])."))
+    sink_dims: tuple[int, ...] | None = param(None, (
         "Hidden dimensions that carry the massive activations of sink tokens. None: the known "
-        "dims of the backbone when the adapter has them (LLaMA-2-7B 2533,1415; -13B 2100,4743; "
+        "dims of the backbone when lvlm-fix has them (LLaMA-2-7B 2533,1415; -13B 2100,4743; "
         "Qwen2-VL-7B 458,2570), otherwise discovered per sample from the prompt at the first VAR "
         "layer; the report names them and their source. Default None (source: VisAttnSink "
-        "src/logic/constants.py; VAR paper for Qwen2-VL).")})
+        "src/logic/constants.py; VAR paper for Qwen2-VL)."), lo=0)
 
     def validate(self) -> None:
-        for name, lo, hi in (("tau", 0.0, None), ("rho", 0.0, 1.0), ("summ", 0.0, 1.0), ("p", 0.0, 1.0)):
-            value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ConfigError(f"{name}={value} is out of range; valid range is [{lo}, {hi or 'inf'}]")
-            check_range(name, value, lo, hi)
-        for name in ("layers", "sink_dims"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-                raise ConfigError(f"{name}={value!r} must be a tuple of integers, e.g. (2, 3)")
-            object.__setattr__(self, name, tuple(value))
-        if self.sink_dims is not None:
-            if not self.sink_dims:
-                raise ConfigError("sink_dims=() names no dimension; give at least one, or None for the known or "
-                                  "discovered ones")
-            check_range("sink_dims entry", min(self.sink_dims), 0)
+        if self.sink_dims is not None and not self.sink_dims:
+            raise ConfigError("sink_dims=[] names no dimension; give at least one, or leave it out for the known "
+                              "or discovered ones")
 
     @classmethod
     def noop(cls) -> VARConfig:
-        """``p=1.0``: every sink keeps all its attention; nothing is registered."""
+        """No layer: nothing is registered."""
+        return cls(layers=())
+
+    @classmethod
+    def math_identity(cls) -> VARConfig:
+        """``p=1``: sinks are detected and rows selected on every VAR layer, and every weight is kept."""
         return cls(p=1.0)
 
 
-@register
+@register_method
 class VAR(Intervention):
     """Per-sample visual-sink detection and attention redistribution to non-sink image tokens."""
 
     name = "var"
+    stage = Stage.ATTENTION_WEIGHTS
     config_cls = VARConfig
     config: VARConfig
 
@@ -244,8 +284,7 @@ class VAR(Intervention):
             self.sink_dims, self.sink_dims_source = tuple(lvlm.known_sink_dims), "adapter"
         else:
             self.sink_dims, self.sink_dims_source = None, "discovered"
-        on = frozenset() if self.config.p == 1.0 else self.layers
-        self.eager_layers = self.residual_layers = on
+        self.eager_layers = self.residual_layers = self.layers
 
     def begin(self, tokens: TokenState) -> None:
         self._reset()
@@ -287,6 +326,17 @@ class VAR(Intervention):
         count = selected.sum((1, 2))
         self._counts[ctx.layer] = count if ctx.layer not in self._counts else self._counts[ctx.layer] + count
         return out
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        dims = report.get("sink_dims") or [[]]
+        sinks = report.get("sinks", {})
+        visual = ", ".join(f"L{layer}: {len(rows[0]['visual'])}" for layer, rows in sinks.items()) or "none"
+        moved = report.get("redistributed_total") or [0]
+        if not any(dims):
+            return (f"no sink dimension found at tau={report['tau']:g} (|x_d|/rms(x) is at most sqrt(hidden size); "
+                    "try a lower --tau); nothing redistributed")
+        return (f"sink dims {dims[0]} ({report['sink_dims_source']}); visual sinks by layer: {visual}; "
+                f"(head, query) pairs redistributed: {moved[0]}" + (f" (row 1 of {len(moved)})" if len(moved) > 1 else ""))
 
     def report(self) -> dict[str, Any]:
         """Sinks, sink dims and redistributed (head, query) pairs of the last sequence, per row.

@@ -1,4 +1,4 @@
-"""VHR: Vision-aware Head Reinforcement, selected by the VHD metric (methods.md §2).
+"""VHR: Vision-aware Head Reinforcement, heads selected by the VHD metric (He et al., ACL 2025).
 
 Per sample, heads whose output at the last prompt position changes most when the image tokens
 are removed (VHD, Eq. 4) are "vision-aware"; VHR multiplies the top half of them (VHD above
@@ -14,27 +14,34 @@ text-only stream stops after the last reinforced layer. The selected heads are t
 the whole generation and scaled at every position of every forward (the prompt too, so the KV
 cache comes from the reinforced model). The image rows are computed once, and the text-only
 stream only at its own length: VHR's irreducible extra work.
+
+Choices where the paper is silent and the official code could not be read (it is not public in a
+form we could obtain): the text-only stream deletes exactly the image tokens and keeps every
+other token of the prompt; it is reinforced at the earlier layers like the image stream (the
+"same edited model" reading of "layer by layer"); the outlier filter's std is torch's default,
+Bessel-corrected (n - 1) — with 32 heads a population std (n) would move the threshold by 1.6% of
+a std; rows of a batch select their heads independently (the paper assumes batch size 1).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from ..errors import ConfigError, LvlmFixError
-from ..hooks.plan import AttnContext, Participant, Plan, TokenState
-from ..hooks.sidepass import SidePass
-from ..hooks.stats import head_divergence, outlier_filter
-from .base import Intervention, MethodConfig, check_range, register, resolve_layers
+from .._lazy import torch
+from ..errors import LvlmFixError
+from ..hooks.plan import AttnContext, Participant, Plan
+from ..hooks.sidepass import SidePass, run_batched, side_stream_mode
+from .base import Intervention, MethodConfig, Stage, param, resolve_layers
+from .registry import register_method
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from ..model import LVLM
 
-__all__ = ["VHR", "VHRConfig", "default_layers", "select_heads", "text_only_inputs"]
+__all__ = ["VHR", "VHRConfig", "default_layers", "head_divergence", "outlier_filter", "select_heads", "text_only_inputs"]
 
 # Generation-internal forward arguments: the text-only stream's generate() rebuilds its own.
 _DROP = frozenset({
@@ -50,6 +57,26 @@ def default_layers(n_layers: int) -> list[int]:
     """
     k = max(1, math.floor(14 * n_layers / 32 + 0.5))
     return sorted({i for i in (1,) if i < n_layers} | set(range(max(0, n_layers - k), n_layers)))
+
+
+def head_divergence(with_image: Tensor, text_only: Tensor) -> Tensor:
+    """VHD (Eq. 4): ``||a_h - b_h||_2`` per head, in fp32. Inputs ``[..., h, d]`` -> ``[..., h]``."""
+    return (with_image.float() - text_only.float()).norm(dim=-1)
+
+
+def outlier_filter(vhd: Tensor, text_norm_sq: Tensor) -> Tensor:
+    """Zero the VHD of heads that are outliers in both VHD and text-only norm (Eq. 6).
+
+    Args:
+        vhd: ``[..., h]`` head divergences.
+        text_norm_sq: ``[..., h]`` squared norm of the text-only head output (``TA``).
+
+    The threshold is mean + std over the heads of the layer, std Bessel-corrected (torch's
+    default; see the module docstring).
+    """
+    hi_vhd = vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)
+    hi_ta = text_norm_sq > text_norm_sq.mean(-1, keepdim=True) + text_norm_sq.std(-1, keepdim=True)
+    return vhd.masked_fill(hi_vhd & hi_ta, 0.0)
 
 
 def select_heads(with_image: Tensor, text_only: Tensor, use_filter: bool = True) -> tuple[Tensor, Tensor]:
@@ -105,42 +132,38 @@ class _TextStream(Participant):
 class VHRConfig(MethodConfig):
     """VHR's parameters."""
 
-    alpha: float = field(default=2.0, metadata={"help": (
+    alpha: float = param(2.0, (
         "Factor multiplying the outputs of the selected vision-aware heads (per-head output before "
-        "o_proj), at every position and step; 1.0 is an exact identity (the method does nothing), "
-        "and the paper's Table 6 shows the output degenerating at 4.0. "
-        "Default 2.0 (source: VHR paper §4.4 and Table 6; official runner vhr_aug_ratio).")})
-    layers: tuple[int, ...] | None = field(default=None, metadata={"help": (
-        "Decoder layers to reinforce, 0-based, negative counting from the end. None: {1} and the "
-        "last round(14/32 * L) layers, i.e. {1, 18..31} on a 32-layer model, scaled to the model's "
-        "depth (rounding half up). Default None (source: VHR paper §4.4 and Table 5; official "
-        "runner vhr_layers=[1]+list(range(32))[-14:]).")})
-    outlier_filter: bool = field(default=True, metadata={"help": (
+        "o_proj), at every position and step. 1.0 runs the selection and changes nothing; the paper's "
+        "Table 6 shows the output degenerating at 4.0. "
+        "Default 2.0 (source: VHR paper §4.4 and Table 6; official runner vhr_aug_ratio)."), lo=0.0)
+    layers: tuple[int, ...] | None = param(None, (
+        "Decoder layers to reinforce, 0-based, negative counting from the end; [] for none (the method "
+        "then installs nothing). None: {1} and the last round(14/32 * L) layers, i.e. {1, 18..31} on a "
+        "32-layer model, scaled to the model's depth (rounding half up). Default None (source: VHR paper "
+        "§4.4 and Table 5; official runner vhr_layers=[1]+list(range(32))[-14:])."))
+    outlier_filter: bool = param(True, (
         "Before taking the heads with VHD above the layer's median, zero the VHD of heads that are "
         "outliers (above mean + std over the layer's heads) in both VHD and text-only output norm. "
-        "Default True (source: VHR paper §3.2 Eq. 6 and Table 4; official runner vhr_filter).")})
-
-    def validate(self) -> None:
-        if not math.isfinite(self.alpha):
-            raise ConfigError(f"alpha={self.alpha} is out of range; valid range is [0, inf)")
-        check_range("alpha", self.alpha, 0.0)
-        if self.layers is not None:
-            if isinstance(self.layers, int) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                       for i in self.layers):
-                raise ConfigError(f"layers={self.layers!r} must be a tuple of layer indices, e.g. (1, -2, -1)")
-            object.__setattr__(self, "layers", tuple(self.layers))
+        "Default True (source: VHR paper §3.2 Eq. 6 and Table 4; official runner vhr_filter)."))
 
     @classmethod
     def noop(cls) -> VHRConfig:
-        """``alpha=1.0``: no hook, no text-only stream."""
+        """No layer: no hook, no text-only stream."""
+        return cls(layers=())
+
+    @classmethod
+    def math_identity(cls) -> VHRConfig:
+        """``alpha=1``: the text-only stream runs and heads are selected and scaled by 1 on every layer."""
         return cls(alpha=1.0)
 
 
-@register
+@register_method
 class VHR(Intervention):
     """Vision-aware head reinforcement: per-sample head selection by VHD, heads scaled by alpha."""
 
     name = "vhr"
+    stage = Stage.HEAD_OUTPUTS
     config_cls = VHRConfig
     config: VHRConfig
 
@@ -153,19 +176,19 @@ class VHR(Intervention):
         self._text: SidePass | None = None  # the text-only stream, open during the prefill
         self._reply: Tensor | None = None  # the heads selected at the text stream's last pause
 
-    def _identity(self) -> bool:
-        return self.config.alpha == 1.0 or not self.layers
-
     def bind(self, lvlm: LVLM) -> None:
         n = lvlm.num_layers
-        self.layers = resolve_layers(self.config.layers, default_layers(n), n)
-        self.head_output_layers = frozenset() if self._identity() else self.layers
+        self.layers = self.head_output_layers = resolve_layers(self.config.layers, default_layers(n), n)
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         self.end()
+        self.selected, self.vhd, self._scale = {}, {}, {}
         if not self.head_output_layers:
             return
         inputs = text_only_inputs(lvlm, model_kwargs)
+        if side_stream_mode(lvlm) == "batched":  # no side thread: both streams in one prefill of their own, now
+            run_batched(lvlm, model_kwargs, inputs, self.head_output_layers, self._choose)
+            return
 
         def run() -> None:  # on the side thread, from the first resume()
             stream = _TextStream(self.head_output_layers, side, self.config.alpha)
@@ -174,24 +197,28 @@ class VHR(Intervention):
 
         side = self._text = SidePass(run, name="vhr text-only stream")
 
-    def begin(self, tokens: TokenState) -> None:
-        self.selected, self.vhd, self._scale = {}, {}, {}
-
     def end(self) -> None:
         if self._text is not None:
             self._text.close()
         self._text, self._reply = None, None
+
+    def _choose(self, layer: int, with_image: Tensor, text_only: Tensor) -> Tensor:
+        """Select ``layer``'s heads from both streams' last-position heads ``[n, h, d]``; the ``[n, h]`` factor."""
+        selected, vhd = select_heads(with_image, text_only, self.config.outlier_filter)
+        self.selected[layer], self.vhd[layer] = selected, vhd
+        factor = torch.where(selected, self.config.alpha, 1.0).to(with_image.dtype)
+        self._scale[layer] = factor[:, None, :, None]
+        return factor
 
     def _select(self, heads: Tensor, layer: int) -> Tensor:
         """This layer's selection in the prefill, in lock step with the text-only stream; the scale."""
         text = self._text.resume(self._reply)  # [n, h, d]: its heads at this layer
         if text.shape[0] != heads.shape[0]:
             raise LvlmFixError(f"vhr's text-only stream has {text.shape[0]} rows but the prefill {heads.shape[0]}")
-        selected, vhd = select_heads(heads[:, -1], text, self.config.outlier_filter)
-        self.selected[layer], self.vhd[layer], self._reply = selected, vhd, selected
+        self._choose(layer, heads[:, -1], text)
+        self._reply = self.selected[layer]
         if layer == max(self.head_output_layers):
             self.end()  # the text-only stream is needed no further
-        self._scale[layer] = torch.where(selected, self.config.alpha, 1.0).to(heads.dtype)[:, None, :, None]
         return self._scale[layer]
 
     def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
@@ -211,6 +238,15 @@ class VHR(Intervention):
         if scale.dtype != heads.dtype or scale.device != heads.device:
             scale = self._scale[ctx.layer] = scale.to(heads.device, heads.dtype)
         return heads * scale
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        heads = report.get("selected_heads", {})
+        if not heads:
+            return f"no head selected (layers {report.get('layers')}, alpha {report.get('alpha')})"
+        rows = len(next(iter(heads.values())))
+        per_layer = ", ".join(f"L{layer}: {','.join(map(str, sel[0])) or '-'}" for layer, sel in heads.items())
+        return (f"heads x{report['alpha']:g} by layer{' (row 1 of ' + str(rows) + ')' if rows > 1 else ''}: "
+                f"{per_layer}")
 
     def report(self) -> dict[str, Any]:
         """Selected heads per layer per row of the last prefill (beam rows counted as rows)."""

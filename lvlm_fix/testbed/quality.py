@@ -38,21 +38,25 @@ from PIL import Image
 from torch import Tensor
 
 from ..evals.chair import ChairEvaluator
-from ..evals.pope import parse_answer, score
+from ..evals.amber import block_metrics, read_answer
+from ..evals.pope import PRESETS, parse_answer, score
+from ..interventions.carve import ANSWER_SUFFIX
 from ..hooks.plan import AttnContext, Participant, Plan
-from ..hooks.stats import entropy, image_mass
+from ..images import load_image
+from ..diagnostics import entropy, image_mass
 from . import prompts as P
 from .benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
 from .model import CHECKPOINT_DIR, format_prompt, load_testbed
 from .world import CAPTION_PROMPT, CATEGORY_NAMES, COLOUR_NAMES, THEMES
 
-# The POPE prompt formats the product sends: raw (VHR-family evaluations), LLaVA / lmms-eval,
-# CARVE (the same suffix after a space), VCD and ICD.
+# The POPE prompt formats the product sends: the eval presets' templates (raw: VHR-family
+# evaluations; llava: LLaVA-1.5 and lmms-eval; vcd: VCD's scripts), CARVE's answer suffix after a
+# space, and ICD's POPE instruction.
 POPE_PRESETS: dict[str, str] = {
-    "plain": "{question}",
-    "llava": "{question}\nAnswer the question using a single word or phrase.",
-    "carve": "{question} Answer the question using a single word or phrase.",
-    "vcd": "{question} Please answer this question with one word.",
+    "plain": PRESETS["raw"].template,
+    "llava": PRESETS["llava"].template,
+    "carve": "{question} " + ANSWER_SUFFIX.strip(),
+    "vcd": PRESETS["vcd"].template,
     "icd": "{question} Please only answer yes or no.",
 }
 AMBER_TYPES: tuple[str, ...] = ("discriminative-hallucination", "discriminative-attribute-state",
@@ -90,8 +94,7 @@ def _images(bench: SyntheticBenchmark, names: Sequence[str], root: Path | None =
     root = root or bench.images_dir
     cache: dict[str, Image.Image] = {}
     for name in dict.fromkeys(names):
-        with Image.open(root / name) as im:
-            cache[name] = im.convert("RGB")
+        cache[name] = load_image(root / name)
     return [cache[n] for n in names]
 
 
@@ -142,23 +145,17 @@ def evaluate_chair(model: Any, processor: Any, bench: SyntheticBenchmark, limit:
 
 
 def amber_metrics(answers: Sequence[str], truths: Sequence[str]) -> dict[str, float]:
-    """AMBER's discriminative metrics: "no" is the positive class; only "Yes"/"No" count.
-
-    An answer other than exactly ``Yes`` or ``No`` is wrong (and never a predicted "no").
+    """AMBER's discriminative metrics (:func:`lvlm_fix.evals.amber.block_metrics`: "no" is the positive
+    class, only an exact ``Yes``/``No`` counts), with undefined ratios as 0, plus ``exact`` and ``yes_ratio``.
 
     Returns:
         accuracy, precision, recall, f1, n, exact (share of exact answers), yes_ratio.
     """
-    pred = ["no" if a == "No" else "yes" if a == "Yes" else None for a in answers]
-    tp = sum(p == "no" and t == "no" for p, t in zip(pred, truths))
-    fp = sum(p == "no" and t == "yes" for p, t in zip(pred, truths))
-    fn = sum(p != "no" and t == "no" for p, t in zip(pred, truths))
-    correct = sum(p == t for p, t in zip(pred, truths))
-    precision = tp / max(1, tp + fp)
-    recall = tp / max(1, tp + fn)
-    return dict(accuracy=correct / max(1, len(truths)), precision=precision, recall=recall,
-                f1=2 * precision * recall / max(1e-12, precision + recall), n=len(truths),
-                exact=_exact_rate(answers), yes_ratio=sum(p == "yes" for p in pred) / max(1, len(pred)))
+    pred = [read_answer(a) for a in answers]
+    out = {k: 0.0 if v is None else v
+           for k, v in block_metrics([{"answer": p, "label": t} for p, t in zip(pred, truths)]).items()}
+    out.update(exact=_exact_rate(answers), yes_ratio=sum(p == "yes" for p in pred) / max(1, len(pred)))
+    return out
 
 
 def evaluate_amber(model: Any, processor: Any, bench: SyntheticBenchmark, limit: int | None = None,

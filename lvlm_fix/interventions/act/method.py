@@ -1,4 +1,4 @@
-"""ACT, the Attention Calibration Technique (Yu et al., ICML 2024), ported to LVLMs (methods.md §4).
+"""ACT, the Attention Calibration Technique (Yu et al., ICML 2024), ported to LVLMs.
 
 In the selected heads, keys that receive unusually high *mean* attention (hidden attention
 sinks, BOS excepted) keep only a fraction ``beta`` of their weight; the freed mass goes to the
@@ -9,21 +9,31 @@ selected layer and per batch row:
    attention mask of the forward (causal, padding, sliding window): the release's
    ``sum_i A[i, j] / (N - j)`` for an unpadded causal prompt.
 2. ``S = {j : score_j > thres}`` minus the row's first valid token (BOS, the ordinary sink, is
-   left intact). The release drops the *first element* of ``S`` instead, which is BOS whenever
-   BOS is a sink; when it is not, the release would spare some other sink, which we do not.
+   left intact).
 3. ``A'[i, j] = beta * A[i, j]`` for ``j in S``; ``A'[i, j] = A[i, j] + (1 - beta) * sum_S A[i, :]
    * A[i, j] / sum_{k not in S} A[i, k]`` otherwise. Rows still sum to 1.
 
 ``S`` is found at the prefill, per (row, layer, head), and kept for the decode steps, where the
-single query row gets the same redistribution over the same key positions. The release also sets
-``A'[0, 0] = 1``: harmless in a single prefill (row 0 sees only BOS) but, with a KV cache, row 0
-is the *current* token, so it adds a whole unit of BOS attention and the row sums to 2. That is
-the release's decode bug; it is not reproduced here.
+single query row gets the same redistribution over the same key positions.
 
-Which heads: a head-list JSON file from ``lvlm-fix calibrate`` (:mod:`lvlm_fix.calibration`,
-ACT's offline per-head search), an inline list, or by default every head of layers
-``lo .. min(L - lo, L - 2)`` with ``lo = max(1, round(2 L / 32))``: the release's layer range
-``2..30`` of 32 scaled to the depth, all heads, since no LVLM head list exists.
+Differences from the release (GATECH-EIC/ACT ``a267af7``, written for LLaMA-2 text models):
+
+* **Which sink is spared.** The release removes the *first element* of ``S`` (the sink with the
+  lowest position). That is BOS whenever BOS is a sink; when it is not, the release spares some
+  other sink and damps BOS not at all (BOS is not in ``S``). lvlm-fix always spares the row's
+  first valid token and damps every sink in ``S``. The two differ exactly when BOS's mean
+  attention is at most ``thres``: on the embedded testbed model that is 11 of 16 (layer, head)
+  pairs of the edited layers, with edited weights differing by up to 0.39.
+* **Decode steps.** The release also sets ``A'[0, 0] = 1``: harmless in a single prefill (row 0
+  sees only BOS) but, with a KV cache, row 0 is the *current* token, so it adds a whole unit of
+  BOS attention and the row sums to 2. lvlm-fix does not reproduce it, so decoding is correct.
+* **Batches.** Padding queries and keys are excluded from the mean (the release is batch size 1).
+* **Heads.** The release ships no head list for LVLMs; see ``heads_file`` below.
+
+Which heads: a head-list JSON file from ``lvlm-fix calibrate`` (:mod:`.search`, ACT's offline
+per-head search), an inline list, or by default every head of layers ``lo .. min(L - lo, L - 2)``
+with ``lo = max(1, round(2 L / 32))``: the release's layer range ``2..30`` of 32 scaled to the
+depth, all heads.
 
 Head-list file format (``format`` = :data:`HEAD_FILE_FORMAT`)::
 
@@ -39,26 +49,27 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from ..errors import ConfigError
-from ..hooks.plan import AttnContext, TokenState
-from .base import Intervention, MethodConfig, check_range, register, resolve_layers
+from ..._lazy import torch
+from ...errors import ConfigError
+from ...hooks.plan import AttnContext, TokenState
+from ..base import Intervention, MethodConfig, Stage, param, resolve_layers
+from ..registry import register_method
 
 if TYPE_CHECKING:
-    from ..model import LVLM
+    from torch import Tensor
+
+    from ...model import LVLM
 
 __all__ = ["HEAD_FILE_FORMAT", "Act", "ActConfig", "act_redistribute", "act_sinks", "default_act_layers",
            "parse_heads", "read_head_file"]
 
 HEAD_FILE_FORMAT = "lvlm-fix/act-heads/1"
 _SHAPE = '{"heads": {"<layer>": [head, ...]}}'
-_NEG_HALF = torch.finfo(torch.float32).min / 2  # additive-mask entries are at most this (masked keys)
+_NEG_HALF = -1.7e38  # about finfo(float32).min / 2: additive-mask entries at or below it mark masked keys
 
 
 # -- head lists ---------------------------------------------------------------------------------
@@ -158,30 +169,29 @@ def act_redistribute(probs: Tensor, sinks: Tensor, beta: float, rows: Tensor | N
 # -- config --------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ActConfig(MethodConfig):
-    """ACT settings (methods.md §4; GATECH-EIC/ACT a267af7)."""
+    """ACT settings (GATECH-EIC/ACT a267af7)."""
 
-    beta: float = field(default=0.4, metadata={"help": (
-        "Fraction of its attention a sink key keeps (1.0 = nothing moved, an exact no-op). "
-        "Default 0.4 (source: scripts/calibration.sh and scripts/evaluation.sh, BETA).")})
-    thres: float = field(default=0.1, metadata={"help": (
+    beta: float = param(0.4, (
+        "Fraction of its attention a sink key keeps; 1.0 runs the sink search and moves nothing. "
+        "Default 0.4 (source: scripts/calibration.sh and scripts/evaluation.sh, BETA)."), lo=0.0, hi=1.0)
+    thres: float = param(0.1, (
         "A key is a sink when its mean received attention, over the queries that see it, exceeds this. "
-        "Default 0.1 (source: scripts/*.sh THRES; the paper's alpha/N test is not what the code does).")})
-    heads_file: str | None = field(default=None, metadata={"help": (
+        "Default 0.1 (source: scripts/*.sh THRES; the paper's alpha/N test is not what the code does)."),
+        lo=0.0, hi=1.0)
+    heads_file: str | None = param(None, (
         "Head-list JSON written by `lvlm-fix calibrate` ({\"heads\": {\"<layer>\": [h, ...]}}), ACT's offline "
         "per-head search (source: scripts/calibration.sh, models/augment_index.py). Default None: every head of "
         "layers lo..min(L-lo, L-2) with lo = max(1, round(2L/32)), i.e. the release's layers 2..30 of 32 scaled "
-        "to the depth (source: models/llama_modelling_aug.py range(2, 31)); the release ships no LVLM head list.")})
-    heads: str | None = field(default=None, metadata={"help": (
+        "to the depth (source: models/llama_modelling_aug.py range(2, 31)); the release ships no LVLM head list."))
+    heads: str | None = param(None, (
         "Inline head list 'layer:head,head;layer:head' instead of a file, e.g. '14:3,7'. "
-        "Default None (source: lvlm-fix; the release selects heads through LAYER_NUM/HEAD_NUM env vars).")})
-    layers: tuple[int, ...] | None = field(default=None, metadata={"help": (
-        "Restrict ACT to these layers (negative counts from the end); without a head list, all heads of "
-        "these layers. Default None: the head list's layers, or the scaled range 2..30 of 32 "
-        "(source: models/llama_modelling_aug.py).")})
+        "Default None (source: lvlm-fix; the release selects heads through LAYER_NUM/HEAD_NUM env vars)."))
+    layers: tuple[int, ...] | None = param(None, (
+        "Restrict ACT to these layers (negative counts from the end; [] for none, the method then installs "
+        "nothing); without a head list, all heads of these layers. Default None: the head list's layers, or "
+        "the scaled range 2..30 of 32 (source: models/llama_modelling_aug.py)."))
 
     def validate(self) -> None:
-        check_range("beta", self.beta, 0.0, 1.0)
-        check_range("thres", self.thres, 0.0, 1.0)
         if self.heads_file is not None and self.heads is not None:
             raise ConfigError("give either heads_file or heads, not both")
         if self.heads_file is not None:
@@ -191,15 +201,22 @@ class ActConfig(MethodConfig):
 
     @classmethod
     def noop(cls) -> ActConfig:
+        """No layer: nothing is registered."""
+        return cls(layers=())
+
+    @classmethod
+    def math_identity(cls) -> ActConfig:
+        """``beta=1``: sinks are searched and every row recomputed on every ACT layer, nothing moves."""
         return cls(beta=1.0)
 
 
 # -- the intervention ----------------------------------------------------------------------------
-@register
+@register_method
 class Act(Intervention):
     """ACT: damp hidden attention sinks in selected heads, at the prefill and every decode step."""
 
     name = "act"
+    stage = Stage.ATTENTION_WEIGHTS
     config_cls = ActConfig
     config: ActConfig
 
@@ -220,9 +237,6 @@ class Act(Intervention):
         n, n_heads = lvlm.num_layers, lvlm.num_heads
         self.eager_layers = frozenset()
         self.heads = {}
-        if c.beta == 1.0:  # nothing would move: register nothing, so the model runs untouched
-            self.head_source = "noop (beta=1)"
-            return
         if c.heads_file is not None:
             heads, doc = read_head_file(c.heads_file)
             for key, size in (("num_layers", n), ("num_heads", n_heads)):
@@ -313,6 +327,13 @@ class Act(Intervention):
         if p is probs:
             return new
         return probs.index_copy(1, self._heads_on(ctx.layer, probs.device), new)
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        sinks = report.get("sinks", {})
+        per_layer = ", ".join(f"L{layer}: {v['mean_per_head']:g}" for layer, v in sinks.items()) or "none"
+        n_heads = sum(len(h) for h in report.get("heads", {}).values())
+        return (f"{n_heads} heads ({report['head_source']}); sinks per head by layer: {per_layer}; "
+                f"each keeps beta={report['beta']:g} of its attention")
 
     def report(self) -> dict[str, Any]:
         c = self.config

@@ -1,4 +1,4 @@
-"""ACT's offline head search on an LVLM calibration set (methods.md §4, "Offline head search").
+"""ACT's offline head search on an LVLM calibration set.
 
 ACT keeps only the heads for which damping attention sinks *alone* beats the vanilla model on a
 calibration set. The release (GATECH-EIC/ACT, scripts/calibration.sh) runs one evaluation per
@@ -27,17 +27,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .errors import InputError
-from .hooks.plan import Plan
-from .interventions.act import HEAD_FILE_FORMAT, Act, ActConfig, default_act_layers
-from .interventions.base import resolve_layers
+from ..._lazy import torch
+from ...errors import InputError
+from ...hooks.plan import Plan
+from ..base import resolve_layers
+from .method import HEAD_FILE_FORMAT, Act, ActConfig, default_act_layers
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .model import LVLM
+    from ...model import LVLM
 
 __all__ = ["answer_token_ids", "calibrate_act", "write_head_file"]
 
@@ -65,7 +64,7 @@ def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
 
 def _unpack(sample: Any, index: int) -> tuple[Image.Image, str, bool]:
     """``(image, question, label is yes)`` from a PopeSample-like object or an (image, question, label) tuple."""
-    from .model import open_image
+    from ...images import load_image
 
     if isinstance(sample, (tuple, list)):
         if len(sample) != 3:
@@ -79,7 +78,7 @@ def _unpack(sample: Any, index: int) -> tuple[Image.Image, str, bool]:
                              "or (image, question, label) tuples") from None
         image = sample.load_image() if hasattr(sample, "load_image") else getattr(sample, "image", None)
     if isinstance(image, (str, Path)):
-        image = open_image(image)
+        image = load_image(image)
     if image is None:
         raise InputError(f"calibration sample {index} has no image")
     lab = str(label).strip().lower()
@@ -129,10 +128,11 @@ def calibrate_act(
         (``samples``, ``baseline_acc``, ``per_head_acc`` and ``per_head_gain`` keyed ``"layer:head"``,
         ``selected``, ``combined_acc`` and ``combined_gain`` of ACT with all selected heads, ...).
     """
-    from . import __version__
-    from .evals.pope import build_prompt
+    from ... import __version__
 
     ActConfig(beta=beta, thres=thres)  # validates the ranges
+    if "{question}" not in template:
+        raise InputError(f"template {template!r} has no {{question}} field; add it where the question goes")
     n_layers, n_heads = lvlm.num_layers, lvlm.num_heads
     searched = sorted(resolve_layers(None if layers is None else list(layers), default_act_layers(n_layers), n_layers))
     rows = []
@@ -153,7 +153,7 @@ def calibrate_act(
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = lvlm.encode([r[0] for r in chunk], [build_prompt(r[1], template) for r in chunk])
+        batch = lvlm.encode([r[0] for r in chunk], [template.replace("{question}", r[1]) for r in chunk])
         batches.append({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()})
     yes_t = torch.tensor(yes_ids)
     no_t = torch.tensor(no_ids)

@@ -1,0 +1,273 @@
+"""The eval registry: a benchmark is one registered :class:`Bench` subclass.
+
+A bench says where its samples come from (its data options), what each split asks and how it
+decodes (:class:`Prompting`), how one answer becomes a stored record (with its scores), how
+records of one split aggregate into metrics (with the per-sample arrays the bootstrap resamples),
+and how the comparison table looks. The runner (:mod:`.runner`) and the CLI are generic over it:
+``--bench`` choices, ``lvlm-fix list`` and the bench's own flags all come from here.
+
+Adding a benchmark is one file in ``lvlm_fix/evals/benches/`` that subclasses :class:`Bench` and
+registers it with ``@register("name")``; every module of that package is imported when
+the registry is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..registry import Registry
+
+BENCHES: Registry[type[Bench]] = Registry("eval")
+_LOADED = False
+
+
+def register(name: str) -> Callable[[type[Bench]], type[Bench]]:
+    """Class decorator: ``@register("pope")`` names the bench and adds it to the registry."""
+    def add(cls: type[Bench]) -> type[Bench]:
+        cls.name = name
+        return BENCHES.register(name)(cls)
+
+    return add
+
+
+def registry() -> Registry[type[Bench]]:
+    """The registry, with every built-in bench module imported."""
+    global _LOADED
+    if not _LOADED:
+        package = importlib.import_module(f"{__package__}.benches")
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+        _LOADED = True
+    return BENCHES
+
+
+@dataclass(frozen=True)
+class Option:
+    """A bench's own setting; the CLI turns it into ``--name-with-dashes``.
+
+    ``default`` is what the bench uses when the option is not given (None: nothing, e.g. the
+    synthetic data); ``choices`` restricts the value; ``flag`` makes a boolean switch.
+    """
+
+    name: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    default: Any = None
+    flag: bool = False
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One thing to ask the model: its id (unique in a run), split, question and bench data."""
+
+    id: str
+    split: str
+    question: str
+    data: Any = field(repr=False, compare=False)
+
+    def load_image(self) -> Any:
+        return self.data.load_image()
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """How one split is asked: user-turn template (``{question}``), system prompt, generation
+    settings for ``generate()`` (``stop`` strings cut the decoded text) and seed."""
+
+    template: str = "{question}"
+    system_prompt: str | None = None
+    generation: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 32, "do_sample": False,
+                                                                     "num_beams": 1})
+    seed: int = 0
+
+
+class Bench:
+    """Base class of a benchmark. Subclasses set the class attributes and implement the methods
+    that raise ``NotImplementedError``; ``self.split`` and ``self.opts`` hold the validated settings.
+
+    Class attributes:
+        description: one line for ``lvlm-fix list``.
+        splits: accepted ``--split`` values; with more than one, ``all`` means every one.
+            Empty: the bench takes no split.
+        default_split: used when ``--split`` is not given.
+        options: the bench's own settings (data sources, modes, parsers).
+        record_keys: keys every stored record must have (others are redone on resume).
+        id_keys / text_keys: candidate keys of a file of existing outputs (``lvlm-fix score``).
+        frontiers: (x, y) metric pairs whose trade-off across settings ``lvlm-fix report`` plots.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = ()
+    default_split: ClassVar[str | None] = None
+    options: ClassVar[tuple[Option, ...]] = ()
+    record_keys: ClassVar[tuple[str, ...]] = ("id",)
+    id_keys: ClassVar[tuple[str, ...]] = ("id",)
+    text_keys: ClassVar[tuple[str, ...]] = ("text",)
+    # Pairs of metrics (x, y) whose trade-off across settings `lvlm-fix report` plots, e.g. recall vs CHAIR_I.
+    frontiers: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    scoring = False
+    """True when the bench scores answers generated elsewhere (``lvlm-fix score``)."""
+
+    def __init__(self, split: str | None = None, **opts: Any) -> None:
+        self.split = split if split is not None else self.default_split
+        self.given = {k for k, v in opts.items() if v is not None}
+        self.opts = {o.name: opts[o.name] if opts.get(o.name) is not None else o.default for o in self.options}
+
+    @property
+    def split_names(self) -> list[str]:
+        """The splits this run covers, in order."""
+        if not self.splits:
+            return []
+        return list(self.splits) if self.split == "all" else [str(self.split)]
+
+    # -- to implement ---------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """What every result must name (mode, parser, preset, versions, hashes)."""
+        return {}
+
+    def caveat(self) -> str:
+        """A line printed above the table (comparability warnings)."""
+        return ""
+
+    def valid(self, record: dict[str, Any]) -> bool:
+        """Whether a stored record is complete (else it is set aside and its sample redone)."""
+        return all(k in record for k in self.record_keys)
+
+    def load(self, limit: int | None, seed: int) -> tuple[list[Sample], dict[str, Any]]:
+        """The samples (``limit`` per split) and a description of the data (ids, sha256, size)."""
+        raise NotImplementedError
+
+    def prompting(self, split: str) -> Prompting:
+        """How the samples of ``split`` are asked."""
+        return Prompting()
+
+    def record(self, sample: Sample, text: str) -> dict[str, Any]:
+        """The stored record of one answer, scores included (must carry ``"id": sample.id``)."""
+        raise NotImplementedError
+
+    def aggregate(self, split: str, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Metrics of one split's records (JSON-ready)."""
+        raise NotImplementedError
+
+    def stats(self, split: str) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+        """Metric functions over :meth:`values` arrays (for CIs and paired tests), ``(..., n, k)``."""
+        return {}
+
+    def values(self, split: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Per-sample array that :meth:`stats` functions reduce."""
+        raise NotImplementedError
+
+    def overall(self, rows: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+        """Metrics across splits for one method (e.g. POPE's average), from the split rows."""
+        return {}
+
+    def table(self, summary: dict[str, Any]) -> list[str]:
+        """Markdown table lines of the comparison."""
+        raise NotImplementedError
+
+    def read_outputs(self, path: Path, id_key: str | None, text_key: str | None,
+                     label_key: str | None) -> tuple[list[Sample], dict[str, str], dict[str, Any]]:
+        """Existing outputs for ``lvlm-fix score``: the samples, their texts by sample id, and the
+        description of the data they are scored against."""
+        raise ConfigError(f"lvlm-fix score does not support --bench {self.name}")
+
+
+def make_bench(name: str, split: str | None = None, **options: Any) -> Bench:
+    """Validate a bench name, its split and options; return the configured bench.
+
+    Raises:
+        UnknownNameError: For an unknown bench.
+        ConfigError: For a split or option the bench does not take, or a value outside its choices.
+    """
+    cls = registry().get(name)
+    known = {o.name: o for o in cls.options}
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in known:
+            flags = ", ".join(o.cli for o in cls.options) or "none"
+            raise ConfigError(f"--{key.replace('_', '-')} is not an option of --bench {name} (its options: {flags})")
+        opt = known[key]
+        if opt.choices and given[key] not in opt.choices:
+            raise ConfigError(f"{opt.cli} {given[key]!r} is not one of {', '.join(opt.choices)}")
+    if split is not None:
+        allowed = [*cls.splits, "all"] if len(cls.splits) > 1 else list(cls.splits)
+        if not allowed:
+            raise ConfigError(f"--bench {name} takes no --split (got {split!r}); leave it out")
+        if split not in allowed:
+            from ..errors import UnknownNameError
+
+            raise UnknownNameError(f"{name} split", split, allowed)
+    return cls(split, **given)
+
+
+# -- helpers shared by benches ----------------------------------------------------------------------
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON list file or a JSON-lines file (one object per line)."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path}; pass an existing .json or .jsonl file")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); pass a JSON list "
+                            "or one JSON object per line") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg}); pass a JSON list or one JSON "
+                                "object per line") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: item {bad + 1} is not a JSON object; each row must be an object")
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    return rows
+
+
+def pick_key(path: Path, rows: list[dict[str, Any]], given: str | None, candidates: Sequence[str], what: str,
+             flag: str) -> str:
+    """The key of ``what`` in ``rows``: ``given``, or the first candidate the first row has."""
+    keys = [given] if given else list(candidates)
+    key = next((k for k in keys if k in rows[0]), None)
+    if key is None:
+        raise DataError(f"{path}: the first row has no {what} key {' or '.join(map(repr, keys))} (its keys: "
+                        f"{', '.join(map(repr, rows[0]))}); name it with {flag}")
+    missing = next((i for i, r in enumerate(rows) if key not in r), None)
+    if missing is not None:
+        raise DataError(f"{path}: row {missing + 1} has no {key!r} key; every row needs it")
+    return key
+
+
+def ci_cell(row: dict[str, Any], key: str, digits: int = 1) -> str:
+    """``value [low, high]`` in % for a metric with a CI in ``row["ci"]``."""
+    pct = lambda x: f"{100 * x:.{digits}f}"  # noqa: E731
+    ci = row.get("ci", {}).get(key)
+    return f"{pct(row[key])} [{pct(ci['low'])}, {pct(ci['high'])}]" if ci else pct(row[key])
+
+
+def p_cell(row: dict[str, Any], key: str) -> str:
+    """The paired-bootstrap p-value vs the baseline, or a dash."""
+    vs = row.get("vs_baseline", {})
+    return f"{vs[key]['p_value']:.3g}" if key in vs else "—"

@@ -1,0 +1,166 @@
+"""The run folder on disk: append-only sample records, fixed settings files, and the folder lock.
+
+Records are JSON lines with a string ``"id"``; they are appended, flushed and fsynced per batch,
+so a crash loses at most the batch being written. Reading is forgiving: a line that is not a
+record (torn by a kill, a ``{}`` typed by hand, a duplicate) is set aside in ``<file>.dropped``
+with a warning, every valid record is kept, and the file is rewritten atomically without it; the
+runner then redoes exactly the samples whose record is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, LvlmFixWarning, RunFolderBusyError
+
+LOCK_NAME = ".lock"
+
+
+def read_records(path: Path, valid: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, dict[str, Any]]:
+    """Records by id, first occurrence wins. Lines that are not JSON objects with a string ``id``
+    accepted by ``valid`` are moved to ``<path>.dropped`` (their samples are redone)."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    records: dict[str, dict[str, Any]] = {}
+    kept: list[bytes] = []
+    dropped: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("id"), str) and valid(rec)):
+            dropped.append(line)
+        elif rec["id"] in records:
+            dropped.append(line)  # a duplicate: the first record stays
+        else:
+            records[rec["id"]] = rec
+            kept.append(line)
+    if dropped or (raw and not raw.endswith(b"\n")):
+        if dropped:
+            with open(path.with_name(path.name + ".dropped"), "ab") as f:
+                f.write(b"".join(x + b"\n" for x in dropped))
+            warnings.warn(f"{path}: set aside {len(dropped)} unreadable or duplicate line(s) in {path.name}.dropped; "
+                          f"kept {len(records)} records, the missing samples are redone", LvlmFixWarning, stacklevel=2)
+        _atomic_write(path, b"".join(x + b"\n" for x in kept))
+    return records
+
+
+def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append records as JSON lines, then flush and fsync."""
+    with open(path, "a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def merge_shards(folder: Path, ids: Sequence[str], valid: Callable[[dict[str, Any]], bool] = lambda r: True,
+                 ) -> dict[str, dict[str, Any]]:
+    """Fold every process's ``samples.rank<r>.jsonl`` into ``samples.jsonl`` (sample order first,
+    then any other records already there), then drop the shards."""
+    shards = sorted(folder.glob("samples.rank*.jsonl"))
+    merged: dict[str, dict[str, Any]] = {}
+    for path in [folder / "samples.jsonl", *shards]:
+        for k, v in read_records(path, valid).items():
+            merged.setdefault(k, v)
+    known = set(ids)
+    order = [i for i in ids if i in merged] + [i for i in merged if i not in known]
+    _atomic_write(folder / "samples.jsonl",
+                  "".join(json.dumps(merged[i], ensure_ascii=False) + "\n" for i in order).encode())
+    for path in shards:  # the shards stay until the merged file is complete
+        path.unlink()
+    return merged
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    _atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False, default=str).encode())
+
+
+def fixed_json(path: Path, data: dict[str, Any], what: str) -> None:
+    """Write ``data`` once; later runs in the same folder must match it (else :class:`InputError`)."""
+    new = json.loads(json.dumps(data, default=str))
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise InputError(f"{path.parent} holds results of a different {what} (differs in {', '.join(diff)}); "
+                             "use a new --out folder or the original settings")
+        return
+    write_json(path, new)
+
+
+# -- the folder lock -------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold ``<root>/.lock`` (pid, host, start time) while a run writes into ``root``.
+
+    A second run into the same folder is refused with :class:`RunFolderBusyError`. A lock left by
+    a process that no longer exists on this host is taken over with a warning; one from another
+    host is never guessed at (the message says how to remove it).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = root / f"{LOCK_NAME}.{me['pid']}.tmp"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)  # atomic: fails if a lock exists, and never leaves an empty one
+                break
+            except FileExistsError:
+                try:
+                    holder = json.loads(path.read_text())
+                    pid, host = int(holder["pid"]), str(holder["host"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    holder, pid, host = {}, -1, "?"
+                if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
+                    warnings.warn(f"{path}: taking over a stale lock of process {pid}, which has ended",
+                                  LvlmFixWarning, stacklevel=3)
+                    path.unlink(missing_ok=True)
+                    continue
+                raise RunFolderBusyError(
+                    f"{root} is in use by process {pid} on {host} since {holder.get('since', '?')}; wait for it to "
+                    f"finish or use another --out (if that process is gone, delete {path})") from None
+        else:
+            raise RunFolderBusyError(f"could not lock {root}; another run keeps taking it, use another --out")
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()

@@ -1,0 +1,16 @@
+"""ACT: the method (:mod:`.method`) and its offline per-head search (:mod:`.search`)."""
+
+from .method import (
+    HEAD_FILE_FORMAT,
+    Act,
+    ActConfig,
+    act_redistribute,
+    act_sinks,
+    default_act_layers,
+    parse_heads,
+    read_head_file,
+)
+from .search import answer_token_ids, calibrate_act, write_head_file
+
+__all__ = ["HEAD_FILE_FORMAT", "Act", "ActConfig", "act_redistribute", "act_sinks", "answer_token_ids",
+           "calibrate_act", "default_act_layers", "parse_heads", "read_head_file", "write_head_file"]
