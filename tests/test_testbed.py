@@ -218,6 +218,30 @@ def test_every_product_prompt_and_world_word_is_in_the_vocabulary():
         assert unk not in ids, (text, tokenizer.convert_ids_to_tokens(ids))
 
 
+def _prompts_from_the_registries() -> list[str]:
+    """What the product itself says it sends: every method's own texts, every POPE preset's template
+    (with a question) and system prompt, CHAIR's caption prompt."""
+    from lvlm_fix.evals.chair import DEFAULT_PROMPT
+    from lvlm_fix.evals.pope import PRESETS
+    from lvlm_fix.interventions.registry import METHODS
+
+    texts = [t for name in METHODS.names() for t in METHODS.get(name).prompts()]
+    texts += [p.template.format(question="Is there a dog in the image?") for p in PRESETS.values()]
+    texts += [p.system_prompt for p in PRESETS.values() if p.system_prompt]
+    return texts + [DEFAULT_PROMPT]
+
+
+def test_every_prompt_the_registries_name_encodes_without_an_unknown_token():
+    """A method or preset added later with a word the testbed does not know fails here."""
+    from lvlm_fix.interventions.registry import METHODS
+
+    assert {"carve", "icd", "mvp"} <= {n for n in METHODS.names() if METHODS.get(n).prompts()}
+    tokenizer = AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer
+    for text in _prompts_from_the_registries():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, (text, tokenizer.convert_ids_to_tokens(ids))
+
+
 def test_every_product_prompt_is_a_trained_prompt():
     """The prompt module trains each product caption prompt, suffix and system prefix verbatim."""
     from lvlm_fix.testbed import prompts as P
