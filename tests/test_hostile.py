@@ -189,6 +189,72 @@ def test_eval_refuses_contradictory_flags_before_any_work(capsys, tmp_path):
     assert not out.exists()
 
 
+# -- model load faults: a damaged checkpoint folder is one line naming the file and the fix ---------------------
+def _damaged(tiny_dirs, tmp_path, damage: str):
+    """A copy of the tiny llava checkpoint with one fault; returns the folder and the path the error must name."""
+    import os
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dirs("llava"), folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        os.truncate(weights, weights.stat().st_size // 2)
+    elif damage == "garbled":
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"x" * 32  # the JSON header
+        weights.write_bytes(bytes(data))
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "missing":
+        weights.unlink()
+        return folder, folder
+    elif damage == "no config":
+        (folder / "config.json").unlink()
+        return folder, folder
+    elif damage == "not a model":
+        shutil.rmtree(folder)
+        folder.mkdir()
+        (folder / "notes.txt").write_text("holiday photos")
+        return folder, folder
+    return folder, weights
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncated", "is corrupt or truncated"),
+    ("garbled", "is corrupt or truncated"),
+    ("empty", "is corrupt or truncated"),
+    ("missing", "needs the model.safetensors"),
+    ("no config", "has no config.json"),
+    ("not a model", "has no config.json"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_it(capsys, tiny_dirs, image_file, tmp_path, damage, needle):
+    folder, named = _damaged(tiny_dirs, tmp_path, damage)
+    line = cli_error(capsys, "run", "--model", str(folder), "--image", str(image_file), "--max-new-tokens", "2")
+    assert needle in line and str(named) in line and "save" in line  # the fix: save / download it again
+
+
+def test_heads_and_eval_report_a_truncated_checkpoint_the_same_way(capsys, tiny_dirs, image_file, coco, tmp_path):
+    folder, weights = _damaged(tiny_dirs, tmp_path, "truncated")
+    heads = cli_error(capsys, "heads", "--model", str(folder), "--image", str(image_file), "--out", str(tmp_path / "h"))
+    evals = cli_error(capsys, "eval", "--model", str(folder), "--pope-questions", str(coco), "--image-dir",
+                      str(coco / "images"), "--split", "random", "--limit", "2", "--out", str(tmp_path / "e"))
+    assert heads == evals and f"{weights} is corrupt or truncated" in heads
+
+
+def test_a_bug_inside_loading_is_not_dressed_up_as_a_bad_checkpoint(tiny_dirs, monkeypatch):
+    import transformers
+
+    import lvlm_fix
+
+    def broken(*a, **k):
+        raise TypeError("a bug, not a user error")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        lvlm_fix.load(tiny_dirs("llava"))
+
+
 # -- fuzz: argument and jsonl parsing never end in a traceback --------------------------------------------------
 _TOKENS = st.sampled_from(["run", "eval", "heads", "list", "score", "report", "--method", "--methods", "--set",
                            "--alpha", "--tau", "--layers", "--limit", "--split", "--bench", "--max-new-tokens",
