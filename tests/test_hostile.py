@@ -97,6 +97,40 @@ def test_bad_image_files_are_one_line_input_errors(tmp_path, make, needle):
         assert "\n" not in str(err.value)
 
 
+def test_eval_and_testbed_images_go_through_the_one_loader(tmp_path):
+    """POPE, CHAIR's samples, AMBER and the testbed's quality check read a 16-bit PNG and a sideways
+    phone photo exactly as load_image does (PIL's convert would make the first all white)."""
+    from types import SimpleNamespace
+
+    from lvlm_fix.evals.amber import AmberItem
+    from lvlm_fix.evals.data import CocoImageSample, _open_rgb, load_pope_jsonl
+    from lvlm_fix.testbed.quality import _images
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    rgb_file = tmp_path / "plain.png"
+    Image.new("RGB", (48, 32), (10, 120, 250)).save(rgb_file)
+    names = ["deep.png", "phone.jpg", "plain.png"]
+    (tmp_path / "q.json").write_text("\n".join(json.dumps({"question_id": i, "image": n, "text": "A?", "label": "yes"})
+                                               for i, n in enumerate(names)))
+    expected = [np.asarray(load_image(tmp_path / n)) for n in names]
+    readers = {
+        "pope": [s.load_image() for s in load_pope_jsonl(tmp_path / "q.json", tmp_path, "random")],
+        "chair": [CocoImageSample(i, n, lambda n=n: _open_rgb(tmp_path / n)).load_image() for i, n in enumerate(names)],
+        "amber": [AmberItem(i, n, "A?", "generative", None, image_path=tmp_path / n).load_image()
+                  for i, n in enumerate(names)],
+        "testbed": _images(SimpleNamespace(images_dir=tmp_path), names),
+    }
+    for reader, got in readers.items():
+        assert [np.array_equal(np.asarray(g), e) for g, e in zip(got, expected)] == [True] * 3, reader
+        assert got[1].size == (40, 80) and 120 <= np.asarray(got[0])[32, 0, 0] <= 135, reader
+    with Image.open(rgb_file) as im:  # an ordinary RGB file: exactly what Image.open(...).convert gave before
+        assert np.array_equal(np.asarray(readers["pope"][2]), np.asarray(im.convert("RGB")))
+
+
 # -- run / heads: checked before any work -------------------------------------------------------------------
 @pytest.mark.parametrize("argv, needle", [
     (["--prompt", ""], "--prompt is empty"),
