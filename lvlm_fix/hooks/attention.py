@@ -47,6 +47,9 @@ class PlanSeat:
     layer index) when the first plan of the model becomes active, and removed when the last one
     leaves: a model with no active plan carries no lvlm-fix attribute, and the attention
     function's no-plan path is one dictionary look-up.
+
+    ``owners`` counts the outer plans (not a side stream's ``inner`` one) per thread: one model
+    serves the calls of one thread at a time (see :func:`acquire_seat`).
     """
 
     def __init__(self, model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
@@ -54,28 +57,47 @@ class PlanSeat:
         self.modules = attention_modules
         self.current: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
         self.users = 0
+        self.owners: dict[int, int] = {}  # thread ident -> outer plans of that thread now active
 
 
 _SEATS_LOCK = threading.Lock()  # plans may enter and leave from several threads (side streams, user threads)
 
 
-def acquire_seat(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> PlanSeat:
-    """The model's seat, installed on its attention modules if no plan of the model is active yet."""
-    with _SEATS_LOCK:
+def acquire_seat(model: torch.nn.Module, attention_modules: list[torch.nn.Module], inner: bool = False) -> PlanSeat:
+    """The model's seat, installed on its attention modules if no plan of the model is active yet.
+
+    Raises:
+        LvlmFixError: an outer plan of another thread is active on ``model``. The plans themselves
+            would keep apart (``current`` is per thread), but the forwards would not: the side
+            streams' lock step, a contrast stream's own forwards, the attention implementation
+            switched back on exit and the tokenizer's padding side assume one caller per model.
+    """
+    me = threading.get_ident()
+    with _SEATS_LOCK:  # check and claim in one step: two threads entering at once cannot both pass
         seat = model.__dict__.get(SEAT_ATTR)
+        if not inner and seat is not None and any(t != me for t in seat.owners):
+            raise LvlmFixError("another thread is already running a method on this model; one model serves one "
+                               "thread at a time: run the calls one after another, or load the model once per thread")
         if seat is None:
             seat = PlanSeat(model, attention_modules)
             for i, m in enumerate(attention_modules):
                 m.__dict__[SEAT_ATTR] = (seat, i)  # __dict__: plain attribute, not a registered submodule
             model.__dict__[SEAT_ATTR] = seat
         seat.users += 1
+        if not inner:
+            seat.owners[me] = seat.owners.get(me, 0) + 1
         return seat
 
 
-def release_seat(seat: PlanSeat) -> None:
-    """Undo one :func:`acquire_seat`; the last one removes the seat from the model."""
+def release_seat(seat: PlanSeat, inner: bool = False) -> None:
+    """Undo one :func:`acquire_seat` (same ``inner``, same thread); the last one removes the seat from the model."""
     with _SEATS_LOCK:
         seat.users -= 1
+        if not inner:
+            me = threading.get_ident()
+            seat.owners[me] -= 1
+            if not seat.owners[me]:
+                del seat.owners[me]
         if seat.users == 0:
             for m in seat.modules:
                 m.__dict__.pop(SEAT_ATTR, None)

@@ -14,6 +14,8 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
 A plan acts on its own model only: a forward of another model while it is active runs untouched,
 and two models can each have a plan active at once. Two plans on one model nest only as a
 participant's own forward on a side thread (``active(inner=True)``, VHR's text-only stream).
+A plan entered on a model while another thread's plan is active on it is refused: one model
+serves one thread at a time (load it once per thread to run calls in parallel).
 
 A forward that a participant runs for itself beside the real one (a contrast stream's rows) runs
 inside :func:`outside_plan`, so that no participant edits or counts it.
@@ -319,7 +321,7 @@ class Plan:
             hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
         for p in self.participants:
             p.install(self, hooks)
-        seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules)
+        seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules, inner=inner)
         try:
             if seat.current.get() is not None and not inner:
                 raise LvlmFixError("a method is already applied to this model; combine methods in one call, "
@@ -334,7 +336,7 @@ class Plan:
                     for p in self.participants:
                         p.end()
         finally:
-            release_seat(seat)
+            release_seat(seat, inner=inner)
 
     def report(self) -> dict[str, Any]:
         """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""

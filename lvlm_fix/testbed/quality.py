@@ -24,6 +24,7 @@ from ..evals.chair import ChairEvaluator
 from ..evals.pope import score
 from ..hooks.plan import AttnContext, Participant, Plan
 from ..diagnostics import entropy, image_mass
+from ..images import load_image
 from .benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
 from .model import CHECKPOINT_DIR, format_prompt, load_testbed
 from .world import CAPTION_PROMPT
@@ -58,8 +59,7 @@ def generate(model: Any, processor: Any, images: Sequence[Image.Image], prompts:
 def _images(bench: SyntheticBenchmark, names: Sequence[str]) -> list[Image.Image]:
     cache: dict[str, Image.Image] = {}
     for name in dict.fromkeys(names):
-        with Image.open(bench.images_dir / name) as im:
-            cache[name] = im.convert("RGB")
+        cache[name] = load_image(bench.images_dir / name)
     return [cache[n] for n in names]
 
 
