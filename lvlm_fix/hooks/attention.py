@@ -44,10 +44,9 @@ ACTIVE_PLAN: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
 # the callbacks keep a few such blocks alive at once). On the CPU small blocks are also the fast
 # ones: they stay in cache and below glibc's mmap threshold, so every chunk reuses the same pages
 # (a 300 MB map costs more in page faults than in arithmetic). On a GPU larger blocks amortise
-# kernel launches against memory that the weights dwarf anyway.
+# kernel launches against memory that the weights dwarf anyway; other accelerators count as one.
 BLOCK_ENV = "LVLM_FIX_ATTN_BLOCK_MB"
 DEFAULT_BLOCK_MIB = {"cpu": 16, "cuda": 256}
-_OTHER_DEVICE_BLOCK_MIB = 64
 
 
 def block_bytes(plan: Plan, device: torch.device) -> int:
@@ -64,7 +63,7 @@ def block_bytes(plan: Plan, device: torch.device) -> int:
         if not mib > 0:
             raise LvlmFixError(f"{BLOCK_ENV}={env!r}: give the attention block size in MiB, a number > 0 (e.g. 64)")
         return int(mib * 2**20)
-    return DEFAULT_BLOCK_MIB.get(device.type, _OTHER_DEVICE_BLOCK_MIB) * 2**20
+    return DEFAULT_BLOCK_MIB.get(device.type, DEFAULT_BLOCK_MIB["cuda"]) * 2**20
 
 
 # transformers' sdpa path, bound by register(): importing transformers at module import would

@@ -193,9 +193,10 @@ def act_redistribute(probs: Tensor, sinks: Tensor, beta: float, rows: Tensor | N
         its weight on sinks (nothing to redistribute onto) or sees no sink is returned unchanged.
     """
     s = sinks[:, :, None, :]
-    on_sinks = s.to(probs.dtype)
-    sink_mass = (probs * on_sinks).sum(-1, keepdim=True)  # [b, h, q, 1]
-    rest_mass = (probs * (1 - on_sinks)).sum(-1, keepdim=True)  # summed, not 1 - sink_mass: exact when tiny
+    # Both masses in one matmul ([b, h, q, k] @ [b, h, k, 2]): few ops for a decode step's single row.
+    # The rest is summed, not 1 - sink_mass, so that a tiny rest is exact.
+    masses = torch.matmul(probs, torch.stack([sinks, ~sinks], dim=-1).to(probs.dtype))
+    sink_mass, rest_mass = masses[..., :1], masses[..., 1:]  # [b, h, q, 1] each
     ok = rest_mass > 0
     if rows is not None:
         ok = ok & rows[:, None, :, None]
