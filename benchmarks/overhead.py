@@ -9,8 +9,13 @@ every round, so drift and position effects cancel), after one warm-up run of eac
 ``sdpa``         the same generate with the text decoder switched to stock ``"sdpa"``
 ``none``         ``with lvlm_fix.apply(lvlm, None): generate`` (an empty plan: its hook, no layer touched)
 ``vhr``/``var``/``act``  ``with lvlm_fix.apply(lvlm, m): generate``
+``vcd``/``icd``/``m3id``/``pai``  the same: one contrast stream beside the rows (PAI also amplifies attention)
 ``api``          ``lvlm_fix.generate(lvlm, images, prompts, method=None)`` (encode included): CARVE's baseline
 ``carve``        ``lvlm_fix.generate(..., method="carve")``: two statistics passes, refine, final pass
+``paint``        ``with lvlm_fix.apply(lvlm, "paint"): generate`` (the tower's CLS rows, the last-row edit)
+``yes_no``       ``lvlm_fix.generate`` of a POPE question, no method, stopping at EOS: MVP's baseline
+``mvp``          ``lvlm_fix.generate(..., method="mvp")`` on that question: 3 captions per image (capped at
+                 the benchmark's new-token count), a scoring forward per view, the yes/no paths
 ``prefill``      encode + ``generate(max_new_tokens=1)``: the baseline of the statistics pass
 ``heads``        the statistics pass of ``lvlm-fix heads`` (:func:`lvlm_fix.head_statistics`; batch > 1
                  runs the same recorder on a batch of rows). It is prefill-only by design.
@@ -38,6 +43,7 @@ Usage::
     python benchmarks/overhead.py --gpu-configs llava-1.5-7b qwen2.5-vl-7b   # needs CUDA
     python benchmarks/overhead.py --threads 1 --clock cpu --long-context llava-3k llava-8k qwen2vl-3k  # long prompts
     python benchmarks/overhead.py --smoke               # CI: tiny model, 4 tokens, 1 repetition, batch 1 and 2
+    python benchmarks/overhead.py --threads 1 --clock cpu --methods none vcd icd m3id pai   # CPU time, shared machine
 
 ``main(argv)`` returns the results dict (``rows``: one per model x batch x method).
 """
@@ -64,13 +70,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-METHODS = ("none", "vhr", "var", "act", "carve", "heads")  # rows of the table, in this order
-TIME_TARGETS = {"vhr": 1.10, "var": 1.25, "act": 1.25, "carve": 2.5}  # ratio to vanilla sdpa (the issue)
+METHODS = ("none", "vhr", "var", "act", "vcd", "icd", "m3id", "pai", "paint", "carve", "mvp", "heads")  # table rows
+# Ratio to vanilla sdpa (the issues). A contrast stream is a second forward per step: its limit is 2.
+TIME_TARGETS = {"vhr": 1.10, "var": 1.25, "act": 1.25, "vcd": 2.1, "icd": 2.1, "m3id": 2.1, "pai": 2.2, "carve": 2.5}
+IN_PLAN = ("none", "vhr", "var", "act", "vcd", "icd", "m3id", "pai", "paint")  # timed as apply() around generate()
 HEADS_MEMORY_TARGET = 1.2  # the statistics pass's peak memory / vanilla generate's
 # Long prompts (issue #12): every method inside generate() and the statistics pass within these of
 # vanilla (time; peak memory, total); CARVE, two statistics passes and a final pass by design, keeps 2.5.
 LONG_TIME_TARGET, LONG_MEMORY_TARGET = 1.3, 1.25
 PROMPT = "Describe the image in detail."
+YES_NO_PROMPT = "Is there a dog in the image?"  # MVP answers yes/no questions (POPE)
 
 # The ~118M-parameter random LLaVA of feasibility.md §4 (CLIP-S/16 at 224px: 196 image tokens).
 SIZED_LLAVA = dict(text_layers=10, text_hidden=640, text_heads=10, vision_layers=6, vision_hidden=384,
@@ -258,17 +267,13 @@ def real_size_config(name: str, *, shrink: bool = False) -> tuple[Any, Any, int]
 def real_size_subject(name: str, device: str, dtype: str, *, shrink: bool = False) -> Subject:
     """Instantiate :func:`real_size_config` directly on ``device`` (no checkpoint is written).
 
-    The handle is built as :func:`lvlm_fix.load` builds it: lvlm-fix's attention registered and the
-    text decoder switched to it.
+    The handle is :func:`lvlm_fix.wrap` of the instantiated model, as :func:`lvlm_fix.load` builds it.
     """
     from transformers import AutoModelForImageTextToText
 
-    from lvlm_fix.adapters import adapter_for
-    from lvlm_fix.hooks import attention
-    from lvlm_fix.model import LVLM, _resolve_dtype
+    from lvlm_fix.model import _resolve_dtype, wrap
 
     config, processor, side = real_size_config(name, shrink=shrink)
-    attention.register()
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=_resolve_dtype(dtype))
@@ -276,8 +281,7 @@ def real_size_subject(name: str, device: str, dtype: str, *, shrink: bool = Fals
     tok = processor.tokenizer
     model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id)
-    lvlm = LVLM(model=model, processor=processor, adapter=adapter_for(config.model_type), name=name)
-    model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
+    lvlm = wrap(model, processor, name=name)
     s = Subject(f"{name} (random{', shrunk' if shrink else ''})", lvlm, side, _describe(lvlm))
     s.info["weights"] = "random"
     return s
@@ -439,6 +443,14 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
                                      generate_kwargs={"min_new_tokens": new_tokens})
         return run
 
+    def yes_no(method: str | None) -> Callable[[], Any]:
+        params = {"caption_max_new_tokens": new_tokens} if method == "mvp" else {}
+
+        def run() -> Any:  # stops at EOS, as a POPE evaluation does
+            return lvlm_fix.generate(lvlm, images, [YES_NO_PROMPT] * batch_size, method, max_new_tokens=new_tokens,
+                                     **params)
+        return run
+
     def prefill() -> Any:
         b = lvlm.encode(images, prompts)
         return lvlm.model.generate(**b, max_new_tokens=1, do_sample=False)
@@ -455,11 +467,14 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
     configs = [Config("vanilla", vanilla, "vanilla", "vanilla"), Config("sdpa", vanilla, "vanilla", "vanilla",
                                                                            lambda: lvlm.attention_implementation("sdpa"))]
     for m in methods:
-        if m in ("none", "vhr", "var", "act"):
+        if m in IN_PLAN:
             configs.append(Config(m, applied(None if m == "none" else m), "vanilla", "vanilla",
                                   side_work=text_only_prefill if m == "vhr" else None))
         elif m == "carve":
             configs += [Config("api", api(None), "vanilla", "vanilla"), Config("carve", api("carve"), "api", "api")]
+        elif m == "mvp":
+            configs += [Config("yes_no", yes_no(None), "vanilla", "vanilla"),
+                        Config("mvp", yes_no("mvp"), "yes_no", "yes_no")]
         elif m == "heads":
             configs += [Config("prefill", prefill, "vanilla", "vanilla"), Config("heads", heads, "prefill", "vanilla")]
     return configs
@@ -543,6 +558,8 @@ _LABELS = {
     "api": "lvlm_fix.generate(method=None)",
     "prefill": "prefill only (generate, 1 token)",
     "heads": "heads (statistics pass, prefill only)",
+    "yes_no": "lvlm_fix.generate(method=None), a POPE question",
+    "mvp": "mvp (same POPE question)",
 }
 
 
@@ -636,7 +653,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="untimed calls of every configuration first (default 1; --long-context 0: a call takes "
                         "seconds there, so first-call costs do not weigh)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall (default) or cpu: the process's CPU time, for a CPU run on a shared machine")
+                   help="wall (default) or cpu: the process's CPU time, robust to other tenants of a shared CPU "
+                        "machine (use with --threads 1; CPU runs only)")
     p.add_argument("--long-context", nargs="+", default=None, choices=list(LONG_SUBJECTS),
                    help="long-prompt random models instead of the CPU models (default batch 1 4, 8 new tokens)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -3,6 +3,7 @@
 Public API::
 
     handle = lvlm_fix.load("llava-hf/llava-1.5-7b-hf")        # or a local dir; None = embedded testbed
+    handle = lvlm_fix.wrap(model, processor)                  # a model you loaded yourself (quantised, sharded)
     with lvlm_fix.apply(handle, "vhr", alpha=2.0):            # around the real generate()
         ids = handle.model.generate(**handle.encode([image], [prompt]), max_new_tokens=64)
     out = lvlm_fix.generate(handle, [image], [prompt], method="vhr+var")   # one call
@@ -17,7 +18,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = ["Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
-           "head_statistics", "list_methods", "load", "load_image", "param", "register_method"]
+           "head_statistics", "list_methods", "load", "load_image", "param", "register_method", "wrap"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,10 +27,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
-    if name == "load":
-        from .model import load
+    if name in ("load", "wrap"):
+        from . import model
 
-        return load
+        return getattr(model, name)
     if name == "load_image":
         from .images import load_image
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._lazy import torch
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, LvlmFixWarning
 from .hooks.plan import Plan
 from .interventions import Generation, Intervention, build_methods
 
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
     from .model import LVLM
 
-__all__ = ["Generation", "apply", "check_length", "generate", "run_methods"]
+__all__ = ["Generation", "apply", "check_length", "eos_token_ids", "fit_new_tokens", "generate", "generated_lengths",
+           "run_methods"]
 
 MethodArg = str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None
 
@@ -105,17 +107,53 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
 
         return first.generate(lvlm, images, prompts, gen, inner, system_prompt=system_prompt)
     batch = lvlm.encode(images, prompts, system_prompt=system_prompt)
-    check_length(lvlm, batch["input_ids"].shape[1], gen.get("max_new_tokens"))
+    gen = dict(gen)
+    fit_new_tokens(lvlm, batch["input_ids"].shape[1], gen)
     plan = Plan(lvlm, methods)
     with plan.active(), torch.inference_mode():
         out = lvlm.model.generate(**batch, **gen)
-    return Generation(texts=lvlm.decode(out, batch["input_ids"].shape[1]), report=plan.report())
+    prompt_len = batch["input_ids"].shape[1]
+    return Generation(texts=lvlm.decode(out, prompt_len), report=plan.report(),
+                      tokens=generated_lengths(out, prompt_len, eos_token_ids(lvlm)).tolist())
 
 
-def check_length(lvlm: LVLM, prompt_len: int, max_new_tokens: int | None) -> None:
-    """Refuse, before any forward, a prompt (plus the tokens to generate) longer than the model's positions."""
+def eos_token_ids(lvlm: LVLM) -> set[int]:
+    """The ids that end a generation (the generation config's, else the tokenizer's)."""
+    eos = lvlm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = lvlm.tokenizer.eos_token_id
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+
+
+def generated_lengths(sequences: Any, prompt_len: int, eos: set[int]) -> Any:
+    """``[rows]`` generated tokens per row, up to and including the first EOS (padding after it excluded)."""
+    gen = sequences[:, prompt_len:]
+    n = gen.shape[1]
+    is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=gen.dtype, device=gen.device))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((gen.shape[0],), n, device=gen.device))
+    return first.cpu()
+
+
+def check_length(lvlm: LVLM, prompt_len: int, new_tokens: int = 0) -> None:
+    """Refuse, before any forward, a prompt plus ``new_tokens`` longer than the model's positions."""
     limit = getattr(lvlm.text_config, "max_position_embeddings", None)
-    total = prompt_len + (max_new_tokens or 0)
-    if limit and total > limit:
-        raise InputError(f"the prompt is {prompt_len} tokens and max_new_tokens {max_new_tokens or 0}: {total} "
-                         f"exceeds the model's {limit} positions; shorten the prompt or lower --max-new-tokens")
+    if limit and prompt_len + new_tokens > limit:
+        extra = f" and {new_tokens} tokens to generate or score" if new_tokens else ""
+        raise InputError(f"the prompt is {prompt_len} tokens{extra}, but the model has {limit} positions; shorten the "
+                         "prompt (or the image's token count)")
+
+
+def fit_new_tokens(lvlm: LVLM, prompt_len: int, gen: dict[str, Any]) -> None:
+    """Refuse a prompt the model cannot hold; cap ``gen["max_new_tokens"]`` (with a warning) so that
+    prompt and answer fit the model's positions."""
+    limit = getattr(lvlm.text_config, "max_position_embeddings", None)
+    if not limit:
+        return
+    if prompt_len >= limit:  # not even one token could be generated
+        raise InputError(f"the prompt is {prompt_len} tokens, but the model has {limit} positions; shorten the prompt "
+                         "(or the image's token count)")
+    wanted = gen.get("max_new_tokens")
+    if wanted is not None and prompt_len + wanted > limit:
+        gen["max_new_tokens"] = limit - prompt_len
+        warnings.warn(f"max_new_tokens capped so that prompt and answer fit the model's {limit} positions",
+                      LvlmFixWarning, stacklevel=3)

@@ -16,14 +16,15 @@ No full attention map is ever kept. Definitions:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._lazy import torch
+from .errors import LvlmFixError
 from .hooks.plan import AttnContext, Participant, Plan, TokenState
 from .interventions.var import SINK_TAU, dims_from_votes, normalized_activations, sink_scores, sink_votes
 from .interventions.vhr import head_divergence, outlier_filter
+from .layout import image_token_grids
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -175,10 +176,28 @@ def head_statistics(lvlm: LVLM, image: Image.Image, prompt: str, *, tau: float =
         ``entropy_all``, ``entropy_image``, ``image_mass``), ``sink_dims`` (with their source:
         adapter table or discovered), and ``visual_sinks`` (image-token offsets per layer).
     """
-    report = record_head_statistics(lvlm, lvlm.encode([image], [prompt]), tau=tau).report()
+    batch = lvlm.encode([image], [prompt])
+    report = record_head_statistics(lvlm, batch, tau=tau).report()
     report.update(model=lvlm.name, model_type=lvlm.adapter.model_type, prompt=prompt,
-                  num_layers=lvlm.num_layers, num_heads=lvlm.num_heads)
+                  num_layers=lvlm.num_layers, num_heads=lvlm.num_heads, **image_grid(lvlm, batch))
     return report
+
+
+def image_grid(lvlm: LVLM, batch: Any) -> dict[str, Any]:
+    """The first row's image-token grid as the processor laid it out (:mod:`lvlm_fix.layout`), for the report.
+
+    ``image_grid`` is ``[rows, cols, offset]`` (offset among the row's image tokens), or None with
+    ``image_grid_error`` saying why; ``image_token_positions`` maps each image token (in order) to
+    its offset from the first one, so positional offsets can be turned into grid cells.
+    """
+    mask = lvlm.image_token_mask(batch["input_ids"][:1])[0]
+    pos = torch.nonzero(mask).flatten()
+    out: dict[str, Any] = {"image_token_positions": (pos - pos[0]).tolist() if len(pos) else []}
+    try:
+        g = image_token_grids(lvlm, batch)[0]
+    except LvlmFixError as e:
+        return {**out, "image_grid": None, "image_grid_error": str(e)}
+    return {**out, "image_grid": [g.rows, g.cols, g.offset]}
 
 
 def record_head_statistics(lvlm: LVLM, batch: Any, *, tau: float = SINK_TAU) -> HeadStatistics:
@@ -191,14 +210,6 @@ def record_head_statistics(lvlm: LVLM, batch: Any, *, tau: float = SINK_TAU) -> 
         with Plan(lvlm, [recorder]).active():
             lvlm.model.generate(**batch, max_new_tokens=1, do_sample=False)
     return recorder
-
-
-def _grid(n: int) -> tuple[int, int]:
-    """A near-square (rows, cols) grid for n image tokens (exact when n is a square)."""
-    rows = int(math.isqrt(n))
-    while rows > 1 and n % rows:
-        rows -= 1
-    return rows, n // rows
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -223,16 +234,27 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
-    n_img = report["n_image_tokens"][0]
-    counts = torch.zeros(max(n_img, 1))
+    # Layers flagging each image token, placed on the image's patch grid as the processor laid it out.
+    rank = {p: i for i, p in enumerate(report.get("image_token_positions", []))}  # offset -> image-token index
+    counts = torch.zeros(max(len(rank), 1))
     for offsets in report["visual_sinks"].values():
         for j in offsets[0]:
-            if 0 <= j < n_img:
-                counts[j] += 1
-    rows, cols = _grid(max(n_img, 1))
+            if j in rank:
+                counts[rank[j]] += 1
+    title = f"visual sinks: layers flagging each image token\n(dims {report['sink_dims']}, {report['sink_dims_source']})"
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    im = ax.imshow(counts.view(rows, cols).numpy(), cmap="magma")
-    ax.set(title=f"visual sinks: layers flagging each image token\n(dims {report['sink_dims']}, {report['sink_dims_source']})")
+    if report.get("image_grid"):
+        rows, cols, offset = report["image_grid"]
+        im = ax.imshow(counts[offset: offset + rows * cols].view(rows, cols).numpy(), cmap="magma")
+        outside = len(rank) - rows * cols
+        if outside:
+            title += f"\n{rows}x{cols} grid shown; {outside} other image tokens (tiles, newlines) not drawn"
+    else:  # no grid can be read from the processor's output: the tokens in order, and why
+        im = ax.imshow(counts[None, :].numpy(), cmap="magma", aspect="auto")
+        ax.set_yticks([])
+        ax.set_xlabel("image token (in sequence order)")
+        title += "\n(no patch grid: " + report.get("image_grid_error", "unknown layout")[:60] + "...)"
+    ax.set(title=title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     written.append(out_dir / "visual_sinks.png")

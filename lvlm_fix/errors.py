@@ -10,14 +10,14 @@ class LvlmFixError(Exception):
 
 
 class UnsupportedModelError(LvlmFixError):
-    """The model's ``config.model_type`` has no adapter."""
+    """A model the attention seam cannot serve; the message says why and what works."""
 
-    def __init__(self, model_type: str, supported: Iterable[str]) -> None:
-        self.model_type = model_type
-        self.supported = sorted(supported)
+    def __init__(self, model_type: str, reason: str) -> None:
+        self.model_type, self.reason = model_type, reason
         super().__init__(
-            f"unsupported model type {model_type!r}; supported types: {', '.join(self.supported)} "
-            "(add an Adapter to lvlm_fix.adapters.ADAPTERS for a new architecture)"
+            f"model type {model_type!r} is not supported: {reason}. lvlm-fix works on LVLMs whose text decoder is a "
+            "stack of self-attention layers reading the image as image tokens in input_ids (llava, qwen2_vl, gemma3, "
+            "internvl, mistral3 and more: the verified families are listed in docs/supported-models.md)"
         )
 
 

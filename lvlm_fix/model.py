@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from .adapters import Adapter, adapter_for
-from .errors import InputError, LvlmFixError
+from .adapters import Adapter, derive_adapter, unsupported_reason
+from .errors import InputError, LvlmFixError, UnsupportedModelError
 from .hooks import attention
 
 DEFAULT_MODEL = "testbed"  # the embedded checkpoint shipped in lvlm_fix/testbed/checkpoint
@@ -27,10 +27,14 @@ def testbed_path() -> Path:
 class LVLM:
     """A loaded model with its processor and adapter: what every lvlm-fix call takes.
 
+    Made by :func:`load` (from a checkpoint) or :func:`wrap` (around a model already loaded).
+
     Attributes:
-        model: the Hugging Face ``...ForConditionalGeneration`` model.
-        processor: its processor (tokenizer + image processor).
-        adapter: the architecture knowledge for ``config.model_type``.
+        model: the Hugging Face image-text-to-text model.
+        processor: its processor (tokenizer + image processor), or None when wrapped without one:
+            then the calls that build inputs from images and prompts (``encode``, CARVE, the evals)
+            say so, and batches come from the caller.
+        adapter: the architecture knowledge, derived from the model (:func:`~lvlm_fix.adapters.derive_adapter`).
         name: the id or path it was loaded from; ``revision``: the hub revision asked for.
     """
 
@@ -40,6 +44,7 @@ class LVLM:
     name: str
     revision: str | None = None
     _layers: Any = field(default=None, repr=False)
+    _attention: Any = field(default=None, repr=False)
 
     # -- architecture facts -------------------------------------------------------------------
     @property
@@ -52,6 +57,17 @@ class LVLM:
         if self._layers is None:
             self._layers = self.model.get_submodule(self.adapter.text_layers)
         return self._layers
+
+    @property
+    def attention_modules(self) -> list[Any]:
+        """Each decoder layer's self-attention module, in layer order."""
+        if self._attention is None:
+            self._attention = [getattr(layer, self.adapter.attention) for layer in self.text_layers]
+        return self._attention
+
+    def out_proj(self, layer: int) -> Any:
+        """The output projection of ``layer``'s attention: its input is the per-head outputs."""
+        return getattr(self.attention_modules[layer], self.adapter.out_proj)
 
     @property
     def num_layers(self) -> int:
@@ -71,16 +87,35 @@ class LVLM:
         return self.text_config.hidden_size
 
     @property
+    def image_token_ids(self) -> tuple[int, ...]:
+        return self.adapter.image_token_ids
+
+    @property
     def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        """The (first) image token id."""
+        return self.adapter.image_token_ids[0]
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, t]`` True at image tokens."""
+        ids = self.adapter.image_token_ids
+        if len(ids) == 1:
+            return input_ids == ids[0]
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
     @property
     def known_sink_dims(self) -> tuple[int, ...] | None:
         return self.adapter.sink_dims.get(self.hidden_size)
 
+    def require_processor(self, what: str) -> Any:
+        """The processor, or :class:`LvlmFixError` saying that ``what`` needs one."""
+        if self.processor is None:
+            raise LvlmFixError(f"{what} needs the model's processor; pass it: lvlm_fix.wrap(model, processor)")
+        return self.processor
+
     @property
     def tokenizer(self) -> Any:
-        return self.processor.tokenizer
+        processor = self.require_processor("decoding and tokenising")
+        return getattr(processor, "tokenizer", processor)
 
     @property
     def device(self) -> torch.device:
@@ -90,15 +125,21 @@ class LVLM:
     def build_prompt(self, prompt: str, n_images: int = 1, system_prompt: str | None = None) -> str:
         """One user turn with ``n_images`` images then the text, in the model's own format.
 
-        ``system_prompt`` becomes a system turn when the processor has a chat template, and is
-        prepended (with a space) to the formatted prompt otherwise.
+        The processor's chat template when it has one, else the adapter's ``prompt_template``.
+        ``system_prompt`` becomes a system turn with a chat template, and is prepended (with a
+        space) to the formatted prompt otherwise.
         """
-        if getattr(self.processor, "chat_template", None):
+        processor = self.require_processor("building a prompt")
+        if getattr(processor, "chat_template", None):
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
             messages = [{"role": "user", "content": content}]
             if system_prompt is not None:
                 messages.insert(0, {"role": "system", "content": system_prompt})
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            return processor.apply_chat_template(messages, add_generation_prompt=True)
+        if self.adapter.prompt_template is None:
+            raise LvlmFixError(
+                f"the processor of this {self.adapter.model_type!r} model has no chat template; give it one "
+                "(processor.chat_template = ...) or pass prompt_template='...<image>...{prompt}...' to load()/wrap()")
         ph = self.adapter.image_placeholder
         text = self.adapter.prompt_template.replace(ph, ph * n_images).format(prompt=prompt)
         return text if system_prompt is None else f"{system_prompt} {text}"
@@ -115,11 +156,12 @@ class LVLM:
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
         per_row = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        processor = self.require_processor("encoding images and prompts")
         texts = [self.build_prompt(p, len(ims), system_prompt) for p, ims in zip(prompts, per_row)]
         nested = self.adapter.nested_images or len(per_row[0]) > 1
         imgs: list = per_row if nested else [ims[0] for ims in per_row]
         self.tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
-        batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+        batch = processor(images=imgs, text=texts, return_tensors="pt", padding=True)
         return batch.to(self.device)
 
     def text_only(self, batch: Any) -> dict[str, Any]:
@@ -132,14 +174,15 @@ class LVLM:
         """
         ids = batch["input_ids"]
         b, length = ids.shape
-        valid = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
-        keep = valid & (ids != self.image_token_id)
+        mask = batch.get("attention_mask")
+        valid = attention.key_padding(mask, length) if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        keep = valid & ~self.image_token_mask(ids)
         kept = keep.sum(1, keepdim=True)
         width = int(kept.max())
         # Kept tokens go, in order, to the right end of the row: column = width - n_kept + rank.
         rank = keep.long().cumsum(1) - 1
         dest = torch.where(keep, width - kept + rank, torch.full_like(rank, width))
-        pad_id = self.tokenizer.pad_token_id or 0
+        pad_id = self.pad_token_id
         out: dict[str, Any] = {}
         for name, value in batch.items():
             if not (torch.is_tensor(value) and value.dim() == 2 and value.shape == (b, length)):
@@ -154,13 +197,26 @@ class LVLM:
             out["attention_mask"] = (torch.arange(width, device=ids.device) >= width - kept).long()
         return out
 
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, else the configs' (a model wrapped without its processor), else 0."""
+        if self.processor is not None and self.tokenizer.pad_token_id is not None:
+            return int(self.tokenizer.pad_token_id)
+        for config in (self.model.generation_config, self.text_config, self.model.config):
+            pad = getattr(config, "pad_token_id", None)
+            if isinstance(pad, int):
+                return pad
+        return 0
+
     def decode(self, output_ids: torch.Tensor, prompt_len: int) -> list[str]:
         """The generated continuations, without the prompt and special tokens."""
         return [t.strip() for t in self.tokenizer.batch_decode(output_ids[:, prompt_len:], skip_special_tokens=True)]
 
     # -- attention implementation -------------------------------------------------------------
-    def _attn_setting(self, text_impl: str) -> dict[str, str]:
-        """The per-sub-config dict: ``text_impl`` for the text decoder, sdpa for the rest."""
+    def _attn_setting(self, text_impl: str) -> dict[str, str] | str:
+        """The per-sub-config dict: ``text_impl`` for the text decoder, the rest unchanged."""
+        if self.text_config is self.model.config:  # one config for the whole model (e.g. Fuyu)
+            return text_impl
         setting = {}
         for key in self.model.config.sub_configs:
             sub = getattr(self.model.config, key, None)
@@ -201,6 +257,8 @@ def load(
     device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    prompt_template: str | None = None,
+    processor_kwargs: dict[str, Any] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LVLM:
     """Load a Hugging Face LVLM (hub id or local directory) ready for lvlm-fix.
@@ -216,12 +274,18 @@ def load(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to spread a large model over GPUs).
         revision: hub revision, recorded in provenance.
         trust_remote_code: off unless asked.
+        prompt_template: a one-image user turn (``"<image>"`` and ``{prompt}`` written out), for a
+            processor without a chat template; see :func:`wrap`.
+        processor_kwargs: passed to the processor's ``from_pretrained`` (e.g. Qwen's ``max_pixels``).
+        **from_pretrained_kwargs: passed to the model's ``from_pretrained`` (e.g. ``attn_implementation``,
+            ``quantization_config``).
 
     Returns:
         The :class:`LVLM` handle.
 
     Raises:
-        UnsupportedModelError: ``config.model_type`` has no adapter.
+        UnsupportedModelError: the architecture cannot be served (the message says why), checked
+            from the config before any weight is loaded.
         LvlmFixError: the model cannot be found or loaded.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -240,7 +304,9 @@ def load(
     except (OSError, ValueError) as e:
         where = "directory" if Path(name).exists() else "hub id (offline? pass a local directory)"
         raise LvlmFixError(f"cannot load model {name!r} as a {where}: {str(e).splitlines()[0]}") from None
-    adapter = adapter_for(config.model_type)
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise UnsupportedModelError(config.model_type, reason)
     attention.register()
     model = AutoModelForImageTextToText.from_pretrained(
         name, dtype=_resolve_dtype(dtype), device_map=device_map, **hub_kwargs, **from_pretrained_kwargs
@@ -248,8 +314,50 @@ def load(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    processor = load_processor(name, **hub_kwargs)
-    lvlm = LVLM(model=model, processor=processor, adapter=adapter, name=name if name_or_path else DEFAULT_MODEL,
-                revision=revision)
+    processor = load_processor(name, **hub_kwargs, **(processor_kwargs or {}))
+    return wrap(model, processor, name=name if name_or_path else DEFAULT_MODEL, revision=revision,
+                prompt_template=prompt_template)
+
+
+def wrap(
+    model: Any,
+    processor: Any = None,
+    *,
+    name: str | None = None,
+    revision: str | None = None,
+    prompt_template: str | None = None,
+) -> LVLM:
+    """The :class:`LVLM` handle of a model already loaded: quantised, sharded with ``device_map``, fine-tuned.
+
+    The same handle as :func:`load`: the adapter is derived from the model, and its text decoder is
+    switched to lvlm-fix's attention function (plain sdpa until a method is applied; the vision
+    tower keeps its own attention). Nothing else about the model changes: its device placement,
+    dtype and train/eval mode stay as they are.
+
+    Args:
+        model: a transformers image-text-to-text model (e.g. from ``AutoModelForImageTextToText``).
+        processor: its processor. Without one, batches must come from the caller (``model.generate(**batch)``
+            inside :func:`lvlm_fix.apply` works); what builds inputs from images and prompts
+            (``encode``, ``lvlm_fix.generate``, CARVE, the evals) raises a clear error.
+        name: how the model is named in reports (default: ``model.name_or_path``).
+        revision: recorded in provenance.
+        prompt_template: a one-image user turn with the image placeholder and ``{prompt}`` written
+            out (e.g. ``"USER: <image>\n{prompt} ASSISTANT:"``), used when the processor has no chat template.
+
+    Raises:
+        UnsupportedModelError: the model cannot be served; the message says why.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise InputError(f"wrap() takes a transformers model, got {type(model).__name__}; load it with "
+                         "AutoModelForImageTextToText.from_pretrained(...) first")
+    adapter = derive_adapter(model, processor)
+    if prompt_template is not None:
+        if "{prompt}" not in prompt_template:
+            raise InputError(f"prompt_template={prompt_template!r} has no {{prompt}}; write the user text as {{prompt}}")
+        adapter = replace(adapter, prompt_template=prompt_template)
+    attention.register()
+    lvlm = LVLM(model=model, processor=processor, adapter=adapter,
+                name=name or str(getattr(config, "name_or_path", "") or type(model).__name__), revision=revision)
     model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
     return lvlm

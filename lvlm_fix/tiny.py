@@ -56,6 +56,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMImageProcessorPil,
@@ -65,8 +67,9 @@ from transformers import (
 
 from lvlm_fix.processors import image_only_processor
 
-__all__ = ["FAMILIES", "build_image", "build_llava_sized", "build_qwen2_vl_sized", "build_tiny"]
+__all__ = ["FAMILIES", "PROCESSOR_FAMILIES", "build_image", "build_llava_sized", "build_qwen2_vl_sized", "build_tiny"]
 
+# The families every method test runs on.
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3")
 
 IMAGE_SIZE = 64
@@ -169,6 +172,7 @@ _TOKEN_SPECS = {
     "llava_next": _LLAVA_TOKENS,
     "qwen2_vl": _QWEN_TOKENS,
     "qwen2_5_vl": _QWEN_TOKENS,
+    "qwen3_vl": _QWEN_TOKENS,
     "idefics3": _TokenSpec("<|begin_of_text|>", "<end_of_utterance>", "<|end_of_text|>", _IDEFICS_NAMED, _ROW_COL),
     "smolvlm": _TokenSpec(
         "<|im_start|>",
@@ -212,7 +216,7 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     tower for 64x64 images (16 image tokens; LLaVA-NeXT's anyres gives 88).
 
     Args:
-        family: One of :data:`FAMILIES` (the HF ``config.model_type``).
+        family: One of :data:`PROCESSOR_FAMILIES` (the HF ``config.model_type``).
         out_dir: Directory to write (created if missing; existing files are overwritten).
         seed: Seeds the weight initialisation; the same seed gives identical weights.
 
@@ -220,10 +224,10 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
         ``out_dir`` as a ``Path``.
 
     Raises:
-        ValueError: If ``family`` is not in :data:`FAMILIES`.
+        ValueError: If ``family`` is not in :data:`PROCESSOR_FAMILIES`.
     """
     if family not in _BUILDERS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {PROCESSOR_FAMILIES}")
     tokenizer = _tokenizer(_TOKEN_SPECS[family])
     config, processor = _BUILDERS[family](tokenizer)
     return _save(config, processor, tokenizer, out_dir, seed)
@@ -514,6 +518,11 @@ def _qwen(
     )
     if config_cls is Qwen2VLConfig:
         vision.update(embed_dim=_VISION["hidden_size"], mlp_ratio=2, hidden_size=_TEXT["hidden_size"])
+    elif config_cls is Qwen3VLConfig:
+        # Qwen3-VL: learned position embeddings (an 8 x 8 table) and DeepStack features from its first block.
+        vision.update(hidden_size=_VISION["hidden_size"], intermediate_size=_VISION["intermediate_size"],
+                      out_hidden_size=_TEXT["hidden_size"], num_position_embeddings=64, deepstack_visual_indexes=[0])
+        text["head_dim"] = _HEAD_DIM
     else:
         # Qwen2.5-VL: windowed attention (2x2 merged units per window) except in the last block.
         vision.update(
@@ -598,6 +607,7 @@ _BUILDERS: dict[str, Callable[[PreTrainedTokenizerFast], tuple[PreTrainedConfig,
     "llava_next": _llava_next,
     "qwen2_vl": lambda tok: _qwen(tok, Qwen2VLConfig, Qwen2VLProcessor),
     "qwen2_5_vl": lambda tok: _qwen(tok, Qwen2_5_VLConfig, Qwen2_5_VLProcessor),
+    "qwen3_vl": lambda tok: _qwen(tok, Qwen3VLConfig, Qwen3VLProcessor),
     "idefics3": lambda tok: _idefics(
         tok, Idefics3Config, Idefics3VisionConfig, Idefics3ImageProcessorPil, Idefics3Processor
     ),
@@ -606,6 +616,9 @@ _BUILDERS: dict[str, Callable[[PreTrainedTokenizerFast], tuple[PreTrainedConfig,
     ),
     "gemma3": _gemma3,
 }
+
+# Every family built here with its real processor (the family matrix drives these through it).
+PROCESSOR_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 # --------------------------------------------------------------------------- saving

@@ -95,6 +95,13 @@ def coco(tmp_path_factory):
     return root
 
 
+def no_plan_left(model) -> bool:
+    """No plan is active on ``model`` and none of its modules still carries a plan seat."""
+    from lvlm_fix.hooks.attention import SEAT_ATTR, active_plan
+
+    return active_plan(model) is None and not any(SEAT_ATTR in m.__dict__ for m in model.modules())
+
+
 def cli_error(capsys, *argv: str) -> str:
     """Run the CLI expecting a user error: exit code 2, exactly one ``error:`` line, no traceback."""
     from lvlm_fix.cli.main import main

@@ -47,6 +47,7 @@ def test_overhead_smoke_has_a_ratio_for_every_method_and_batch():
                 assert _positive_finite(row[key]), (batch, method, key, row[key])
             assert row["time_s"] > 0 and row["peak_bytes"] > 0
         assert rows[(batch, "carve")]["baseline"] == "api"
+        assert rows[(batch, "mvp")]["baseline"] == "yes_no" and rows[(batch, "paint")]["baseline"] == "vanilla"
         assert rows[(batch, "heads")]["baseline"] == "prefill"
         assert rows[(batch, "heads")]["memory_baseline"] == "vanilla"
         assert _positive_finite(rows[(batch, "sdpa")]["time_ratio"])

@@ -17,7 +17,6 @@ from lvlm_fix.errors import ConfigError
 from lvlm_fix.interventions.carve import (
     Carve,
     CarveConfig,
-    _generated_lengths,
     carve_default_layers,
     carve_mask,
     fuse_saliency,
@@ -99,7 +98,9 @@ def test_fusion_weights_and_ratio():
 
 def test_generated_lengths_stop_at_each_rows_eos():
     seq = torch.tensor([[9, 9, 5, 2, 0, 0], [9, 9, 5, 5, 5, 5], [9, 9, 2, 2, 2, 2]])
-    assert _generated_lengths(seq, 2, {2}).tolist() == [2, 4, 1]  # the step that produced EOS counts
+    from lvlm_fix.api import generated_lengths
+
+    assert generated_lengths(seq, 2, {2}).tolist() == [2, 4, 1]  # the step that produced EOS counts
 
 
 def test_default_layers_scale_the_release_range():

@@ -18,7 +18,8 @@ from lvlm_fix.hooks import Participant, Plan, attention
 from lvlm_fix.interventions.carve import ImageAttentionRecorder
 
 TOL = 1e-6
-ACTIVE = {"var": {"tau": 2.5}, "act": {"thres": 0.03}}  # as tests/test_methods.py: both act on tiny models
+# As tests/test_methods.py: each acts on tiny models.
+ACTIVE = {"var": {"tau": 2.5}, "act": {"thres": 0.03}, "pai": {}, "paint": {}}
 
 
 def _block(lvlm, batch, queries: int) -> int:
@@ -73,9 +74,13 @@ def _close(a, b) -> bool:
 # -- the built-in attention methods ----------------------------------------------------------------
 # 1 row: sdpa's implicit causal mask; 3 rows: left padding, a boolean mask (Gemma3: bidirectional
 # image blocks and sliding-window layers).
-@pytest.mark.parametrize("family, rows", [("llava", 1), ("llava", 3), ("qwen2_vl", 1), ("qwen2_vl", 3),
-                                          ("gemma3", 3)])
-@pytest.mark.parametrize("name", ["var", "act"])
+CASES = [(name, family, rows) for name in ("var", "act")
+         for family, rows in (("llava", 1), ("llava", 3), ("qwen2_vl", 1), ("qwen2_vl", 3), ("gemma3", 3))]
+# PAI and PAINT edit the last query row only (PAINT reads a CLS token: LLaVA's tower has one).
+CASES += [("pai", "llava", 3), ("pai", "qwen2_vl", 3), ("paint", "llava", 1), ("paint", "llava", 3)]
+
+
+@pytest.mark.parametrize("name, family, rows", CASES)
 def test_chunked_method_equals_unchunked(name, family, rows, tiny, images, chunks):
     lvlm = tiny(family)
     batch = lvlm.encode(images[:rows], PROMPTS[:rows])

@@ -10,21 +10,40 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import lvlm_fix
-from conftest import PROMPTS, cli_error
+from conftest import PROMPTS, cli_error, no_plan_left
 from lvlm_fix.hooks import hooks_on
-from lvlm_fix.hooks.attention import ACTIVE_PLAN
 from lvlm_fix.interventions import METHODS
 
 NAMES = METHODS.names()
 # Settings under which each method acts on the tiny random models, whose attention is nearly
 # uniform: VAR's tau = 20 presumes a 4096-wide backbone (|x_d|/rms(x) <= sqrt(D) = 8 here), and
-# no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered.
-ACTIVE = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}, "carve": {}}
+# no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered. The contrastive
+# methods act at their defaults (their plausibility cuts keep almost every token of these flat
+# distributions, and M3ID's gate is open). MVP's captions and yes/no paths are cut short (the
+# defaults are 512 and 50 tokens), one path per view.
+ACTIVE = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}, "carve": {}, "paint": {},
+          "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
+          "vcd": {}, "icd": {}, "m3id": {}, "pai": {}}
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
+CONTRAST = ["vcd", "icd", "m3id", "pai"]  # methods that decode a contrast stream
+# Methods that work on some families only; elsewhere they must refuse with one clear error.
+ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order")}
+
+
+def _refused(name: str, family: str, run) -> bool:
+    """True (after checking the error) when ``name`` does not support ``family``: ``run()`` must raise it."""
+    if name not in ONLY or family in ONLY[name][0]:
+        return False
+    from lvlm_fix.errors import LvlmFixError
+
+    with pytest.raises(LvlmFixError, match=ONLY[name][1]) as e:
+        run()
+    assert "\n" not in str(e.value)
+    return True
 
 
 def test_every_method_is_in_the_matrix():
-    assert set(NAMES) == set(ACTIVE) == {"vhr", "var", "act", "carve"}
+    assert set(NAMES) == set(ACTIVE) == {"vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai"}
     for name in NAMES:
         assert METHODS.get(name).config_cls.math_identity() is not None, name
 
@@ -45,10 +64,16 @@ def test_noop_is_vanilla_token_for_token(name, family, tiny, images):
 
 @pytest.mark.parametrize("name", IN_PLAN)
 def test_noop_installs_nothing(name, tiny):
-    with lvlm_fix.apply(tiny("llava"), name, **_config(name, "noop")) as plan:
+    lvlm = tiny("llava")
+    with lvlm_fix.apply(lvlm, None):
+        empty_plan_hooks = hooks_on(lvlm.model)
+    with lvlm_fix.apply(lvlm, name, **_config(name, "noop")) as plan:
         (m,) = plan.participants
         layer_sets = (m.eager_layers, m.observed_layers, m.head_output_layers, m.residual_layers)
         assert not any(layer_sets) and not plan.touches(0)
+        # No forward hook, and no patched attribute (a contrast stream's beam reordering and image tap).
+        assert hooks_on(lvlm.model) == empty_plan_hooks
+        assert "_reorder_cache" not in vars(lvlm.model) and "get_image_features" not in vars(lvlm.model.base_model)
 
 
 def _with_scores(lvlm, batch, method=None, **params):
@@ -68,13 +93,20 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
     lvlm = tiny(family)
     batch = lvlm.encode(images, PROMPTS)
     params = {**_config(name, "math_identity"), **ACTIVE[name]}
+    if _refused(name, family, lambda: _with_scores(lvlm, batch, name, **params)):
+        return
     vanilla, _ = _with_scores(lvlm, batch)
     same, report = _with_scores(lvlm, batch, name, **params)
     assert torch.equal(same.sequences, vanilla.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(same.scores, vanilla.scores)) <= 1e-5
+    streamed = lambda r: r["stream_ran"] and r["steps"] == len(same.scores) and r["rows"] == 3  # noqa: E731
     acted = {"vhr": lambda r: any(any(rows) for rows in r["selected_heads"].values()),
              "var": lambda r: sum(r["redistributed_total"]) > 0,
-             "act": lambda r: any(v["max_per_head"] > 0 for v in r["sinks"].values())}[name]
+             "act": lambda r: any(v["max_per_head"] > 0 for v in r["sinks"].values()),
+             "paint": lambda r: r["edited_forwards"] > 0 and sum(i["local"] + i["summary"] for i in r["images"]) > 0,
+             "vcd": streamed, "icd": streamed, "pai": streamed,
+             # the real no-image stream (not a null contrast), its gate closed
+             "m3id": lambda r: streamed(r) and r["contrast_prompt_tokens"] < batch["input_ids"].shape[1]}[name]
     assert acted(report), report
 
 
@@ -89,11 +121,42 @@ def test_carve_math_identity_runs_both_passes_and_matches_vanilla(family, tiny, 
     assert all(a.tobytes() == b.tobytes() for a, b in zip(same.artifacts["carve"]["refined"], images))
 
 
+def test_mvp_math_identity_runs_the_pipeline_and_matches_vanilla(family, tiny, images):
+    """One view (the question as asked), top-1, a greedy free-form path: the scoring forward, the
+    path, the certainty and the fusion all run, and the answer is the plain greedy one."""
+    lvlm = tiny(family)
+    vanilla = lvlm_fix.generate(lvlm, images, PROMPTS, None, max_new_tokens=5)
+    same = lvlm_fix.generate(lvlm, images, PROMPTS, "mvp", max_new_tokens=5, **_config("mvp", "math_identity"))
+    assert same.texts == vanilla.texts
+    report = same.report["mvp"]
+    assert report["views"] == {"question": 1.0} and [r["paths"] for r in report["rows"]] == [1, 1, 1]
+    assert report["cost"]["scoring"]["rows"] == 3 and report["cost"]["paths"]["forward_passes"] >= 1
+
+
+def test_mvp_default_answers_yes_or_no_and_reports_its_cost(tiny, images):
+    lvlm = tiny("llava")
+    out = lvlm_fix.generate(lvlm, images, PROMPTS, "mvp", max_new_tokens=4, **ACTIVE["mvp"])
+    rows = out.report["mvp"]["rows"]
+    assert [r["mode"] for r in rows] == ["yes_no", "free_form", "free_form"]
+    assert out.texts[0] in ("Yes", "No") and rows[0]["answer"] == out.texts[0]
+    assert set(rows[0]["views"]) == {"bottom_up", "top_down", "normal"}
+    cost = out.report["mvp"]["cost"]
+    assert cost["captions"]["rows"] == 9 and cost["scoring"]["rows"] == 9  # 3 images x 3 views
+    assert cost["total"]["forward_passes"] == sum(cost[s]["forward_passes"] for s in ("captions", "scoring", "paths"))
+
+
 @pytest.mark.parametrize("name", IN_PLAN)
 def test_default_changes_the_logits(name, family, tiny, images):
     lvlm = tiny(family)
     batch = lvlm.encode(images[:2], PROMPTS[:2])
     valid = batch["attention_mask"].bool()
+
+    def steer():
+        with torch.inference_mode(), lvlm_fix.apply(lvlm, name, **ACTIVE[name]):
+            return lvlm.model(**batch).logits[valid]
+
+    if _refused(name, family, steer):
+        return
     with torch.inference_mode():
         vanilla = lvlm.model(**batch).logits[valid]
         with lvlm_fix.apply(lvlm, name, **ACTIVE[name]):
@@ -107,6 +170,8 @@ def test_default_changes_the_logits(name, family, tiny, images):
 @pytest.mark.parametrize("name", NAMES)
 def test_batched_equals_each_row_alone(name, family, tiny, images):
     lvlm = tiny(family)
+    if _refused(name, family, lambda: lvlm_fix.generate(lvlm, images, PROMPTS, name, max_new_tokens=2)):
+        return
     together = lvlm_fix.generate(lvlm, images, PROMPTS, name, max_new_tokens=5, **ACTIVE[name]).texts
     for i in range(3):
         alone = lvlm_fix.generate(lvlm, images[i : i + 1], PROMPTS[i : i + 1], name, max_new_tokens=5, **ACTIVE[name])
@@ -118,6 +183,8 @@ def test_batched_equals_each_row_alone(name, family, tiny, images):
 def test_sampling_and_beam_search_run(name, family, tiny, images):
     lvlm = tiny(family)
     args = (lvlm, images[:2], PROMPTS[:2], name)
+    if _refused(name, family, lambda: lvlm_fix.generate(*args, max_new_tokens=2)):
+        return
     first = lvlm_fix.generate(*args, max_new_tokens=4, do_sample=True, seed=3, **ACTIVE[name])
     again = lvlm_fix.generate(*args, max_new_tokens=4, do_sample=True, seed=3, **ACTIVE[name])
     assert first.texts == again.texts  # seeded sampling is reproducible through the hooks
@@ -174,14 +241,15 @@ class RaiseAtStep(LogitsProcessor):
 
 @pytest.mark.parametrize("name", IN_PLAN)
 def test_no_hook_survives_an_exception_mid_generate(name, tiny, images):
-    lvlm = tiny("gemma3")
+    lvlm = tiny("gemma3" if name not in ONLY else min(ONLY[name][0]))
     batch = lvlm.encode(images[:2], PROMPTS[:2])
     before = hooks_on(lvlm.model)
     with torch.inference_mode():
         vanilla = lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False)
     with pytest.raises(KeyboardInterrupt), lvlm_fix.apply(lvlm, name, **ACTIVE[name]):
         lvlm.model.generate(**batch, max_new_tokens=4, logits_processor=LogitsProcessorList([RaiseAtStep(2)]))
-    assert hooks_on(lvlm.model) == before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == before and no_plan_left(lvlm.model)
+    assert "_reorder_cache" not in vars(lvlm.model) and "get_image_features" not in vars(lvlm.model.base_model)
     with torch.inference_mode():
         assert torch.equal(lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False), vanilla)
 
@@ -213,7 +281,7 @@ def test_carve_hygiene_when_generation_fails(tiny, images, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lvlm_fix.generate(lvlm, images[:1], PROMPTS[:1], "carve", max_new_tokens=3)
     monkeypatch.undo()
-    assert hooks_on(lvlm.model) == before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == before and no_plan_left(lvlm.model)
 
 
 @pytest.mark.parametrize("argv, needles", [

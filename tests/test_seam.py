@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import PROMPTS
+from conftest import PROMPTS, no_plan_left
 from lvlm_fix.hooks import Participant, Plan, hooks_on
-from lvlm_fix.hooks.attention import ACTIVE_PLAN, ATTN_NAME
+from lvlm_fix.hooks.attention import ATTN_NAME
 
 
 def _stock(path, text_impl: str):
@@ -103,11 +103,11 @@ def test_no_hook_or_plan_survives_the_context(family, tiny, images):
     with Plan(lvlm, [EveryLayer()]).active():
         assert hooks_on(lvlm.model) > hooks_before
         lvlm.model.generate(**batch, max_new_tokens=2, do_sample=False)
-    assert hooks_on(lvlm.model) == hooks_before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == hooks_before and no_plan_left(lvlm.model)
 
     with pytest.raises(Boom), Plan(lvlm, [FailAtDecode()]).active():
         lvlm.model.generate(**batch, max_new_tokens=5, do_sample=False)
-    assert hooks_on(lvlm.model) == hooks_before and ACTIVE_PLAN.get() is None
+    assert hooks_on(lvlm.model) == hooks_before and no_plan_left(lvlm.model)
     assert lvlm.text_config._attn_implementation == ATTN_NAME
     with torch.inference_mode():
         assert torch.equal(lvlm.model.generate(**batch, max_new_tokens=5, do_sample=False), vanilla)
@@ -138,4 +138,60 @@ def test_a_second_plan_cannot_nest(tiny):
         with pytest.raises(LvlmFixError, match="already applied"):
             with Plan(lvlm, [EveryLayer()]).active():
                 pass
-    assert ACTIVE_PLAN.get() is None
+    assert no_plan_left(lvlm.model)
+
+
+# -- plans belong to their model -------------------------------------------------------------------
+def _logits(lvlm, batch):
+    with torch.inference_mode():
+        return lvlm.model(**batch).logits
+
+
+def test_a_plan_acts_on_its_own_model_only(tiny, images):
+    import lvlm_fix
+
+    a, b = tiny("llava"), tiny("qwen2_vl")
+    batch_a, batch_b = a.encode(images[:2], PROMPTS[:2]), b.encode(images[:2], PROMPTS[:2])
+    vanilla_a, vanilla_b = _logits(a, batch_a), _logits(b, batch_b)
+    with lvlm_fix.apply(a, "act", thres=0.03):
+        assert torch.equal(_logits(b, batch_b), vanilla_b)  # B's forward runs untouched beside A's plan
+        steered_a = _logits(a, batch_a)
+        with torch.inference_mode():  # and B's own generate() too
+            b.model.generate(**batch_b, max_new_tokens=2, do_sample=False)
+    assert not torch.equal(steered_a, vanilla_a)
+    assert no_plan_left(a.model) and no_plan_left(b.model)
+
+
+def test_two_models_each_with_a_method_applied_at_once(tiny, images):
+    import lvlm_fix
+
+    a, b = tiny("gemma3"), tiny("qwen2_vl")
+    batch_a, batch_b = a.encode(images[:2], PROMPTS[:2]), b.encode(images[:2], PROMPTS[:2])
+    gen = dict(max_new_tokens=4, do_sample=False)
+    with torch.inference_mode():
+        with lvlm_fix.apply(a, "var", tau=2.5):
+            alone_a = a.model.generate(**batch_a, **gen)
+        with lvlm_fix.apply(b, "vhr") as plan_b:
+            alone_b = b.model.generate(**batch_b, **gen)
+        heads_b = plan_b.report()["vhr"]["selected_heads"]
+        with lvlm_fix.apply(a, "var", tau=2.5), lvlm_fix.apply(b, "vhr") as plan_b:
+            # interleaved: each model's generate() runs its own plan while the other's is active
+            both_b = b.model.generate(**batch_b, **gen)
+            both_a = a.model.generate(**batch_a, **gen)
+    assert torch.equal(both_a, alone_a) and torch.equal(both_b, alone_b)
+    assert plan_b.report()["vhr"]["selected_heads"] == heads_b
+    assert no_plan_left(a.model) and no_plan_left(b.model)
+
+
+def test_two_handles_of_one_model_share_its_plan_seat(tiny):
+    import dataclasses
+
+    from lvlm_fix.errors import LvlmFixError
+
+    lvlm = tiny("llava")
+    twin = dataclasses.replace(lvlm)  # another handle, the same model underneath
+    with Plan(lvlm, [EveryLayer()]).active():
+        with pytest.raises(LvlmFixError, match="already applied to this model"):
+            with Plan(twin, [EveryLayer()]).active():
+                pass
+    assert no_plan_left(lvlm.model)

@@ -131,3 +131,108 @@ def test_an_error_in_the_text_stream_reaches_the_caller(tiny, images, monkeypatc
     with pytest.raises(ValueError, match="text stream broke at layer 1"), lvlm_fix.apply(handle, "vhr"):
         handle.model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert not _side_threads() and hooks_on(handle.model) == hooks_before
+
+
+# -- fences ---------------------------------------------------------------------------------------
+def test_the_side_inherits_autocast_and_grad_mode():
+    seen: list[tuple] = []
+
+    def run() -> None:
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_grad_enabled()))
+        side.pause(None)
+
+    side = SidePass(run)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        side.resume()
+    side.close()
+    side = SidePass(run)
+    side.resume()  # outside: no autocast, grad on (the test thread's defaults)
+    side.close()
+    assert seen == [(True, torch.bfloat16, False), (False, torch.get_autocast_dtype("cpu"), True)]
+
+
+def test_a_side_that_stops_answering_raises_instead_of_hanging():
+    release = threading.Event()
+
+    def run() -> None:
+        release.wait(5)  # never pauses in time
+
+    side = SidePass(run, timeout=0.2)
+    with pytest.raises(LvlmFixError, match=r"gave no answer in 0.2 s.*LVLM_FIX_SIDE_TIMEOUT"):
+        side.resume()
+    release.set()
+
+
+def test_a_caller_that_stops_answering_unwinds_the_side():
+    def run() -> None:
+        side.pause("first")
+        side.pause("never reached")
+
+    side = SidePass(run, timeout=0.2)
+    assert side.resume() == "first"
+    side._thread.join(5)  # the side gave up waiting for us and ended with an error
+    assert not side._thread.is_alive()
+    with pytest.raises(LvlmFixError, match="the calling thread gave no answer"):
+        side.resume("late")
+
+
+@pytest.mark.parametrize("value", ["soon", "-1"])
+def test_a_bad_timeout_setting_is_one_clear_error(monkeypatch, value):
+    monkeypatch.setenv("LVLM_FIX_SIDE_TIMEOUT", value)
+    with pytest.raises(LvlmFixError, match="LVLM_FIX_SIDE_TIMEOUT"):
+        SidePass(lambda: None)
+
+
+def _vhr_run(handle, batch, **gen):
+    with torch.inference_mode(), lvlm_fix.apply(handle, "vhr") as plan:
+        out = handle.model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,
+                                    return_dict_in_generate=True, **gen)
+    return out, plan.report()["vhr"]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_the_batched_fallback_equals_the_threaded_stream(family, tiny, images, monkeypatch):
+    handle = tiny(family)
+    batch = handle.encode(images[:2], PROMPTS)
+    threaded, threaded_report = _vhr_run(handle, batch)
+    monkeypatch.setenv("LVLM_FIX_SIDE_STREAM", "batched")
+    batched, batched_report = _vhr_run(handle, batch)
+    assert batched_report["selected_heads"] == threaded_report["selected_heads"]
+    assert torch.equal(batched.sequences, threaded.sequences)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batched.scores, threaded.scores))
+    assert not _side_threads()
+
+
+def test_offloaded_weights_take_the_batched_fallback(tiny_dirs, images):
+    from accelerate import cpu_offload
+
+    from lvlm_fix.hooks.sidepass import side_stream_mode
+
+    plain = lvlm_fix.load(tiny_dirs("llava"), dtype="float32")
+    offloaded = lvlm_fix.load(tiny_dirs("llava"), dtype="float32")
+    cpu_offload(offloaded.model.model.language_model, execution_device="cpu")  # weights live off the module
+    assert side_stream_mode(plain) == "thread" and side_stream_mode(offloaded) == "batched"
+    batch = plain.encode(images[:2], PROMPTS)
+    expected, expected_report = _vhr_run(plain, batch)
+    got, report = _vhr_run(offloaded, batch)
+    assert report["selected_heads"] == expected_report["selected_heads"]
+    assert torch.equal(got.sequences, expected.sequences)
+
+
+def test_a_static_cache_runs_the_threaded_stream(tiny, images):
+    handle = tiny("llava")
+    batch = handle.encode(images[:2], PROMPTS)
+    dynamic, dynamic_report = _vhr_run(handle, batch)
+    static, static_report = _vhr_run(handle, batch, cache_implementation="static")
+    assert static_report["selected_heads"] == dynamic_report["selected_heads"]
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert not _side_threads()
+
+
+def test_a_compiled_model_is_refused_with_a_clear_error(tiny_dirs, images):
+    handle = lvlm_fix.load(tiny_dirs("llava"), dtype="float32")
+    handle.model.forward = torch.compile(handle.model.forward, backend="eager")  # compiled, never traced here
+    batch = handle.encode(images[:1], PROMPTS[:1])
+    with pytest.raises(LvlmFixError, match="cannot run inside a compiled model"), lvlm_fix.apply(handle, "vhr"):
+        handle.model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert not _side_threads()

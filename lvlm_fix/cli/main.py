@@ -30,6 +30,7 @@ Examples:
   lvlm-fix heads --model DIR --image cat.jpg --prompt "Describe the image." --out heads/
   lvlm-fix eval --bench pope --split adversarial --methods none,vhr,var --limit 200 --out results/
   lvlm-fix score --bench chair --coco-annotations annotations/ --captions captions.jsonl --out scored/
+  lvlm-fix eval --bench pope --methods none,vhr:alpha=1.5,vhr:alpha=2 --out sweep/ && lvlm-fix report sweep/
 """
 
 
@@ -150,9 +151,38 @@ def _model_options(f: Any) -> Any:
     f = click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")(f)
     f = click.option("--revision", default=None, help="hub revision of --model.")(f)
     f = click.option("--trust-remote-code", is_flag=True, help="allow the model repository's own code.")(f)
+    f = click.option("--processor-args", default=None, metavar="K=V,...",
+                     help="keyword arguments for the processor's from_pretrained, e.g. max_pixels=200704 (Qwen).")(f)
+    f = click.option("--model-args", default=None, metavar="K=V,...",
+                     help="keyword arguments for the model's from_pretrained, e.g. attn_implementation=eager or "
+                          "quantization_config={\"load_in_4bit\":true} (K=V pairs or one JSON object).")(f)
     f = click.option("--model", "model_name", default=None,
                      help="hub id or local directory (default: the embedded testbed model).")(f)
     return f
+
+
+def _kwargs(text: str | None, option: str) -> dict[str, Any]:
+    """``--model-args`` / ``--processor-args``: a JSON object or ``k=v,k=v`` (values read as in method specs)."""
+    from ..interventions import parse_value
+    from ..interventions.registry import split_specs
+
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{option} {text!r} is not a JSON object ({e.msg}); write k=v,k=v or {{\"k\": v}}") from None
+        if not isinstance(value, dict):
+            raise InputError(f"{option} {text!r} is not a JSON object; write k=v,k=v or {{\"k\": v}}")
+        return value
+    out = {}
+    for item in split_specs(text):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise InputError(f"{option}: {item!r} is not key=value; write e.g. {option} attn_implementation=eager")
+        out[key.strip()] = parse_value(value)
+    return out
 
 
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -206,19 +236,35 @@ def _is_testbed(model_name: str | None) -> bool:
     return model_name in (None, DEFAULT_MODEL)
 
 
-def _load(model_name: str | None, dtype: str, device: str | None, device_map: str | None, revision: str | None,
-          trust_remote_code: bool):
+MODEL_PARAMS = ("model_name", "dtype", "device", "device_map", "revision", "trust_remote_code", "model_args",
+                "processor_args")
+
+
+def _model_params(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the model options out of a command's arguments and check them (before any weight is loaded)."""
+    opts = {k: kwargs.pop(k) for k in MODEL_PARAMS}
+    _check_device(opts["device"])
+    opts["model_args"] = _kwargs(opts["model_args"], "--model-args")
+    opts["processor_args"] = _kwargs(opts["processor_args"], "--processor-args")
+    return opts
+
+
+def _load(opts: dict[str, Any]):
+    """The model of ``opts`` (from :func:`_model_params`); the testbed when no or ``testbed`` model is named."""
     import os
 
     from .. import model as model_mod
 
-    if device is None and device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    device = opts["device"]
+    if device is None and opts["device_map"] is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
         from accelerate import PartialState  # under `accelerate launch` / torchrun: one device per process
 
         device = str(PartialState(cpu=not torch.cuda.is_available()).device)
-    return model_mod.load(model_name, dtype=dtype, device=device, device_map=device_map, revision=revision,
-                          trust_remote_code=trust_remote_code)
+    name = None if _is_testbed(opts["model_name"]) else opts["model_name"]
+    return model_mod.load(name, dtype=opts["dtype"], device=device, device_map=opts["device_map"],
+                          revision=opts["revision"], trust_remote_code=opts["trust_remote_code"],
+                          processor_kwargs=opts["processor_args"], **opts["model_args"])
 
 
 def _check_prompt(prompt: str | None) -> str:
@@ -228,18 +274,20 @@ def _check_prompt(prompt: str | None) -> str:
     return prompt if prompt is not None else DEFAULT_PROMPT
 
 
-def _default_image(model_name: str | None, image: str | None) -> Any:
-    """The image to use: the file given (loaded and checked now), or on the testbed a synthetic scene."""
+def _default_image(model_name: str | None, image: str | None) -> tuple[Any, list[str] | None]:
+    """The image to use and, for the testbed's own scene, the objects in it: the file given (loaded and
+    checked now; objects unknown), or on the testbed a synthetic scene the benchmark does not use."""
     from ..images import load_image
 
     if image is not None:
-        return load_image(image)
+        return load_image(image), None
     if not _is_testbed(model_name):
         raise InputError("--image is required with --model; pass an image file")
     from ..testbed.world import World
 
     world = World()  # a validation-stream scene the benchmark does not use (stream 999)
-    return world.render(world.scene("val", 0, stream=999, min_categories=3))
+    scene = world.scene("val", 0, stream=999, min_categories=3)
+    return world.render(scene), sorted(set(scene.categories))
 
 
 def _read_jsonl(path: str) -> list[dict[str, str]]:
@@ -298,10 +346,31 @@ def list_cmd() -> None:
         click.echo(f"  {name:8s} {doc}")
 
 
+def _generation_options(f: Any) -> Any:
+    """Decoding flags shared by run and eval (eval: None keeps the bench preset's setting)."""
+    f = click.option("--repetition-penalty", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="generate()'s repetition_penalty (default: none).")(f)
+    f = click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True),
+                     help="nucleus sampling mass, with --do-sample.")(f)
+    f = click.option("--temperature", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="sampling temperature, with --do-sample.")(f)
+    return f
+
+
+def _generation_kwargs(do_sample: bool | None, temperature: float | None, top_p: float | None,
+                       repetition_penalty: float | None) -> dict[str, Any]:
+    """The generate() arguments the decoding flags set (unset flags are left out)."""
+    if (temperature is not None or top_p is not None) and do_sample is False:
+        raise InputError("--temperature and --top-p apply to sampling; add --do-sample")
+    out = {"temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 @cli.command("run", epilog=EXAMPLES)
 @_model_options
 @click.option("--image", default=None, help="image file (default on the testbed: a synthetic scene).")
-@click.option("--prompt", default=None, help='user prompt (default: "Please describe this image in detail.").')
+@click.option("--prompt", default=None, help=f'user prompt (default: "{DEFAULT_PROMPT}").')
+@click.option("--system-prompt", default=None, help="a system message before the user turn (default: none).")
 @click.option("--jsonl", default=None, help='rows {"image": path, "prompt": text} to run batched.')
 @click.option("--method", default="none", show_default=True,
               help="a method spec: a method, several joined by + (vhr+var), parameters inline (vhr:alpha=1.5), or none.")
@@ -310,37 +379,45 @@ def list_cmd() -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--do-sample", is_flag=True, help="sample instead of greedy decoding.")
+@_generation_options
 @click.option("--num-beams", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None,
-              help=f"folder for answers.jsonl (written batch by batch) and method artifacts "
+              help=f"folder for answers.jsonl and reports.jsonl (written batch by batch) and method artifacts "
                    f"(with --compare and no --out, artifacts go to ./{ARTIFACT_DIR}).")
-def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, jsonl, method, sets,
-            compare, batch_size, max_new_tokens, do_sample, num_beams, seed, out, **kwargs) -> None:
+def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_size, max_new_tokens, do_sample,
+            temperature, top_p, repetition_penalty, num_beams, seed, out, **kwargs) -> None:
     """Generate answers with a method applied (optionally beside the baseline)."""
     from ..interventions import build_methods
 
     # Every input is checked before any weight is loaded or any file written.
+    model_opts = _model_params(kwargs)
     flat = _split_method_params(kwargs)
     method_args = {"params": _parse_sets(sets), **flat}
     methods = build_methods(method, **method_args)
     if jsonl and (image or prompt is not None):
         raise InputError("--jsonl takes its images and prompts from the file; drop --image and --prompt")
-    _check_device(device)
+    if system_prompt is not None and not system_prompt.strip():
+        raise InputError("--system-prompt is empty; give the system message or leave the flag out")
+    extra = _generation_kwargs(do_sample, temperature, top_p, repetition_penalty)
+    truth: list[str] | None = None  # the objects of the testbed's default scene, to mark hallucinations
     if jsonl:
         items = [(r["image"], r["prompt"]) for r in _read_jsonl(jsonl)]
     else:
-        items = [(_default_image(model_name, image), _check_prompt(prompt))]
-    out_dir = _out_dir(out, "--out", ("answers.jsonl",)) if out else None
+        img, truth = _default_image(model_opts["model_name"], image)
+        items = [(img, _check_prompt(prompt))]
+    out_dir = _out_dir(out, "--out", ("answers.jsonl", "reports.jsonl")) if out else None
 
     from tqdm import tqdm
 
     from ..api import generate
     from ..images import load_image
 
-    lvlm = _load(None if _is_testbed(model_name) else model_name, dtype, device, device_map, revision,
-                 trust_remote_code)
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, seed=seed)
+    lvlm = _load(model_opts)
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, seed=seed,
+               generate_kwargs=extra or None, system_prompt=system_prompt)
+    if truth is not None:
+        click.echo(f"scene (the testbed knows what it drew): {', '.join(truth)}")
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     done = 0
     for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1, file=sys.stderr):
@@ -355,35 +432,56 @@ def run_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, 
             if base is not None:
                 row["baseline"] = base.texts[i]
             rows.append(row)
-            click.echo(f"[baseline] {row['baseline']}\n[{method}] {row['answer']}" if base is not None else row["answer"])
+            answers = ([("baseline", row["baseline"])] if base is not None else []) + [(method, row["answer"])]
+            for label, text in answers:
+                shown = text if truth is None else _mark_absent(text, truth)
+                click.echo(f"[{label}] {shown}" if len(answers) > 1 or truth is not None else shown)
+        if truth is not None:
+            click.echo("  *word*: an object the answer names that is not in the scene")
         if out_dir is not None:  # appended as produced: an interrupted run keeps every finished batch
             with open(out_dir / "answers.jsonl", "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            with open(out_dir / "reports.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"rows": [done, done + len(batch)], "report": res.report}, default=str) + "\n")
         if compare:
-            _print_touched(res.report)
+            _print_touched(methods, res.report, out_dir)
         if res.artifacts and (out_dir is not None or compare):  # e.g. CARVE's masks, beside the answers
             _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=done)
         done += len(batch)
     if out_dir is not None:
-        click.echo(f"wrote {out_dir / 'answers.jsonl'}", err=True)
+        click.echo(f"wrote {out_dir / 'answers.jsonl'} and {out_dir / 'reports.jsonl'}", err=True)
 
 
-def _print_touched(report: dict[str, Any]) -> None:
-    for name, rep in report.items():
-        summary = json.dumps(rep, default=str)
-        click.echo(f"[{name} touched] {summary[:600]}{'...' if len(summary) > 600 else ''}", err=True)
+def _mark_absent(text: str, truth: list[str]) -> str:
+    """``text`` with every object it names that is not in ``truth`` marked ``*like this*`` (CHAIR's extractor)."""
+    from ..evals.chair import make_extractor
+
+    extract = make_extractor("lvlm-fix")
+    absent = {m.word for m in extract(text) if m.node not in truth}
+    for word in sorted(absent, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w*])({re.escape(word)}s?)(?![\w*])", r"*\1*", text)
+    return text
+
+
+def _print_touched(methods: list[Any], report: dict[str, Any], out_dir: Path | None) -> None:
+    """One short line per method of what it touched; the full report goes to --out (reports.jsonl)."""
+    for m in methods:
+        if m.name in report:
+            click.echo(f"[{m.name} touched] {m.summarize(report[m.name])}", err=True)
+    if out_dir is None:
+        click.echo("(the full report of each method: pass --out DIR, it goes to DIR/reports.jsonl)", err=True)
 
 
 def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> None:
     """Save PIL images found in method artifacts (e.g. CARVE's masks) as PNGs."""
     from PIL import Image
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for method, art in artifacts.items():
         for key, value in (art or {}).items():
             if isinstance(value, list):
                 for i, im in enumerate(value):
                     if isinstance(im, Image.Image):
+                        out_dir.mkdir(parents=True, exist_ok=True)  # only when there is an image to save
                         path = out_dir / f"{method}_{key}_{start + i}.png"
                         im.save(path)
                         click.echo(f"saved {path}", err=True)
@@ -394,16 +492,15 @@ def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> Non
 @click.option("--image", default=None, help="image file (default on the testbed: a synthetic scene).")
 @click.option("--prompt", default=None, help="user prompt.")
 @click.option("--out", required=True, help="folder for stats.json and the PNG figures.")
-def heads_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, image, prompt, out) -> None:
+def heads_cmd(image, prompt, out, **kwargs) -> None:
     """Head diagnostics: VHD per layer x head, visual sinks, attention entropy, image mass."""
-    _check_device(device)
-    img, text = _default_image(model_name, image), _check_prompt(prompt)
+    model_opts = _model_params(kwargs)
+    (img, _), text = _default_image(model_opts["model_name"], image), _check_prompt(prompt)
     out_dir = _out_dir(out, "--out", ("stats.json",))
 
     from ..diagnostics import head_statistics, write_outputs
 
-    lvlm = _load(None if _is_testbed(model_name) else model_name, dtype, device, device_map, revision,
-                 trust_remote_code)
+    lvlm = _load(model_opts)
     report = head_statistics(lvlm, img, text)
     for path in write_outputs(report, out_dir):
         click.echo(f"wrote {path}")
@@ -483,6 +580,9 @@ def _system_prompt(value: str | None) -> str | None:
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--max-new-tokens", default=None, type=int,
               help="default: the bench's (POPE: the preset's; CHAIR 512; AMBER 512 generative, 32 yes/no).")
+@click.option("--do-sample/--greedy", default=None, help="sample or decode greedily (default: the preset's).")
+@_generation_options
+@click.option("--num-beams", default=None, type=click.IntRange(min=1), help="beam search (default: the preset's).")
 @click.option("--prompt-template", default=None,
               help="user-turn template with {question} (default: the bench's; POPE: the preset's).")
 @click.option("--system-prompt", default=None,
@@ -491,15 +591,18 @@ def _system_prompt(value: str | None) -> str | None:
 @click.option("--seed", default=None, type=int, help="CHAIR image sampling and generation seed (default 0; vcd 55).")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
 @click.option("--out", default="results", show_default=True, help="run folder (resumable).")
-def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, bench, split, methods, method_alias,
-             sets, limit, batch_size, max_new_tokens, prompt_template, system_prompt, seed, n_boot, out,
+def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_new_tokens, do_sample, temperature,
+             top_p, repetition_penalty, num_beams, prompt_template, system_prompt, seed, n_boot, out,
              **kwargs) -> None:
     """POPE / CHAIR / AMBER: baseline and methods on the same samples, with CIs and paired tests."""
     from ..evals.runner import prepare_eval
     from ..interventions import build_methods
     from ..interventions.registry import split_specs
 
+    model_opts = _model_params(kwargs)
     flat, overrides = _split_method_params(kwargs), _parse_sets(sets)
+    decoding = _generation_kwargs(do_sample, temperature, top_p, repetition_penalty)
+    decoding.update({k: v for k, v in (("do_sample", do_sample), ("num_beams", num_beams)) if v is not None})
     options = _bench_flags(kwargs)
     if method_alias is not None and methods != "none":
         raise ConfigError("give the methods once: --methods (comma-separated) or --method, not both")
@@ -511,14 +614,12 @@ def eval_cmd(model_name, dtype, device, device_map, revision, trust_remote_code,
     per_method = {m: _params_for(m, flat, overrides) for m in names}
     for m in names:
         build_methods(m, **per_method[m])  # every value checked before any weight is loaded
-    _check_device(device)
     job = prepare_eval(bench, split, names, limit=limit, batch_size=batch_size, out_dir=out,
-                       max_new_tokens=max_new_tokens, prompt_template=prompt_template,
+                       max_new_tokens=max_new_tokens, generation=decoding, prompt_template=prompt_template,
                        system_prompt=_system_prompt(system_prompt), seed=seed, method_params=per_method,
-                       n_boot=n_boot, **options)
+                       n_boot=n_boot, command=_invocation, **options)
     with job.lock():  # before the model loads: a second run into --out is refused at once
-        lvlm = _load(None if _is_testbed(model_name) else model_name, dtype, device, device_map, revision,
-                     trust_remote_code)
+        lvlm = _load(model_opts)
         summary = job.run(lvlm)
     if summary:
         click.echo((Path(out) / "results.md").read_text())
@@ -550,6 +651,16 @@ def score_cmd(bench, input_file, split, name, id_key, text_key, label_key, n_boo
         click.echo(f"wrote {Path(out) / 'summary.json'}")
 
 
+@cli.command("report")
+@click.argument("results_dir")
+def report_cmd(results_dir) -> None:
+    """Figures of a results folder (metrics with CIs, trade-offs, cost), linked from its results.md."""
+    from ..report import write_report
+
+    for path in write_report(results_dir):
+        click.echo(f"wrote {path}")
+
+
 @cli.command("calibrate")
 @_model_options
 @_data_options
@@ -558,17 +669,18 @@ def score_cmd(bench, input_file, split, name, id_key, text_key, label_key, n_boo
 @click.option("--split", default="random", show_default=True, help="POPE split used as the calibration set.")
 @click.option("--limit", default=100, show_default=True, type=int, help="calibration samples.")
 @click.option("--out", required=True, help="head-list JSON file to write (pass it as --heads-file).")
-def calibrate_cmd(model_name, dtype, device, device_map, revision, trust_remote_code, pope_questions, image_dir,
-                  hf_dataset, coco_annotations, method, bench, split, limit, out) -> None:
+def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, out,
+                  **kwargs) -> None:
     """ACT's per-head search on a calibration split; writes the head-list file."""
     from ..evals.bench import make_bench
     from ..interventions.act import calibrate_act, write_head_file
 
+    model_opts = _model_params(kwargs)
     if limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number")
     pope = make_bench(bench, split, pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
     samples, dataset = pope.load(limit, seed=0)
-    lvlm = _load(model_name, dtype, device, device_map, revision, trust_remote_code)
+    lvlm = _load(model_opts)
     result = calibrate_act(lvlm, [s.data for s in samples], limit=limit)
     result.setdefault("calibration", {})["dataset"] = dataset
     write_head_file(result, out)
@@ -619,9 +731,15 @@ def _one_line_warning(message: Any, category: type[Warning], *args: Any, **kwarg
         _show_warning(message, category, *args, **kwargs)
 
 
+_invocation: str | None = None  # this command line, for the results' provenance
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
-    global _METHOD_FLAGS_ADDED
+    import shlex
+
+    global _METHOD_FLAGS_ADDED, _invocation
+    _invocation = shlex.join(["lvlm-fix", *(sys.argv[1:] if argv is None else argv)])
     try:
         if not _METHOD_FLAGS_ADDED:  # once per process: tests call main() many times
             method_options(run_cmd)  # reads the method configs and the eval registry; imports no torch

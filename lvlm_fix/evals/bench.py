@@ -106,6 +106,7 @@ class Bench:
         options: the bench's own settings (data sources, modes, parsers).
         record_keys: keys every stored record must have (others are redone on resume).
         id_keys / text_keys: candidate keys of a file of existing outputs (``lvlm-fix score``).
+        frontiers: (x, y) metric pairs whose trade-off across settings ``lvlm-fix report`` plots.
     """
 
     name: ClassVar[str] = ""
@@ -116,6 +117,8 @@ class Bench:
     record_keys: ClassVar[tuple[str, ...]] = ("id",)
     id_keys: ClassVar[tuple[str, ...]] = ("id",)
     text_keys: ClassVar[tuple[str, ...]] = ("text",)
+    # Pairs of metrics (x, y) whose trade-off across settings `lvlm-fix report` plots, e.g. recall vs CHAIR_I.
+    frontiers: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     scoring = False
     """True when the bench scores answers generated elsewhere (``lvlm-fix score``)."""

@@ -55,26 +55,54 @@ def list_benches() -> dict[str, str]:
 class MethodSeam:
     """Validates and describes the method settings, and generates with one of them.
 
-    Methods are opaque here: a list of names (``"none"`` is the vanilla model) and, per name, its
-    parameters. ``build_methods`` and ``api.generate`` are the whole interface.
+    A setting is a method spec (``"none"``, ``"vhr"``, ``"vhr:alpha=1.5+var"``) plus parameters
+    from flags (``params``); it is named by its canonical spec, which is also its results folder
+    (``:`` written as ``,``) and its table row. Two settings that resolve to the same methods and
+    parameters are refused. ``build_methods`` and ``api.generate`` are the whole interface.
     """
 
     def __init__(self, methods: Sequence[str], params: dict[str, dict[str, Any]]) -> None:
+        from ..interventions import build_methods, format_spec, parse_spec
+
+        self.names = [format_spec(parse_spec(m)) for m in methods]
+        self.params = {name: params.get(m, {}) for name, m in zip(self.names, methods)}
+        built = {name: build_methods(name, **self.params[name]) for name in self.names}
+        self.configs = {name: [x.describe() for x in ms] for name, ms in built.items()}
+        seen: dict[str, str] = {}
+        for name in self.names:
+            key = json.dumps(self.configs[name], sort_keys=True, default=str)
+            if key in seen and seen[key] != name:
+                raise ConfigError(f"settings {seen[key]!r} and {name!r} are the same methods with the same parameters; "
+                                  "list each setting once")
+            seen[key] = name
+
+    def resolved(self, lvlm: Any) -> dict[str, list[dict[str, Any]]]:
+        """Each setting's methods described on ``lvlm``: config plus the layers they use there."""
         from ..interventions import build_methods
 
-        self.params = params
-        self.configs = {m: [x.describe() for x in build_methods(None if m == BASELINE else m, **params.get(m, {}))]
-                        for m in methods}
+        return {name: [x.describe(lvlm) for x in build_methods(name, **self.params[name])] for name in self.names}
 
     def generate(self, lvlm: Any, images: list[Any], prompts: list[str], method: str, generation: dict[str, Any],
-                 seed: int, system_prompt: str | None) -> list[str]:
+                 seed: int, system_prompt: str | None) -> Any:
+        """The :class:`~lvlm_fix.interventions.Generation` of one batch (texts, generated tokens)."""
         from ..api import generate
 
         known = {k: generation[k] for k in ("max_new_tokens", "do_sample", "num_beams") if k in generation}
         extra = {k: v for k, v in generation.items() if k not in known}
         return generate(lvlm, images, prompts, None if method == BASELINE else method, seed=seed,
-                        system_prompt=system_prompt, generate_kwargs=extra or None, **known,
-                        **self.params.get(method, {})).texts
+                        system_prompt=system_prompt, generate_kwargs=extra or None, **known, **self.params[method])
+
+
+    def warm_up(self, lvlm: Any, image: Any, prompt: str, system_prompt: str | None) -> None:
+        """A two-token vanilla generation, untimed, so the first setting's cost has no first-call overheads."""
+        from ..api import generate
+
+        generate(lvlm, [image], [prompt], None, max_new_tokens=2, system_prompt=system_prompt)
+
+
+def setting_folder(root: Path, name: str) -> Path:
+    """The results folder of setting ``name`` (its spec with ``:`` as ``,`` and no quotes)."""
+    return root / name.replace(":", ",").replace('"', "")
 
 
 # -- provenance helpers -----------------------------------------------------------------------------
@@ -86,6 +114,29 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def _checkout_commit() -> str | None:
+    """The git commit of the lvlm-fix checkout this runs from (``+dirty`` with local changes), else None."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def _command_line() -> str:
+    """How this process was started (the Python API's caller, a script, or ``lvlm-fix``)."""
+    import shlex
+    import sys
+
+    return shlex.join(sys.argv)
 
 
 def _main_process() -> bool:
@@ -129,6 +180,7 @@ class EvalJob:
     n_boot: int
     seed: int
     progress: bool
+    command: str | None = None  # the CLI command line, recorded in the provenance
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold the run folder for this process (see :func:`lvlm_fix.evals.store.run_lock`)."""
@@ -139,6 +191,9 @@ class EvalJob:
         from accelerate import PartialState
         from tqdm import tqdm
 
+        from .cost import CostMeter
+
+        started, started_clock = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
         b = self.bench
         first = {sp: next(s for s in self.samples if s.split == sp) for sp in self.prompting}
         run = {
@@ -162,8 +217,11 @@ class EvalJob:
 
         ids = [s.id for s in self.samples]
         answers: dict[str, dict[str, dict[str, Any]]] = {}
+        costs: dict[str, dict[str, Any]] = {}
+        self._warm_up(lvlm, root)
         for method in self.methods:
-            mdir = root / method if root is not None else None
+            mdir = setting_folder(root, method) if root is not None else None
+            meter = CostMeter(lvlm.model)
             done: dict[str, dict[str, Any]] = {}
             store_path = None
             if mdir is not None:
@@ -178,21 +236,25 @@ class EvalJob:
                         done.setdefault(k, v)
             mine = [s for i, s in enumerate(self.samples) if i % world == rank and s.id not in done]
             bar = tqdm(total=len(mine), desc=f"{b.name} {method}", unit="sample", disable=not self.progress or not mine)
-            for split, p in self.prompting.items():
-                todo = [s for s in mine if s.split == split]
-                gen = dict(p.generation)
-                stops = gen.pop("stop", [])
-                for start in range(0, len(todo), self.batch_size):
-                    batch = todo[start : start + self.batch_size]
-                    texts = self.seam.generate(lvlm, [s.load_image() for s in batch],
-                                               [p.template.format(question=s.question) for s in batch], method, gen,
-                                               p.seed, p.system_prompt)
-                    recs = [b.record(s, _cut(t, stops)) for s, t in zip(batch, texts)]
-                    done.update((r["id"], r) for r in recs)
-                    if store_path is not None:
-                        store.append_records(store_path, recs)
-                    bar.update(len(batch))
+            with meter.setting():
+                for split, p in self.prompting.items():
+                    todo = [s for s in mine if s.split == split]
+                    gen = dict(p.generation)
+                    stops = gen.pop("stop", [])
+                    for start in range(0, len(todo), self.batch_size):
+                        batch = todo[start : start + self.batch_size]
+                        images = [s.load_image() for s in batch]
+                        with meter.batch(len(batch)) as counted:
+                            out = self.seam.generate(lvlm, images, [p.template.format(question=s.question) for s in batch],
+                                                     method, gen, p.seed, p.system_prompt)
+                            counted["generated_tokens"] = sum(out.tokens)
+                        recs = [b.record(s, _cut(t, stops)) for s, t in zip(batch, out.texts)]
+                        done.update((r["id"], r) for r in recs)
+                        if store_path is not None:
+                            store.append_records(store_path, recs)
+                        bar.update(len(batch))
             bar.close()
+            costs[method] = meter.save(mdir if state.is_main_process and world == 1 else None)
             state.wait_for_everyone()
             if mdir is not None and world > 1 and state.is_main_process:
                 done = store.merge_shards(mdir, ids, b.valid)
@@ -200,9 +262,20 @@ class EvalJob:
 
         if not state.is_main_process:
             return {}
-        provenance = {**run, "methods": self.seam.configs, "versions": _versions(), "platform": platform.platform(),
-                      "n_boot": self.n_boot, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        return _finish(b, self.samples, answers, self.methods, root, self.n_boot, self.seed, provenance)
+        provenance = {**run, "methods": self.seam.resolved(lvlm), "versions": _versions(),
+                      "lvlm_fix_commit": _checkout_commit(), "platform": platform.platform(),
+                      "device": str(lvlm.model.device), "batch_size": self.batch_size, "processes": world,
+                      "command": self.command or _command_line(), "n_boot": self.n_boot, "started": started,
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "elapsed_seconds": round(time.perf_counter() - started_clock, 1)}
+        return _finish(b, self.samples, answers, self.methods, root, self.n_boot, self.seed, provenance, costs)
+
+    def _warm_up(self, lvlm: Any, root: Path | None) -> None:
+        """One short untimed generation, so that the first setting's cost carries no first-call overheads."""
+        pending = any(not (setting_folder(root, m) / "samples.jsonl").exists() for m in self.methods) if root else True
+        if pending and self.samples:
+            s, p = self.samples[0], self.prompting[self.samples[0].split]
+            self.seam.warm_up(lvlm, s.load_image(), p.template.format(question=s.question), p.system_prompt)
 
 
 def prepare_eval(
@@ -214,12 +287,14 @@ def prepare_eval(
     batch_size: int = 16,
     out_dir: str | Path | None = None,
     max_new_tokens: int | None = None,
+    generation: dict[str, Any] | None = None,
     prompt_template: str | None = None,
     system_prompt: str | None = None,
     seed: int | None = None,
     method_params: dict[str, dict[str, Any]] | None = None,
     n_boot: int = 1000,
     progress: bool = True,
+    command: str | None = None,
     **options: Any,
 ) -> EvalJob:
     """Validate an evaluation and load its samples (no model, nothing written); see :func:`evaluate`."""
@@ -234,21 +309,25 @@ def prepare_eval(
     if prompt_template is not None:
         check_template(prompt_template)
     b = make_bench(bench, split, **options)
-    seam = MethodSeam(methods, method_params or {})  # validates names and parameters
+    seam = MethodSeam(methods, method_params or {})  # validates names and parameters; names the settings
+    methods = seam.names
     samples, dataset = b.load(limit, 0 if seed is None else seed)
     if not samples:
         raise InputError(f"--bench {bench} found no samples; check the data flags")
     prompting = {}
     for sp in dict.fromkeys(s.split for s in samples):
         p = b.prompting(sp)
-        gen = dict(p.generation)
+        gen = {**p.generation, **(generation or {})}
         if max_new_tokens is not None:
             gen["max_new_tokens"] = max_new_tokens
+        if not gen.get("do_sample"):  # sampling settings of a preset mean nothing when decoding greedily
+            for key in ("temperature", "top_p", "top_k"):
+                gen.pop(key, None)
         prompting[sp] = replace(p, template=prompt_template or p.template, generation=gen,
                                 system_prompt=p.system_prompt if system_prompt is None else (system_prompt or None),
                                 seed=p.seed if seed is None else seed)
     return EvalJob(b, methods, seam, samples, dataset, prompting, Path(out_dir) if out_dir is not None else None,
-                   limit, batch_size, n_boot, 0 if seed is None else seed, progress)
+                   limit, batch_size, n_boot, 0 if seed is None else seed, progress, command)
 
 
 def evaluate(lvlm: Any, bench: str = "pope", split: str | None = None, methods: Sequence[str] = (BASELINE,),
@@ -261,7 +340,8 @@ def evaluate(lvlm: Any, bench: str = "pope", split: str | None = None, methods: 
         split: a split of the bench, ``"all"``, or None for its default (CHAIR takes none).
         methods: method specs, e.g. ``["none", "vhr", "vhr+var"]``.
         **kwargs: ``limit`` (per split; CHAIR: images, default 500), ``batch_size``, ``out_dir``
-            (run folder; None keeps results in memory), ``max_new_tokens``, ``prompt_template``
+            (run folder; None keeps results in memory), ``max_new_tokens``, ``generation`` (other
+            ``generate()`` arguments overriding the preset's, e.g. ``{"num_beams": 5}``), ``prompt_template``
             (with ``{question}``), ``system_prompt`` (``""`` for none), ``seed``, ``method_params``
             (per method spec, its parameters), ``n_boot``, ``progress``, and the bench's own
             options (e.g. ``pope_questions=``, ``image_dir=``, ``prompt_preset=``, ``chair_mode=``).
@@ -340,18 +420,31 @@ def _method_order(root: Path | None, current: list[str]) -> list[str]:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             order += list(json.loads(summary.read_text())["methods"])
     order += current
-    order += sorted(d.name for d in root.iterdir() if (d / "config.json").is_file())
-    return [m for m in dict.fromkeys(order) if root is None or (root / m / "config.json").is_file() or m in current]
+    order += sorted(_config_name(d) for d in root.iterdir() if (d / "config.json").is_file())
+    return [m for m in dict.fromkeys(order) if (setting_folder(root, m) / "config.json").is_file() or m in current]
+
+
+def _config_name(folder: Path) -> str:
+    """The setting name a results folder holds (its config.json's ``method``; the folder name for old runs)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads((folder / "config.json").read_text())["method"])
+    return folder.name
 
 
 def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[str, Any]]], current: list[str],
-            root: Path | None, n_boot: int, seed: int, provenance: dict[str, Any]) -> dict[str, Any]:
+            root: Path | None, n_boot: int, seed: int, provenance: dict[str, Any],
+            costs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Summarise every complete method (this command's and those already in the folder), write
     ``summary.json`` and ``results.md``, return the summary."""
+    from . import cost
+
     order = _method_order(root, current)
+    costs = dict(costs or {})
     for m in order:
         if m not in answers and root is not None:
-            answers[m] = store.read_records(root / m / "samples.jsonl", b.valid)
+            answers[m] = store.read_records(setting_folder(root, m) / "samples.jsonl", b.valid)
+        if m not in costs and root is not None:
+            costs[m] = cost.load(setting_folder(root, m))
     ids = [s.id for s in samples]
     complete = [m for m in order if all(i in answers[m] for i in ids)]
     incomplete = {m: f"{sum(i in answers[m] for i in ids)}/{len(ids)}" for m in order if m not in complete}
@@ -377,6 +470,7 @@ def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[s
         summary["methods"][m] = {"splits": rows, **b.overall(rows)}
     if incomplete:
         summary["incomplete"] = incomplete
+    summary["cost"] = cost.summarise({m: costs[m] for m in complete if costs.get(m)}, baseline)
     summary["provenance"] = provenance
     if root is not None:
         store.write_json(root / "summary.json", summary)
@@ -397,4 +491,7 @@ def comparison_table(b: Bench, summary: dict[str, Any]) -> str:
         lines.append(f"\n`{m}` is not in the table: it has {have} samples; rerun with --methods {m} to finish it.")
     lines += ["", f"Values in %; p: two-sided paired bootstrap vs the baseline (`{summary['baseline']}`) on the same "
                   "samples."]
+    from .cost import table as cost_table
+
+    lines += cost_table(summary.get("cost", {}), summary["baseline"])
     return "\n".join(lines) + "\n"

@@ -7,12 +7,18 @@
 * ``plan``: :class:`Plan`, the participants of one call and the per-row token bookkeeping
   (image-token positions, padding, step) that every callback receives as :class:`AttnContext`;
 * ``sidepass``: :class:`SidePass`, a second forward run in lock step with the one in progress
-  (VHR's text-only stream, the statistics pass), on a thread that strictly alternates with the caller.
+  (VHR's text-only stream, the statistics pass), on a thread that strictly alternates with the caller,
+  with bounded waits; where no second thread can run (offloaded weights), a batched fallback;
+* ``contrast``: :class:`~lvlm_fix.hooks.contrast.ContrastStream`, the same rows with another input
+  decoded beside ``generate()`` with their own cache and combined at the logits (contrastive decoding).
 
 This layer never names a method: methods (``lvlm_fix.interventions``) and diagnostics build on it.
 
-Lifetimes: a Plan's hooks exist only inside ``with plan.active():``; per-row state exists only
-from one prefill to the next. After the block, the model has no lvlm-fix hook and no plan.
+Lifetimes: a Plan's hooks (and a contrast stream's attribute patches) exist only inside
+``with plan.active():``, and only on its own model (the plan sits on that model's attention
+modules); per-row state exists only from one prefill to the next. After the block, the model has
+no lvlm-fix hook, patch, attribute or plan. Forwards a participant runs for itself beside the real
+one go through :func:`~lvlm_fix.hooks.plan.outside_plan`.
 """
 
 from .attention import ATTN_NAME, register

@@ -1,8 +1,9 @@
 """The one attention function lvlm-fix registers with transformers' ``AttentionInterface``.
 
 Only the text decoder is switched to it (``set_attn_implementation`` with a per-sub-config
-dict), so the vision tower keeps its own attention. What it does depends on the active
-:class:`~lvlm_fix.hooks.plan.Plan` (a ``ContextVar``):
+dict), so the vision tower keeps its own attention. What it does depends on the plan active on
+*the module's own model* (:class:`PlanSeat`, found through the module, so a plan never acts on
+another model that shares this function):
 
 * no plan, or a layer the plan neither edits nor reads: the stock sdpa function, untouched;
 * a layer the plan *reads* (``observed_layers``): sdpa for the output, plus the fp32 attention
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -35,9 +37,60 @@ if TYPE_CHECKING:
     from .plan import AttnContext, Plan
 
 ATTN_NAME = "lvlm_fix"
+# Attention arguments that change the math and that the eager path does not apply (attention sinks,
+# logit soft-capping, additive position bias): a layer that receives one cannot be edited exactly.
+_NOT_IN_EAGER = ("s_aux", "sinks", "softcap", "position_bias")
+SEAT_ATTR = "_lvlm_fix_seat"  # instance attribute of a text-decoder attention module: (PlanSeat, layer index)
 
-# The plan of the generate() call in progress; set and reset only by Plan.active().
-ACTIVE_PLAN: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
+
+class PlanSeat:
+    """Where the active plan of one model is found, by that model's attention modules and hooks.
+
+    ``current`` is a ``ContextVar``: each thread sees its own value, so VHR's text-only stream can
+    run its own plan on the same model from its side thread while the caller's plan waits. The
+    seat is installed on the text decoder's attention modules (``SEAT_ATTR``, with the module's
+    layer index) when the first plan of the model becomes active, and removed when the last one
+    leaves: a model with no active plan carries no lvlm-fix attribute, and the attention
+    function's no-plan path is one dictionary look-up.
+    """
+
+    def __init__(self, model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
+        self.model = model
+        self.modules = attention_modules
+        self.current: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
+        self.users = 0
+
+
+_SEATS_LOCK = threading.Lock()  # plans may enter and leave from several threads (side streams, user threads)
+
+
+def acquire_seat(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> PlanSeat:
+    """The model's seat, installed on its attention modules if no plan of the model is active yet."""
+    with _SEATS_LOCK:
+        seat = model.__dict__.get(SEAT_ATTR)
+        if seat is None:
+            seat = PlanSeat(model, attention_modules)
+            for i, m in enumerate(attention_modules):
+                m.__dict__[SEAT_ATTR] = (seat, i)  # __dict__: plain attribute, not a registered submodule
+            model.__dict__[SEAT_ATTR] = seat
+        seat.users += 1
+        return seat
+
+
+def release_seat(seat: PlanSeat) -> None:
+    """Undo one :func:`acquire_seat`; the last one removes the seat from the model."""
+    with _SEATS_LOCK:
+        seat.users -= 1
+        if seat.users == 0:
+            for m in seat.modules:
+                m.__dict__.pop(SEAT_ATTR, None)
+            seat.model.__dict__.pop(SEAT_ATTR, None)
+
+
+def active_plan(model: torch.nn.Module) -> Plan | None:
+    """The plan active on ``model`` in this thread, or None."""
+    seat = model.__dict__.get(SEAT_ATTR)
+    return seat.current.get() if seat is not None else None
 
 
 # The fp32 block an edited layer may hold per query chunk ([b, h, chunk, k] scores or probabilities;
@@ -112,6 +165,18 @@ def additive_mask(
     return mask.float().clamp(min=neg)
 
 
+def key_padding(attention_mask: Tensor, length: int) -> Tensor:
+    """``[b, length]`` True where a key is not padding.
+
+    From the usual 2D mask, or from a 4D one (generate() builds one for static caches): its last
+    query row, which every earlier key of the row is visible to unless it is padding.
+    """
+    if attention_mask.dim() == 2:
+        return attention_mask[:, :length].bool()
+    row = attention_mask[:, 0, -1, :length]
+    return row if row.dtype == torch.bool else row == 0
+
+
 def _attention_probs(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
     """fp32 softmax(q k^T * scaling + mask); query ``[b, h, q, d]``, key ``[b, h, k, d]``."""
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [b, h, q, k]
@@ -131,13 +196,17 @@ def lvlm_fix_attention(
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
     """Drop-in attention: ``query [b, h, q, d]``, ``key/value [b, h_kv, k, d]`` (after RoPE and cache)."""
-    plan = ACTIVE_PLAN.get()
-    layer = getattr(module, "layer_idx", None)
-    if plan is None or layer is None or not plan.touches(layer):
+    seat = module.__dict__.get(SEAT_ATTR)  # None unless a plan of this module's model is active
+    plan = seat[0].current.get() if seat is not None else None
+    if plan is None or not plan.touches(layer := seat[1]):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
 
+    extra = [k for k in _NOT_IN_EAGER if kwargs.get(k) is not None]
+    if extra:  # sdpa would take these; the eager math below would silently drop them
+        raise LvlmFixError(f"the attention of layer {layer} passes {extra[0]!r}, which lvlm-fix's eager path does not "
+                           "implement; this model cannot be edited at that layer")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, k_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)

@@ -3,12 +3,20 @@
 Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
 
 * enter: every hook target is resolved, then the hooks are registered (one :class:`HookSet`)
-  and the plan is published in ``ACTIVE_PLAN`` for the attention function;
+  and the plan takes its model's seat (:class:`~lvlm_fix.hooks.attention.PlanSeat`), where the
+  attention function of that model's layers, and nobody else, finds it;
 * during: a pre-hook on the top-level model sees every forward. A forward on an empty cache
   starts a new sequence: image-token positions are read from ``input_ids`` (per row, so left
   padding and variable image-token counts are handled) and every participant's per-row state
   is reset through ``begin``; later forwards (decode steps) extend the token bookkeeping;
-* exit (normally or by exception): hooks removed, ``ACTIVE_PLAN`` reset. Nothing stays patched.
+* exit (normally or by exception): hooks removed, the seat given back. Nothing stays patched.
+
+A plan acts on its own model only: a forward of another model while it is active runs untouched,
+and two models can each have a plan active at once. Two plans on one model nest only as a
+participant's own forward on a side thread (``active(inner=True)``, VHR's text-only stream).
+
+A forward that a participant runs for itself beside the real one (a contrast stream's rows) runs
+inside :func:`outside_plan`, so that no participant edits or counts it.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import LvlmFixError
-from .attention import ACTIVE_PLAN, ATTN_NAME
+from .attention import ATTN_NAME, SEAT_ATTR, PlanSeat, acquire_seat, key_padding, release_seat
 from .capture import HookSet
 
 if TYPE_CHECKING:
@@ -129,8 +137,19 @@ class Participant:
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
 
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        """Declare hooks of its own on ``hooks`` (e.g. a forward hook on the model); called on entering the plan."""
+
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
+
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        """Add hooks of its own (e.g. on the vision tower) to the plan's :class:`HookSet`.
+
+        Called when the plan is entered, before any hook is registered; the hooks are registered
+        and removed with the plan's own. A hook runs for any forward of its module, so it should
+        act only while ``plan.is_current()``.
+        """
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         """Runs before the prefill forward with the model's inputs (e.g. VHR prepares its text-only stream)."""
@@ -224,7 +243,13 @@ class Plan:
         # Bytes of one [b, h, chunk, k] fp32 block at an edited layer (None: $LVLM_FIX_ATTN_BLOCK_MB or
         # the device's default, see hooks.attention.block_bytes).
         self.block_bytes: int | None = None
+        self._seat: PlanSeat | None = None  # the model's seat while this plan is active
         self._ctx_cache: dict[tuple, dict[str, Any]] = {}  # this forward's context fields, by (k_len, device)
+
+    def is_current(self) -> bool:
+        """Whether the forward in progress (in this thread) belongs to this plan, not to another
+        plan of the model (VHR's text-only stream) nor to a forward run outside any plan."""
+        return self._seat is not None and self._seat.current.get() is self
 
     # -- queried by the attention function --------------------------------------------------
     def touches(self, layer: int) -> bool:
@@ -295,7 +320,7 @@ class Plan:
         return self.tokens
 
     def _on_model_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if ACTIVE_PLAN.get() is not self:  # another plan's forward (e.g. VHR's text-only stream)
+        if not self.is_current():  # another plan's forward (e.g. VHR's text-only stream)
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -308,8 +333,8 @@ class Plan:
         if past == 0:
             for p in self.participants:
                 p.before_prefill(self.lvlm, {**kwargs, "input_ids": input_ids})
-            image_mask = input_ids == self.lvlm.image_token_id
-            valid = mask2d.bool() if mask2d is not None else torch.ones_like(image_mask)
+            image_mask = self.lvlm.image_token_mask(input_ids)
+            valid = key_padding(mask2d, q_len) if mask2d is not None else torch.ones_like(image_mask)
             self.tokens = TokenState(image_mask=image_mask, valid=valid, prompt_len=q_len, q_len=q_len)
             for p in self.participants:
                 p.begin(self.tokens)
@@ -320,14 +345,14 @@ class Plan:
         grow = past + q_len - t.image_mask.shape[1]
         if grow > 0:
             t.image_mask = torch.cat([t.image_mask, t.image_mask.new_zeros(t.image_mask.shape[0], grow)], dim=1)
-        if mask2d is not None and mask2d.shape[1] >= past + q_len:
-            t.valid = mask2d[:, : past + q_len].bool()
+        if mask2d is not None and mask2d.shape[-1] >= past + q_len:
+            t.valid = key_padding(mask2d, past + q_len)
         elif grow > 0:
             t.valid = torch.cat([t.valid, t.valid.new_ones(t.valid.shape[0], grow)], dim=1)
 
     def _head_hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-            if ACTIVE_PLAN.get() is not self:
+            if not self.is_current():
                 return None
             x = args[0]  # [b, q, h*d], the input of o_proj
             b, q, hd = x.shape
@@ -345,7 +370,7 @@ class Plan:
 
     def _residual_hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if ACTIVE_PLAN.get() is not self:
+            if not self.is_current():
                 return
             hidden = args[0] if args else kwargs["hidden_states"]  # [b, q, hidden]
             ctx = self.context(layer, q_len=hidden.shape[1], device=hidden.device)
@@ -363,25 +388,50 @@ class Plan:
             inner: this plan runs a participant's own forward inside another plan's call (VHR's
                 text-only stream); the outer plan's hooks stay registered but dormant for it.
         """
-        if ACTIVE_PLAN.get() is not None and not inner:
-            raise LvlmFixError("a method is already applied; combine methods in one call, e.g. method='vhr+var'")
         layers = self.lvlm.text_layers
         hooks = HookSet()
         hooks.forward_pre(self.lvlm.model, self._on_model_forward, with_kwargs=True)
         for i in sorted(set().union(*(p.head_output_layers for p in self.participants))):
-            hooks.forward_pre(layers[i].self_attn.o_proj, self._head_hook(i))
+            hooks.forward_pre(self.lvlm.out_proj(i), self._head_hook(i))
         for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
             hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
-        with hooks, self.lvlm.attention_implementation(ATTN_NAME):
-            token = ACTIVE_PLAN.set(self)
-            try:
-                yield self
-            finally:
-                ACTIVE_PLAN.reset(token)
-                self._ctx_cache.clear()
-                for p in self.participants:
-                    p.end()
+        for p in self.participants:
+            p.install(self, hooks)
+        seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules)
+        try:
+            if seat.current.get() is not None and not inner:
+                raise LvlmFixError("a method is already applied to this model; combine methods in one call, "
+                                   "e.g. method='vhr+var'")
+            with hooks, self.lvlm.attention_implementation(ATTN_NAME):
+                self._seat, token = seat, seat.current.set(self)
+                try:
+                    yield self
+                finally:
+                    seat.current.reset(token)
+                    self._ctx_cache.clear()
+                    for p in self.participants:
+                        p.end()
+        finally:
+            release_seat(seat)
 
     def report(self) -> dict[str, Any]:
         """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""
         return {p.name or type(p).__name__.lower(): p.report() for p in self.participants}
+
+
+@contextmanager
+def outside_plan(lvlm: LVLM) -> Iterator[None]:
+    """Run ``lvlm``'s forwards inside the block as if no plan were active: no participant edits, reads or counts them.
+
+    The one place where a participant's own forward (a contrast stream's rows) leaves the plan of
+    the call in progress; the plan's hooks stay registered but are dormant for these forwards.
+    """
+    seat = lvlm.model.__dict__.get(SEAT_ATTR)
+    if seat is None:  # no plan is active on this model: nothing to leave
+        yield
+        return
+    token = seat.current.set(None)  # this thread only; the plan comes back when the block ends
+    try:
+        yield
+    finally:
+        seat.current.reset(token)

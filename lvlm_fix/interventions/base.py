@@ -110,6 +110,18 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ContrastConfig(MethodConfig):
+    """Base of the configs of methods that decode a contrast stream: the field they all share."""
+
+    null_contrast: bool = param(False, (
+        "Give the contrast stream the main rows' own input instead of the method's contrast (noised image, "
+        "disturbed instruction, no image). The stream still runs beside generate() with its own cache; with the "
+        "plausibility cut off the combination then returns the main logits, i.e. vanilla decoding through the "
+        "whole two-stream machinery: a check of the mechanism on a new model. Default False (source: lvlm-fix; not part "
+        "of the method)."))
+
+
 def _checked(name: str, value: Any, typ: Any, meta: Any) -> Any:
     """``value`` converted to the field type ``typ`` (int -> float, list -> tuple), or ConfigError."""
     args = get_args(typ)
@@ -173,6 +185,7 @@ class Generation:
     texts: list[str]
     report: dict[str, Any] = field(default_factory=dict)  # per method name
     artifacts: dict[str, Any] = field(default_factory=dict)  # per method name, e.g. CARVE's refined images
+    tokens: list[int] = field(default_factory=list)  # generated tokens per row, up to and including EOS
 
 
 # What a method that wraps generate() calls to generate: ``inner(images, prompts, gen)`` applies the
@@ -190,9 +203,19 @@ class Intervention(Participant):
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
 
-    def describe(self) -> dict[str, Any]:
-        """The method, its stage and its resolved config (written to every result's provenance)."""
-        return {"method": self.name, "stage": self.stage.name.lower(), "config": self.config.to_dict()}
+    def describe(self, lvlm: LVLM | None = None) -> dict[str, Any]:
+        """The method, its stage and its config (written to every result's provenance); with a model,
+        also what it acts on there (:meth:`layers_on`), e.g. the default layers resolved to its depth."""
+        out = {"method": self.name, "stage": self.stage.name.lower(), "config": self.config.to_dict()}
+        if lvlm is not None:
+            out["on_model"] = self.layers_on(lvlm)
+        return out
+
+    def layers_on(self, lvlm: LVLM) -> dict[str, list[int]]:
+        """The layers this method uses on ``lvlm``, by role (the layer sets ``bind`` declares)."""
+        self.bind(lvlm)
+        roles = ("eager_layers", "observed_layers", "head_output_layers", "residual_layers")
+        return {role: sorted(getattr(self, role)) for role in roles if getattr(self, role)}
 
     def generate(self, lvlm: LVLM, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str],
                  gen: dict[str, Any], inner: Inner, *, system_prompt: str | None = None) -> Generation:
@@ -204,6 +227,15 @@ class Intervention(Participant):
         artifacts) added under its name.
         """
         raise NotImplementedError(f"method {self.name!r} of stage {self.stage.name} must implement generate()")
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        """One short human line of what the method touched (``run --compare``), from its :meth:`report`.
+
+        The default lists the report's short values; methods override it with what matters.
+        """
+        short = [f"{k}={v}" for k, v in report.items()
+                 if isinstance(v, (bool, int, float, str)) or (isinstance(v, (list, tuple)) and len(str(v)) <= 40)]
+        return "; ".join(short)[:300]
 
     @classmethod
     def prompts(cls) -> list[str]:

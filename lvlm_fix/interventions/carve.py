@@ -278,22 +278,6 @@ class ImageAttentionRecorder(Participant):
         return torch.stack([torch.stack(self.maps[layer]) for layer in sorted(self.maps)]).float().cpu()
 
 
-def _generated_lengths(seq: Tensor, prompt_len: int, eos: set[int]) -> Tensor:
-    """Per row, the number of generated tokens up to and including the first EOS."""
-    gen = seq[:, prompt_len:]
-    n = gen.shape[1]
-    is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=gen.dtype, device=gen.device))
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((gen.shape[0],), n, device=gen.device))
-    return first.cpu()
-
-
-def _eos_ids(lvlm: LVLM) -> set[int]:
-    eos = lvlm.model.generation_config.eos_token_id
-    if eos is None:
-        eos = lvlm.tokenizer.eos_token_id
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-
-
 # -- the intervention ----------------------------------------------------------------------------
 @register_method
 class Carve(Intervention):
@@ -312,6 +296,10 @@ class Carve(Intervention):
     def prompts(cls) -> list[str]:
         c = cls.config_cls()
         return [c.instruction + c.suffix]
+
+    def layers_on(self, lvlm: LVLM) -> dict[str, list[int]]:
+        n = lvlm.num_layers
+        return {"read_layers": sorted(resolve_layers(self.config.layers, carve_default_layers(n), n))}
 
     def generate(self, lvlm: LVLM, images: Any, prompts: Any, gen: dict[str, Any], inner: Inner, *,
                  system_prompt: str | None = None) -> Generation:
@@ -386,7 +374,9 @@ class Carve(Intervention):
         if seq is None:
             lengths = torch.ones(2 * n, dtype=torch.long)
         else:
-            lengths = _generated_lengths(seq, prompt_len, _eos_ids(lvlm)).clamp(max=maps.shape[1])
+            from ..api import eos_token_ids, generated_lengths
+
+            lengths = generated_lengths(seq, prompt_len, eos_token_ids(lvlm)).clamp(max=maps.shape[1])
         t_q, t_g = lengths[:n], lengths[n:]
         weights = step_weights(t_q, t_g, maps.shape[1], c.fusion)
         sizes = [im.size for im in rgb]
@@ -411,6 +401,15 @@ class Carve(Intervention):
                else f"greedy generate, up to {c.stat_tokens} tokens, KV cache, 2 rows per sample")
         self._report = {"layers": layers, "statistics_pass": how, "rows": rows}
         return refined, masks, bboxes, saliency
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        rows = report.get("rows", [])
+        if not rows or "kept" not in rows[0]:
+            return report.get("statistics_pass", "")
+        r = rows[0]
+        return (f"kept {100 * r['mask_fraction']:.0f}% of the pixels in {r['kept']} of {r['components']} regions, "
+                f"crop {r['bbox']} magnified to {r['refined_size'][0]}x{r['refined_size'][1]}"
+                + (f" (row 1 of {len(rows)})" if len(rows) > 1 else ""))
 
     def report(self) -> dict[str, Any]:
         c = self.config

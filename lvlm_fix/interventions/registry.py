@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, LvlmFixError, UnknownNameError
+from ..hooks.contrast import ContrastStream
 from ..registry import Registry
 from .base import Intervention, MethodConfig, Stage
 
@@ -253,7 +254,8 @@ def build_methods(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | 
     Raises:
         UnknownNameError: an unknown method.
         ConfigError: a parameter no composed method takes, a flat parameter that two composed
-            methods take (set it per method instead), a parameter set twice, or a bad value.
+            methods take (set it per method instead), a parameter set twice, a bad value, or two
+            composed methods that each decode a contrast stream.
     """
     items = parse_spec(spec)
     names = [name for name, _ in items]
@@ -285,6 +287,11 @@ def build_methods(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | 
             methods.append(cls(cls.config_cls(**per_method[name])))
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
+    # One contrast stream per generation: two would each combine the other's already combined logits.
+    streams = [m.name for m in methods if isinstance(m, ContrastStream) and m.contrast_active()]
+    if len(streams) > 1:
+        raise ConfigError(f"{streams[0]!r} and {streams[1]!r} each decode a contrast stream; compose at most one "
+                          "contrastive method per run (attention and head methods compose with it, e.g. 'vhr+vcd')")
     return methods
 
 

@@ -346,6 +346,17 @@ class VAR(Intervention):
     def _count(self, layer: int, count: Tensor) -> None:
         self._counts[layer] = count if layer not in self._counts else self._counts[layer] + count
 
+    def summarize(self, report: dict[str, Any]) -> str:
+        dims = report.get("sink_dims") or [[]]
+        sinks = report.get("sinks", {})
+        visual = ", ".join(f"L{layer}: {len(rows[0]['visual'])}" for layer, rows in sinks.items()) or "none"
+        moved = report.get("redistributed_total") or [0]
+        if not any(dims):
+            return (f"no sink dimension found at tau={report['tau']:g} (|x_d|/rms(x) is at most sqrt(hidden size); "
+                    "try a lower --tau); nothing redistributed")
+        return (f"sink dims {dims[0]} ({report['sink_dims_source']}); visual sinks by layer: {visual}; "
+                f"(head, query) pairs redistributed: {moved[0]}" + (f" (row 1 of {len(moved)})" if len(moved) > 1 else ""))
+
     def report(self) -> dict[str, Any]:
         """Sinks, sink dims and redistributed (head, query) pairs of the last sequence, per row.
 

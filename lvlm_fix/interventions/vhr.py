@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import LvlmFixError
-from ..hooks.plan import AttnContext, Participant, Plan, TokenState
-from ..hooks.sidepass import SidePass
+from ..hooks.plan import AttnContext, Participant, Plan
+from ..hooks.sidepass import SidePass, run_batched, side_stream_mode
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
 
@@ -182,9 +182,13 @@ class VHR(Intervention):
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         self.end()
+        self.selected, self.vhd, self._scale = {}, {}, {}
         if not self.head_output_layers:
             return
         inputs = text_only_inputs(lvlm, model_kwargs)
+        if side_stream_mode(lvlm) == "batched":  # no side thread: both streams in one prefill of their own, now
+            run_batched(lvlm, model_kwargs, inputs, self.head_output_layers, self._choose)
+            return
 
         def run() -> None:  # on the side thread, from the first resume()
             stream = _TextStream(self.head_output_layers, side, self.config.alpha)
@@ -193,24 +197,28 @@ class VHR(Intervention):
 
         side = self._text = SidePass(run, name="vhr text-only stream")
 
-    def begin(self, tokens: TokenState) -> None:
-        self.selected, self.vhd, self._scale = {}, {}, {}
-
     def end(self) -> None:
         if self._text is not None:
             self._text.close()
         self._text, self._reply = None, None
+
+    def _choose(self, layer: int, with_image: Tensor, text_only: Tensor) -> Tensor:
+        """Select ``layer``'s heads from both streams' last-position heads ``[n, h, d]``; the ``[n, h]`` factor."""
+        selected, vhd = select_heads(with_image, text_only, self.config.outlier_filter)
+        self.selected[layer], self.vhd[layer] = selected, vhd
+        factor = torch.where(selected, self.config.alpha, 1.0).to(with_image.dtype)
+        self._scale[layer] = factor[:, None, :, None]
+        return factor
 
     def _select(self, heads: Tensor, layer: int) -> Tensor:
         """This layer's selection in the prefill, in lock step with the text-only stream; the scale."""
         text = self._text.resume(self._reply)  # [n, h, d]: its heads at this layer
         if text.shape[0] != heads.shape[0]:
             raise LvlmFixError(f"vhr's text-only stream has {text.shape[0]} rows but the prefill {heads.shape[0]}")
-        selected, vhd = select_heads(heads[:, -1], text, self.config.outlier_filter)
-        self.selected[layer], self.vhd[layer], self._reply = selected, vhd, selected
+        self._choose(layer, heads[:, -1], text)
+        self._reply = self.selected[layer]
         if layer == max(self.head_output_layers):
             self.end()  # the text-only stream is needed no further
-        self._scale[layer] = torch.where(selected, self.config.alpha, 1.0).to(heads.dtype)[:, None, :, None]
         return self._scale[layer]
 
     def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
@@ -230,6 +238,15 @@ class VHR(Intervention):
         if scale.dtype != heads.dtype or scale.device != heads.device:
             scale = self._scale[ctx.layer] = scale.to(heads.device, heads.dtype)
         return heads * scale
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        heads = report.get("selected_heads", {})
+        if not heads:
+            return f"no head selected (layers {report.get('layers')}, alpha {report.get('alpha')})"
+        rows = len(next(iter(heads.values())))
+        per_layer = ", ".join(f"L{layer}: {','.join(map(str, sel[0])) or '-'}" for layer, sel in heads.items())
+        return (f"heads x{report['alpha']:g} by layer{' (row 1 of ' + str(rows) + ')' if rows > 1 else ''}: "
+                f"{per_layer}")
 
     def report(self) -> dict[str, Any]:
         """Selected heads per layer per row of the last prefill (beam rows counted as rows)."""

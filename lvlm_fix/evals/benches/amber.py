@@ -49,6 +49,7 @@ class AmberBench(Bench):
     record_keys = ("id", "split", "response")
     id_keys = ("id",)
     text_keys = ("response", "text", "answer", "caption")
+    frontiers = (("cover", "chair"), ("recall", "precision"))
 
     def __init__(self, split: str | None = None, **opts: Any) -> None:
         super().__init__(split, **opts)

@@ -41,6 +41,7 @@ class ChairBench(Bench):
     record_keys = ("id", "image_id", "caption", "mentioned", "words", "hallucinated", "gt", "n_words", "n_tokens")
     id_keys = ("image_id",)
     text_keys = ("caption", "text", "answer", "response")
+    frontiers = (("recall", "chair_i"), ("recall", "chair_s"))
 
     def __init__(self, split: str | None = None, **opts: Any) -> None:
         super().__init__(split, **opts)

@@ -50,6 +50,7 @@ class PopeBench(Bench):
     record_keys = ("id", "split", "label", "answer", "pred", "unparseable")
     id_keys = ("question_id", "id")
     text_keys = ("text", "answer", "ans", "response")
+    frontiers = (("recall", "precision"),)
 
     def __init__(self, split: str | None = None, **opts: Any) -> None:
         super().__init__(split, **opts)

@@ -398,6 +398,13 @@ class Act(Intervention):
             return new
         return probs.index_copy(1, self._heads_on(ctx.layer, probs.device), new)
 
+    def summarize(self, report: dict[str, Any]) -> str:
+        sinks = report.get("sinks", {})
+        per_layer = ", ".join(f"L{layer}: {v['mean_per_head']:g}" for layer, v in sinks.items()) or "none"
+        n_heads = sum(len(h) for h in report.get("heads", {}).values())
+        return (f"{n_heads} heads ({report['head_source']}); sinks per head by layer: {per_layer}; "
+                f"each keeps beta={report['beta']:g} of its attention")
+
     def report(self) -> dict[str, Any]:
         c = self.config
         out: dict[str, Any] = {

@@ -1,0 +1,373 @@
+"""A contrast stream: the same rows with another input, decoded in lock step inside the real ``generate()``.
+
+Contrastive decoding methods need, for every row ``generate()`` decodes, a second copy of the row
+with a different input (noised image, disturbed instruction, no image), advanced with the same
+tokens and its own KV cache, and a per-step combination of the two next-token logits.
+:class:`ContrastStream` is that mechanism, once; a method subclasses it and supplies the
+contrast rows (:meth:`~ContrastStream.contrast_rows`, built from the main rows with the helpers
+below), the changed pixels when only the images differ (:meth:`~ContrastStream.contrast_pixels`)
+and the combination (:meth:`~ContrastStream.combine`).
+
+How it rides on ``generate()`` (greedy, sampling, beam search, batches; nothing is re-implemented):
+
+* **A forward hook on the top-level model.** After each forward of the main rows (the plan's
+  attention participants active) it runs the contrast rows' forward *outside* the plan
+  (:func:`~lvlm_fix.hooks.plan.outside_plan`: attention edits act on the main stream only) and
+  replaces the main rows' last-position logits by the combination, computed in fp32.
+  ``generate()`` then runs its own logits processors and, when sampling, its warpers
+  (temperature, top-k, top-p) on the combination, so a plausibility cut inside ``combine`` comes
+  before temperature, as in the methods' releases.
+* **Prefill.** The forward that starts a sequence (empty cache) builds the contrast rows from that
+  forward's own inputs, which ``generate()`` has already expanded for beams and
+  ``num_return_sequences``. The contrast rows get their own ``DynamicCache`` (like generate's,
+  sliding-window layers included), their own attention mask, and position ids derived from the
+  main rows' with the same token edit (so M-RoPE positions stay exact), left padded like the main
+  rows.
+* **Decode steps.** Each later forward feeds the contrast rows the main rows' new token (the pad
+  token of a finished row too, so the caches stay aligned), through the model's own
+  ``prepare_inputs_for_generation`` and ``_update_model_kwargs_for_generation``: the contrast rows
+  are advanced exactly as ``generate()`` advances the main rows.
+* **Beam search.** ``generate()`` reorders its cache with ``model._reorder_cache(cache, beam_idx)``
+  when the model has that method. The stream gives the model one for the plan's lifetime: it
+  reorders the main cache as ``generate()`` would, and the contrast cache with the same
+  ``beam_idx`` (its rows were expanded in the same order).
+* **Images.** ``generate()`` encodes the images before the prefill and hands the features to the
+  forward (``mm_encoder_outputs``). Contrast rows with the same images reuse those features (the
+  vision tower runs once). For rows whose pixels change, the stream records the encoder's inputs
+  (``get_image_features``, shadowed during the plan), encodes the changed pixels with them at the
+  contrast prefill, and expands the features as ``generate()`` expanded the main ones.
+
+Not served (refused with one line): ``use_cache=False``, static caches (``cache_implementation=
+"static"`` and compiled forwards), and any decoding that feeds several new tokens per forward
+(assisted or speculative decoding, prompt lookup, chunked prefill). Memory: a second KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from functools import partial, wraps
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._lazy import torch
+from ..errors import LvlmFixError
+from .plan import Participant, Plan, TokenState, outside_plan
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from torch import Tensor
+
+    from ..model import LVLM
+    from .capture import HookSet
+
+__all__ = ["ContrastStream", "insert_tokens", "linear_contrast", "rows_without_images", "text_positions"]
+
+# Forward arguments that are generate()'s bookkeeping rather than the rows: the stream keeps its own.
+_BOOKKEEPING = frozenset({
+    "cache", "past_key_values", "cache_position", "use_cache", "logits_to_keep", "num_logits_to_keep",
+    "return_dict", "output_attentions", "output_hidden_states", "labels",
+})
+
+
+# -- contrast rows from the main rows ---------------------------------------------------------------
+def _per_token(value: Any, shape: tuple[int, int]) -> bool:
+    return torch.is_tensor(value) and value.dim() == 2 and tuple(value.shape) == shape
+
+
+def text_positions(mask: Tensor, like: Tensor) -> Tensor:
+    """Position ids of rows without images: ``generate()``'s (mask cumsum, 0 on padding), one copy per
+    leading component of ``like`` (M-RoPE's text and vision components are all equal on text)."""
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return pos.expand(*like.shape[:-2], *pos.shape).to(like.dtype).contiguous()
+
+
+def rows_without_images(lvlm: LVLM, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The rows with their image tokens deleted and no image inputs, at their own (shorter) length.
+
+    Every per-token tensor is cut as :meth:`LVLM.text_only` cuts it; position ids, when the main
+    rows had them, are recomputed as plain text positions of the new rows.
+    """
+    positions = inputs.get("position_ids")
+    rows = lvlm.text_only({k: v for k, v in inputs.items() if k != "position_ids"})
+    if positions is not None:
+        rows["position_ids"] = text_positions(rows["attention_mask"], positions)
+    return rows
+
+
+def insert_tokens(inputs: Mapping[str, Any], at: Tensor, tokens: Tensor, remove: int = 0) -> dict[str, Any]:
+    """The rows with ``remove`` tokens from column ``at[r]`` of row ``r`` replaced by ``tokens`` (every row alike).
+
+    Every per-token tensor (``[b, L]``) is edited the same way: the new tokens get ``tokens`` as
+    input ids, 1 in the attention mask and 0 elsewhere (text token types). Position ids
+    (``[..., b, L]``) continue from the token before the insertion, component by component, and
+    every later position moves by ``len(tokens) - remove``: exactly the positions of the edited
+    prompt, for RoPE and M-RoPE alike. Every row grows by the same amount, so the left padding
+    stays as it was. Other inputs (images, their features) are kept.
+    """
+    ids = inputs["input_ids"]
+    b, length = ids.shape
+    m = int(tokens.numel())
+    width = length + m - remove
+    col = torch.arange(width, device=ids.device)[None, :]
+    rel = col - at[:, None]  # [b, W]: column relative to the insertion point
+    inserted = (rel >= 0) & (rel < m)
+    src = torch.where(rel < 0, col, col - m + remove).clamp(0, length - 1)
+    out: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if name == "position_ids" or not _per_token(value, (b, length)):
+            out[name] = value
+            continue
+        kept = value.gather(1, src)
+        if name == "input_ids" and m:
+            fill = tokens.to(kept.device, kept.dtype)[rel.clamp(0, m - 1)]
+        else:
+            fill = torch.full_like(kept, int(name == "attention_mask"))  # new tokens: attended, text type
+        out[name] = torch.where(inserted, fill, kept)
+    pos = inputs.get("position_ids")
+    if pos is not None:
+        lead = pos.shape[:-2]
+        moved = pos.gather(-1, src.expand(*lead, b, width)) + torch.where(rel >= m, m - remove, 0)
+        prev_col = (at - 1).clamp(min=0)
+        prev = pos.gather(-1, prev_col.view(*(1,) * len(lead), b, 1).expand(*lead, b, 1))
+        mask = inputs.get("attention_mask")
+        has_prev = (at > 0) if mask is None else (at > 0) & mask.gather(1, prev_col[:, None])[:, 0].bool()
+        base = torch.where(has_prev[:, None], prev, -1)  # [..., b, 1]
+        out["position_ids"] = torch.where(inserted, base + 1 + rel, moved)
+    return out
+
+
+def linear_contrast(main: Tensor, contrast: Tensor, alpha: float, beta: float) -> Tensor:
+    """``(1 + alpha) * main - alpha * contrast`` on fp32 logits, with the adaptive plausibility cut.
+
+    Tokens whose main-stream probability is below ``beta`` times the most likely one's
+    (``main < max(main) + log(beta)``, the unwarped distribution) get ``-inf``; ``beta = 0`` cuts
+    nothing. With ``alpha = 1`` and ``contrast == main`` the result is ``main`` exactly.
+    """
+    out = main * (1.0 + alpha) - contrast * alpha
+    if beta > 0:
+        out = out.masked_fill(main < main.amax(-1, keepdim=True) + math.log(beta), float("-inf"))
+    return out
+
+
+# -- the stream -------------------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    """The contrast rows of one sequence, kept the way generate() keeps its model kwargs."""
+
+    kwargs: dict[str, Any]
+    main_cache: Any  # the main rows' cache, to recognise its beam reorderings
+    n: int
+    prompt_len: int
+    step: int = 1  # combined steps; the prefill gives the first token
+    first_ids: list[int] = field(default_factory=list)  # row 0's contrast prompt, for the report
+
+
+@dataclass
+class _Encoded:
+    """The last call of the image encoder for the main rows: its arguments and output."""
+
+    encoder: Any
+    args: tuple
+    kwargs: dict[str, Any]
+    output: Any
+    n_features: int  # len(output.pooler_output) when encoded, before generate() expands it
+
+
+class ContrastStream(Participant):
+    """Base of the methods that combine the next-token logits with a contrast stream (see the module doc).
+
+    A subclass sets :attr:`contrast_kind`, implements :meth:`contrast_active`, :meth:`combine` and
+    (unless the rows are the main rows) :meth:`contrast_rows`; a subclass whose contrast rows
+    differ only by their pixels sets :attr:`changes_images` and implements
+    :meth:`contrast_pixels`. When :meth:`contrast_active` is False nothing is installed.
+    """
+
+    contrast_kind: ClassVar[str] = ""  # what the contrast rows differ by, for the report
+    changes_images: ClassVar[bool] = False  # the contrast rows see other pixels (contrast_pixels)
+    contrast_on: bool = False
+    null_contrast: bool = False  # feed the contrast rows the main rows' own inputs (a check of the mechanism)
+    _rows: _Rows | None = None
+    _encoded: _Encoded | None = None
+    _starting: bool = False
+
+    # -- the method's part ------------------------------------------------------------------------
+    def contrast_active(self) -> bool:
+        """Whether the stream runs with these settings (False: no hook at all, the model runs as vanilla)."""
+        raise NotImplementedError
+
+    def contrast_rows(self, lvlm: LVLM, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The contrast rows' forward inputs from the main rows' (ids, masks, position ids, images)."""
+        return dict(inputs)
+
+    def contrast_pixels(self, pixel_values: Tensor, image_inputs: Mapping[str, Any]) -> Tensor:
+        """The contrast rows' pixels (``changes_images`` only); ``image_inputs`` holds the encoder's other inputs."""
+        raise NotImplementedError
+
+    def combine(self, main: Tensor, contrast: Tensor, step: int) -> Tensor:
+        """The next-token logits ``[n, V]`` from the main and contrast rows' fp32 logits; ``step`` is 1 for
+        the first generated token. Must not modify its inputs in place."""
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def bind(self, lvlm: LVLM) -> None:
+        self.contrast_on = self.contrast_active()
+        self._rows = self._encoded = None
+
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        if not self.contrast_on:
+            return
+        self._plan = plan
+        model = plan.lvlm.model
+        hooks.forward(model, self._after_forward, with_kwargs=True)
+        hooks.patch(model, "_reorder_cache", partial(self._reorder_cache, getattr(type(model), "_reorder_cache", None)))
+        encoder = getattr(model.base_model, "get_image_features", None)
+        if self.changes_images and not self.null_contrast and encoder is not None:
+            hooks.patch(model.base_model, "get_image_features", self._tap(encoder))
+
+    def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
+        if not self.contrast_on:
+            return
+        if model_kwargs.get("use_cache") is False:
+            raise LvlmFixError(f"{self.name} decodes a contrast stream on generate()'s KV cache; drop use_cache=False")
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise LvlmFixError(f"{self.name} does not support static caches ({type(cache).__name__}); use the default "
+                               "dynamic cache (drop cache_implementation)")
+
+    def begin(self, tokens: TokenState) -> None:
+        self._rows, self._starting = None, self.contrast_on
+
+    def end(self) -> None:
+        if self._rows is not None:  # free the contrast cache; the counts stay for the report
+            self._rows.kwargs, self._rows.main_cache = {}, None
+        self._encoded = None
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _after_forward(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        if not self._plan.is_current():  # a contrast forward, or another plan's
+            return None
+        if getattr(output, "logits", None) is None:
+            raise LvlmFixError(f"{self.name} needs the model's logits; call the model with return_dict=True")
+        if self._starting:
+            self._starting = False
+            contrast = self._prefill(kwargs, output)
+        else:
+            contrast = self._decode(kwargs)
+        main = output.logits[:, -1].to(torch.float32, copy=True)
+        combined = self.combine(main, contrast.float(), self._rows.step)
+        logits = output.logits if output.logits.dtype == torch.float32 else output.logits.float()
+        logits[:, -1] = combined  # fp32 even for bf16 models: (1 + a) l - a l' amplifies rounding
+        output.logits = logits
+        return output
+
+    def _forward(self, ids: Tensor, kw: dict[str, Any], first: bool) -> tuple[Tensor, dict[str, Any]]:
+        """One forward of the contrast rows, prepared and followed up exactly as generate() does for its rows."""
+        model = self._plan.lvlm.model
+        inputs = model.prepare_inputs_for_generation(ids, next_sequence_length=None if first else 1,
+                                                     is_first_iteration=first, **kw)
+        with outside_plan(self._plan.lvlm):
+            out = model(**inputs, return_dict=True)
+        return out.logits[:, -1], model._update_model_kwargs_for_generation(out, kw)
+
+    def _prefill(self, kwargs: dict[str, Any], output: Any) -> Tensor:
+        from transformers import DynamicCache
+
+        lvlm = self._plan.lvlm
+        if kwargs.get("input_ids") is None:
+            raise LvlmFixError(f"{self.name} needs the model to be called with input_ids= as a keyword argument")
+        inputs = {k: v for k, v in kwargs.items() if k not in _BOOKKEEPING and v is not None}
+        rows = dict(inputs) if self.null_contrast else self.contrast_rows(lvlm, inputs)
+        if self.changes_images and not self.null_contrast:
+            rows = self._with_changed_images(rows)
+        ids = rows.pop("input_ids")
+        mask = rows.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            rows["attention_mask"] = None  # as generate() does without padding: sdpa then runs unmasked
+        rows.update(cache=DynamicCache(config=lvlm.model.config.get_text_config(decoder=True)), use_cache=True)
+        if "logits_to_keep" in kwargs:
+            rows["logits_to_keep"] = 1
+        logits, kw = self._forward(ids, rows, first=True)
+        # The images are encoded into the cache now; do not keep them alive for the whole generation.
+        kw = {k: v for k, v in kw.items() if k != "mm_encoder_outputs" and not k.startswith("pixel_")}
+        first = ids[0][mask[0].bool()] if mask is not None else ids[0]
+        main_cache = next((c for c in (kwargs.get("cache"), kwargs.get("past_key_values"), output.get("cache"))
+                           if c is not None), None)
+        self._rows = _Rows(kwargs=kw, main_cache=main_cache, n=ids.shape[0], prompt_len=ids.shape[1],
+                           first_ids=first.tolist())
+        self._encoded = None
+        return logits
+
+    def _decode(self, kwargs: dict[str, Any]) -> Tensor:
+        s = self._rows
+        ids = kwargs.get("input_ids")
+        if s is None:
+            raise LvlmFixError(f"{self.name} cannot continue a sequence whose prefill it did not see; start "
+                               "generation from the prompt (no cache passed in)")
+        if ids is None or tuple(ids.shape) != (s.n, 1):
+            raise LvlmFixError(
+                f"{self.name} decodes one new token per row and forward after the prefill, but this forward has "
+                f"input_ids of shape {None if ids is None else tuple(ids.shape)} for {s.n} rows; assisted or "
+                "speculative decoding, prompt lookup and prefill chunking are not supported with a contrast stream")
+        logits, s.kwargs = self._forward(ids, s.kwargs, first=False)
+        s.step += 1
+        return logits
+
+    def _reorder_cache(self, own: Any, cache: Any, beam_idx: Tensor) -> Any:
+        """What generate() calls to reorder its cache between beam-search steps (see the module doc)."""
+        ours = self._rows is not None and cache is self._rows.main_cache
+        if own is not None:  # a model class with a reordering of its own keeps it
+            cache = own(cache, beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        if ours:
+            # Only the cache: like generate() for its rows, the masks and positions of one sample's
+            # beams are identical, so reordering them would change nothing.
+            self._rows.kwargs["cache"].reorder_cache(beam_idx)
+        return cache
+
+    def _tap(self, encoder: Any) -> Any:
+        """``get_image_features`` that also records what it encoded for the main rows."""
+
+        @wraps(encoder)  # generate() picks the encoder's inputs from its signature
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            out = encoder(*args, **kwargs)
+            if self._plan.is_current():
+                features = getattr(out, "pooler_output", None)
+                self._encoded = _Encoded(encoder, args, kwargs, out, 0 if features is None else len(features))
+            return out
+
+        return get_image_features
+
+    def _with_changed_images(self, rows: dict[str, Any]) -> dict[str, Any]:
+        """The contrast rows' images: changed pixels, or features of the changed pixels (see the module doc)."""
+        if "pixel_values" in rows:  # a forward given pixels: it encodes them itself
+            rows["pixel_values"] = self.contrast_pixels(rows["pixel_values"], rows)
+            return rows
+        features = (rows.get("mm_encoder_outputs") or {}).get("image")
+        enc = self._encoded
+        if features is None or enc is None or features is not enc.output:
+            raise LvlmFixError(f"{self.name} found no image of this forward to change; pass the images to generate() "
+                               "or to the forward as pixel_values")
+        bound = inspect.signature(enc.encoder).bind(*enc.args, **enc.kwargs)
+        bound.arguments["pixel_values"] = self.contrast_pixels(bound.arguments["pixel_values"], bound.arguments)
+        with outside_plan(self._plan.lvlm):
+            changed = enc.encoder(*bound.args, **bound.kwargs)
+        pooled = getattr(features, "pooler_output", None)
+        now = 0 if pooled is None else len(pooled)
+        if enc.n_features and now != enc.n_features:  # generate() expanded them for beams / num_return_sequences
+            k = now // enc.n_features
+            self._plan.lvlm.model._expand_multimodal_outputs(rows["input_ids"][::k], {"image": changed}, expand_size=k)
+        rows["mm_encoder_outputs"] = {**rows["mm_encoder_outputs"], "image": changed}
+        return rows
+
+    # -- report -----------------------------------------------------------------------------------
+    def stream_report(self) -> dict[str, Any]:
+        """What the stream did in the last sequence: its input, rows, prompt length and combined steps."""
+        s = self._rows
+        out: dict[str, Any] = {"contrast": "main rows (null contrast)" if self.null_contrast else self.contrast_kind,
+                               "stream_ran": s is not None}
+        if s is not None:
+            out.update(rows=s.n, contrast_prompt_tokens=s.prompt_len, steps=s.step)
+        return out

@@ -1,0 +1,143 @@
+"""``lvlm-fix report RESULTS_DIR``: the figures of a results folder, linked from its results.md.
+
+From ``summary.json`` (written by ``lvlm-fix eval`` or ``score``), per split:
+
+* ``metrics_<split>.png``: every metric that has a bootstrap CI, per setting, the point estimate
+  with its 95% interval, the baseline's value as a dashed line;
+* ``<y>_vs_<x>_<split>.png``: the trade-offs the bench declares (``Bench.frontiers``: POPE
+  precision vs recall, CHAIR_I vs recall, ...) across settings, with both intervals;
+* ``cost.png``: seconds per sample and its ratio to the baseline, per setting (when measured).
+
+results.md gets (or has replaced) a "Figures" section with links to them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+FIGURES = "figures"
+_SECTION = "## Figures"
+
+
+def write_report(results_dir: str | Path) -> list[Path]:
+    """Draw the figures of ``results_dir`` and link them from its results.md; return the written files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root = Path(results_dir)
+    summary_path = root / "summary.json"
+    if not summary_path.is_file():
+        raise InputError(f"{summary_path} not found; pass a folder written by `lvlm-fix eval` or `lvlm-fix score`")
+    try:
+        summary = json.loads(summary_path.read_text())
+        methods: dict[str, Any] = summary["methods"]
+        bench = summary["bench"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{summary_path} is not an lvlm-fix summary; pass a folder written by `lvlm-fix eval`") from None
+    from .evals.bench import registry
+
+    frontiers = registry().get(bench).frontiers if bench in registry() else ()
+    out = root / FIGURES
+    out.mkdir(exist_ok=True)
+    written: list[Path] = []
+    splits = list(dict.fromkeys(sp for res in methods.values() for sp in res.get("splits", {})))
+    baseline = summary.get("baseline")
+    for split in splits:
+        rows = {m: res["splits"][split] for m, res in methods.items() if split in res.get("splits", {})}
+        metrics = list(dict.fromkeys(k for row in rows.values() for k in row.get("ci", {})))
+        if metrics:
+            written.append(_metric_panels(rows, metrics, baseline, f"{bench} {split}", out / f"metrics_{split}.png"))
+        for x, y in frontiers:
+            if all(k in row for row in rows.values() for k in (x, y)) and len(rows) > 0:
+                written.append(_frontier(rows, x, y, baseline, f"{bench} {split}", out / f"{y}_vs_{x}_{split}.png"))
+    if summary.get("cost"):
+        written.append(_cost(summary["cost"], baseline, out / "cost.png"))
+    _link(root / "results.md", written, root)
+    return written
+
+
+def _interval(row: dict[str, Any], key: str) -> tuple[float, float, float]:
+    """(value, low, high) in %, the interval collapsing to the value where there is no CI."""
+    ci = row.get("ci", {}).get(key)
+    value = 100 * row[key]
+    return (value, 100 * ci["low"], 100 * ci["high"]) if ci else (value, value, value)
+
+
+def _metric_panels(rows: dict[str, dict[str, Any]], metrics: list[str], baseline: str | None, title: str,
+                   path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 0.45 * len(names) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, name in enumerate(names):
+            value, low, high = _interval(rows[name], metric)
+            colour = "black" if name == baseline else f"C{i % 10}"
+            ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
+        if baseline in rows:
+            ax.axvline(_interval(rows[baseline], metric)[0], color="grey", linestyle="--", linewidth=0.8)
+        ax.set(title=metric, xlabel="%")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{title}: point estimate and 95% bootstrap CI per setting")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _frontier(rows: dict[str, dict[str, Any]], x: str, y: str, baseline: str | None, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    for i, (name, row) in enumerate(rows.items()):
+        xv, xl, xh = _interval(row, x)
+        yv, yl, yh = _interval(row, y)
+        colour = "black" if name == baseline else f"C{i % 10}"
+        ax.errorbar(xv, yv, xerr=[[xv - xl], [xh - xv]], yerr=[[yv - yl], [yh - yv]], fmt="o", color=colour,
+                    capsize=3, label=name)
+        ax.annotate(name, (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(xlabel=f"{x} (%)", ylabel=f"{y} (%)", title=f"{title}: {y} vs {x} across settings (95% CIs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cost(cost: dict[str, dict[str, Any]], baseline: str | None, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    names = list(cost)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.6), sharey=True)
+    secs = [cost[n]["seconds_per_sample"] for n in names]
+    ratios = [cost[n].get("time_ratio") or 0.0 for n in names]
+    colours = ["black" if n == baseline else f"C{i % 10}" for i, n in enumerate(names)]
+    axes[0].barh(range(len(names)), secs, color=colours)
+    axes[0].set(title="seconds per sample", xlabel="s")
+    axes[1].barh(range(len(names)), ratios, color=colours)
+    axes[1].axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    axes[1].set(title=f"time ratio to {baseline}", xlabel="×")
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("cost per setting (wall-clock on the machine of the run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _link(results_md: Path, figures: list[Path], root: Path) -> None:
+    """Replace (or add) results.md's Figures section with links to ``figures``."""
+    text = results_md.read_text() if results_md.is_file() else ""
+    text = re.sub(rf"\n{re.escape(_SECTION)}\n.*", "", text, flags=re.S).rstrip("\n")
+    links = [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in figures]
+    results_md.write_text(text + f"\n\n{_SECTION}\n\nWritten by `lvlm-fix report`.\n\n" + "\n\n".join(links) + "\n")
