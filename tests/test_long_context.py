@@ -173,7 +173,8 @@ def test_column_statistics_and_last_row_edits_in_chunks(family, rows, tiny, imag
     _assert_same(chunked, whole)
     for step in damp_w.columns:  # the statistic over all queries is the unchunked one
         assert (damp_c.columns[step] - damp_w.columns[step]).abs().max() <= TOL
-    assert boost_c.edited_rows == boost_w.edited_rows == list(range(t - 1, t + 1))  # the prefill's last, then each step's
+    # The prefill's last query, then each decode step's.
+    assert boost_c.edited_rows == boost_w.edited_rows == list(range(t - 1, t + 1))
 
     prefill = [c for c in damp_c.calls if c[1] == 0]
     stats_pass = [c for c in prefill if c[-1]]

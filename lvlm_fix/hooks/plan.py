@@ -92,7 +92,7 @@ class AttnContext:
 
     @property
     def has_last_query(self) -> bool:
-        """This call holds the forward's last query (as its last row), e.g. the one a decode step extends."""
+        """This call holds the forward's last query, as its last row: the position whose logits pick the next token."""
         return self.chunk is None or self.q_len is None or self.chunk.stop == self.q_len
 
 
