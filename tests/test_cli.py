@@ -8,17 +8,9 @@ import pytest
 from transformers import BertConfig
 
 from conftest import cli_error
-from lvlm_fix.cli.main import main
+from conftest import cli_run as run
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import cli_error
-from lvlm_fix.cli.main import main
+from conftest import cli_run as _run
 from lvlm_fix.errors import InputError
 from lvlm_fix.images import ImageWarning, check_image_file, load_image
 
@@ -29,14 +29,6 @@ def image_file(tmp_path_factory, images):
     return path
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # -- the image loader ---------------------------------------------------------------------------------------

@@ -139,9 +139,6 @@ class Participant:
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
 
-    def install(self, plan: Plan, hooks: HookSet) -> None:
-        """Declare hooks of its own on ``hooks`` (e.g. a forward hook on the model); called on entering the plan."""
-
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
 
