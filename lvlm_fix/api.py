@@ -39,6 +39,12 @@ def apply(lvlm: LVLM, method: MethodArg, **params: Any) -> Iterator[Plan]:
         The active :class:`~lvlm_fix.hooks.Plan`; ``plan.report()`` says what each method touched,
         keyed by method name.
 
+    Raises:
+        LvlmFixError: a method is already applied to this model, in this thread (combine methods in
+            one spec instead) or in another thread. Threads: one model serves one thread at a time,
+            whichever handle it is reached through; run the calls one after another, or load the
+            model once per thread. A model's forwards outside ``apply`` are not checked.
+
     Example:
         >>> with lvlm_fix.apply(handle, {"vhr": {"layers": [1]}, "var": {"layers": [2], "tau": 3.5}}) as plan:
         ...     ids = handle.model.generate(**batch, max_new_tokens=32)

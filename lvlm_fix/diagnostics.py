@@ -23,7 +23,7 @@ from ._lazy import torch
 from .errors import LvlmFixError
 from .hooks.plan import AttnContext, Participant, Plan, TokenState
 from .interventions.var import SINK_TAU, dims_from_votes, normalized_activations, sink_scores, sink_votes
-from .interventions.vhr import head_divergence, outlier_filter
+from .interventions.vhr import default_layers, head_divergence, outlier_filter
 from .layout import image_token_grids
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class HeadStatistics(Participant):
 
     def bind(self, lvlm: LVLM) -> None:
         every = frozenset(range(lvlm.num_layers))
+        self.num_layers = lvlm.num_layers
         self.observed_layers = self.head_output_layers = self.residual_layers = every
         if self.sink_dims is None:
             self.sink_dims = lvlm.known_sink_dims
@@ -142,6 +143,12 @@ class HeadStatistics(Participant):
             return [d[layer].mean(0).tolist() for layer in layers]
 
         filtered = {layer: outlier_filter(self.vhd[layer], self.text_norm_sq[layer]) for layer in layers}
+        # The heads VHR with its defaults would scale: its default layers, filtered VHD above the layer's median.
+        selected = {}
+        for layer in default_layers(self.num_layers):
+            if layer in filtered:
+                above = filtered[layer] > filtered[layer].median(-1, keepdim=True).values  # [n, h]
+                selected[str(layer)] = [torch.nonzero(row).flatten().tolist() for row in above]
         img = self.image_mask
         sinks = {}
         for layer in sorted(self.phi):
@@ -152,6 +159,7 @@ class HeadStatistics(Participant):
             "layers": layers,
             "vhd": table(self.vhd),
             "vhd_filtered": table(filtered),
+            "vhr_selected_heads": selected,  # layer -> heads per row
             "entropy_all": table(self.entropy_all),
             "entropy_image": table(self.entropy_image),
             "image_mass": table(self.image_mass),
@@ -173,8 +181,9 @@ def head_statistics(lvlm: LVLM, image: Image.Image, prompt: str, *, tau: float =
 
     Returns:
         A JSON-serialisable dict: per-layer x head tables (``vhd``, ``vhd_filtered``,
-        ``entropy_all``, ``entropy_image``, ``image_mass``), ``sink_dims`` (with their source:
-        adapter table or discovered), and ``visual_sinks`` (image-token offsets per layer).
+        ``entropy_all``, ``entropy_image``, ``image_mass``), ``vhr_selected_heads`` (the heads VHR
+        with its defaults would scale, per layer), ``sink_dims`` (with their source: adapter table
+        or discovered), ``sink_tau`` and ``visual_sinks`` (image-token offsets per layer).
     """
     batch = lvlm.encode([image], [prompt])
     report = record_head_statistics(lvlm, batch, tau=tau).report()
@@ -212,23 +221,45 @@ def record_head_statistics(lvlm: LVLM, batch: Any, *, tau: float = SINK_TAU) -> 
     return recorder
 
 
+def _integer_ticks(ax: Any, labels: list[int] | None = None) -> None:
+    """Whole-number ticks on both axes (layers, heads, patches are counted, never fractional);
+    ``labels``: the layer each heat-map row stands for."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if labels is not None:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: str(labels[int(v)]) if 0 <= v < len(labels) else ""))
+
+
 def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write ``stats.json`` and the PNG figures; returns the written paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "stats.json"]
     written[0].write_text(json.dumps(report, indent=1))
     layers = report["layers"]
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    selected = [(row_of[int(layer)], h) for layer, rows in report.get("vhr_selected_heads", {}).items()
+                for h in rows[0] if int(layer) in row_of]
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, key, title in ((axes[0], "vhd", "VHD"), (axes[1], "vhd_filtered", "VHD after outlier filter")):
         im = ax.imshow(report[key], aspect="auto", cmap="viridis")
+        for r, h in selected:  # an outline, so the cell's colour stays readable
+            ax.add_patch(Rectangle((h - 0.42, r - 0.42), 0.84, 0.84, fill=False, edgecolor="red", linewidth=1.5))
         ax.set(title=title, xlabel="head", ylabel="layer")
+        _integer_ticks(ax, layers)
         fig.colorbar(im, ax=ax)
+    if selected:
+        fig.suptitle("red outline: the heads VHR would scale with its defaults (its layers; filtered VHD above "
+                     "the layer's median)", fontsize=9)
     fig.tight_layout()
     written.append(out_dir / "vhd_heatmap.png")
     fig.savefig(written[-1], dpi=100)
@@ -241,11 +272,24 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
         for j in offsets[0]:
             if j in rank:
                 counts[rank[j]] += 1
-    title = f"visual sinks: layers flagging each image token\n(dims {report['sink_dims']}, {report['sink_dims_source']})"
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    if report.get("image_grid"):
-        rows, cols, offset = report["image_grid"]
+    tau = report.get("sink_tau", SINK_TAU)
+    title = (f"visual sinks: layers flagging each image token\n(tau = {tau:g}, dims {report['sink_dims']}, "
+             f"{report['sink_dims_source']})")
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = None
+    grid = report.get("image_grid")
+    if not counts.any():  # an all-zero map reads as a broken figure: say what was looked for
+        rows, cols = (grid[0], grid[1]) if grid else (1, max(len(rank), 1))
+        ax.set(xlim=(-0.5, cols - 0.5), ylim=(rows - 0.5, -0.5), xlabel="patch column" if grid else "image token",
+               ylabel="patch row" if grid else "")
+        ax.text(0.5, 0.5, f"no sink found at tau = {tau:g}", transform=ax.transAxes, ha="center", va="center",
+                fontsize=12)
+        _integer_ticks(ax)
+    elif grid:
+        rows, cols, offset = grid
         im = ax.imshow(counts[offset: offset + rows * cols].view(rows, cols).numpy(), cmap="magma")
+        ax.set(xlabel="patch column", ylabel="patch row")
+        _integer_ticks(ax)
         outside = len(rank) - rows * cols
         if outside:
             title += f"\n{rows}x{cols} grid shown; {outside} other image tokens (tiles, newlines) not drawn"
@@ -254,8 +298,11 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_yticks([])
         ax.set_xlabel("image token (in sequence order)")
         title += "\n(no patch grid: " + report.get("image_grid_error", "unknown layout")[:60] + "...)"
-    ax.set(title=title)
-    fig.colorbar(im, ax=ax)
+    ax.set_title(title, fontsize=10)
+    if im is not None:
+        bar = fig.colorbar(im, ax=ax, label="layers")
+        bar.locator = MaxNLocator(integer=True)  # a count of layers
+        bar.update_ticks()
     fig.tight_layout()
     written.append(out_dir / "visual_sinks.png")
     fig.savefig(written[-1], dpi=100)
@@ -269,6 +316,8 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
     axes[0].legend()
     axes[1].plot(layers, mean(report["image_mass"]), marker="o")
     axes[1].set(title="attention mass on image tokens", xlabel="layer", ylim=(0, 1))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     written.append(out_dir / "entropy_image_mass.png")
     fig.savefig(written[-1], dpi=100)

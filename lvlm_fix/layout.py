@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._lazy import torch
 from .errors import LvlmFixError
 
 if TYPE_CHECKING:

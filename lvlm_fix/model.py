@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 from .adapters import Adapter, derive_adapter, unsupported_reason
 from .errors import InputError, LvlmFixError, UnsupportedModelError
@@ -249,6 +251,27 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> Any:
         raise InputError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16") from None
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(" .:")
+
+
+def _weights_error(name: str, e: BaseException) -> LvlmFixError:
+    """One line for weights that would not load: the broken file when it can be found, and the fix."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            try:  # reads the header only: a truncated or garbled file fails here
+                with safe_open(path, "pt"):
+                    pass
+            except (SafetensorError, OSError) as bad:
+                return LvlmFixError(f"{path} is corrupt or truncated ({_first_line(bad)}); download or save the "
+                                    "model again (save_pretrained) and pass that folder")
+        return LvlmFixError(f"cannot load the weights in {folder}: {_first_line(e)}; the folder needs the "
+                            "model.safetensors (or shards and their index) that save_pretrained() writes")
+    return LvlmFixError(f"cannot load the weights of {name!r}: {_first_line(e)}; check the hub id (offline? "
+                        "pass a local folder with config.json and model.safetensors)")
+
+
 def load(
     name_or_path: str | Path | None = None,
     *,
@@ -299,22 +322,34 @@ def load(
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are org/name
     if looks_like_path and not Path(name).expanduser().exists():
         raise LvlmFixError(f"model directory not found: {name}; pass an existing directory or a hub id like org/name")
+    local = Path(name).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file() and "subfolder" not in from_pretrained_kwargs:
+        raise LvlmFixError(f"{local} has no config.json, so it is not a saved model; pass the folder that "
+                           "save_pretrained() wrote (config.json, model.safetensors, the processor files) or a hub id")
     try:
         config = AutoConfig.from_pretrained(name, **hub_kwargs)
     except (OSError, ValueError) as e:
-        where = "directory" if Path(name).exists() else "hub id (offline? pass a local directory)"
-        raise LvlmFixError(f"cannot load model {name!r} as a {where}: {str(e).splitlines()[0]}") from None
+        where, fix = (("directory", "; fix config.json or save the model again (save_pretrained)") if local.exists()
+                      else ("hub id (offline? pass a local directory)", ""))
+        raise LvlmFixError(f"cannot load model {name!r} as a {where}: {_first_line(e)}{fix}") from None
     reason = unsupported_reason(config)
     if reason is not None:
         raise UnsupportedModelError(config.model_type, reason)
     attention.register()
-    model = AutoModelForImageTextToText.from_pretrained(
-        name, dtype=_resolve_dtype(dtype), device_map=device_map, **hub_kwargs, **from_pretrained_kwargs
-    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=_resolve_dtype(dtype), device_map=device_map, **hub_kwargs, **from_pretrained_kwargs
+        )
+    except (SafetensorError, OSError, pickle.UnpicklingError) as e:  # weight files missing, corrupt, truncated
+        raise _weights_error(name, e) from None
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    processor = load_processor(name, **hub_kwargs, **(processor_kwargs or {}))
+    try:
+        processor = load_processor(name, **hub_kwargs, **(processor_kwargs or {}))
+    except (OSError, ValueError) as e:  # tokenizer / processor files missing or not valid JSON
+        raise LvlmFixError(f"cannot load the processor (tokenizer, image processor) of {name}: "
+                           f"{_first_line(e)}; save it beside the model again (processor.save_pretrained)") from None
     return wrap(model, processor, name=name if name_or_path else DEFAULT_MODEL, revision=revision,
                 prompt_template=prompt_template)
 

@@ -67,7 +67,7 @@ from transformers import (
 
 from lvlm_fix.processors import image_only_processor
 
-__all__ = ["FAMILIES", "PROCESSOR_FAMILIES", "build_image", "build_llava_sized", "build_tiny"]
+__all__ = ["FAMILIES", "PROCESSOR_FAMILIES", "build_image", "build_llava_sized", "build_qwen2_vl_sized", "build_tiny"]
 
 # The families every method test runs on.
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3")
@@ -246,6 +246,7 @@ def build_llava_sized(
     vocab_size: int = 32064,
     intermediate: int | None = None,
     vision_heads: int | None = None,
+    max_positions: int = 4096,
     seed: int = 0,
 ) -> Path:
     """Build a random LLaVA (CLIP ViT + Llama) of a chosen size, for benchmarks.
@@ -268,6 +269,7 @@ def build_llava_sized(
         vocab_size: Embedding rows; at least the tokenizer's size.
         intermediate: Llama MLP width; defaults to ``4 * text_hidden``.
         vision_heads: CLIP heads; defaults to ``vision_hidden // 64`` (at least 1).
+        max_positions: the Llama's ``max_position_embeddings`` (the longest prompt it accepts).
         seed: Seeds the weight initialisation.
 
     Returns:
@@ -294,7 +296,7 @@ def build_llava_sized(
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
         num_key_value_heads=text_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
     )
     vision = dict(
         hidden_size=vision_hidden,
@@ -304,6 +306,81 @@ def build_llava_sized(
     )
     config, processor = _llava(tokenizer, text=text, vision=vision, image_size=image_size, patch_size=patch_size)
     config.text_config.vocab_size = vocab_size
+    return _save(config, processor, tokenizer, out_dir, seed)
+
+
+def build_qwen2_vl_sized(
+    out_dir: str | Path,
+    *,
+    text_layers: int,
+    text_hidden: int,
+    text_heads: int,
+    kv_heads: int,
+    vision_layers: int,
+    vision_hidden: int,
+    image_size: int,
+    patch_size: int = 14,
+    max_positions: int = 32768,
+    seed: int = 0,
+) -> Path:
+    """Build a random Qwen2-VL of a chosen size, for benchmarks (many image tokens per image).
+
+    Images are resized to ``image_size`` x ``image_size`` pixels and cut into patches merged 2 x 2,
+    so there are ``(image_size // (2 * patch_size)) ** 2`` image tokens (``image_size=1540,
+    patch_size=14``: 3,025) and four times as many patches in the vision tower. M-RoPE splits the
+    head's rotary pairs into temporal / height / width sections as the tiny Qwen2-VL does. The
+    tokenizer is the tiny BPE one.
+
+    Args:
+        out_dir: Directory to write.
+        text_layers, text_hidden, text_heads: Qwen2 decoder size (``text_hidden`` a multiple of ``text_heads``).
+        kv_heads: key/value heads (grouped-query attention), dividing ``text_heads``.
+        vision_layers, vision_hidden: ViT depth and width (``vision_hidden`` a multiple of 32: 32-wide heads).
+        image_size: Input side in pixels, a multiple of ``2 * patch_size``.
+        patch_size: ViT patch size.
+        max_positions: the decoder's ``max_position_embeddings``.
+        seed: Seeds the weight initialisation.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: On inconsistent sizes.
+    """
+    merge = 2
+    for what, size, parts in (("image_size", image_size, merge * patch_size), ("text_hidden", text_hidden, text_heads),
+                              ("text_heads", text_heads, kv_heads), ("vision_hidden", vision_hidden, 32)):
+        if size % parts:
+            raise ValueError(f"{what} {size} is not a multiple of {parts}")
+    tokenizer = _tokenizer(_TOKEN_SPECS["qwen2_vl"])
+    half = text_hidden // text_heads // 2
+    text = dict(
+        hidden_size=text_hidden,
+        intermediate_size=4 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        vocab_size=len(tokenizer),
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+        **_token_ids(tokenizer),
+    )
+    vision = dict(depth=vision_layers, num_heads=vision_hidden // 32, embed_dim=vision_hidden, mlp_ratio=2,
+                  hidden_size=text_hidden, patch_size=patch_size, spatial_merge_size=merge, temporal_patch_size=2)
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.vision_bos_token_id,
+        vision_end_token_id=tokenizer.vision_eos_token_id,
+    )
+    pixels = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=merge, temporal_patch_size=2
+    )
+    processor = image_only_processor(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
     return _save(config, processor, tokenizer, out_dir, seed)
 
 

@@ -102,6 +102,19 @@ def no_plan_left(model) -> bool:
     return active_plan(model) is None and not any(SEAT_ATTR in m.__dict__ for m in model.modules())
 
 
+def cli_run(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: ``(exit code, stdout, stderr)``."""
+    from lvlm_fix.cli.main import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def cli_error(capsys, *argv: str) -> str:
     """Run the CLI expecting a user error: exit code 2, exactly one ``error:`` line, no traceback."""
     from lvlm_fix.cli.main import main

@@ -14,7 +14,7 @@ import lvlm_fix.interventions.act  # noqa: F401  (registers "act")
 from conftest import PROMPTS
 from lvlm_fix.interventions.act import answer_token_ids, calibrate_act, write_head_file
 from lvlm_fix.errors import ConfigError
-from lvlm_fix.hooks.plan import AttnContext, Plan
+from lvlm_fix.hooks.plan import AttnContext, Plan, TokenState
 from lvlm_fix.interventions.act import Act, ActConfig, act_redistribute, act_sinks, default_act_layers, parse_heads
 
 NEG = torch.finfo(torch.float32).min
@@ -48,9 +48,17 @@ def _prefill_inputs():
     logits = probs.clamp_min(1e-30).log().masked_fill(~allowed[:, None], 0.0)
     scores = logits + torch.where(allowed, 0.0, NEG)[:, None]  # what the eager path hands pre_softmax
     ctx = AttnContext(layer=0, phase="prefill", step=0, query_positions=torch.arange(4), image_end=T([0, 0]),
-                      key_positions=torch.arange(4), image_keys=torch.zeros(2, 4, dtype=torch.bool),
+                      key_positions=torch.arange(4), key_start=0, image_keys=torch.zeros(2, 4, dtype=torch.bool),
                       key_valid=key_valid)
     return scores, ctx
+
+
+def _prefill(act, scores, ctx):
+    """The eager path's calls at an unchunked prefill: begin, accumulate, then post_softmax."""
+    act.begin(TokenState(image_mask=ctx.image_keys, valid=ctx.key_valid, prompt_len=4, q_len=4))
+    probs = act.pre_softmax(scores, ctx).softmax(-1)
+    act.accumulate(scores, probs, ctx)
+    return probs, act.post_softmax(probs, ctx)
 
 
 def test_pure_sink_set_and_redistribution():
@@ -70,10 +78,8 @@ def test_pure_sink_set_and_redistribution():
 
 def test_prefill_callbacks_respect_padding_bos_and_unselected_heads():
     act = _act(thres=0.4, beta=0.4)
-    act.begin(None)
-    scores, ctx = _prefill_inputs()
-    probs = act.pre_softmax(scores, ctx).softmax(-1)
-    out = act.post_softmax(probs, ctx)
+    probs, out = _prefill(act, *_prefill_inputs())
+    ctx = _prefill_inputs()[1]
     assert torch.allclose(out[0, 0], T(A0_ACT), atol=1e-6)
     assert torch.allclose(out[1, 0, 1:, 1:], T(A1_ACT_VALID), atol=1e-6)
     assert torch.equal(out[1, 0, 0], probs[1, 0, 0])  # the padding query row is untouched (uniform garbage)
@@ -86,9 +92,7 @@ def test_prefill_callbacks_respect_padding_bos_and_unselected_heads():
 
 def test_decode_step_uses_prefill_sinks_and_rows_sum_to_one():
     act = _act(thres=0.4, beta=0.4)
-    act.begin(None)
-    scores, ctx = _prefill_inputs()
-    act.post_softmax(act.pre_softmax(scores, ctx).softmax(-1), ctx)
+    _prefill(act, *_prefill_inputs())
     # One new token (position 4); rows: [BOS, s, ., ., new] and [pad, a, s, c, new].
     probs = T([[0.1, 0.4, 0.2, 0.1, 0.2], [0.0, 0.1, 0.5, 0.2, 0.2]])[:, None, None].repeat(1, 2, 1, 1)
     dec = AttnContext(layer=0, phase="decode", step=1, query_positions=T([4]), image_end=T([0, 0]),

@@ -8,17 +8,9 @@ import pytest
 from transformers import BertConfig
 
 from conftest import cli_error
-from lvlm_fix.cli.main import main
+from conftest import cli_run as run
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +57,37 @@ def test_heads_writes_stats_and_figures(capsys, tiny_dirs, image_file, tmp_path)
     assert len(stats["vhd"]) == stats["num_layers"]
     for name in ("vhd_heatmap.png", "visual_sinks.png", "entropy_image_mass.png"):
         assert (tmp_path / "h" / name).stat().st_size > 1000
+
+
+def test_heads_tau_reaches_the_report_and_marks_vhr_heads(capsys, tiny_dirs, image_file, tmp_path):
+    """--tau is the sink threshold of the report; a threshold nothing reaches draws the "no sink" text
+    instead of an empty map; the heads VHR would scale with its defaults are in the report."""
+    from unittest import mock
+
+    from matplotlib.axes import Axes
+
+    from lvlm_fix.interventions.vhr import default_layers
+
+    with mock.patch.object(Axes, "text", autospec=True, side_effect=Axes.text) as text:  # drawn, and recorded
+        code, out, err = run(capsys, "heads", "--model", str(tiny_dirs("llava")), "--image", str(image_file),
+                             "--tau", "1e6", "--out", str(tmp_path / "h"))
+    assert code == 0, err
+    stats = json.loads((tmp_path / "h" / "stats.json").read_text())
+    assert stats["sink_tau"] == 1e6 and not any(rows[0] for rows in stats["visual_sinks"].values())
+    assert any(call.args[3] == "no sink found at tau = 1e+06" for call in text.call_args_list)
+    assert "tau = 1e+06" in out and (tmp_path / "h" / "visual_sinks.png").stat().st_size > 1000
+    selected = stats["vhr_selected_heads"]
+    assert [int(k) for k in selected] == default_layers(stats["num_layers"])
+    for layer, rows in selected.items():  # VHR's rule: filtered VHD above the layer's median
+        vhd = stats["vhd_filtered"][stats["layers"].index(int(layer))]
+        median = sorted(vhd)[(len(vhd) - 1) // 2]
+        assert rows[0] == [h for h, v in enumerate(vhd) if v > median]
+
+
+@pytest.mark.parametrize("tau", ["0", "-1", "nan", "inf", "x"])
+def test_heads_refuses_a_bad_tau(capsys, tmp_path, tau):
+    line = cli_error(capsys, "heads", "--tau", tau, "--out", str(tmp_path / "h"))
+    assert "--tau" in line and not (tmp_path / "h").exists()
 
 
 def test_missing_image(capsys, tiny_dirs, tmp_path):

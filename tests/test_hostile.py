@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import cli_error
-from lvlm_fix.cli.main import main
+from conftest import cli_run as _run
 from lvlm_fix.errors import InputError
 from lvlm_fix.images import ImageWarning, check_image_file, load_image
 
@@ -29,14 +29,6 @@ def image_file(tmp_path_factory, images):
     return path
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # -- the image loader ---------------------------------------------------------------------------------------
@@ -95,6 +87,40 @@ def test_bad_image_files_are_one_line_input_errors(tmp_path, make, needle):
         with pytest.raises(InputError, match=needle) as err:
             reader(source)
         assert "\n" not in str(err.value)
+
+
+def test_eval_and_testbed_images_go_through_the_one_loader(tmp_path):
+    """POPE, CHAIR's samples, AMBER and the testbed's quality check read a 16-bit PNG and a sideways
+    phone photo exactly as load_image does (PIL's convert would make the first all white)."""
+    from types import SimpleNamespace
+
+    from lvlm_fix.evals.amber import AmberItem
+    from lvlm_fix.evals.data import CocoImageSample, _open_rgb, load_pope_jsonl
+    from lvlm_fix.testbed.quality import _images
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    rgb_file = tmp_path / "plain.png"
+    Image.new("RGB", (48, 32), (10, 120, 250)).save(rgb_file)
+    names = ["deep.png", "phone.jpg", "plain.png"]
+    (tmp_path / "q.json").write_text("\n".join(json.dumps({"question_id": i, "image": n, "text": "A?", "label": "yes"})
+                                               for i, n in enumerate(names)))
+    expected = [np.asarray(load_image(tmp_path / n)) for n in names]
+    readers = {
+        "pope": [s.load_image() for s in load_pope_jsonl(tmp_path / "q.json", tmp_path, "random")],
+        "chair": [CocoImageSample(i, n, lambda n=n: _open_rgb(tmp_path / n)).load_image() for i, n in enumerate(names)],
+        "amber": [AmberItem(i, n, "A?", "generative", None, image_path=tmp_path / n).load_image()
+                  for i, n in enumerate(names)],
+        "testbed": _images(SimpleNamespace(images_dir=tmp_path), names),
+    }
+    for reader, got in readers.items():
+        assert [np.array_equal(np.asarray(g), e) for g, e in zip(got, expected)] == [True] * 3, reader
+        assert got[1].size == (40, 80) and 120 <= np.asarray(got[0])[32, 0, 0] <= 135, reader
+    with Image.open(rgb_file) as im:  # an ordinary RGB file: exactly what Image.open(...).convert gave before
+        assert np.array_equal(np.asarray(readers["pope"][2]), np.asarray(im.convert("RGB")))
 
 
 # -- run / heads: checked before any work -------------------------------------------------------------------
@@ -187,6 +213,72 @@ def test_eval_refuses_contradictory_flags_before_any_work(capsys, tmp_path):
                                            "--out", str(out))
     assert "add --do-sample" in cli_error(capsys, "eval", "--greedy", "--top-p", "0.9", "--out", str(out))
     assert not out.exists()
+
+
+# -- model load faults: a damaged checkpoint folder is one line naming the file and the fix ---------------------
+def _damaged(tiny_dirs, tmp_path, damage: str):
+    """A copy of the tiny llava checkpoint with one fault; returns the folder and the path the error must name."""
+    import os
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dirs("llava"), folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        os.truncate(weights, weights.stat().st_size // 2)
+    elif damage == "garbled":
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"x" * 32  # the JSON header
+        weights.write_bytes(bytes(data))
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "missing":
+        weights.unlink()
+        return folder, folder
+    elif damage == "no config":
+        (folder / "config.json").unlink()
+        return folder, folder
+    elif damage == "not a model":
+        shutil.rmtree(folder)
+        folder.mkdir()
+        (folder / "notes.txt").write_text("holiday photos")
+        return folder, folder
+    return folder, weights
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncated", "is corrupt or truncated"),
+    ("garbled", "is corrupt or truncated"),
+    ("empty", "is corrupt or truncated"),
+    ("missing", "needs the model.safetensors"),
+    ("no config", "has no config.json"),
+    ("not a model", "has no config.json"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_it(capsys, tiny_dirs, image_file, tmp_path, damage, needle):
+    folder, named = _damaged(tiny_dirs, tmp_path, damage)
+    line = cli_error(capsys, "run", "--model", str(folder), "--image", str(image_file), "--max-new-tokens", "2")
+    assert needle in line and str(named) in line and "save" in line  # the fix: save / download it again
+
+
+def test_heads_and_eval_report_a_truncated_checkpoint_the_same_way(capsys, tiny_dirs, image_file, coco, tmp_path):
+    folder, weights = _damaged(tiny_dirs, tmp_path, "truncated")
+    heads = cli_error(capsys, "heads", "--model", str(folder), "--image", str(image_file), "--out", str(tmp_path / "h"))
+    evals = cli_error(capsys, "eval", "--model", str(folder), "--pope-questions", str(coco), "--image-dir",
+                      str(coco / "images"), "--split", "random", "--limit", "2", "--out", str(tmp_path / "e"))
+    assert heads == evals and f"{weights} is corrupt or truncated" in heads
+
+
+def test_a_bug_inside_loading_is_not_dressed_up_as_a_bad_checkpoint(tiny_dirs, monkeypatch):
+    import transformers
+
+    import lvlm_fix
+
+    def broken(*a, **k):
+        raise TypeError("a bug, not a user error")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        lvlm_fix.load(tiny_dirs("llava"))
 
 
 # -- fuzz: argument and jsonl parsing never end in a traceback --------------------------------------------------

@@ -101,9 +101,11 @@ def _ctx(tokens, image, valid, queries, step=0, key_start=0, k=7):
     total = image.shape[1]
     img = torch.cat([image, image.new_zeros(2, max(0, key_start + k - total))], 1)[:, keys]
     val = torch.cat([valid, valid.new_ones(2, max(0, key_start + k - total))], 1)[:, keys]
+    q_len = tokens.q_len  # the forward's queries: positions tokens.past .. past + q_len - 1
+    chunk = slice(int(queries[0]) - tokens.past, int(queries[-1]) + 1 - tokens.past)
     return AttnContext(layer=0, phase="prefill" if step == 0 else "decode", step=step, query_positions=queries,
                        image_end=torch.tensor([5, 6]), key_positions=keys, key_start=key_start, image_keys=img,
-                       key_valid=val)
+                       key_valid=val, q_len=q_len, k_len=k, chunk=chunk)
 
 
 def test_the_last_row_is_edited_on_each_rows_own_tokens():

@@ -195,3 +195,46 @@ def test_two_handles_of_one_model_share_its_plan_seat(tiny):
             with Plan(twin, [EveryLayer()]).active():
                 pass
     assert no_plan_left(lvlm.model)
+
+
+def test_a_plan_from_a_second_thread_on_the_same_model_is_refused(tiny, images):
+    """One model serves one thread at a time: while thread A has VHR applied (its text-only stream
+    runs its own plan on a side thread, which is allowed), thread B's method is refused with one
+    line; once A is done, B's call runs."""
+    import dataclasses
+    import threading
+
+    import lvlm_fix
+    from lvlm_fix.errors import LvlmFixError
+
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:1], PROMPTS[:1])
+    entered, done_checking, result = threading.Event(), threading.Event(), {}
+
+    def thread_a():
+        try:
+            with lvlm_fix.apply(lvlm, "vhr") as plan:
+                entered.set()
+                done_checking.wait(60)
+                with torch.inference_mode():  # A's own call still works (and its VHR side stream)
+                    lvlm.model.generate(**batch, max_new_tokens=2, do_sample=False)
+                result["heads"] = plan.report()["vhr"]["selected_heads"]
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread
+            result["error"] = e
+            entered.set()
+
+    a = threading.Thread(target=thread_a)
+    a.start()
+    try:
+        assert entered.wait(60) and "error" not in result
+        for handle in (lvlm, dataclasses.replace(lvlm)):  # the model is what is busy, not the handle
+            with pytest.raises(LvlmFixError, match="another thread") as err:
+                lvlm_fix.generate(handle, images[:1], PROMPTS[:1], method="var", max_new_tokens=2)
+            assert "\n" not in str(err.value) and "once per thread" in str(err.value)
+    finally:
+        done_checking.set()
+        a.join(120)
+    assert "error" not in result and result["heads"], result
+    out = lvlm_fix.generate(lvlm, images[:1], PROMPTS[:1], method="var", max_new_tokens=2)  # sequential use works
+    assert len(out.texts) == 1
+    assert no_plan_left(lvlm.model)

@@ -8,17 +8,10 @@ import json
 import pytest
 
 from conftest import cli_error
+from conftest import cli_run as _run
 from lvlm_fix.cli.main import main
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -491,24 +491,34 @@ def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> Non
 @_model_options
 @click.option("--image", default=None, help="image file (default on the testbed: a synthetic scene).")
 @click.option("--prompt", default=None, help="user prompt.")
+@click.option("--tau", default=None, type=float,
+              help="visual-sink threshold on a token's massive-activation score, > 0 (default: VAR's, 20).")
 @click.option("--out", required=True, help="folder for stats.json and the PNG figures.")
-def heads_cmd(image, prompt, out, **kwargs) -> None:
-    """Head diagnostics: VHD per layer x head, visual sinks, attention entropy, image mass."""
+def heads_cmd(image, prompt, tau, out, **kwargs) -> None:
+    """Head diagnostics: VHD per layer x head (VHR's heads marked), visual sinks, attention entropy, image mass."""
+    import math
+
+    from ..interventions.var import SINK_TAU
+
     model_opts = _model_params(kwargs)
+    tau = SINK_TAU if tau is None else tau
+    if not (math.isfinite(tau) and tau > 0):
+        raise ConfigError(f"--tau {tau} must be a finite number > 0 (a token is a sink when its score exceeds it); "
+                          f"leave --tau out for the default {SINK_TAU:g}")
     (img, _), text = _default_image(model_opts["model_name"], image), _check_prompt(prompt)
     out_dir = _out_dir(out, "--out", ("stats.json",))
 
     from ..diagnostics import head_statistics, write_outputs
 
     lvlm = _load(model_opts)
-    report = head_statistics(lvlm, img, text)
+    report = head_statistics(lvlm, img, text, tau=tau)
     for path in write_outputs(report, out_dir):
         click.echo(f"wrote {path}")
     vhd = report["vhd_filtered"]
     top = sorted(((v, l, h) for l, row in zip(report["layers"], vhd) for h, v in enumerate(row)), reverse=True)[:5]
     click.echo("top vision-aware heads (layer, head, VHD): " + ", ".join(f"({l}, {h}, {v:.3g})" for v, l, h in top))
-    click.echo(f"sink dims: {report['sink_dims']} ({report['sink_dims_source']}); "
-               f"layers with visual sinks: {sum(1 for v in report['visual_sinks'].values() if v[0])}")
+    click.echo(f"sink dims: {report['sink_dims']} ({report['sink_dims_source']}); layers with visual sinks at "
+               f"tau = {tau:g}: {sum(1 for v in report['visual_sinks'].values() if v[0])}")
 
 
 def _data_options(f: Any) -> Any:

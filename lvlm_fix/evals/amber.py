@@ -96,12 +96,11 @@ class AmberItem:
         return GENERATIVE if self.dimension == GENERATIVE else DISCRIMINATIVE
 
     def load_image(self) -> Any:
-        from PIL import Image
+        from ..images import load_image
 
         if self.image_path is None:
             raise DataError(f"AMBER item {self.id} has no image")
-        with Image.open(self.image_path) as image:
-            return image.convert("RGB")
+        return load_image(self.image_path)
 
 
 def _read_json(path: Path, what: str) -> Any:

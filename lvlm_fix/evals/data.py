@@ -33,10 +33,16 @@ _POPE_JSONL_KEYS = ("question_id", "image", "text", "label")
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    from PIL import Image  # deferred: importing the loaders should not import PIL
+    from lvlm_fix.images import load_image  # deferred: importing the loaders should not import PIL
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return load_image(path)  # the one loader: EXIF orientation, 16-bit, alpha read as everywhere else
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """A caller's ``image_loader`` result as RGB, the way :func:`lvlm_fix.images.to_rgb` reads any image."""
+    from lvlm_fix.images import to_rgb
+
+    return image if image.mode == "RGB" else to_rgb(image)
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,7 @@ class PopeSample:
 
     def load_image(self) -> Image.Image:
         """The question's image as an RGB PIL image."""
-        image = self.image_loader()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _rgb(self.image_loader())
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,7 @@ class CocoImageSample:
 
     def load_image(self) -> Image.Image:
         """The image as an RGB PIL image."""
-        image = self.image_loader()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _rgb(self.image_loader())
 
 
 Record = Union[PopeSample, CocoImageSample, Mapping[str, Any]]
@@ -267,7 +271,9 @@ def load_pope_hf(
 
 
 def _hf_image(images: Any, row: int) -> Image.Image:
-    return images[row]["image"]
+    from lvlm_fix.images import to_rgb
+
+    return to_rgb(images[row]["image"], name=f"POPE row {row}")  # decoded by datasets: oriented and made RGB here
 
 
 def load_coco_captions_for_chair(

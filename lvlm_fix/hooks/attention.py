@@ -10,7 +10,10 @@ another model that shares this function):
   row of the last query, handed to the plan's ``observe`` callbacks (statistics never keep the
   full ``[b, h, q, k]`` map);
 * a layer the plan *edits* (``eager_layers``): eager math in fp32, with the plan's pre-softmax
-  and post-softmax callbacks in between.
+  and post-softmax callbacks in between. The fp32 working set is bounded: when the ``[b, h, q, k]``
+  map exceeds :func:`block_bytes` (long prefills), the queries are processed in chunks, each
+  against the keys it may see, in two passes where a participant needs column statistics (the
+  contract is on :class:`~lvlm_fix.hooks.plan.Participant`). The result equals the unchunked math.
 
 The mask function registered beside it is sdpa's, so the passthrough gets exactly the mask
 stock sdpa would get (``None`` for an unpadded causal prefill, boolean otherwise); the eager
@@ -19,6 +22,8 @@ path turns that mask into the additive form itself.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
@@ -29,7 +34,7 @@ from ..errors import LvlmFixError
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .plan import Plan
+    from .plan import AttnContext, Plan
 
 ATTN_NAME = "lvlm_fix"
 # Attention arguments that change the math and that the eager path does not apply (attention sinks,
@@ -47,6 +52,9 @@ class PlanSeat:
     layer index) when the first plan of the model becomes active, and removed when the last one
     leaves: a model with no active plan carries no lvlm-fix attribute, and the attention
     function's no-plan path is one dictionary look-up.
+
+    ``owners`` counts the outer plans (not a side stream's ``inner`` one) per thread: one model
+    serves the calls of one thread at a time (see :func:`acquire_seat`).
     """
 
     def __init__(self, model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
@@ -54,28 +62,47 @@ class PlanSeat:
         self.modules = attention_modules
         self.current: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
         self.users = 0
+        self.owners: dict[int, int] = {}  # thread ident -> outer plans of that thread now active
 
 
 _SEATS_LOCK = threading.Lock()  # plans may enter and leave from several threads (side streams, user threads)
 
 
-def acquire_seat(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> PlanSeat:
-    """The model's seat, installed on its attention modules if no plan of the model is active yet."""
-    with _SEATS_LOCK:
+def acquire_seat(model: torch.nn.Module, attention_modules: list[torch.nn.Module], inner: bool = False) -> PlanSeat:
+    """The model's seat, installed on its attention modules if no plan of the model is active yet.
+
+    Raises:
+        LvlmFixError: an outer plan of another thread is active on ``model``. The plans themselves
+            would keep apart (``current`` is per thread), but the forwards would not: the side
+            streams' lock step, a contrast stream's own forwards, the attention implementation
+            switched back on exit and the tokenizer's padding side assume one caller per model.
+    """
+    me = threading.get_ident()
+    with _SEATS_LOCK:  # check and claim in one step: two threads entering at once cannot both pass
         seat = model.__dict__.get(SEAT_ATTR)
+        if not inner and seat is not None and any(t != me for t in seat.owners):
+            raise LvlmFixError("another thread is already running a method on this model; one model serves one "
+                               "thread at a time: run the calls one after another, or load the model once per thread")
         if seat is None:
             seat = PlanSeat(model, attention_modules)
             for i, m in enumerate(attention_modules):
                 m.__dict__[SEAT_ATTR] = (seat, i)  # __dict__: plain attribute, not a registered submodule
             model.__dict__[SEAT_ATTR] = seat
         seat.users += 1
+        if not inner:
+            seat.owners[me] = seat.owners.get(me, 0) + 1
         return seat
 
 
-def release_seat(seat: PlanSeat) -> None:
-    """Undo one :func:`acquire_seat`; the last one removes the seat from the model."""
+def release_seat(seat: PlanSeat, inner: bool = False) -> None:
+    """Undo one :func:`acquire_seat` (same ``inner``, same thread); the last one removes the seat from the model."""
     with _SEATS_LOCK:
         seat.users -= 1
+        if not inner:
+            me = threading.get_ident()
+            seat.owners[me] -= 1
+            if not seat.owners[me]:
+                del seat.owners[me]
         if seat.users == 0:
             for m in seat.modules:
                 m.__dict__.pop(SEAT_ATTR, None)
@@ -86,6 +113,32 @@ def active_plan(model: torch.nn.Module) -> Plan | None:
     """The plan active on ``model`` in this thread, or None."""
     seat = model.__dict__.get(SEAT_ATTR)
     return seat.current.get() if seat is not None else None
+
+
+# The fp32 block an edited layer may hold per query chunk ([b, h, chunk, k] scores or probabilities;
+# the callbacks keep a few such blocks alive at once). On the CPU small blocks are also the fast
+# ones: they stay in cache and below glibc's mmap threshold, so every chunk reuses the same pages
+# (a 300 MB map costs more in page faults than in arithmetic). On a GPU larger blocks amortise
+# kernel launches against memory that the weights dwarf anyway; other accelerators count as one.
+BLOCK_ENV = "LVLM_FIX_ATTN_BLOCK_MB"
+DEFAULT_BLOCK_MIB = {"cpu": 16, "cuda": 256}
+
+
+def block_bytes(plan: Plan, device: torch.device) -> int:
+    """Bytes of one fp32 block at an edited layer: ``plan.block_bytes``, else ``$LVLM_FIX_ATTN_BLOCK_MB``
+    (MiB, fractions allowed), else :data:`DEFAULT_BLOCK_MIB` for the device."""
+    if plan.block_bytes is not None:
+        return plan.block_bytes
+    env = os.environ.get(BLOCK_ENV)
+    if env:
+        try:
+            mib = float(env)
+        except ValueError:
+            mib = -1.0
+        if not mib > 0:
+            raise LvlmFixError(f"{BLOCK_ENV}={env!r}: give the attention block size in MiB, a number > 0 (e.g. 64)")
+        return int(mib * 2**20)
+    return DEFAULT_BLOCK_MIB.get(device.type, DEFAULT_BLOCK_MIB["cuda"]) * 2**20
 
 
 # transformers' sdpa path, bound by register(): importing transformers at module import would
@@ -110,21 +163,25 @@ def register() -> None:
 
 
 def additive_mask(
-    attention_mask: Tensor | None, q_len: int, k_len: int, is_causal: bool, device: torch.device
+    attention_mask: Tensor | None, q_len: int, k_len: int, is_causal: bool, device: torch.device,
+    rows: tuple[int, int] | None = None,
 ) -> Tensor | None:
     """The ``[b|1, 1, q, k]`` fp32 additive mask equivalent to what sdpa was given, or None.
 
     sdpa reads ``mask=None`` with ``q > 1`` as an upper-left causal mask (``is_causal=True``);
     fully masked rows (left padding) get the dtype minimum rather than -inf, as in HF eager,
-    so they stay finite.
+    so they stay finite. ``rows=(q0, q1)``: only those query rows.
     """
     neg = torch.finfo(torch.float32).min
+    q0, q1 = rows or (0, q_len)
     if attention_mask is None:
         if q_len > 1 and is_causal:
-            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
-            return torch.zeros(1, 1, q_len, k_len, device=device).masked_fill(~causal, neg)
+            causal = torch.ones(q1 - q0, k_len, dtype=torch.bool, device=device).tril(q0)
+            return torch.zeros(1, 1, q1 - q0, k_len, device=device).masked_fill(~causal, neg)
         return None
     mask = attention_mask[..., :k_len]
+    if mask.shape[-2] > 1:
+        mask = mask[..., q0:q1, :]
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=device).masked_fill(~mask, neg)
     return mask.float().clamp(min=neg)
@@ -183,22 +240,148 @@ def lvlm_fix_attention(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-        mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device)
-        last = _attention_probs(query[:, :, -1:], repeat_kv(key, n_rep), None if mask is None else mask[..., -1:, :], scaling)
+        mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device, rows=(q_len - 1, q_len))
+        last = _attention_probs(query[:, :, -1:], repeat_kv(key, n_rep), mask, scaling)
         plan.observe(last[:, :, 0], ctx)
         return out, None
 
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    return _edited_attention(plan, ctx, module, query, repeat_kv(key, n_rep), repeat_kv(value, n_rep),
+                             attention_mask, scaling, is_causal, dropout)
+
+
+def _edited_attention(
+    plan: Plan, ctx: AttnContext, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+    attention_mask: Tensor | None, scaling: float, is_causal: bool, dropout: float,
+) -> tuple[Tensor, Tensor | None]:
+    """Eager fp32 attention with the plan's callbacks; ``key``/``value`` already have every head.
+
+    One block (short prompts, decode steps): the whole ``[b, h, q, k]`` map, as HF eager computes
+    it, and it is returned as the attention weights. Otherwise query chunks of at most
+    :func:`block_bytes` each (the weights are not returned: no full map exists):
+
+    1. if a participant keeps column statistics at this layer, every chunk's scores and
+       probabilities go to ``accumulate`` first;
+    2. every chunk is then computed again and edited (``post_softmax``), except the chunks no
+       participant edits (:meth:`Plan.edits`), which stock sdpa computes from the same rows of the mask.
+    """
+    b, h, q_len, _ = query.shape
+    k_len = key.shape[2]
+    layer = ctx.layer
+    step = max(1, block_bytes(plan, query.device) // (4 * b * h * k_len))
+    if step >= q_len:
+        return _one_block(plan, ctx, module, query, key, value, attention_mask, scaling, is_causal, dropout)
+
+    # Operands once per layer, fp32 and contiguous: the chunks' matmuls read them many times
+    # (a strided [b, h, q, d] view of the projections' [b, q, h, d] halves the matmul speed).
+    q32 = query.float().contiguous()
+    key_t = key.float().transpose(-1, -2).contiguous()  # [b, h, d, k]: chunk keys are a prefix of columns
+    v32 = value.float().contiguous()
+    observed = layer in plan.observed_layers
+    chunks = [(q0, min(q0 + step, q_len)) for q0 in range(0, q_len, step)]
+    if layer in plan.column_stats_layers:  # statistics pass: every chunk seen before any is edited
+        for q0, q1 in chunks:
+            mask, kc = _chunk_mask(attention_mask, q0, q1, k_len, is_causal, query.device)
+            cctx = _chunk_context(ctx, q0, q1, kc, stats_pass=True)
+            scores = _chunk_scores(plan, cctx, q32, key_t, mask, scaling)
+            plan.accumulate(scores, scores.softmax(dim=-1), cctx)
+            del scores
+    out = torch.empty_like(query)  # [b, h, q, d], the model's dtype
+    for q0, q1 in chunks:
+        mask, kc = _chunk_mask(attention_mask, q0, q1, k_len, is_causal, query.device)
+        cctx = _chunk_context(ctx, q0, q1, kc)
+        if not (observed and q1 == q_len) and not plan.edits(cctx):
+            out[:, :, q0:q1] = _sdpa_chunk(query, key, value, mask, q0, q1, kc, scaling,
+                                           dropout if module.training else 0.0)
+            continue
+        probs = _chunk_scores(plan, cctx, q32, key_t, mask, scaling).softmax(dim=-1)  # [b, h, c, kc] fp32
+        probs = plan.post_softmax(probs, cctx)
+        if observed and q1 == q_len:
+            plan.observe(probs[:, :, -1], cctx)
+        if dropout and module.training:
+            probs = torch.nn.functional.dropout(probs, p=dropout)
+        out[:, :, q0:q1] = torch.matmul(probs, v32[:, :, :kc])
+        del probs
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _one_block(
+    plan: Plan, ctx: AttnContext, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+    attention_mask: Tensor | None, scaling: float, is_causal: bool, dropout: float,
+) -> tuple[Tensor, Tensor]:
+    """The whole map at once, the callbacks' order as in a chunk (short prompts and decode steps)."""
+    q_len, k_len = query.shape[2], key.shape[2]
     mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)  # [b, h, q, k]
     if mask is not None:
         scores.add_(mask)  # in place: this runs per edited layer and step
     scores = plan.pre_softmax(scores, ctx)
     probs = scores.softmax(dim=-1)  # [b, h, q, k], fp32
+    if ctx.layer in plan.column_stats_layers:
+        plan.accumulate(scores, probs, ctx)
+    del scores
     probs = plan.post_softmax(probs, ctx)
-    if layer in plan.observed_layers:
+    if ctx.layer in plan.observed_layers:
         plan.observe(probs[:, :, -1], ctx)
     if dropout and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     out = torch.matmul(probs, value.float()).to(query.dtype)  # [b, h, q, d]
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _chunk_context(ctx: AttnContext, q0: int, q1: int, kc: int, stats_pass: bool = False) -> AttnContext:
+    """The context of queries ``q0:q1`` against keys ``[0, kc)``."""
+    return dataclasses.replace(
+        ctx, query_positions=ctx.query_positions[q0:q1], chunk=slice(q0, q1), stats_pass=stats_pass,
+        key_positions=ctx.key_positions[:kc], image_keys=ctx.image_keys[:, :kc], key_valid=ctx.key_valid[:, :kc])
+
+
+def _chunk_scores(plan: Plan, cctx: AttnContext, q32: Tensor, key_t: Tensor, mask: Tensor | None,
+                  scaling: float) -> Tensor:
+    """The chunk's masked, scaled fp32 scores ``[b, h, c, kc]``, after the plan's ``pre_softmax``."""
+    q0, q1 = cctx.chunk.start, cctx.chunk.stop
+    kc = cctx.key_positions.shape[0]
+    scores = torch.matmul(q32[:, :, q0:q1], key_t[..., :kc]).mul_(scaling)
+    if mask is not None:
+        # A boolean mask covers the last keys of the chunk (the causal triangle) or all of them.
+        # Filling with the minimum equals adding it (s + min rounds to min), as the one-block path does.
+        neg = torch.finfo(torch.float32).min
+        tail = scores[..., kc - mask.shape[-1]:]
+        if mask.dtype == torch.bool:
+            tail.masked_fill_(~mask, neg)
+        else:
+            tail.add_(mask.float().clamp(min=neg))
+    return plan.pre_softmax(scores, cctx)
+
+
+def _chunk_mask(
+    attention_mask: Tensor | None, q0: int, q1: int, k_len: int, is_causal: bool, device: torch.device
+) -> tuple[Tensor | None, int]:
+    """``(mask, kc)`` for queries ``q0:q1``: ``kc`` is one past the last key any of them may see
+    (keys after it would get exactly zero weight, so they are left out: half the work of a causal
+    prefill); ``mask`` covers the last ``mask.shape[-1]`` of the ``kc`` keys, every earlier key
+    being seen: boolean (True: seen) or additive, the rows of what sdpa was given; None: all seen.
+
+    A chunk of fully masked rows only (padding queries) keeps every key, as the one-block softmax
+    does; a fully masked row beside seen ones spreads its weight over the chunk's keys instead.
+    Such a row is a padding query: nothing reads its output.
+    """
+    neg = torch.finfo(torch.float32).min
+    if attention_mask is None:
+        if not is_causal:
+            return None, k_len
+        kc = min(q1, k_len)  # sdpa's is_causal is upper-left: row i sees keys j <= i
+        return torch.ones(q1 - q0, kc - q0, dtype=torch.bool, device=device).tril(), kc  # keys q0:kc
+    rows = attention_mask[..., q0:q1, :k_len] if attention_mask.shape[-2] > 1 else attention_mask[..., :k_len]
+    seen = rows if rows.dtype == torch.bool else rows > neg / 2  # [b|1, 1, c, k]
+    cols = seen.any(-2).flatten(0, -2).any(0)  # [k]: seen by some query of the chunk
+    kc = int(cols.nonzero().max()) + 1 if bool(cols.any()) else k_len
+    return rows[..., :kc], kc
+
+
+def _sdpa_chunk(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, q0: int, q1: int, kc: int,
+                scaling: float, dropout: float) -> Tensor:
+    """Stock sdpa for queries ``q0:q1`` of a chunk no participant edits, in the model's dtype."""
+    if mask is not None and mask.shape[-1] < kc:  # the causal triangle: every earlier key is seen
+        mask = torch.ones(q1 - q0, kc, dtype=torch.bool, device=query.device).tril(q0)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, q0:q1], key[:, :, :kc], value[:, :, :kc], attn_mask=mask, dropout_p=dropout, scale=scaling)

@@ -14,6 +14,8 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
 A plan acts on its own model only: a forward of another model while it is active runs untouched,
 and two models can each have a plan active at once. Two plans on one model nest only as a
 participant's own forward on a side thread (``active(inner=True)``, VHR's text-only stream).
+A plan entered on a model while another thread's plan is active on it is refused: one model
+serves one thread at a time (load it once per thread to run calls in parallel).
 
 A forward that a participant runs for itself beside the real one (a contrast stream's rows) runs
 inside :func:`outside_plan`, so that no participant edits or counts it.
@@ -44,13 +46,20 @@ class StopForward(Exception):
 
 @dataclass
 class AttnContext:
-    """Where a callback is: layer, step, and which keys are image tokens, per row.
+    """Where a callback is: layer, step, which queries and keys it sees, and which keys are image tokens.
+
+    At an edited layer's prefill the attention function may hand the callbacks one **query
+    chunk** at a time (see :class:`Participant`): then ``query_positions`` are the chunk's
+    queries, ``chunk`` says where they sit among the forward's ``q_len`` queries, and the key
+    fields cover the chunk's keys, a prefix of the forward's ``k_len`` keys (the keys after the
+    last one any query of the chunk may see are left out: they would get exactly zero weight).
+    The key fields always match the key axis of the tensors the callback gets.
 
     Attributes:
         layer: text-decoder layer index.
         phase: ``"prefill"`` (more than one query) or ``"decode"`` (one query).
         step: forward count in the current sequence, 0 for the prefill.
-        query_positions: ``[q]`` absolute positions of the queries in the sequence.
+        query_positions: ``[q]`` absolute positions of the queries in the sequence (this chunk's).
         image_end: ``[b]`` one past the last image token of each row's prompt (0: no image).
         key_positions: ``[k]`` absolute positions of the keys (sliding-window caches hold a
             suffix of the sequence). None outside the attention function.
@@ -58,6 +67,10 @@ class AttnContext:
             the oldest keys); None when unknown. With 0, the prompt's keys are the first ones.
         image_keys: ``[b, k]`` True where the key is an image token of that row.
         key_valid: ``[b, k]`` False where the key is padding.
+        q_len: queries of the whole forward; ``k_len``: its keys (None outside the attention function).
+        chunk: the queries of this call among the forward's (``slice(0, q_len)`` when unchunked).
+        stats_pass: True during the column-statistics pass (see :meth:`Participant.accumulate`),
+            when ``pre_softmax`` runs on a chunk that the editing pass will see again.
     """
 
     layer: int
@@ -69,32 +82,62 @@ class AttnContext:
     key_start: int | None = None
     image_keys: Tensor | None = None
     key_valid: Tensor | None = None
+    q_len: int | None = None
+    k_len: int | None = None
+    chunk: slice | None = None
+    stats_pass: bool = False
 
     @property
     def queries_after_image(self) -> Tensor:
         """``[b, q]`` True for queries past the row's last image token."""
         return self.query_positions[None, :] >= self.image_end[:, None]
 
+    @property
+    def has_last_query(self) -> bool:
+        """This call holds the forward's last query, as its last row: the position whose logits pick the next token."""
+        return self.chunk is None or self.q_len is None or self.chunk.stop == self.q_len
+
 
 class Participant:
     """Base class for anything that reads or rewrites the model during a Plan.
 
-    Subclasses declare which layers they need in :meth:`bind` (by filling the four layer
-    sets) and override the callbacks they use; the defaults are identities. Callbacks get
-    tensors of the whole batch and must treat rows independently.
+    Subclasses declare which layers they need in :meth:`bind` (by filling the layer sets) and
+    override the callbacks they use; the defaults are identities. Callbacks get tensors of the
+    whole batch and must treat rows independently.
+
+    **Query chunks.** At an edited layer, the attention function bounds its fp32 working set
+    (``Plan.block_bytes``): when the ``[b, h, q, k]`` map would exceed it (long prefills), the
+    queries are split into chunks and ``pre_softmax`` / ``post_softmax`` / ``accumulate`` are
+    called once per chunk, in query order, with ``[b, h, chunk, k_chunk]`` tensors and a context
+    whose ``query_positions``, ``chunk`` and key fields describe that chunk (:class:`AttnContext`).
+    Short prompts and decode steps are one chunk holding every query and key. So a callback must
+    be a function of its chunk: row-wise edits (each query row on its own) need nothing more; a
+    method that edits "the last query" checks ``ctx.has_last_query`` and edits row ``-1``; per-key
+    state kept from the prefill is sliced to the chunk's keys (``[..., :probs.shape[-1]]``, which
+    start at key 0); ``observe`` is called once, with the last query's row. The row of a padding
+    query (every key masked) is not defined, as in stock attention (sdpa and eager already differ
+    there; in a chunk it spreads over the chunk's keys): skip padding queries in any statistic
+    (``TokenState.valid`` at ``ctx.query_positions``). Nothing reads their outputs. A chunk that
+    no participant edits (:meth:`edits` False) is computed by sdpa, and no callback sees it.
+
+    **Column statistics.** A method whose edit needs a statistic over *all* queries (e.g. ACT's
+    mean attention each key receives) lists the layer in ``column_stats_layers`` and implements
+    :meth:`accumulate`: at every forward of such a layer, ``accumulate`` sees every chunk first
+    (the statistics pass), then ``post_softmax`` sees the chunks again (the editing pass). During
+    the statistics pass of a chunked forward ``pre_softmax`` runs too (``ctx.stats_pass`` is
+    True), so that ``accumulate`` sees the same scores as an unchunked forward: keep
+    ``pre_softmax`` free of side effects, or skip them when ``ctx.stats_pass``.
     """
 
     name: str = ""  # the key of this participant's report; empty: the class name in lower case
     eager_layers: frozenset[int] = frozenset()  # attention rewritten (pre/post softmax): eager path
+    column_stats_layers: frozenset[int] = frozenset()  # accumulate() over all queries before editing (eager path)
     observed_layers: frozenset[int] = frozenset()  # last query's attention row read
     head_output_layers: frozenset[int] = frozenset()  # per-head outputs (input of o_proj) read/scaled
     residual_layers: frozenset[int] = frozenset()  # residual stream entering the layer read
 
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
-
-    def install(self, plan: Plan, hooks: HookSet) -> None:
-        """Declare hooks of its own on ``hooks`` (e.g. a forward hook on the model); called on entering the plan."""
 
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
@@ -113,10 +156,27 @@ class Participant:
     def end(self) -> None:
         """The plan is being left, normally or by an exception: release anything still held."""
 
-    def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k] fp32
+    def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k] fp32, one query chunk
+        """Edit the masked, scaled scores (in place or a new tensor); masked keys hold ``finfo.min``."""
         return scores
 
-    def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k] fp32
+    def edits(self, ctx: AttnContext) -> bool:
+        """Whether ``pre_softmax``/``post_softmax`` may change this query chunk (only asked of a chunk of
+        a chunked forward). False for every participant: sdpa computes the chunk, no callback runs."""
+        return True
+
+    def accumulate(self, scores: Tensor, probs: Tensor, ctx: AttnContext) -> None:  # [b, h, q, k] fp32 each
+        """Column statistics (layers in ``column_stats_layers``): called with every query chunk of a
+        forward before the first ``post_softmax`` of that forward and layer.
+
+        ``scores`` are what ``pre_softmax`` returned and ``probs`` their softmax, before any
+        ``post_softmax`` edit; read them, never modify them. Keys past the chunk's last visible
+        key are not in the tensors (their weight is exactly zero): accumulate into
+        ``[..., :probs.shape[-1]]`` of a ``ctx.k_len``-long buffer.
+        """
+
+    def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k] fp32, one query chunk
+        """Edit the attention weights (in place or a new tensor); rows sum to 1."""
         return probs
 
     def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:  # [b, h, k] fp32, last query
@@ -166,16 +226,22 @@ class Plan:
         self.participants = list(participants)
         for p in self.participants:
             p.bind(lvlm)
-        self.eager_layers = frozenset().union(*(p.eager_layers for p in self.participants))
+        self.column_stats_layers = frozenset().union(*(p.column_stats_layers for p in self.participants))
+        # A column statistic needs every query's probabilities, which sdpa does not give: eager path.
+        self.eager_layers = frozenset().union(*(p.eager_layers for p in self.participants), self.column_stats_layers)
         self.observed_layers = frozenset().union(*(p.observed_layers for p in self.participants))
         n = lvlm.num_layers
-        for name in ("eager_layers", "observed_layers", "head_output_layers", "residual_layers"):
+        for name in ("eager_layers", "column_stats_layers", "observed_layers", "head_output_layers",
+                     "residual_layers"):
             for p in self.participants:
                 bad = sorted(i for i in getattr(p, name) if not 0 <= i < n)
                 if bad:
                     raise LvlmFixError(f"layer index {bad[0]} is beyond the model's depth: valid layers are 0..{n - 1}")
         self._num_heads = lvlm.num_heads  # read once: the property walks the config on every access
         self.tokens: TokenState | None = None
+        # Bytes of one [b, h, chunk, k] fp32 block at an edited layer (None: $LVLM_FIX_ATTN_BLOCK_MB or
+        # the device's default, see hooks.attention.block_bytes).
+        self.block_bytes: int | None = None
         self._seat: PlanSeat | None = None  # the model's seat while this plan is active
         self._ctx_cache: dict[tuple, dict[str, Any]] = {}  # this forward's context fields, by (k_len, device)
 
@@ -205,6 +271,9 @@ class Plan:
                 "step": t.step,
                 "query_positions": torch.arange(t.past, total, device=dev),
                 "image_end": t.image_end.to(dev),
+                "q_len": t.q_len,
+                "k_len": k_len,
+                "chunk": slice(0, t.q_len),
             }
             if k_len is not None:
                 # Keys are the most recent k_len tokens (sliding-window layers keep a suffix), except a
@@ -223,6 +292,14 @@ class Plan:
             if ctx.layer in p.eager_layers:
                 scores = p.pre_softmax(scores, ctx)
         return scores
+
+    def edits(self, ctx: AttnContext) -> bool:
+        return any(p.edits(ctx) for p in self.participants if ctx.layer in p.eager_layers)
+
+    def accumulate(self, scores: Tensor, probs: Tensor, ctx: AttnContext) -> None:
+        for p in self.participants:
+            if ctx.layer in p.column_stats_layers:
+                p.accumulate(scores, probs, ctx)
 
     def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:
         for p in self.participants:
@@ -319,7 +396,7 @@ class Plan:
             hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
         for p in self.participants:
             p.install(self, hooks)
-        seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules)
+        seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules, inner=inner)
         try:
             if seat.current.get() is not None and not inner:
                 raise LvlmFixError("a method is already applied to this model; combine methods in one call, "
@@ -334,7 +411,7 @@ class Plan:
                     for p in self.participants:
                         p.end()
         finally:
-            release_seat(seat)
+            release_seat(seat, inner=inner)
 
     def report(self) -> dict[str, Any]:
         """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""

@@ -41,7 +41,7 @@ Differences from the release (YuyaoGe/CARVE a1f0442), all deliberate:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np

@@ -130,8 +130,12 @@ class PAI(Intervention, ContrastStream):
         # The release's bug 1: guidance on leaves the prefill unamplified.
         self.skip_prefill = self.config.release_compat and self.contrast_on
 
+    def edits(self, ctx: AttnContext) -> bool:
+        # Only the forward's newest query is amplified: in a chunked prefill, the chunk that holds it.
+        return ctx.has_last_query and not (self.skip_prefill and ctx.step == 0)
+
     def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:
-        if self.skip_prefill and ctx.step == 0:
+        if not self.edits(ctx):
             return scores
         return amplify_image_attention(scores, ctx.image_keys, self.config.alpha)
 

@@ -274,16 +274,15 @@ class Paint(Intervention):
         self._tokens = tokens
         self._weights = None
 
+    def edits(self, ctx: AttnContext) -> bool:
+        # Only the forward's last query row is edited: in a chunked prefill, the chunk that holds it.
+        return ctx.has_last_query and not (self.config.release_compat and ctx.step == 0)
+
     def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:
         weights = self._key_weights()
-        if weights is None or (self.config.release_compat and ctx.step == 0):
+        if weights is None or not self.edits(ctx):
             return scores
-        t = self._tokens
-        q = scores.shape[2]
-        last = t.past + t.q_len - 1  # the last query of this forward
-        qi = q - 1 if q == t.q_len else last - int(ctx.query_positions[0])  # a query chunk: find it by position
-        if not 0 <= qi < q:
-            return scores
+        qi = scores.shape[2] - 1  # the forward's last query is the last row of this (its) chunk
         prompt_len = weights.shape[1]
         if ctx.key_start == 0:
             cols = slice(0, min(prompt_len, scores.shape[-1]))
@@ -296,8 +295,9 @@ class Paint(Intervention):
         if self.config.head_modulation == "image_attention":
             w = w * self._head_factors(scores[:, :, qi], ctx)[..., None]
         scores[:, :, qi, cols] = margin_edit(scores[:, :, qi, cols], w)
-        self._edits += 1
-        self._prefill_edited |= ctx.step == 0
+        if not ctx.stats_pass:  # a column-statistics pass sees this chunk again for the edit
+            self._edits += 1
+            self._prefill_edited |= ctx.step == 0
         return scores
 
     @staticmethod

@@ -28,6 +28,7 @@ Differences from the release (VisAttnSink ``98e62d6``), all on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +115,11 @@ class KeySets:
         visual_sink = sink & img
         columns = torch.stack([img, visual_sink, sink, img & ~sink], dim=-1).to(dtype)[:, None]
         return cls(columns, _DENOM_EPS * img.sum(-1).to(dtype)[:, None, None], visual_sink.any(-1)[:, None, None])
+
+    def prefix(self, k: int) -> KeySets:
+        """The first ``k`` keys, as a query chunk sees them. ``image_eps`` and ``has_visual_sink``
+        stay those of every key: a query that may be selected (past the image) sees every image key."""
+        return self if k >= self.columns.shape[2] else dataclasses.replace(self, columns=self.columns[:, :, :k])
 
 
 def redistribute(
@@ -303,29 +309,42 @@ class VAR(Intervention):
             phi = _row_sink_scores(hidden, *self._dims)
         self._sinks[ctx.layer] = (phi > self.config.tau) & valid
 
+    def edits(self, ctx: AttnContext) -> bool:
+        # At the prefill only queries past the row's image may be selected: at a long prefill the
+        # chunks of image tokens are left to sdpa.
+        return ctx.step != 0 or (ctx.layer in self._sinks and bool(ctx.queries_after_image.any()))
+
     def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:  # [b, h, q, k]
         sinks = self._sinks.get(ctx.layer)
         if sinks is None:
             return probs
         c = self.config
         n = sinks.shape[1]  # prompt length: generated tokens are neither sinks nor image tokens
+        k = probs.shape[-1]  # a prefill query chunk sees the first k keys only
         eligible = ctx.queries_after_image if ctx.step == 0 else None  # a decode query is past the image
+        if eligible is not None and not bool(eligible.any()):
+            # No query of this chunk may be selected (at a long prefill, most chunks are image tokens):
+            # the factor would be exactly 1.
+            self._count(ctx.layer, sinks.new_zeros(probs.shape[0], dtype=torch.long))
+            return probs
         if ctx.key_start == 0:
             # Keys 0..n-1 are the prompt: its key sets are fixed for the sequence, and later keys
             # (generated tokens) are left as they are, so only the prompt's columns are touched.
             keys = self._keys.get(ctx.layer)
             if keys is None:
                 keys = self._keys[ctx.layer] = KeySets.of(sinks, self._image.to(sinks.device), probs.dtype)
-            out, selected = redistribute_over(probs[..., :n], keys, eligible, rho=c.rho, summ=c.summ, p=c.p)
-            if probs.shape[-1] > n:
+            out, selected = redistribute_over(probs[..., :n], keys.prefix(k), eligible, rho=c.rho, summ=c.summ, p=c.p)
+            if k > n:
                 out = torch.cat([out, probs[..., n:]], dim=-1)
         else:  # a sliding window dropped keys: map each key back to its position
             pos = ctx.key_positions
             sink_keys = sinks[:, pos.clamp(max=n - 1)] & (pos < n)
             out, selected = redistribute(probs, sink_keys, ctx.image_keys, eligible, rho=c.rho, summ=c.summ, p=c.p)
-        count = selected.sum((1, 2))
-        self._counts[ctx.layer] = count if ctx.layer not in self._counts else self._counts[ctx.layer] + count
+        self._count(ctx.layer, selected.sum((1, 2)))
         return out
+
+    def _count(self, layer: int, count: Tensor) -> None:
+        self._counts[layer] = count if layer not in self._counts else self._counts[layer] + count
 
     def summarize(self, report: dict[str, Any]) -> str:
         dims = report.get("sink_dims") or [[]]
@@ -373,7 +392,9 @@ class VAR(Intervention):
                  "text": (torch.nonzero(s[r] & ~image[r]).flatten() - start[r]).tolist()}
                 for r in range(b)
             ]
-        counts = {str(layer): c.cpu().tolist() for layer, c in sorted(self._counts.items())}
+        # Every sink layer, 0 where no query was selected (a chunk that no query may be selected in is skipped).
+        counts = {str(layer): self._counts[layer].cpu().tolist() if layer in self._counts else [0] * b
+                  for layer in sorted(self._sinks)}
         total = [sum(c[r] for c in counts.values()) for r in range(b)]
         return {
             **out,

@@ -37,13 +37,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..evals.chair import ChairEvaluator
+from ..diagnostics import entropy, image_mass
 from ..evals.amber import block_metrics, read_answer
-from ..evals.pope import PRESETS, parse_answer, score
-from ..interventions.carve import ANSWER_SUFFIX
+from ..evals.chair import ChairEvaluator
+from ..evals.pope import PRESETS, score
 from ..hooks.plan import AttnContext, Participant, Plan
 from ..images import load_image
-from ..diagnostics import entropy, image_mass
+from ..interventions.carve import ANSWER_SUFFIX
 from . import prompts as P
 from .benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
 from .model import CHECKPOINT_DIR, format_prompt, load_testbed

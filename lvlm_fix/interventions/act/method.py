@@ -64,8 +64,8 @@ if TYPE_CHECKING:
 
     from ...model import LVLM
 
-__all__ = ["HEAD_FILE_FORMAT", "Act", "ActConfig", "act_redistribute", "act_sinks", "default_act_layers",
-           "parse_heads", "read_head_file"]
+__all__ = ["HEAD_FILE_FORMAT", "Act", "ActConfig", "act_column_stats", "act_redistribute", "act_sinks",
+           "act_sinks_from", "default_act_layers", "parse_heads", "read_head_file"]
 
 HEAD_FILE_FORMAT = "lvlm-fix/act-heads/1"
 _SHAPE = '{"heads": {"<layer>": [head, ...]}}'
@@ -120,6 +120,50 @@ def read_head_file(path: str | Path) -> tuple[dict[int, list[int]], dict[str, An
 
 
 # -- the math (pure, vectorised over rows, heads and queries) -------------------------------------
+def act_column_stats(probs: Tensor, seen: Tensor, queries: Tensor | None = None,
+                     keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per key, the attention it receives from the valid queries that see it, and how many they are.
+
+    Args:
+        probs: ``[b, h, q, k]`` post-softmax attention of scores in which the keys a query does not
+            see hold the mask's floor (so a query that sees any key gives them exactly zero). All
+            queries, or one chunk of them: the results of chunks add up.
+        seen: ``[b, h|1, q, k]``, True (or 1.0) where the mask (and any pre-softmax edit) lets query
+            ``i`` see key ``j``.
+        queries: ``[b, q]`` valid (non-padding) queries; None: all.
+        keys: ``[b, k]`` valid keys; None: all.
+
+    Returns:
+        ``(total, count)``, ``[b, h, k]`` fp32 each: ``sum_{i sees j} A[i, j]`` and ``#{i sees j}``.
+    """
+    dtype = probs.dtype
+    seen = seen.to(dtype)  # 0/1
+    valid = torch.ones(probs.shape[0], probs.shape[2], dtype=dtype, device=probs.device) if queries is None \
+        else queries.to(dtype)
+    # Column sums as matmuls of a row of weights with the map: one read of it, no masked copy.
+    # A valid query that sees no key at all (its row is uniform over masked keys) adds nothing.
+    rows = valid[:, None, :] * seen.amax(-1)  # [b, h|1, q]
+    total = torch.matmul(rows[:, :, None, :], probs)[:, :, 0]  # [b, h, k]
+    count = torch.matmul(valid[:, None, None, :], seen)[:, :, 0]  # [b, h|1, k]
+    if keys is not None:
+        total, count = total * keys.to(dtype)[:, None, :], count * keys.to(dtype)[:, None, :]
+    return total, count.expand_as(total)
+
+
+def act_sinks_from(total: Tensor, count: Tensor, thres: float, keep: Tensor | None = None) -> Tensor:
+    """ACT's sink set per (row, head) from :func:`act_column_stats` over every query.
+
+    ``score_j = total_j / count_j``; keys with ``score_j > thres`` are sinks, except ``keep``
+    (``[b]``, the row's first valid token, BOS) and keys no valid query sees. Returns ``[b, h, k]`` bool.
+    """
+    score = total / count.clamp_min(1)  # [b, h, k]
+    sinks = (score > thres) & (count > 0)
+    if keep is not None:
+        b, h, _ = sinks.shape
+        sinks = sinks.scatter(-1, keep.view(b, 1, 1).expand(b, h, 1), False)
+    return sinks
+
+
 def act_sinks(probs: Tensor, visible: Tensor, thres: float, keep: Tensor | None = None) -> Tensor:
     """ACT's sink set per (row, head): keys whose mean received attention exceeds ``thres``.
 
@@ -132,13 +176,7 @@ def act_sinks(probs: Tensor, visible: Tensor, thres: float, keep: Tensor | None 
     Returns:
         ``[b, h, k]`` bool; keys no valid query sees are never sinks.
     """
-    count = visible.sum(-2)  # [b, h|1, k] visible valid queries per key
-    score = probs.masked_fill(~visible, 0.0).sum(-2) / count.clamp_min(1)  # [b, h, k]
-    sinks = (score > thres) & (count > 0)
-    if keep is not None:
-        b, h, _ = sinks.shape
-        sinks = sinks.scatter(-1, keep.view(b, 1, 1).expand(b, h, 1), False)
-    return sinks
+    return act_sinks_from(*act_column_stats(probs, visible), thres, keep)  # visible folds in validity
 
 
 def act_redistribute(probs: Tensor, sinks: Tensor, beta: float, rows: Tensor | None = None) -> Tensor:
@@ -155,15 +193,18 @@ def act_redistribute(probs: Tensor, sinks: Tensor, beta: float, rows: Tensor | N
         its weight on sinks (nothing to redistribute onto) or sees no sink is returned unchanged.
     """
     s = sinks[:, :, None, :]
-    sink_mass = probs.masked_fill(~s, 0.0).sum(-1, keepdim=True)  # [b, h, q, 1]
-    rest_mass = probs.masked_fill(s, 0.0).sum(-1, keepdim=True)
+    # Both masses in one matmul ([b, h, q, k] @ [b, h, k, 2]): few ops for a decode step's single row.
+    # The rest is summed, not 1 - sink_mass, so that a tiny rest is exact.
+    masses = torch.matmul(probs, torch.stack([sinks, ~sinks], dim=-1).to(probs.dtype))
+    sink_mass, rest_mass = masses[..., :1], masses[..., 1:]  # [b, h, q, 1] each
     ok = rest_mass > 0
     if rows is not None:
         ok = ok & rows[:, None, :, None]
     # Per (row, head, query): sinks are scaled by beta, the other keys by 1 + freed / rest.
     grow = 1.0 + (1.0 - beta) * sink_mass / rest_mass.clamp_min(torch.finfo(probs.dtype).tiny)
     one = torch.ones_like(grow)
-    return probs * torch.where(s, torch.where(ok, beta * one, one), torch.where(ok, grow, one))
+    factor = torch.where(s, torch.where(ok, beta * one, one), torch.where(ok, grow, one))
+    return factor.mul_(probs)  # into the factor's fresh memory: the map is the largest tensor here
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -225,7 +266,9 @@ class Act(Intervention):
         self.heads: dict[int, list[int]] = {}
         self.head_source = "none"
         self._index: dict[tuple[int, torch.device], Tensor] = {}
-        self._visible: Tensor | None = None
+        self._valid: Tensor | None = None  # [b, t] prompt tokens that are not padding
+        self._image_mask: Tensor | None = None  # [b, t] image tokens of the prompt
+        self._stats: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> column sums and counts, during the prefill
         self._sinks: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (first key position [1], sinks [b, hs, k])
         self._image: dict[int, Tensor] = {}  # layer -> [b, k] image keys at the prefill (for the report)
         self._first: Tensor | None = None
@@ -235,7 +278,7 @@ class Act(Intervention):
     def bind(self, lvlm: LVLM) -> None:
         c = self.config
         n, n_heads = lvlm.num_layers, lvlm.num_heads
-        self.eager_layers = frozenset()
+        self.eager_layers = self.column_stats_layers = frozenset()
         self.heads = {}
         if c.heads_file is not None:
             heads, doc = read_head_file(c.heads_file)
@@ -264,13 +307,16 @@ class Act(Intervention):
             keep = resolve_layers(c.layers, (), n)
             heads = {layer: hs for layer, hs in heads.items() if layer in keep}
         self.heads = {layer: hs for layer, hs in sorted(heads.items()) if hs}
-        self.eager_layers = frozenset(self.heads)
+        # The sink set needs every query's attention before any query is edited.
+        self.eager_layers = self.column_stats_layers = frozenset(self.heads)
 
     def begin(self, tokens: TokenState) -> None:
+        self._valid = tokens.valid[:, : tokens.prompt_len].clone()
+        self._image_mask = tokens.image_mask[:, : tokens.prompt_len].clone()
+        self._stats.clear()
         self._sinks.clear()
         self._image.clear()
-        self._visible = None
-        self._first = None
+        self._first = self._valid.int().argmax(1)  # position of the row's first valid token (BOS)
         self._steps = 0
 
     def _heads_on(self, layer: int, device: torch.device) -> Tensor:
@@ -280,31 +326,55 @@ class Act(Intervention):
         return self._index[key]
 
     # -- callbacks --
-    def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:
-        if ctx.step == 0:  # the prefill: record which (query, key) pairs the mask lets through
-            self._visible = self._select(scores, ctx.layer) > _NEG_HALF
-        return scores
-
     def _select(self, x: Tensor, layer: int) -> Tensor:
         """The selected heads of ``x`` ``[b, h, q, k]`` (``x`` itself when every head is selected)."""
         if len(self.heads[layer]) == x.shape[1]:
             return x
         return x.index_select(1, self._heads_on(layer, x.device))
 
+    def accumulate(self, scores: Tensor, probs: Tensor, ctx: AttnContext) -> None:
+        if ctx.step != 0:  # sinks are found at the prefill only
+            return
+        layer = ctx.layer
+        queries = self._valid.to(probs.device)[:, ctx.query_positions]  # [b, q]: padding queries never count
+        # "Sees": the mask (and any pre-softmax edit) left the score above the mask's floor. Written
+        # straight as 0/1 floats: a boolean map and its conversion cost ten times more.
+        s = self._select(scores, layer)
+        seen = torch.gt(s, _NEG_HALF, out=torch.empty_like(s))
+        total, count = act_column_stats(self._select(probs, layer), seen, queries, ctx.key_valid)  # [b, hs, kc]
+        kc, k_len = total.shape[-1], ctx.k_len or total.shape[-1]
+        stats = self._stats.get(layer)
+        if stats is None and kc == k_len:  # one chunk (a short prompt): nothing to add up
+            self._stats[layer] = (total, count)
+            return
+        if stats is None:
+            stats = self._stats[layer] = (total.new_zeros(*total.shape[:-1], k_len),
+                                          count.new_zeros(*count.shape[:-1], k_len))
+        stats[0][..., :kc] += total
+        stats[1][..., :kc] += count
+
+    def _prefill_sinks(self, ctx: AttnContext) -> Tensor:
+        """The layer's sink set from the column statistics of every query (the first call of the editing pass)."""
+        layer = ctx.layer
+        start = ctx.key_positions[:1]
+        total, count = self._stats.pop(layer)
+        k_len = total.shape[-1]
+        first = self._first.to(total.device)
+        sinks = act_sinks_from(total, count, self.config.thres, keep=(first - start).clamp(0, k_len - 1))
+        self._sinks[layer] = (start, sinks)
+        pos = start + torch.arange(k_len, device=total.device)  # every key of the prefill
+        n = self._image_mask.shape[1]
+        self._image[layer] = self._image_mask.to(total.device)[:, pos.clamp(max=n - 1)] & (pos < n)
+        return sinks
+
     def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:
         p = self._select(probs, ctx.layer)  # [b, hs, q, k]
-        k = p.shape[-1]
-        key_valid = ctx.key_valid
+        k = p.shape[-1]  # a prefill query chunk sees the first k keys only
         queries = None  # a decode step's query is a generated token: never padding
         if ctx.step == 0:
-            queries = key_valid[:, (ctx.query_positions - ctx.key_positions[0]).clamp(0, k - 1)]  # [b, q] valid
-            visible = self._visible & queries[:, None, :, None] & key_valid[:, None, None, :]
-            self._visible = None
-            first = key_valid.int().argmax(1)  # the row's first valid token (BOS)
-            sinks = act_sinks(p, visible, self.config.thres, keep=first)
-            self._sinks[ctx.layer] = (ctx.key_positions[:1], sinks)
-            self._image[ctx.layer] = ctx.image_keys
-            self._first = ctx.key_positions[first]
+            queries = self._valid.to(p.device)[:, ctx.query_positions]  # [b, q] valid
+            sinks = self._prefill_sinks(ctx) if ctx.layer in self._stats else self._sinks[ctx.layer][1]
+            sinks = sinks[..., :k]
         else:
             stored = self._sinks.get(ctx.layer)
             if stored is None:
