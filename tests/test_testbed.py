@@ -35,7 +35,8 @@ def test_benchmark_is_byte_for_byte_deterministic(tmp_path):
     a = write_benchmark(tmp_path / "a", seed=3, n_images=6)
     b = write_benchmark(tmp_path / "b", seed=3, n_images=6)
     c = write_benchmark(tmp_path / "c", seed=4, n_images=6)
-    assert len(_digest(a.root)) == 6 + 3 + 4  # images, POPE splits, COCO/objects/meta files
+    # images (POPE + region), POPE and region files, COCO/objects/meta, AMBER images + 6 queries + 3 files
+    assert len(_digest(a.root)) == 6 + 6 + 3 + 2 + 4 + 6 + 6 + 3
     assert _digest(a.root) == _digest(b.root)
     assert _digest(a.root) != _digest(c.root)
 
@@ -148,3 +149,260 @@ def test_image_attention_profile_matches_eager_attention_weights(tmp_path):
         assert abs(row["image_mass"] - float(mass.mean())) < 1e-4
         assert abs(row["effective_tokens"] - float(ent.exp().mean())) < 1e-3
         assert abs(row["top1_share"] - float(p.amax(-1).mean())) < 1e-4
+
+
+# -- v2: prompts, world notions, region task, AMBER set -----------------------------------------
+
+# Every prompt the product sends to the testbed (one place for now; to be collected from the
+# method and eval registries later).
+PRODUCT_CAPTION_PROMPTS = [
+    "Please describe this image in detail.",
+    "Please help me describe the image in detail.",
+    "Describe this image.",
+    "Describe this image",
+    "Describe this image in details.",
+    "Write a general description of the image.",
+    "Through a systematic examination of the image at the pixel level and by analyzing various visual features, "
+    "such as shape, color, and texture, along with employing object detection techniques, describe this image in "
+    "details.",
+    "Given the overall scene depicted in the image, taking into account the context, environmental factors, and "
+    "any relevant visual cues, describe this image in details.",
+]
+PRODUCT_SUFFIXES = [
+    "\nAnswer the question using a single word or phrase.",
+    " Answer the question using a single word or phrase.",
+    " Please answer this question with one word.",
+    " Please only answer yes or no.",
+]
+PRODUCT_SYSTEMS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions.",
+    "You are an object detector to recognize every different objects.",
+    "You are an object detector to recognize every different objects by focusing the shapes, colors and "
+    "relationships of objects.",
+    "I want you avoid any specific identification or categorization of the objects depicted.",
+    "You are a confused objects detector to provide a fuzzy overview or impression of the image.",
+    "You are an object detector to provide a general overview or impression of the image.",
+    "You are a confused object detector to provide a fuzzy overview or impression of the image.",
+]
+
+
+def _product_prompts() -> list[str]:
+    from lvlm_fix.testbed.world import CATEGORIES, COLOUR_NAMES
+
+    def a(noun: str) -> str:
+        return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+    questions = []
+    for c in CATEGORIES:
+        questions += [f"Is there {a(c.name)} in the image?", f"Is there {a(c.name)} in this image?",
+                      f"What color is the {c.name}?"]
+        questions += [f"Is the {c.name} {colour} in this image?" for colour in COLOUR_NAMES]
+        questions += [f"Are there {n} {c.plural} in this image?" for n in ("two", "three", "four", "five")]
+        questions += [f"Is there direct contact between the {c.name} and the {d.name}?" for d in CATEGORIES]
+    suffixed = [q + s for q in questions for s in PRODUCT_SUFFIXES]
+    carve_general = ["Write a general description of the image. Answer the question using a single word or phrase."]
+    mvp = [f"Here is the caption of the image:\na red dog , two blue cups and a kite .\nQuestion: {q.lower()}"
+           for q in questions + suffixed]
+    systems = [f"{s} USER: <image>\n{p} ASSISTANT:" for s in PRODUCT_SYSTEMS
+               for p in PRODUCT_CAPTION_PROMPTS + questions[:3] + suffixed[:4]]
+    return PRODUCT_CAPTION_PROMPTS + questions + suffixed + carve_general + mvp + systems
+
+
+def test_every_product_prompt_and_world_word_is_in_the_vocabulary():
+    world = World()
+    tokenizer = build_tokenizer(world)
+    unk = tokenizer.unk_token_id
+    for text in _product_prompts() + world.vocabulary():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert unk not in ids, (text, tokenizer.convert_ids_to_tokens(ids))
+
+
+def _prompts_from_the_registries() -> list[str]:
+    """What the product itself says it sends: every method's own texts, every POPE preset's template
+    (with a question) and system prompt, CHAIR's caption prompt."""
+    from lvlm_fix.evals.chair import DEFAULT_PROMPT
+    from lvlm_fix.evals.pope import PRESETS
+    from lvlm_fix.interventions.registry import METHODS
+
+    texts = [t for name in METHODS.names() for t in METHODS.get(name).prompts()]
+    texts += [p.template.format(question="Is there a dog in the image?") for p in PRESETS.values()]
+    texts += [p.system_prompt for p in PRESETS.values() if p.system_prompt]
+    return texts + [DEFAULT_PROMPT]
+
+
+def test_every_prompt_the_registries_name_encodes_without_an_unknown_token():
+    """A method or preset added later with a word the testbed does not know fails here."""
+    from lvlm_fix.interventions.registry import METHODS
+
+    assert {"carve", "icd", "mvp"} <= {n for n in METHODS.names() if METHODS.get(n).prompts()}
+    tokenizer = AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer
+    for text in _prompts_from_the_registries():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, (text, tokenizer.convert_ids_to_tokens(ids))
+
+
+def test_every_product_prompt_is_a_trained_prompt():
+    """The prompt module trains each product caption prompt, suffix and system prefix verbatim."""
+    from lvlm_fix.testbed import prompts as P
+
+    assert set(PRODUCT_CAPTION_PROMPTS) <= set(P.CAPTION_PROMPTS)
+    assert set(PRODUCT_SUFFIXES) <= set(P.ONE_WORD_SUFFIXES + P.YES_NO_SUFFIXES)
+    assert set(PRODUCT_SYSTEMS) == {P.VICUNA_SYSTEM, *P.ICD_INSTRUCTIONS}
+    assert P.existence_question("umbrella") == "Is there an umbrella in the image?"
+    assert P.existence_question("dog", P.EXISTENCE_TEMPLATES[1]) == "Is there a dog in this image?"
+    assert P.colour_check_question("cup", "red") == "Is the cup red in this image?"
+    assert P.number_question("cups", 2) == "Are there two cups in this image?"
+    assert P.relation_question("cup", "spoon") == "Is there direct contact between the cup and the spoon?"
+    assert P.in_context_prompt("a dog .", "Is there a cat?") == \
+        "Here is the caption of the image:\na dog .\nQuestion: is there a cat?"
+
+
+def test_contact_is_read_from_the_rendering():
+    from lvlm_fix.testbed.world import Scene, SceneObject
+
+    world = World()
+    touching = SceneObject("cup", "red", (20, 20, 24)), SceneObject("spoon", "blue", (32, 20, 24))
+    apart = SceneObject("dog", "black", (0, 70, 20)), SceneObject("kite", "green", (70, 0, 20))
+    scene = Scene("kitchen", (150, 150, 150), (0.0, 0.0), 0, (*touching, *apart), ())
+    masks = world.render_with_masks(scene)[1]
+    assert world.contacts(scene, masks) == [("cup", "spoon")]
+    # Scenes sometimes place objects in contact and counts reach three.
+    contact, counts = 0, set()
+    for i in range(120):
+        s = world.scene("train", i)
+        contact += bool(world.contacts(s, world.render_with_masks(s)[1]))
+        counts |= set(s.counts().values())
+    assert 10 <= contact <= 80 and {1, 2, 3} <= counts
+
+
+def test_region_scenes_hide_a_small_visible_target_among_clutter():
+    from lvlm_fix.testbed.world import REGION_IMAGE_SIZE
+
+    world = World(image_size=REGION_IMAGE_SIZE)
+    for i in range(8):
+        scene = world.region_scene("region", i)
+        target = scene.target_object
+        assert target is not None and target.alpha == 1.0
+        assert [o.category for o in scene.objects].count(target.category) == 1
+        assert target.box[2] <= 10 * REGION_IMAGE_SIZE // 96 and len(scene.clutter) >= 26
+        masks = world.render_with_masks(scene)[1]
+        assert (masks[scene.target] > 0.5).sum() > 0  # drawn, not occluded away
+        assert world.region_scene("region", i) == scene  # deterministic
+    assert World().scene("val", 0).target_object is None
+
+
+def test_captions_for_instructions_that_ask_for_less():
+    world = World()
+    scene = world.scene("val", 0)
+    unnamed = world.unnamed_caption(scene)
+    assert unnamed.endswith(" .") and not any(c in unnamed for c in CATEGORY_INDEX)
+    assert world.overview(scene) == f"a picture of a {scene.theme} scene ."
+    extra = world.caption(scene, extra=[("umbrella", "red")], drop=[scene.categories[0]])
+    assert "a red umbrella" in extra and scene.categories[0] not in extra.split(" , ")[0]
+
+
+def test_region_files(tmp_path):
+    bench = write_benchmark(tmp_path, seed=0, n_images=5)
+    existence = read_jsonl(bench.region_file("existence"))
+    colour = read_jsonl(bench.region_file("colour"))
+    assert len(existence) == 10 and len(colour) == 5
+    assert [r["label"] for r in existence] == ["yes", "no"] * 5
+    assert {"question_id", "image", "text", "label", "bbox"} == set(existence[0])
+    assert re.fullmatch(r"What color is the .+\?", colour[0]["text"])
+    with Image.open(bench.images_dir / colour[0]["image"]) as im:
+        assert im.size == (192, 192)
+    from lvlm_fix.evals.data import load_pope_jsonl  # the POPE loader reads the existence file
+
+    assert len(load_pope_jsonl(bench.region_file("existence"), bench.images_dir, "random")) == 10
+
+
+def test_amber_files_follow_amber_format(tmp_path):
+    bench = write_benchmark(tmp_path, seed=0, n_images=4, n_amber=30)
+    root = bench.amber_dir
+    assert sorted(p.name for p in (root / "images").iterdir()) == sorted(f"AMBER_{k}.png" for k in range(1, 31))
+    q = {p.stem: json.loads(p.read_text()) for p in (root / "query").iterdir()}
+    assert set(q) == {"query_generative", "query_discriminative-existence", "query_discriminative-attribute",
+                      "query_discriminative-relation", "query_discriminative", "query_all"}
+    assert [r["id"] for r in q["query_generative"]] == list(range(1, 31))
+    assert all(r["query"] == "Describe this image." for r in q["query_generative"])
+    disc = q["query_discriminative"]
+    assert [r["id"] for r in disc] == list(range(31, 31 + len(disc)))
+    assert disc == (q["query_discriminative-existence"] + q["query_discriminative-attribute"]
+                    + q["query_discriminative-relation"])
+    assert q["query_all"] == q["query_generative"] + disc
+    annotations = json.loads((root / "annotations.json").read_text())
+    assert [a["id"] for a in annotations] == list(range(1, len(annotations) + 1))  # item k is id k+1
+    assert len(annotations) == 30 + len(disc)
+    relation = json.loads((root / "relation.json").read_text())
+    by_type: dict[str, list[str]] = {}
+    for a in annotations:
+        if a["type"] == "generative":
+            assert set(a) == {"id", "type", "truth", "hallu"} and a["truth"] and a["hallu"]
+            assert not set(a["truth"]) & set(a["hallu"]) and set(a["truth"] + a["hallu"]) <= set(relation)
+        else:
+            assert set(a) == {"id", "type", "truth"} and a["truth"] in ("yes", "no")
+            by_type.setdefault(a["type"], []).append(a["truth"])
+    assert set(by_type["discriminative-hallucination"]) == {"no"}
+    for t in ("discriminative-attribute-state", "discriminative-attribute-number", "discriminative-relation"):
+        assert by_type[t].count("yes") == by_type[t].count("no") > 0, t
+    queries = {r["id"]: r["query"] for r in disc}
+    for a in annotations[30:]:
+        pattern = {"discriminative-hallucination": r"Is there an? .+ in this image\?",
+                   "discriminative-attribute-state": r"Is the .+ \w+ in this image\?",
+                   "discriminative-attribute-number": r"Are there (two|three) .+ in this image\?",
+                   "discriminative-relation": r"Is there direct contact between the .+ and the .+\?"}[a["type"]]
+        assert re.fullmatch(pattern, queries[a["id"]])
+    assert "image" in (root / "safe_words.txt").read_text().split()
+
+
+def test_training_conversations_are_packed_and_known():
+    world, config = World(), TrainConfig()
+    tokenizer = build_tokenizer(world)
+    processor = build_processor(tokenizer, config.model)
+    batcher = Batcher(world, tokenizer, processor, config)
+    rng = np.random.default_rng(0)
+    examples = batcher.examples(list(range(14)))  # index 6 and 13 are region scenes
+    assert [batcher.is_region(i) for i in range(14)].count(True) == 2
+    assert examples[6].scene.target_object is not None and examples[6].pixels.shape == (96, 96, 3)
+    for e in examples:
+        for _ in range(20):
+            ids, labels, weights = batcher.conversation(e, rng)
+            assert tokenizer.unk_token_id not in ids
+            # Packed up to the token budget; only a single (long) first turn may pass it.
+            assert len(ids) <= config.max_tokens or ids.count(tokenizer.eos_token_id) == 1
+            assert all((w > 0) == (label != -100) for w, label in zip(weights, labels))
+
+
+def test_system_message_is_rendered_as_the_chat_template_does():
+    world, config = World(), TrainConfig()
+    tokenizer = build_tokenizer(world)
+    processor = build_processor(tokenizer, config.model)
+    system = PRODUCT_SYSTEMS[0]
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids, n_prompt = encode_pair(tokenizer, "Describe this image.", None, config.model.num_image_tokens, system)
+    image = world.render(world.scene("val", 0))
+    assert processor(images=[image], text=[rendered], return_tensors="pt")["input_ids"][0].tolist() == ids
+    assert format_prompt("Describe this image.", system).split() == rendered.split()
+
+
+def test_amber_metrics_use_no_as_the_positive_class_and_exact_answers():
+    from lvlm_fix.testbed.quality import amber_metrics, zoom
+
+    m = amber_metrics(["No", "No", "Yes", "no", "Yes"], ["no", "yes", "no", "no", "yes"])
+    # tp = 1 (first), fp = 1 (second), fn = 2 ("Yes" and the inexact "no"); correct = 2
+    assert m["accuracy"] == 2 / 5 and m["precision"] == 0.5 and m["recall"] == 1 / 3 and m["exact"] == 4 / 5
+    im = Image.new("RGB", (192, 192))
+    assert zoom(im, [180, 180, 10, 10]).size == (192, 192)
+
+
+def test_shipped_checkpoint_shape():
+    config = json.loads((CHECKPOINT_DIR / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] >= 8
+    assert config["vision_feature_select_strategy"] == "default"  # the CLS token exists and is dropped
+    size = sum(p.stat().st_size for p in CHECKPOINT_DIR.iterdir())
+    assert size <= 25 * 2**20, size
+    tokenizer = AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer
+    assert tokenizer.unk_token_id not in tokenizer(" ".join(_product_prompts()))["input_ids"]

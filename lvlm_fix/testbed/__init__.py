@@ -1,7 +1,9 @@
 """The testbed: a synthetic world with language priors and a small LLaVA trained on it.
 
-``world`` draws scenes, ``benchmark`` writes POPE/CHAIR files from them, ``model`` and
-``train`` build and train the LVLM, ``quality`` measures the shipped checkpoint.
+``world`` draws scenes (and region-task scenes: a small object among clutter), ``prompts``
+holds every prompt phrasing the model is trained to follow, ``benchmark`` writes POPE /
+CHAIR / AMBER-format / region-task files from held-out scenes, ``model`` and ``train`` build
+and train the LVLM, ``quality`` measures the shipped checkpoint.
 Submodules are imported lazily so that ``import lvlm_fix.testbed`` stays cheap.
 """
 

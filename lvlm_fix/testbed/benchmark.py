@@ -1,14 +1,18 @@
-"""Write the synthetic POPE + CHAIR benchmark, built the way POPE and CHAIR build theirs.
+"""Write the synthetic POPE + CHAIR + AMBER + region benchmark, built the way each original is.
 
 Layout of a benchmark directory::
 
     images/synthetic_val_000000000001.png ...   the held-out scenes (never training scenes)
+    images/synthetic_region_000000000001.png .. the region task's scenes (192 x 192)
     synthetic_pope_random.jsonl                 POPE questions, original format, one per line:
     synthetic_pope_popular.jsonl                  {"question_id", "image", "text", "label"}
     synthetic_pope_adversarial.jsonl
+    synthetic_region_existence.jsonl            region task, POPE format (+ "bbox" of the target)
+    synthetic_region_colour.jsonl               region task, "What color is the {obj}?" -> colour word
     objects.jsonl                               POPE's ground-truth file: {"image", "objects"}
     instances_val.json                          COCO instances (images, annotations, categories)
     captions_val.json                           COCO captions, 5 references per image
+    amber/                                      an AMBER-format set (see below)
     meta.json                                   version, seeds, sizes, the statistics used
 
 POPE sampling follows AoiDragon/POPE exactly: per image, the first three ground-truth
@@ -18,6 +22,27 @@ chosen at random (``random``), as the most frequent object not yet used and abse
 (``adversarial``); "an" replaces "a" before vowels. Frequencies and co-occurrences come
 from the world's statistics (``World.statistics``), the analogue of POPE's COCO counts.
 Only images with at least three object categories are used, as in POPE.
+
+The **region task** (``World.region_scene``): one small object among dense clutter and a
+few ordinary objects, drawn at twice the model's input side, so that the processor's
+downsampling blurs the small object and cropping + magnifying the right region recovers it.
+Per image: "Is there a {target} in the image?" (yes), the same question for a uniformly
+drawn absent category (no), and "What color is the {target}?". Each row also carries the
+target's box ``[x, y, w, h]`` in image pixels, for analysis only (a method must not read it).
+
+The **AMBER-format set** (``amber/``) follows AMBER's own files: ``images/AMBER_{k}.png``;
+``query/query_generative.json`` (``{"id", "image", "query": "Describe this image."}``, ids
+1..N); ``query/query_discriminative-{existence,attribute,relation}.json``, their union
+``query_discriminative.json`` and ``query_all.json``, discriminative ids continuing after the
+generative ones; ``annotations.json``, a list where item k has id k+1 (generative: ``truth``
+objects and ``hallu``, the absent objects that co-occur most with the present ones;
+discriminative: ``type`` and ``truth`` yes/no); ``relation.json`` (every object word ->
+its synonyms) and ``safe_words.txt``. Existence questions are all "no" as in AMBER
+(``discriminative-hallucination``: the most co-occurring absent object and a random absent
+one); colour (``discriminative-attribute-state``), count
+(``discriminative-attribute-number``) and contact (``discriminative-relation``, contact as
+in ``World.contacts``) questions are balanced yes/no. The world has no actions, so there
+are no ``discriminative-attribute-action`` items.
 
 Files are byte-for-byte reproducible: fixed seeds, sorted JSON keys, fixed PNG settings,
 no timestamps.
@@ -34,9 +59,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .world import CATEGORIES, CATEGORY_INDEX, CATEGORY_NAMES, World, question_for
+from .prompts import colour_check_question, colour_query, existence_question, number_question, relation_question
+from .world import (
+    CATEGORIES,
+    CATEGORY_INDEX,
+    CATEGORY_NAMES,
+    COLOUR_NAMES,
+    REFERENCE_SYNONYMS,
+    REGION_IMAGE_SIZE,
+    World,
+    question_for,
+)
 
-BENCHMARK_VERSION = "synthetic-v1"
+BENCHMARK_VERSION = "synthetic-v2"
+REGION_TASKS: tuple[str, ...] = ("existence", "colour")
+AMBER_GENERATIVE_QUERY = "Describe this image."
+AMBER_EXISTENCE_TEMPLATE = "Is there {a_obj} in this image?"
+# AMBER's discriminative query files, by the part of the name after "query_discriminative-".
+AMBER_QUERY_FILES: tuple[str, ...] = ("existence", "attribute", "relation")
+AMBER_SAFE_WORDS: tuple[str, ...] = (
+    "image", "picture", "photo", "scene", "view", "object", "objects", "thing", "things", "color",
+    "colour", "background", "side", "front", "top", "bottom", "middle", "center", "left", "right",
+)
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 QUESTIONS_PER_IMAGE = 3  # POPE: 3 positives + 3 negatives per image
 DEFAULT_N_IMAGES = 500   # POPE and CHAIR both use 500 images
@@ -74,10 +118,26 @@ class SyntheticBenchmark:
     def meta_file(self) -> Path:
         return self.root / "meta.json"
 
+    def region_file(self, task: str) -> Path:
+        """The region task's question file: ``"existence"`` (POPE format) or ``"colour"``."""
+        if task not in REGION_TASKS:
+            raise ValueError(f"unknown region task {task!r}; choose one of {REGION_TASKS}")
+        return self.root / f"synthetic_region_{task}.jsonl"
+
+    @property
+    def amber_dir(self) -> Path:
+        """Root of the AMBER-format set (``images/``, ``query/``, ``annotations.json``, ...)."""
+        return self.root / "amber"
+
 
 def image_file_name(image_id: int) -> str:
     """COCO-style file name; CHAIR tools parse the id from the last ``_`` field."""
     return f"synthetic_val_{image_id:012d}.png"
+
+
+def region_image_name(image_id: int) -> str:
+    """File name of a region-task image (beside the POPE/CHAIR images)."""
+    return f"synthetic_region_{image_id:012d}.png"
 
 
 def pope_questions(objects: list[tuple[str, list[str]]], split: str, seed: int,
@@ -121,20 +181,150 @@ def pope_questions(objects: list[tuple[str, list[str]]], split: str, seed: int,
     return questions
 
 
+def write_region(bench: SyntheticBenchmark, seed: int, n_images: int, world: World) -> None:
+    """The region task's images and its two question files (see the module docstring)."""
+    big = World(world.seed, REGION_IMAGE_SIZE * world.image_size // 96)
+    rng = random.Random(seed * 10 + 7)
+    existence: list[dict[str, Any]] = []
+    colour: list[dict[str, Any]] = []
+    for image_id in range(1, n_images + 1):
+        scene = big.region_scene("region", image_id - 1, stream=seed)
+        image, masks = big.render_with_masks(scene)
+        name = region_image_name(image_id)
+        image.save(bench.images_dir / name, format="PNG", compress_level=6, optimize=False)
+        target = scene.target_object
+        assert target is not None
+        bbox = list(big.annotate(scene, masks)[scene.target].bbox)
+        absent = [c for c in CATEGORY_NAMES if c not in scene.categories]
+        for obj, label in ((target.category, "yes"), (rng.choice(absent), "no")):
+            existence.append({"question_id": len(existence) + 1, "image": name, "text": question_for(obj),
+                              "label": label, "bbox": bbox})
+        colour.append({"question_id": len(colour) + 1, "image": name, "text": colour_query(target.category),
+                       "label": target.colour, "bbox": bbox})
+    _write_jsonl(bench.region_file("existence"), existence)
+    _write_jsonl(bench.region_file("colour"), colour)
+
+
+def write_amber(root: Path, seed: int, n_images: int, world: World,
+                cooccurrence: dict[str, dict[str, int]]) -> None:
+    """An AMBER-format set of ``n_images`` held-out scenes under ``root`` (module docstring).
+
+    Args:
+        root: the ``amber/`` directory to write.
+        seed: benchmark seed (scene stream and random choices).
+        n_images: images; each gets one generative query and several discriminative ones.
+        world: the world to draw from.
+        cooccurrence: the world's co-occurrence counts (rank the plausible absent objects).
+    """
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "query").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed * 10 + 8)
+    generative: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    # Candidate discriminative questions, per kind: (image, query, type, truth).
+    cands: dict[str, list[tuple[str, str, str, str]]] = {
+        "existence": [], "state": [], "number_yes": [], "number_no": [], "relation_yes": [], "relation_no": []}
+    for k in range(1, n_images + 1):
+        scene = world.scene("amber", k - 1, stream=seed, min_categories=2)
+        image, masks = world.render_with_masks(scene)
+        name = f"AMBER_{k}.png"
+        image.save(root / "images" / name, format="PNG", compress_level=6, optimize=False)
+        present = sorted(scene.categories, key=CATEGORY_INDEX.__getitem__)
+        absent = [c for c in CATEGORY_NAMES if c not in present]
+        score = {c: sum(cooccurrence[p][c] for p in present) for c in absent}
+        plausible = sorted(absent, key=lambda c: (-score[c], CATEGORY_INDEX[c]))
+        generative.append({"id": k, "image": name, "query": AMBER_GENERATIVE_QUERY})
+        annotations.append({"id": k, "type": "generative", "truth": present, "hallu": plausible[:3]})
+
+        # Existence: all "no" (AMBER's hallucination probes): the most plausible absent object
+        # and one drawn uniformly from the rest.
+        others = plausible[1:]
+        for obj in (plausible[0], rng.choice(others)):
+            cands["existence"].append((name, existence_question(obj, AMBER_EXISTENCE_TEMPLATE),
+                                       "discriminative-hallucination", "no"))
+        # Colour: one true and one false statement about one present object.
+        obj = rng.choice(present)
+        wrong = rng.choice([c for c in COLOUR_NAMES if c != scene.colour_of(obj)])
+        for colour, truth in ((scene.colour_of(obj), "yes"), (wrong, "no")):
+            cands["state"].append((name, colour_check_question(obj, colour), "discriminative-attribute-state", truth))
+        # Count: every repeated category gives a true question; one false question per image.
+        counts = scene.counts()
+        for obj in present:
+            if counts[obj] > 1:
+                cands["number_yes"].append((name, number_question(_plural(obj), counts[obj]),
+                                            "discriminative-attribute-number", "yes"))
+        obj = rng.choice(present)
+        n = rng.choice([m for m in (2, 3) if m != counts[obj]])
+        cands["number_no"].append((name, number_question(_plural(obj), n), "discriminative-attribute-number", "no"))
+        # Contact: every touching pair is a yes candidate, one apart pair a no candidate.
+        touching = world.contacts(scene, masks)
+        for a, b in touching:
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
+            cands["relation_yes"].append((name, relation_question(a, b), "discriminative-relation", "yes"))
+        apart = [(a, b) for i, a in enumerate(present) for b in present[i + 1:] if (a, b) not in touching]
+        if apart:
+            a, b = rng.choice(apart)
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
+            cands["relation_no"].append((name, relation_question(a, b), "discriminative-relation", "no"))
+
+    # Balance count and contact questions: as many "no" as "yes" (a seeded subsample).
+    def balanced(yes: list, no: list) -> list:
+        m = min(len(yes), len(no))
+        keep_yes = sorted(rng.sample(range(len(yes)), m))
+        keep_no = sorted(rng.sample(range(len(no)), m))
+        return [yes[i] for i in keep_yes] + [no[i] for i in keep_no]
+
+    files = {
+        "existence": cands["existence"],
+        "attribute": cands["state"] + balanced(cands["number_yes"], cands["number_no"]),
+        "relation": balanced(cands["relation_yes"], cands["relation_no"]),
+    }
+    queries: dict[str, list[dict[str, Any]]] = {}
+    next_id = n_images + 1
+    for kind in AMBER_QUERY_FILES:
+        # Image order within a file, so that a file reads like AMBER's (by image, then kind).
+        rows = sorted(files[kind], key=lambda r: (int(r[0][6:-4]), r[2]))
+        queries[kind] = []
+        for image, query, kind_type, truth in rows:
+            queries[kind].append({"id": next_id, "image": image, "query": query})
+            annotations.append({"id": next_id, "type": kind_type, "truth": truth})
+            next_id += 1
+    discriminative = [q for kind in AMBER_QUERY_FILES for q in queries[kind]]
+    for kind in AMBER_QUERY_FILES:
+        _write_json(root / "query" / f"query_discriminative-{kind}.json", queries[kind])
+    _write_json(root / "query" / "query_discriminative.json", discriminative)
+    _write_json(root / "query" / "query_generative.json", generative)
+    _write_json(root / "query" / "query_all.json", generative + discriminative)
+    _write_json(root / "annotations.json", annotations)
+    relation = {c: [REFERENCE_SYNONYMS[c]] if c in REFERENCE_SYNONYMS else [] for c in CATEGORY_NAMES}
+    _write_json(root / "relation.json", relation)
+    (root / "safe_words.txt").write_text("".join(w + "\n" for w in AMBER_SAFE_WORDS), encoding="utf-8")
+
+
+def _plural(category: str) -> str:
+    return CATEGORIES[CATEGORY_INDEX[category]].plural
+
+
 def write_benchmark(out_dir: str | Path, seed: int = 0, n_images: int = DEFAULT_N_IMAGES, *,
-                    world: World | None = None) -> SyntheticBenchmark:
-    """Write the synthetic benchmark (images, POPE files, COCO annotations) to ``out_dir``.
+                    world: World | None = None, n_region: int | None = None,
+                    n_amber: int | None = None) -> SyntheticBenchmark:
+    """Write the synthetic benchmark (images, POPE files, COCO annotations, region task,
+    AMBER-format set) to ``out_dir``.
 
     Args:
         out_dir: target directory (created; existing files with the same names are replaced).
-        seed: benchmark seed: picks the held-out scenes and POPE's random draws.
+        seed: benchmark seed: picks the held-out scenes and every random draw.
         n_images: images (POPE asks 6 questions about each; CHAIR captions each).
         world: the world to draw from (default ``World()``, the one the testbed learned).
+        n_region: region-task images (3 questions each); default ``n_images``.
+        n_amber: AMBER-format images; default ``n_images``.
 
     Returns:
         The paths of the written benchmark.
     """
     world = world or World()
+    n_region = n_images if n_region is None else n_region
+    n_amber = n_images if n_amber is None else n_amber
     bench = SyntheticBenchmark(Path(out_dir))
     bench.images_dir.mkdir(parents=True, exist_ok=True)
     frequency, cooccurrence = world.statistics()
@@ -172,7 +362,11 @@ def write_benchmark(out_dir: str | Path, seed: int = 0, n_images: int = DEFAULT_
     for split in POPE_SPLITS:
         _write_jsonl(bench.pope_file(split),
                      pope_questions(objects, split, seed, frequency, cooccurrence))
-    _write_json(bench.meta_file, {**info, "n_images": n_images, "image_size": world.image_size,
+    write_region(bench, seed, n_region, world)
+    write_amber(bench.amber_dir, seed, n_amber, world, cooccurrence)
+    # meta.json last: it marks the benchmark complete (see ensure_benchmark).
+    _write_json(bench.meta_file, {**info, "n_images": n_images, "n_region": n_region, "n_amber": n_amber,
+                                  "image_size": world.image_size, "region_image_size": REGION_IMAGE_SIZE,
                                   "frequency": frequency, "cooccurrence": cooccurrence})
     return bench
 
@@ -187,8 +381,8 @@ def ensure_benchmark(cache_dir: str | Path | None = None, *, seed: int = 0,
     """Write the benchmark once and reuse it afterwards.
 
     Args:
-        cache_dir: the benchmark directory. Default: ``<cache root>/synthetic-v1`` for the
-            default seed and size (``synthetic-v1-seed{seed}-n{n_images}`` otherwise), where
+        cache_dir: the benchmark directory. Default: ``<cache root>/{BENCHMARK_VERSION}`` for
+            the default seed and size (``...-seed{seed}-n{n_images}`` otherwise), where
             the cache root is ``$LVLM_FIX_CACHE`` or ``~/.cache/lvlm_fix``.
         seed: benchmark seed.
         n_images: number of images.

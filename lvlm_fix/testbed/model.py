@@ -42,13 +42,15 @@ PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # the llava-hf 1.5 templ
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
-# Words outside the world that common LVLM prompts use (LLaVA's POPE suffix, OPERA's
-# caption prompt, ...): in the vocabulary so they are not <unk>, even if never trained on.
+# Words of common LVLM prompts beyond the trained ones (so that a user's "What objects do you
+# see?" is not <unk>, even if never trained on). Every trained prompt's words come from
+# :func:`lvlm_fix.testbed.prompts.example_prompts`.
 EXTRA_WORDS = (
     "USER", "ASSISTANT", ":", "Yes", "No", "yes", "no", "not", "Is", "Are", "are", "any",
     "Please", "please", "describe", "detail", "Describe", "help", "me", "Answer", "answer",
     "question", "using", "single", "word", "or", "phrase", "What", "what", "objects", "you",
     "see", "photo", "Only", "only", "\"", "'", "!", "-", "with", "on", "at", "for", "to",
+    "How", "how", "many", "Which", "which", "colour", "color", "?", "SYSTEM", "Assistant", "User",
 )
 
 # The chat template renders llava-hf style conversations into PROMPT_TEMPLATE's format.
@@ -83,7 +85,7 @@ class ModelConfig:
     vision_layers: int = 4
     vision_heads: int = 4
     text_hidden: int = 128
-    text_layers: int = 4
+    text_layers: int = 8
     text_heads: int = 8
     mlp_ratio: int = 3
     max_positions: int = 512
@@ -93,9 +95,13 @@ class ModelConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def format_prompt(prompt: str) -> str:
-    """Wrap a user prompt in the llava-hf template: ``USER: <image>\\n{prompt} ASSISTANT:``."""
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+def format_prompt(prompt: str, system: str | None = None) -> str:
+    """Wrap a user prompt in the llava-hf template: ``USER: <image>\\n{prompt} ASSISTANT:``.
+
+    A ``system`` message goes first, followed by a space, as the chat template renders it.
+    """
+    text = PROMPT_TEMPLATE.format(prompt=prompt)
+    return f"{system} {text}" if system else text
 
 
 def build_tokenizer(world: World | None = None) -> PreTrainedTokenizerFast:
@@ -112,7 +118,7 @@ def build_tokenizer(world: World | None = None) -> PreTrainedTokenizerFast:
     """
     world = world or World()
     specials = [PAD, UNK, BOS, EOS, IMAGE]
-    words = list(dict.fromkeys([*world.vocabulary(), *EXTRA_WORDS]))
+    words = list(dict.fromkeys([*world.vocabulary(), *EXTRA_WORDS, *prompt_words()]))
     vocab = {tok: i for i, tok in enumerate(specials + [w for w in words if w not in specials])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -130,6 +136,14 @@ def build_tokenizer(world: World | None = None) -> PreTrainedTokenizerFast:
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def prompt_words() -> list[str]:
+    """Every word (as the tokenizer splits text) of every prompt the testbed is trained on, sorted."""
+    from .prompts import example_prompts
+
+    split = pre_tokenizers.Whitespace()
+    return sorted({w for text in example_prompts() for w, _ in split.pre_tokenize_str(text)})
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, config: ModelConfig) -> LlavaProcessor:
@@ -205,7 +219,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, config: ModelConfig) -> Llav
 
 
 def encode_pair(tokenizer: PreTrainedTokenizerFast, prompt: str, answer: str | None,
-                num_image_tokens: int) -> tuple[list[int], int]:
+                num_image_tokens: int, system: str | None = None) -> tuple[list[int], int]:
     """Token ids of one single-turn example, exactly as the processor would produce them.
 
     Args:
@@ -213,11 +227,12 @@ def encode_pair(tokenizer: PreTrainedTokenizerFast, prompt: str, answer: str | N
         prompt: the user prompt (without the template).
         answer: the assistant's answer, or None for the prompt alone.
         num_image_tokens: how many times ``<image>`` is repeated.
+        system: an optional system message (see :func:`format_prompt`).
 
     Returns:
         ``(ids, n_prompt)``: the ids (answer followed by ``</s>``) and the prompt length.
     """
-    text = format_prompt(prompt).replace(IMAGE, IMAGE * num_image_tokens)
+    text = format_prompt(prompt, system).replace(IMAGE, IMAGE * num_image_tokens)
     ids = tokenizer(text)["input_ids"]
     n_prompt = len(ids)
     if answer is not None:

@@ -1,17 +1,34 @@
-"""Measure a testbed checkpoint on the synthetic benchmark: POPE, CHAIR, image attention.
+"""Measure a testbed checkpoint on the synthetic benchmark: POPE, CHAIR, AMBER, region task.
 
-Run ``python -m lvlm_fix.testbed.quality --checkpoint DIR`` to print a markdown table.
-Decoding is greedy; POPE answers are parsed with the canonical rule
-(:func:`lvlm_fix.evals.pope.parse_answer`) and captions are scored with the COCO CHAIR
-code path (:class:`lvlm_fix.evals.chair.ChairEvaluator`) on the benchmark's COCO files.
-The benchmark scenes are held out: they come from the world's "val" stream, training
-uses the "train" stream.
+Run ``python -m lvlm_fix.testbed.quality --checkpoint DIR`` to print a markdown report:
+
+* POPE (random / popular / adversarial) under every answer-format preset the product sends
+  (:data:`POPE_PRESETS`), parsed with the canonical rule (:func:`lvlm_fix.evals.pope.parse_answer`),
+  plus how often the answer is *exactly* ``Yes`` / ``No``;
+* CHAIR of greedy captions through the COCO CHAIR code path
+  (:class:`lvlm_fix.evals.chair.ChairEvaluator`), for the default caption prompt on every image
+  and for each caption prompt the product sends on a subset;
+* AMBER discriminative (the benchmark's ``amber/`` set): accuracy, precision, recall and F1
+  with **"no" as the positive class**, as AMBER computes them, counting only the exact answers
+  ``Yes`` / ``No`` (anything else is wrong);
+* the region task (small object among clutter): existence and colour accuracy on the image
+  as given, and with an *oracle zoom* (the image cropped around the target and magnified),
+  which bounds what looking closer can gain;
+* prompt following: for every prompt family the product sends (suffixes, system prefixes,
+  MVP's caption-in-context prompt, CARVE's one-word general description), how often the
+  answer has the intended form, and its accuracy where one is defined;
+* the per-head image-attention profile of the decoder.
+
+Decoding is greedy everywhere. Every scene is held out: the benchmark draws from the world's
+"val", "amber" and "region" streams; training uses "train".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,19 +37,35 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..evals.chair import ChairEvaluator
-from ..evals.pope import score
-from ..hooks.plan import AttnContext, Participant, Plan
 from ..diagnostics import entropy, image_mass
+from ..evals.amber import block_metrics, read_answer
+from ..evals.chair import ChairEvaluator
+from ..evals.pope import PRESETS, score
+from ..hooks.plan import AttnContext, Participant, Plan
 from ..images import load_image
+from ..interventions.carve import ANSWER_SUFFIX
+from . import prompts as P
 from .benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
 from .model import CHECKPOINT_DIR, format_prompt, load_testbed
-from .world import CAPTION_PROMPT
+from .world import CAPTION_PROMPT, CATEGORY_NAMES, COLOUR_NAMES, THEMES
+
+# The POPE prompt formats the product sends: the eval presets' templates (raw: VHR-family
+# evaluations; llava: LLaVA-1.5 and lmms-eval; vcd: VCD's scripts), CARVE's answer suffix after a
+# space, and ICD's POPE instruction.
+POPE_PRESETS: dict[str, str] = {
+    "plain": PRESETS["raw"].template,
+    "llava": PRESETS["llava"].template,
+    "carve": "{question} " + ANSWER_SUFFIX.strip(),
+    "vcd": PRESETS["vcd"].template,
+    "icd": "{question} Please only answer yes or no.",
+}
+AMBER_TYPES: tuple[str, ...] = ("discriminative-hallucination", "discriminative-attribute-state",
+                                "discriminative-attribute-number", "discriminative-relation")
 
 
 @torch.no_grad()
 def generate(model: Any, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
-             max_new_tokens: int, batch_size: int = 64) -> list[str]:
+             max_new_tokens: int, batch_size: int = 64, system: str | None = None) -> list[str]:
     """Greedy answers for (image, prompt) pairs, batched with left padding.
 
     Args:
@@ -42,58 +75,222 @@ def generate(model: Any, processor: Any, images: Sequence[Image.Image], prompts:
         prompts: user prompts (the template is applied here).
         max_new_tokens: generation length limit.
         batch_size: pairs per ``generate`` call.
+        system: an optional system message, prepended as the chat template does.
 
     Returns:
-        Decoded answers without special tokens.
+        Decoded answers without special tokens, stripped.
     """
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         batch = processor(images=list(images[i:i + batch_size]),
-                          text=[format_prompt(p) for p in prompts[i:i + batch_size]],
+                          text=[format_prompt(p, system) for p in prompts[i:i + batch_size]],
                           padding=True, return_tensors="pt").to(model.device)
         ids = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
         out += processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [s.strip() for s in out]
 
 
-def _images(bench: SyntheticBenchmark, names: Sequence[str]) -> list[Image.Image]:
+def _images(bench: SyntheticBenchmark, names: Sequence[str], root: Path | None = None) -> list[Image.Image]:
+    root = root or bench.images_dir
     cache: dict[str, Image.Image] = {}
     for name in dict.fromkeys(names):
-        cache[name] = load_image(bench.images_dir / name)
+        cache[name] = load_image(root / name)
     return [cache[n] for n in names]
 
 
+def _exact_rate(answers: Sequence[str]) -> float:
+    return sum(a in ("Yes", "No") for a in answers) / max(1, len(answers))
+
+
 def evaluate_pope(model: Any, processor: Any, bench: SyntheticBenchmark, split: str,
-                  limit: int | None = None, batch_size: int = 64) -> dict[str, float]:
+                  limit: int | None = None, batch_size: int = 64, template: str = "{question}",
+                  system: str | None = None) -> dict[str, float]:
     """POPE metrics of one split (first ``limit`` questions, in file order).
 
+    Args:
+        template: the user text, with a ``{question}`` field (see :data:`POPE_PRESETS`).
+        system: an optional system message.
+
     Returns:
-        accuracy, precision, recall, f1, yes_ratio, false_yes (FP / negatives), n, ...
+        accuracy, precision, recall, f1, yes_ratio, false_yes (FP / negatives), exact (share
+        of answers that are exactly "Yes" or "No"), n, ...
     """
     rows = read_jsonl(bench.pope_file(split))[:limit]
     answers = generate(model, processor, _images(bench, [r["image"] for r in rows]),
-                       [r["text"] for r in rows], max_new_tokens=4, batch_size=batch_size)
+                       [template.format(question=r["text"]) for r in rows], max_new_tokens=4,
+                       batch_size=batch_size, system=system)
     report = score(answers, [r["label"] for r in rows]).as_dict()
     report["false_yes"] = report["fp"] / max(1, report["fp"] + report["tn"])
+    report["exact"] = _exact_rate(answers)
     return report
 
 
 def evaluate_chair(model: Any, processor: Any, bench: SyntheticBenchmark, limit: int | None = None,
-                   max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, Any]:
-    """CHAIR of greedy captions for "Please describe this image in detail."
+                   max_new_tokens: int = 64, batch_size: int = 64, prompt: str = CAPTION_PROMPT,
+                   evaluator: ChairEvaluator | None = None) -> dict[str, Any]:
+    """CHAIR of greedy captions for ``prompt`` (default "Please describe this image in detail.").
 
     Returns:
         chair_s, chair_i, recall (object coverage), mean_length, n, and example captions.
     """
     images_meta = json.loads(bench.captions_file.read_text())["images"][:limit]
     captions = generate(model, processor, _images(bench, [m["file_name"] for m in images_meta]),
-                        [CAPTION_PROMPT] * len(images_meta), max_new_tokens, batch_size)
-    evaluator = ChairEvaluator.from_coco(bench.instances_file, bench.captions_file)
+                        [prompt] * len(images_meta), max_new_tokens, batch_size)
+    evaluator = evaluator or ChairEvaluator.from_coco(bench.instances_file, bench.captions_file)
     result = evaluator.evaluate([{"image_id": m["id"], "caption": c}
                                  for m, c in zip(images_meta, captions)])
     return dict(chair_s=result.chair_s, chair_i=result.chair_i, recall=result.recall,
                 mean_length=result.mean_length, n=result.n, n_mentions=result.n_mentions,
                 n_hallucinated=result.n_hallucinated, examples=captions[:5])
+
+
+def amber_metrics(answers: Sequence[str], truths: Sequence[str]) -> dict[str, float]:
+    """AMBER's discriminative metrics (:func:`lvlm_fix.evals.amber.block_metrics`: "no" is the positive
+    class, only an exact ``Yes``/``No`` counts), with undefined ratios as 0, plus ``exact`` and ``yes_ratio``.
+
+    Returns:
+        accuracy, precision, recall, f1, n, exact (share of exact answers), yes_ratio.
+    """
+    pred = [read_answer(a) for a in answers]
+    out = {k: 0.0 if v is None else v
+           for k, v in block_metrics([{"answer": p, "label": t} for p, t in zip(pred, truths)]).items()}
+    out.update(exact=_exact_rate(answers), yes_ratio=sum(p == "yes" for p in pred) / max(1, len(pred)))
+    return out
+
+
+def evaluate_amber(model: Any, processor: Any, bench: SyntheticBenchmark, limit: int | None = None,
+                   batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """AMBER discriminative metrics of the ``amber/`` set, per question type and overall.
+
+    Args:
+        limit: at most this many questions of each type (in file order).
+
+    Returns:
+        ``{type: metrics, ..., "all": metrics}`` (see :func:`amber_metrics`).
+    """
+    root = bench.amber_dir
+    truth = {a["id"]: a for a in json.loads((root / "annotations.json").read_text())}
+    queries = json.loads((root / "query" / "query_discriminative.json").read_text())
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for q in queries:
+        by_type.setdefault(truth[q["id"]]["type"], []).append(q)
+    rows = [q for t in AMBER_TYPES for q in by_type.get(t, [])[:limit]]
+    answers = generate(model, processor, _images(bench, [q["image"] for q in rows], root / "images"),
+                       [q["query"] for q in rows], max_new_tokens=4, batch_size=batch_size)
+    out: dict[str, dict[str, float]] = {}
+    for t in AMBER_TYPES:
+        pairs = [(a, truth[q["id"]]["truth"]) for q, a in zip(rows, answers) if truth[q["id"]]["type"] == t]
+        if pairs:
+            out[t] = amber_metrics([a for a, _ in pairs], [x for _, x in pairs])
+    out["all"] = amber_metrics(answers, [truth[q["id"]]["truth"] for q in rows])
+    return out
+
+
+def zoom(image: Image.Image, bbox: Sequence[int], factor: float = 3.0, min_side: int = 48) -> Image.Image:
+    """An oracle "look closer": a square window ``factor`` times the box, magnified to the image size."""
+    x, y, w, h = bbox
+    side = min(max(min_side, round(factor * max(w, h))), *image.size)
+    cx, cy = x + w / 2, y + h / 2
+    x0 = int(min(max(0, round(cx - side / 2)), image.size[0] - side))
+    y0 = int(min(max(0, round(cy - side / 2)), image.size[1] - side))
+    return image.crop((x0, y0, x0 + side, y0 + side)).resize(image.size, Image.Resampling.LANCZOS)
+
+
+def _colour_answer(answer: str) -> str:
+    words = answer.replace(".", " ").split()
+    return words[0].lower() if words else ""
+
+
+def evaluate_region(model: Any, processor: Any, bench: SyntheticBenchmark, limit: int | None = None,
+                    batch_size: int = 64, oracle_zoom: bool = False, suffix: str = "") -> dict[str, float]:
+    """Accuracy on the region task (small target among clutter).
+
+    Args:
+        limit: questions per file (existence, colour).
+        oracle_zoom: answer on the image cropped around the target and magnified (uses the
+            rows' ``bbox``: an upper reference for crop-and-zoom methods, not a method).
+        suffix: appended to every question (e.g. CARVE's answer suffix).
+
+    Returns:
+        existence_accuracy (POPE parse), existence_false_yes, colour_accuracy (first word of
+        the answer equals the colour), colour_form (the first word is a colour word), n.
+    """
+    result: dict[str, float] = {}
+    for task in ("existence", "colour"):
+        rows = read_jsonl(bench.region_file(task))[:limit]
+        images = _images(bench, [r["image"] for r in rows])
+        if oracle_zoom:
+            images = [zoom(im, r["bbox"]) for im, r in zip(images, rows)]
+        answers = generate(model, processor, images, [r["text"] + suffix for r in rows], max_new_tokens=4,
+                           batch_size=batch_size)
+        if task == "existence":
+            rep = score(answers, [r["label"] for r in rows]).as_dict()
+            result.update(existence_accuracy=rep["accuracy"], existence_n=len(rows),
+                          existence_false_yes=rep["fp"] / max(1, rep["fp"] + rep["tn"]))
+        else:
+            got = [_colour_answer(a) for a in answers]
+            result.update(colour_accuracy=sum(g == r["label"] for g, r in zip(got, rows)) / max(1, len(rows)),
+                          colour_form=sum(g in COLOUR_NAMES for g in got) / max(1, len(rows)), colour_n=len(rows))
+    return result
+
+
+def _is_caption(text: str) -> bool:
+    """Caption form: a sentence ending in "." that names objects (or says nothing is there)."""
+    return text.endswith(".") and (any(c in text for c in CATEGORY_NAMES) or text.startswith("nothing"))
+
+
+def evaluate_prompts(model: Any, processor: Any, bench: SyntheticBenchmark, n: int = 60,
+                     batch_size: int = 64) -> list[dict[str, Any]]:
+    """How every prompt family the product sends is answered, on ``n`` images each.
+
+    Caption prompts: CHAIR on ``n`` images and the share of caption-form answers. Yes/no
+    families (POPE questions from the random split, 6 per image, with each suffix, system
+    prefix, AMBER's wording and MVP's caption-in-context prompt built from the model's own
+    caption): accuracy and the share of exact "Yes"/"No". CARVE's one-word general
+    description: the share of one-word answers and the share naming a theme.
+
+    Returns:
+        One row per family: family, prompt (abbreviated), n, form (share of intended-form
+        answers), and accuracy / chair_i / recall where defined.
+    """
+    rows_out: list[dict[str, Any]] = []
+    evaluator = ChairEvaluator.from_coco(bench.instances_file, bench.captions_file)
+    for prompt in P.CAPTION_PROMPTS[:8]:
+        images_meta = json.loads(bench.captions_file.read_text())["images"][:n]
+        captions = generate(model, processor, _images(bench, [m["file_name"] for m in images_meta]),
+                            [prompt] * len(images_meta), 64, batch_size)
+        res = evaluator.evaluate([{"image_id": m["id"], "caption": c} for m, c in zip(images_meta, captions)])
+        rows_out.append(dict(family="caption", prompt=prompt, n=len(captions),
+                             form=sum(map(_is_caption, captions)) / len(captions),
+                             chair_i=res.chair_i, recall=res.recall))
+    pope = read_jsonl(bench.pope_file("random"))[:6 * n]
+    images = _images(bench, [r["image"] for r in pope])
+    labels = [r["label"] for r in pope]
+
+    def yes_no(family: str, label: str, prompts: list[str], system: str | None = None) -> None:
+        answers = generate(model, processor, images, prompts, 4, batch_size, system=system)
+        rows_out.append(dict(family=family, prompt=label, n=len(answers), form=_exact_rate(answers),
+                             accuracy=score(answers, labels).metrics.accuracy))
+
+    questions = [r["text"] for r in pope]
+    yes_no("question", "POPE question", questions)
+    for suffix in (*P.ONE_WORD_SUFFIXES[:3], P.YES_NO_SUFFIXES[0]):
+        yes_no("question + suffix", "POPE question" + suffix.replace("\n", "\\n"), [q + suffix for q in questions])
+    yes_no("question", "AMBER wording (in this image)", [q.replace("the image?", "this image?") for q in questions])
+    for system in (P.VICUNA_SYSTEM, *P.ICD_INSTRUCTIONS):
+        yes_no("system + question", system[:60] + ("..." if len(system) > 60 else ""), questions, system=system)
+    names = list(dict.fromkeys(r["image"] for r in pope))
+    own = dict(zip(names, generate(model, processor, _images(bench, names), [CAPTION_PROMPT] * len(names),
+                                   64, batch_size)))
+    yes_no("MVP in-context", "Here is the caption ... Question: {q.lower()}",
+           [P.in_context_prompt(own[r["image"]], r["text"]) for r in pope])
+    general = P.GENERAL_INSTRUCTION + P.ONE_WORD_SUFFIXES[1]
+    answers = generate(model, processor, _images(bench, names[:n]), [general] * len(names[:n]), 8, batch_size)
+    rows_out.append(dict(family="CARVE general", prompt=general, n=len(answers),
+                         form=sum(len(a.split()) == 1 for a in answers) / max(1, len(answers)),
+                         theme=sum(a in THEMES for a in answers) / max(1, len(answers)),
+                         answers=dict(Counter(answers).most_common(4))))
+    return rows_out
 
 
 class _ImageAttention(Participant):
@@ -143,47 +340,93 @@ def image_attention(checkpoint: str | Path, bench: SyntheticBenchmark, n: int = 
     return stats
 
 
+
+
 def evaluate(checkpoint: str | Path | None = None, bench_dir: str | Path | None = None,
              pope_limit: int | None = None, chair_limit: int | None = None,
-             attention: bool = True, batch_size: int = 64) -> dict[str, Any]:
+             attention: bool = True, batch_size: int = 64, amber_limit: int | None = None,
+             region_limit: int | None = None, prompts_n: int = 60, presets: Sequence[str] | None = None,
+             ) -> dict[str, Any]:
     """All quality numbers of a checkpoint on the (cached) synthetic benchmark.
 
     Args:
         checkpoint: checkpoint directory (default: the shipped one).
         bench_dir: benchmark directory (default: :func:`ensure_benchmark`'s cache).
-        pope_limit: questions per POPE split (default all 3,000).
+        pope_limit: questions per POPE split and preset (default all 3,000).
         chair_limit: images to caption (default all 500).
         attention: also compute the per-head image-attention profile.
         batch_size: generation batch size.
+        amber_limit: AMBER questions per type (default all).
+        region_limit: region questions per task (default all).
+        prompts_n: images per prompt family in the prompt-following table (0: skip it).
+        presets: POPE presets to run (default all of :data:`POPE_PRESETS`).
 
     Returns:
-        ``{"pope": {split: metrics}, "chair": {...}, "attention": [...]}``.
+        ``{"pope": {preset: {split: metrics}}, "chair": {...}, "amber": {...}, "region": {...},
+        "prompts": [...], "attention": [...], "seconds": ...}``.
     """
+    start = time.time()
     torch.manual_seed(0)
     model, processor = load_testbed(checkpoint or CHECKPOINT_DIR)
     bench = SyntheticBenchmark(Path(bench_dir) if bench_dir else ensure_benchmark())
     result: dict[str, Any] = {
-        "pope": {s: evaluate_pope(model, processor, bench, s, pope_limit, batch_size)
-                 for s in POPE_SPLITS},
+        "pope": {p: {s: evaluate_pope(model, processor, bench, s, pope_limit, batch_size, POPE_PRESETS[p])
+                     for s in POPE_SPLITS} for p in (presets or POPE_PRESETS)},
         "chair": evaluate_chair(model, processor, bench, chair_limit, batch_size=batch_size),
+        "amber": evaluate_amber(model, processor, bench, amber_limit, batch_size),
+        "region": {
+            "as given": evaluate_region(model, processor, bench, region_limit, batch_size),
+            "as given + CARVE suffix": evaluate_region(model, processor, bench, region_limit, batch_size,
+                                                       suffix=POPE_PRESETS["carve"][len("{question}"):]),
+            "oracle zoom": evaluate_region(model, processor, bench, region_limit, batch_size, oracle_zoom=True),
+        },
     }
+    if prompts_n:
+        result["prompts"] = evaluate_prompts(model, processor, bench, prompts_n, batch_size)
     if attention:
         result["attention"] = image_attention(checkpoint or CHECKPOINT_DIR, bench)
+    result["seconds"] = round(time.time() - start, 1)
     return result
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The quality numbers as a small markdown report."""
-    lines = ["| POPE split | accuracy | precision | recall | F1 | yes-ratio | false-yes rate | n |",
-             "|---|---|---|---|---|---|---|---|"]
-    for split, m in result["pope"].items():
-        lines.append(f"| {split} | {m['accuracy']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                     f"{m['f1']:.3f} | {m['yes_ratio']:.3f} | {m['false_yes']:.3f} | {m['n']} |")
+    lines = ["| POPE preset | split | accuracy | precision | recall | F1 | yes-ratio | false-yes rate | "
+             "exact Yes/No | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset, splits in result["pope"].items():
+        for split, m in splits.items():
+            lines.append(f"| {preset} | {split} | {m['accuracy']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                         f"{m['f1']:.3f} | {m['yes_ratio']:.3f} | {m['false_yes']:.3f} | {m['exact']:.3f} | {m['n']} |")
     c = result["chair"]
     lines += ["", "| CHAIR_S | CHAIR_I | coverage (recall) | mean length | captions |",
               "|---|---|---|---|---|",
               f"| {c['chair_s']:.3f} | {c['chair_i']:.3f} | {c['recall']:.3f} | "
               f"{c['mean_length']:.1f} | {c['n']} |"]
+    if "amber" in result:
+        lines += ["", "AMBER discriminative (\"no\" is the positive class; only exact \"Yes\"/\"No\" count):", "",
+                  "| type | accuracy | precision | recall | F1 | yes-ratio | exact Yes/No | n |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t, m in result["amber"].items():
+            lines.append(f"| {t} | {m['accuracy']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+                         f"{m['yes_ratio']:.3f} | {m['exact']:.3f} | {m['n']} |")
+    if "region" in result:
+        lines += ["", "Region task (small object among clutter, 192 px images):", "",
+                  "| view | existence accuracy | existence false-yes | colour accuracy | colour-word answers | "
+                  "n (existence / colour) |", "|---|---|---|---|---|---|"]
+        for view, m in result["region"].items():
+            lines.append(f"| {view} | {m['existence_accuracy']:.3f} | {m['existence_false_yes']:.3f} | "
+                         f"{m['colour_accuracy']:.3f} | {m['colour_form']:.3f} | {m['existence_n']} / {m['colour_n']} |")
+    if "prompts" in result:
+        lines += ["", "Prompt following (form = caption-form caption / exactly \"Yes\"/\"No\" / one word):", "",
+                  "| family | prompt | n | form | accuracy | CHAIR_I | recall |", "|---|---|---|---|---|---|---|"]
+        for r in result["prompts"]:
+            prompt = r["prompt"].replace("\n", "\\n").replace("|", "/")
+            if len(prompt) > 90:
+                prompt = prompt[:87] + "..."
+            acc = f"{r['accuracy']:.3f}" if "accuracy" in r else (f"theme {r['theme']:.3f}" if "theme" in r else "")
+            ci = f"{r['chair_i']:.3f}" if "chair_i" in r else ""
+            rec = f"{r['recall']:.3f}" if "recall" in r else ""
+            lines.append(f"| {r['family']} | {prompt} | {r['n']} | {r['form']:.3f} | {acc} | {ci} | {rec} |")
     if "attention" in result:
         lines += ["", "| layer | image mass (mean over heads) | effective image tokens per head "
                   "(of 64) | top-1 share per head |", "|---|---|---|---|"]
@@ -199,23 +442,72 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report(result: dict[str, Any], checkpoint: str | Path, argv: Sequence[str] | None = None) -> str:
+    """The quality tables under a header that says how the checkpoint was trained and measured.
+
+    The header is read from the checkpoint's ``testbed.json`` (recipe, parameter count, wall and
+    CPU time) and from this command's own arguments, so the report always states the command
+    that produced it.
+    """
+    import shlex
+    import sys
+
+    meta_file = Path(checkpoint) / "testbed.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    cfg = meta.get("config", {})
+    args = list(sys.argv[1:] if argv is None else argv)
+    lines = ["# Testbed checkpoint quality", ""]
+    if cfg:
+        model = cfg.get("model", {})
+        lines += [
+            "Trained with `lvlm-fix testbed train --out DIR` (the defaults of "
+            "`lvlm_fix.testbed.train.TrainConfig`, seed 0, one torch thread): "
+            f"{cfg.get('vision_steps')} vision warm-up steps + {cfg.get('steps')} joint steps "
+            f"(the first {cfg.get('warm_steps')} plain, then a {cfg.get('ramp_steps')}-step ramp to the full task mix), "
+            f"batch {cfg.get('batch_size')}, {meta.get('n_parameters', 0) / 1e6:.2f}M parameters "
+            f"({model.get('text_layers')} decoder layers of width {model.get('text_hidden')}, "
+            f"{model.get('vision_layers')}-layer CLIP tower with CLS token, "
+            f"{(model.get('image_size', 96) // model.get('patch_size', 12)) ** 2} image tokens). "
+            f"Training took {meta.get('cpu_time_s', 0) / 60:.0f} min of CPU time "
+            f"({meta.get('wall_time_s', 0) / 60:.0f} min wall on a shared, oversubscribed 2-core machine).",
+            "",
+        ]
+    lines += ["Measured with", "",
+              "    python -m lvlm_fix.testbed.quality " + " ".join(shlex.quote(a) for a in args), "",
+              "on the cached synthetic benchmark (`ensure_benchmark()`: seed 0, 500 held-out scenes, 3,000 POPE "
+              "questions per split; 500 region-task images; 500 AMBER-format images), greedy decoding, the "
+              f"canonical POPE parse and the COCO CHAIR code path ({result.get('seconds', 0) / 60:.0f} min).", "",
+              markdown(result), ""]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m lvlm_fix.testbed.quality --checkpoint DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
-    parser.add_argument("--bench", default=None, help="benchmark dir (default: cached synthetic-v1)")
-    parser.add_argument("--pope-limit", type=int, default=None, help="questions per split")
+    parser.add_argument("--bench", default=None, help="benchmark dir (default: the cached synthetic benchmark)")
+    parser.add_argument("--pope-limit", type=int, default=None, help="questions per split and preset")
     parser.add_argument("--chair-limit", type=int, default=None, help="images to caption")
+    parser.add_argument("--amber-limit", type=int, default=None, help="AMBER questions per type")
+    parser.add_argument("--region-limit", type=int, default=None, help="region questions per task")
+    parser.add_argument("--prompts-n", type=int, default=60, help="images per prompt family (0: skip)")
+    parser.add_argument("--presets", default=None, help=f"comma-separated POPE presets of {list(POPE_PRESETS)}")
     parser.add_argument("--no-attention", action="store_true")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--markdown", default=None,
+                        help="also write a report (recipe, commands, tables) to this file, e.g. CHECKPOINT/quality.md")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = evaluate(args.checkpoint, args.bench, args.pope_limit, args.chair_limit,
-                      attention=not args.no_attention)
+                      attention=not args.no_attention, amber_limit=args.amber_limit,
+                      region_limit=args.region_limit, prompts_n=args.prompts_n,
+                      presets=args.presets.split(",") if args.presets else None)
     print(markdown(result))
+    if args.markdown:
+        Path(args.markdown).write_text(report(result, args.checkpoint, argv), encoding="utf-8")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 

@@ -1,11 +1,17 @@
 """A synthetic world of COCO objects with language priors, drawn with PIL.
 
-Each scene is a small RGB canvas holding 2-5 objects (COCO categories drawn as simple
+Each scene is a small RGB canvas holding 2-6 objects (COCO categories drawn as simple
 glyphs: a fork has tines, a car has wheels) plus non-object clutter on a textured
 background. Scenes follow *themes* (kitchen, street, park) and four strongly paired
 categories (fork-knife, cup-spoon, car-traffic light, dog-frisbee), so a model trained on
 them picks up the co-occurrence priors that make real LVLMs hallucinate. Category
 frequencies differ, so POPE's "popular" negatives differ from its "random" ones.
+
+Objects carry the attributes the discriminative questions ask about: a colour (instances of
+a category share it), a count (up to three instances) and contact: some objects are placed
+touching an earlier one, and whether two drawn shapes really touch is read from the
+rendering (:meth:`World.contacts`). *Region-task* scenes (:meth:`World.region_scene`) hide one
+small object among dense clutter, so that looking closer (crop and magnify) helps.
 
 Everything is a pure function of ``(world seed, split, stream, index)``: the same scene
 is drawn byte for byte on every run.
@@ -15,7 +21,7 @@ Example:
     >>> scene = world.scene("val", 0)
     >>> image = world.render(scene)            # PIL.Image, 96x96 RGB
     >>> world.caption(scene)
-    'a pink dog , a blue frisbee , a pink bicycle and a yellow chair .'
+    'a yellow dog , a white frisbee , a pink bicycle and a pink chair .'
 """
 
 from __future__ import annotations
@@ -83,7 +89,17 @@ PAIRS: dict[str, str] = {"fork": "knife", "cup": "spoon", "car": "traffic light"
 PARTNER: dict[str, str] = {**PAIRS, **{b: a for a, b in PAIRS.items()}}
 PAIR_PROB = 0.8
 OFF_THEME_PROB = 0.12  # chance that an object is drawn from outside the scene's theme
-DUPLICATE_PROB = 0.1   # chance that a scene shows two instances of one category
+DUPLICATE_PROB = 0.15  # chance that a scene shows two instances of one category ...
+TRIPLE_PROB = 0.35     # ... and, given that, a third one ("three red cups")
+CONTACT_PROB = 0.3     # chance that an object is placed touching one drawn before it
+MAX_OBJECTS = 6
+
+# The region task: a few ordinary objects, one *small* target object and dense clutter.
+# At the model's input resolution the target spans less than one ViT patch and shares it
+# with clutter, so a model that looks closer (crops and magnifies) has something to gain.
+REGION_TARGET_SIZE = (6, 10)      # target side in pixels of a 96-pixel canvas: [6, 10)
+REGION_CLUTTER = (26, 46)         # clutter marks per region scene: [26, 46)
+REGION_IMAGE_SIZE = 192           # region benchmark images: twice the model's input side
 
 # Colour words avoid "orange" on purpose: it is a COCO category and CHAIR would count it.
 COLOURS: dict[str, RGB] = {
@@ -105,7 +121,16 @@ REFERENCE_SYNONYMS: dict[str, str] = {
 QUESTION_TEMPLATE = "Is there a {} in the image?"
 CAPTION_PROMPT = "Please describe this image in detail."
 
-SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "stats": 2}
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
+THEMES: tuple[str, ...] = tuple(THEME_PROBS)
+
+# "amber" and "region" are the benchmark's further held-out streams (never trained on).
+SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "stats": 2, "amber": 3, "region": 4}
+
+
+def article(word: str) -> str:
+    """``"an"`` before a vowel, else ``"a"`` (the world's and POPE's rule)."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def question_for(category: str) -> str:
@@ -162,6 +187,7 @@ class Scene:
     noise_seed: int
     objects: tuple[SceneObject, ...]
     clutter: tuple[Clutter, ...]
+    target: int = -1  # region scenes: index in ``objects`` of the small target, else -1
 
     @property
     def categories(self) -> list[str]:
@@ -174,6 +200,15 @@ class Scene:
         for o in self.objects:
             out[o.category] = out.get(o.category, 0) + 1
         return out
+
+    def colour_of(self, category: str) -> str:
+        """The colour word of a category in this scene (instances of a category share one)."""
+        return next(o.colour for o in self.objects if o.category == category)
+
+    @property
+    def target_object(self) -> SceneObject | None:
+        """The small target object of a region scene (None for an ordinary scene)."""
+        return self.objects[self.target] if self.target >= 0 else None
 
 
 # --------------------------------------------------------------------------------------
@@ -397,8 +432,11 @@ class World:
             partner = PARTNER.get(cat)
             if partner and partner not in chosen and len(chosen) < 5 and rng.random() < PAIR_PROB:
                 chosen.append(partner)
-        if len(chosen) < 5 and rng.random() < DUPLICATE_PROB:
-            chosen.append(chosen[int(rng.integers(len(chosen)))])
+        if len(chosen) < MAX_OBJECTS - 1 and rng.random() < DUPLICATE_PROB:
+            twin = chosen[int(rng.integers(len(chosen)))]
+            chosen.append(twin)
+            if len(chosen) < MAX_OBJECTS and rng.random() < TRIPLE_PROB:
+                chosen.append(twin)
         # Drawing order is shuffled so that annotation order carries no category order.
         order = rng.permutation(len(chosen))
         return theme, [chosen[i] for i in order]
@@ -417,7 +455,10 @@ class World:
             # visual evidence is what lets the co-occurrence prior win sometimes.
             size = int(rng.integers(11, 16)) if rng.random() < 0.25 else int(rng.integers(16, 31))
             size = round(size * n / 96)
-            box = self._place(rng, size, boxes)
+            # Some objects touch one drawn before them (the relation questions' "contact").
+            touching = bool(boxes) and rng.random() < CONTACT_PROB
+            box = self._place_touching(rng, size, boxes) if touching else None
+            box = box or self._place(rng, size, boxes)
             if box is None:
                 continue
             boxes.append(box)
@@ -428,20 +469,96 @@ class World:
         clutter = tuple(self._clutter(rng) for _ in range(int(rng.integers(4, 11))))
         return Scene(theme, background, gradient, int(rng.integers(2**31)), tuple(objects), clutter)
 
-    def _place(self, rng: np.random.Generator, size: int,
-               boxes: Sequence[tuple[int, int, int]]) -> tuple[int, int, int] | None:
+    def region_scene(self, split: str, index: int, stream: int = 0) -> Scene:
+        """The ``index``-th scene of the region task: small target among dense clutter.
+
+        One to three ordinary objects (the usual themes, sizes and colours), one small
+        object of a category not otherwise in the scene (uniformly drawn, so no language
+        prior predicts it; ``scene.target`` indexes it) and 26-45 clutter marks, half of
+        them in object colours. Clutter is never drawn over the target, so the target is
+        always fully visible, just small.
+
+        Args:
+            split: ``"train"`` for training, ``"region"`` for the benchmark.
+            index: scene number.
+            stream: sub-stream (the benchmark seed).
+        """
+        # A fifth seed element keeps region scenes disjoint from ordinary ones.
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[split], stream, index, 1])
+        n = self.image_size
+        theme, cats = self.sample_categories(rng)
+        cats = list(dict.fromkeys(cats))[: int(rng.integers(1, 4))]
+        others = [c for c in CATEGORY_NAMES if c not in cats]
+        target_cat = others[int(rng.integers(len(others)))]
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        gradient = (float(rng.uniform(-18, 18)), float(rng.uniform(-18, 18)))
+        objects: list[SceneObject] = []
+        boxes: list[tuple[int, int, int]] = []
+        for cat in cats:
+            size = round(int(rng.integers(16, 31)) * n / 96)
+            box = self._place(rng, size, boxes)
+            if box is not None:
+                boxes.append(box)
+                objects.append(SceneObject(cat, COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))], box))
+        size = max(3, round(int(rng.integers(*REGION_TARGET_SIZE)) * n / 96))
+        box = None
+        while box is None:  # a small box always fits eventually
+            box = self._place(rng, size, boxes, max_overlap=1e-9)  # apart from all
+        objects.append(SceneObject(target_cat, COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))], box))
+        clutter = []
+        for _ in range(int(rng.integers(*REGION_CLUTTER))):
+            c = self._clutter(rng, small=True)
+            if c.on_top and _touches_box(c, box):
+                c = Clutter(c.kind, c.points, c.colour, c.width, False)
+            clutter.append(c)
+        return Scene(theme, background, gradient, int(rng.integers(2**31)), tuple(objects),
+                     tuple(clutter), target=len(objects) - 1)
+
+    def _place(self, rng: np.random.Generator, size: int, boxes: Sequence[tuple[int, int, int]],
+               max_overlap: float = 0.12) -> tuple[int, int, int] | None:
         n = self.image_size
         for _ in range(60):
             x0, y0 = (int(v) for v in rng.integers(0, n - size + 1, size=2))
-            if all(_overlap((x0, y0, size), b) < 0.12 for b in boxes):
+            if all(_overlap((x0, y0, size), b) < max_overlap for b in boxes):
                 return (x0, y0, size)
         return None
 
-    def _clutter(self, rng: np.random.Generator) -> Clutter:
+    def _place_touching(self, rng: np.random.Generator, size: int,
+                        boxes: Sequence[tuple[int, int, int]]) -> tuple[int, int, int] | None:
+        """A box that overlaps one earlier box a little on one side (so the glyphs can meet).
+
+        Glyphs leave a margin inside their box, so the boxes overlap by 10-30% of the
+        smaller side; whether the drawn shapes really touch is decided from the rendered
+        masks (:meth:`contacts`), never from this placement.
+        """
+        n = self.image_size
+        for _ in range(30):
+            ax, ay, asz = boxes[int(rng.integers(len(boxes)))]
+            depth = round(float(rng.uniform(0.1, 0.3)) * min(size, asz))
+            slide = int(rng.integers(-size // 2, asz - size // 2 + 1))
+            side = int(rng.integers(4))
+            if side == 0:
+                x0, y0 = ax + asz - depth, ay + slide
+            elif side == 1:
+                x0, y0 = ax - size + depth, ay + slide
+            elif side == 2:
+                x0, y0 = ax + slide, ay + asz - depth
+            else:
+                x0, y0 = ax + slide, ay - size + depth
+            if not (0 <= x0 <= n - size and 0 <= y0 <= n - size):
+                continue
+            anchor = (ax, ay, asz)
+            if all(b == anchor or _overlap((x0, y0, size), b) < 0.12 for b in boxes) \
+                    and _overlap((x0, y0, size), anchor) < 0.35:
+                return (x0, y0, size)
+        return None
+
+    def _clutter(self, rng: np.random.Generator, small: bool = False) -> Clutter:
         n = self.image_size
         kind = ("line", "dot", "rect", "tri", "squiggle")[int(rng.integers(5))]
         cx, cy = rng.uniform(0, n, size=2)
-        extent = rng.uniform(2, 9) * n / 96
+        # Region clutter is small (about target-sized) so that it competes with the target.
+        extent = (rng.uniform(2, 5) if small else rng.uniform(2, 9)) * n / 96
         n_points = {"line": 2, "dot": 1, "rect": 2, "tri": 3, "squiggle": 4}[kind]
         pts = [(float(cx), float(cy))] + [
             (float(cx + rng.uniform(-extent, extent)), float(cy + rng.uniform(-extent, extent)))
@@ -452,7 +569,8 @@ class World:
         else:
             g = int(rng.integers(20, 236))
             colour = (g, g, g)
-        return Clutter(kind, tuple(pts), colour, int(rng.integers(1, 3)), bool(rng.random() < 0.3))
+        width = max(1, round(int(rng.integers(1, 3)) * n / 96))
+        return Clutter(kind, tuple(pts), colour, width, bool(rng.random() < 0.3))
 
     # -- rendering ----------------------------------------------------------------------
 
@@ -561,14 +679,56 @@ class World:
             out[CATEGORY_INDEX[obj.category]] += c
         return np.minimum(out, 1.0)
 
+    def contacts(self, scene: Scene, masks: np.ndarray) -> list[tuple[str, str]]:
+        """Category pairs whose drawn shapes touch or overlap (the world's relation notion).
+
+        Two objects are in *direct contact* when the visible mask of one, grown by one
+        image pixel, meets the visible mask of the other in at least one image pixel's
+        worth of supersampled pixels. Decided from the rendering, not from the boxes,
+        because glyphs leave margins inside their boxes.
+
+        Args:
+            scene: the scene.
+            masks: from :meth:`render_with_masks`.
+
+        Returns:
+            Sorted ``(a, b)`` pairs of distinct categories (``a`` before ``b`` in the
+            world's category order), each pair once.
+        """
+        k = self.SUPERSAMPLE
+        visible = masks > 0.5
+        grown = _dilate(visible, k)
+        pairs: set[tuple[str, str]] = set()
+        for i, a in enumerate(scene.objects):
+            for j, b in enumerate(scene.objects):
+                if a.category == b.category or j <= i:
+                    continue
+                if int((grown[i] & visible[j]).sum()) >= k * k:
+                    pairs.add(tuple(sorted((a.category, b.category), key=CATEGORY_INDEX.__getitem__)))
+        return sorted(pairs, key=lambda p: (CATEGORY_INDEX[p[0]], CATEGORY_INDEX[p[1]]))
+
     # -- language -----------------------------------------------------------------------
 
-    def caption(self, scene: Scene) -> str:
+    def caption(self, scene: Scene, extra: Sequence[tuple[str, str]] = (),
+                drop: Sequence[str] = ()) -> str:
         """The canonical caption: categories in salience order, each with its colour.
+
+        Args:
+            scene: the scene.
+            extra: ``(category, colour)`` pairs to mention as if present (one instance each):
+                a caption with a hallucinated object, as a model's own caption can have.
+            drop: present categories to leave out (an omission).
 
         Example: ``"a red cup , two blue spoons and a dog ."``
         """
-        return _join([self._phrase(scene, c, colour=True) for c in _salience_order(scene)])
+        added = dict(extra)
+        phrases = []
+        for c in CATEGORY_NAMES:
+            if c in added and c not in scene.counts():
+                phrases.append(f"{article(added[c])} {added[c]} {c}")
+            elif c in scene.counts() and c not in drop:
+                phrases.append(self._phrase(scene, c, colour=True))
+        return _join(phrases)
 
     def reference_captions(self, scene: Scene) -> list[str]:
         """Five lightly varied human-style reference captions (COCO has five per image).
@@ -603,13 +763,32 @@ class World:
         words = [next(o.colour for o in scene.objects if o.category == category)] if colour else []
         words.append(noun)
         if count > 1:
-            return " ".join(["two" if count == 2 else "three", *words])
-        return " ".join(["an" if words[0][0] in "aeiou" else "a", *words])
+            return " ".join([NUMBER_WORDS[count], *words])
+        return " ".join([article(words[0]), *words])
+
+    def unnamed_caption(self, scene: Scene) -> str:
+        """A caption that names no category: ``"a red object , two blue objects ."``.
+
+        What an instruction follower says when told to avoid identifying or categorising
+        the objects (one of ICD's instructions): colours and counts, no names.
+        """
+        phrases = []
+        for c in _salience_order(scene):
+            count = scene.counts()[c]
+            noun = "object" if count == 1 else "objects"
+            lead = article(scene.colour_of(c)) if count == 1 else NUMBER_WORDS[count]
+            phrases.append(f"{lead} {scene.colour_of(c)} {noun}")
+        return _join(phrases)
+
+    def overview(self, scene: Scene) -> str:
+        """A fuzzy overall impression: the theme only, ``"a picture of a kitchen scene ."``."""
+        return f"a picture of a {scene.theme} scene ."
 
     def vocabulary(self) -> list[str]:
-        """Every word the world's captions and questions use (sorted)."""
-        words = {"a", "an", "two", "three", ",", "and", ".", "there", "is", "in", "the", "image",
-                 "picture", "of", "this", "shows", "nothing"}
+        """Every word the world's captions and answers use (sorted)."""
+        words = {"a", "an", ",", "and", ".", "there", "is", "in", "the", "image",
+                 "picture", "of", "this", "shows", "nothing", "object", "objects", "scene"}
+        words |= set(NUMBER_WORDS) | set(THEMES)
         words |= set(COLOUR_NAMES)
         for c in CATEGORIES:
             words |= set(c.name.split()) | set(c.plural.split())
@@ -662,6 +841,30 @@ def _join(phrases: Sequence[str]) -> str:
     if len(phrases) == 1:
         return f"{phrases[0]} ."
     return " , ".join(phrases[:-1]) + f" and {phrases[-1]} ."
+
+
+def _dilate(masks: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation of ``[n, H, W]`` boolean masks by a ``(2r+1)`` square."""
+    out = masks.copy()
+    for axis in (1, 2):
+        grown = out.copy()
+        for shift in range(1, r + 1):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(shift, None), slice(None, -shift)
+            grown[tuple(lo)] |= out[tuple(hi)]
+            grown[tuple(hi)] |= out[tuple(lo)]
+        out = grown
+    return out
+
+
+def _touches_box(c: Clutter, box: tuple[int, int, int], pad: float = 3.0) -> bool:
+    """Whether a clutter mark's extent (plus ``pad`` pixels) meets a square box."""
+    xs = [x for x, _ in c.points]
+    ys = [y for _, y in c.points]
+    x0, y0, s = box
+    return (min(xs) - pad <= x0 + s and max(xs) + pad >= x0
+            and min(ys) - pad <= y0 + s and max(ys) + pad >= y0)
 
 
 def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
