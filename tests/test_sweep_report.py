@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import cli_error
+from lvlm_fix.interventions.vhr import default_layers
 from conftest import cli_run as _run
 from lvlm_fix.cli.main import main
 
@@ -29,7 +30,7 @@ def test_each_setting_has_its_folder_row_and_resolved_config(sweep):
     for folder in ("none", "vhr,alpha=1.5", "vhr,alpha=2", "var,tau=3.5"):
         assert (sweep / folder / "samples.jsonl").is_file() and (sweep / folder / "cost.json").is_file()
     vhr = summary["provenance"]["methods"]["vhr:alpha=1.5"][0]
-    assert vhr["config"]["alpha"] == 1.5 and vhr["on_model"]["head_output_layers"] == [1, 2, 3]  # layers as used
+    assert vhr["config"]["alpha"] == 1.5 and vhr["on_model"]["head_output_layers"] == default_layers(8)  # as used (8 layers)
     table = (sweep / "results.md").read_text()
     assert "| vhr:alpha=2 | random |" in table
 
