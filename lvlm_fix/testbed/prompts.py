@@ -34,6 +34,8 @@ number word), ``{colour}``, ``{a}`` / ``{b}`` (two object names) and ``{caption}
 
 from __future__ import annotations
 
+from ..evals.pope import VICUNA_SYSTEM_PROMPT
+from ..interventions.icd import DISTURBANCES
 from .world import CAPTION_PROMPT, CATEGORIES, COLOUR_NAMES, NUMBER_WORDS, THEMES, article
 
 # -- caption requests -------------------------------------------------------------------------------
@@ -121,15 +123,9 @@ YES_NO_SUFFIXES: tuple[str, ...] = (
 )
 
 # -- system prefixes --------------------------------------------------------------------------------
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
-                 "gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = VICUNA_SYSTEM_PROMPT  # LLaVA-1.5's, as the eval presets send it
 ICD_INSTRUCTIONS: tuple[str, ...] = (
-    "You are an object detector to recognize every different objects.",
-    "You are an object detector to recognize every different objects by focusing the shapes, colors "
-    "and relationships of objects.",
-    "I want you avoid any specific identification or categorization of the objects depicted.",
-    "You are a confused objects detector to provide a fuzzy overview or impression of the image.",
-    "You are an object detector to provide a general overview or impression of the image.",
+    *DISTURBANCES,  # the five ICD sends, in its order
     "You are a confused object detector to provide a fuzzy overview or impression of the image.",
 )
 NO_NAMES_SYSTEMS: frozenset[str] = frozenset({ICD_INSTRUCTIONS[2]})
