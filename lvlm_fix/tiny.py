@@ -363,24 +363,13 @@ def build_qwen2_vl_sized(
         max_position_embeddings=max_positions,
         vocab_size=len(tokenizer),
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                         "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+                         "mrope_section": _mrope_section(half)},
         **_token_ids(tokenizer),
     )
     vision = dict(depth=vision_layers, num_heads=vision_hidden // 32, embed_dim=vision_hidden, mlp_ratio=2,
                   hidden_size=text_hidden, patch_size=patch_size, spatial_merge_size=merge, temporal_patch_size=2)
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=tokenizer.image_token_id,
-        video_token_id=tokenizer.video_token_id,
-        vision_start_token_id=tokenizer.vision_bos_token_id,
-        vision_end_token_id=tokenizer.vision_eos_token_id,
-    )
-    pixels = image_size * image_size
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=merge, temporal_patch_size=2
-    )
-    processor = image_only_processor(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+    config, processor = _qwen_vl(Qwen2VLConfig, Qwen2VLProcessor, tokenizer, text, vision, image_size, patch_size,
+                                 merge)
     return _save(config, processor, tokenizer, out_dir, seed)
 
 
@@ -505,7 +494,7 @@ def _qwen(
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
-            "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+            "mrope_section": _mrope_section(half),
         },
         **_token_ids(tokenizer),
     )
@@ -532,20 +521,7 @@ def _qwen(
             window_size=2 * merge * patch,
             fullatt_block_indexes=[_VISION["num_hidden_layers"] - 1],
         )
-    config = config_cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=tokenizer.image_token_id,
-        video_token_id=tokenizer.video_token_id,
-        vision_start_token_id=tokenizer.vision_bos_token_id,
-        vision_end_token_id=tokenizer.vision_eos_token_id,
-    )
-    pixels = IMAGE_SIZE * IMAGE_SIZE
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=merge, temporal_patch_size=2
-    )
-    processor = image_only_processor(proc_cls)(image_processor=image_processor, tokenizer=tokenizer)
-    return config, processor
+    return _qwen_vl(config_cls, proc_cls, tokenizer, text, vision, IMAGE_SIZE, patch, merge)
 
 
 def _idefics(
@@ -644,3 +620,27 @@ def _save(
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
+
+
+def _mrope_section(half: int) -> list[int]:
+    """M-RoPE's (temporal, height, width) split of half a head dimension, the remainder to time."""
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
+def _qwen_vl(config_cls: Any, proc_cls: Any, tokenizer: Any, text: dict[str, Any], vision: dict[str, Any],
+             image_size: int, patch: int, merge: int) -> tuple[Any, Any]:
+    """A Qwen-VL family's config (its special tokens from ``tokenizer``) and a processor that gives every
+    image exactly ``image_size`` x ``image_size`` pixels."""
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.vision_bos_token_id,
+        vision_end_token_id=tokenizer.vision_eos_token_id,
+    )
+    pixels = image_size * image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=merge, temporal_patch_size=2
+    )
+    return config, image_only_processor(proc_cls)(image_processor=image_processor, tokenizer=tokenizer)
