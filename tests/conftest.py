@@ -102,6 +102,14 @@ def no_plan_left(model) -> bool:
     return active_plan(model) is None and not any(SEAT_ATTR in m.__dict__ for m in model.modules())
 
 
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory, images):
+    """A PNG of the first test image, for the CLI's --image."""
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    images[0].save(path)
+    return path
+
+
 def cli_run(capsys, *argv: str) -> tuple[int, str, str]:
     """Run the CLI in this process: ``(exit code, stdout, stderr)``."""
     from lvlm_fix.cli.main import main

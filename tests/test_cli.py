@@ -11,15 +11,6 @@ from conftest import cli_error
 from conftest import cli_run as run
 
 
-
-
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory, images):
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    images[0].save(path)
-    return path
-
-
 def test_list_names_every_method_and_eval(capsys):
     from lvlm_fix.evals.bench import registry
     from lvlm_fix.interventions import METHODS

@@ -22,15 +22,6 @@ from lvlm_fix.errors import InputError
 from lvlm_fix.images import ImageWarning, check_image_file, load_image
 
 
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory, images):
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    images[0].save(path)
-    return path
-
-
-
-
 # -- the image loader ---------------------------------------------------------------------------------------
 def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
