@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -22,8 +24,8 @@ from lvlm_fix.testbed.model import (
     encode_pair,
     format_prompt,
 )
-from lvlm_fix.testbed.train import Batcher, TrainConfig, train
-from lvlm_fix.testbed.world import CATEGORY_INDEX, World
+from lvlm_fix.testbed.train import Batcher, Example, TrainConfig, train
+from lvlm_fix.testbed.world import CATEGORY_INDEX, THEME_MEMBERS, World
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -406,3 +408,35 @@ def test_shipped_checkpoint_shape():
     assert size <= 25 * 2**20, size
     tokenizer = AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer
     assert tokenizer.unk_token_id not in tokenizer(" ".join(_product_prompts()))["input_ids"]
+
+
+def test_existence_negatives_that_go_with_the_scene_are_drawn_at_their_weight():
+    # A kitchen scene with a fork and no knife: its absent theme members and the fork's partner
+    # (knife) are "related"; every other absent category is drawn 1/w times as often per category.
+    world, weight = World(), 0.25
+    config = TrainConfig(cooccurring_negative_weight=weight)
+    tokenizer = build_tokenizer(world)
+    batcher = Batcher(world, tokenizer, build_processor(tokenizer, config.model), config)
+    scene = next(s for s in (world.scene("train", i) for i in range(500))
+                 if s.theme == "kitchen" and "fork" in s.categories and "knife" not in s.categories)
+    example = Example(scene, pixels=None, coverage=None, contacts=())  # only the scene is read
+    present = set(example.scene.categories)
+    related = (set(THEME_MEMBERS["kitchen"]) | {"knife"}) - present
+    unrelated = set(CATEGORY_INDEX) - present - related
+    rng = np.random.default_rng(0)
+    counts = {c: 0 for c in related | unrelated}
+    for _ in range(20_000):
+        cat, answer = batcher._existence(example, rng, set())
+        if answer == "No":
+            counts[cat] += 1
+    per_related = sum(counts[c] for c in related) / len(related)
+    per_unrelated = sum(counts[c] for c in unrelated) / len(unrelated)
+    assert per_related / per_unrelated == pytest.approx(weight, rel=0.1)
+    # Uniform at weight 1 (the drawing rule itself, not the data, decides the ratio).
+    batcher.config = replace(config, cooccurring_negative_weight=1.0)
+    counts = {c: 0 for c in related | unrelated}
+    for _ in range(20_000):
+        cat, answer = batcher._existence(example, rng, set())
+        if answer == "No":
+            counts[cat] += 1
+    assert min(counts.values()) / max(counts.values()) > 0.85

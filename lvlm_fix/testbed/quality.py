@@ -464,12 +464,14 @@ def report(result: dict[str, Any], checkpoint: str | Path, argv: Sequence[str] |
             "`lvlm_fix.testbed.train.TrainConfig`, seed 0, one torch thread): "
             f"{cfg.get('vision_steps')} vision warm-up steps + {cfg.get('steps')} joint steps "
             f"(the first {cfg.get('warm_steps')} plain, then a {cfg.get('ramp_steps')}-step ramp to the full task mix), "
+            f"existence negatives that go with the scene drawn at weight {cfg.get('cooccurring_negative_weight', 1.0)}, "
             f"batch {cfg.get('batch_size')}, {meta.get('n_parameters', 0) / 1e6:.2f}M parameters "
             f"({model.get('text_layers')} decoder layers of width {model.get('text_hidden')}, "
             f"{model.get('vision_layers')}-layer CLIP tower with CLS token, "
             f"{(model.get('image_size', 96) // model.get('patch_size', 12)) ** 2} image tokens). "
             f"Training took {meta.get('cpu_time_s', 0) / 60:.0f} min of CPU time "
-            f"({meta.get('wall_time_s', 0) / 60:.0f} min wall on a shared, oversubscribed 2-core machine).",
+            f"({meta.get('wall_time_s', 0) / 60:.0f} min wall on a shared, oversubscribed 2-core machine)."
+            + (f" {meta['timing_note']}" if meta.get("timing_note") else ""),
             "",
         ]
     lines += ["Measured with", "",
