@@ -22,7 +22,7 @@ Differences from the release (GATECH-EIC/ACT ``a267af7``, written for LLaMA-2 te
   lowest position). That is BOS whenever BOS is a sink; when it is not, the release spares some
   other sink and damps BOS not at all (BOS is not in ``S``). lvlm-fix always spares the row's
   first valid token and damps every sink in ``S``. The two differ exactly when BOS's mean
-  attention is at most ``thres``: on the embedded testbed model, 34 of the 48 (layer, head)
+  attention is at most ``thres``: on the embedded testbed model, 44 of the 48 (layer, head)
   pairs of the edited layers on at least one of 20 POPE prompts, edited weights differing by up to 0.60.
 * **Decode steps.** The release also sets ``A'[0, 0] = 1``: harmless in a single prefill (row 0
   sees only BOS) but, with a KV cache, row 0 is the *current* token, so it adds a whole unit of
