@@ -424,19 +424,20 @@ def test_existence_negatives_that_go_with_the_scene_are_drawn_at_their_weight():
     related = (set(THEME_MEMBERS["kitchen"]) | {"knife"}) - present
     unrelated = set(CATEGORY_INDEX) - present - related
     rng = np.random.default_rng(0)
-    counts = {c: 0 for c in related | unrelated}
-    for _ in range(20_000):
-        cat, answer = batcher._existence(example, rng, set())
-        if answer == "No":
-            counts[cat] += 1
+
+    def negatives() -> dict[str, int]:
+        counts = {c: 0 for c in related | unrelated}
+        for _ in range(20_000):
+            cat, answer = batcher._existence(example, rng, set())
+            if answer == "No":
+                counts[cat] += 1
+        return counts
+
+    counts = negatives()
     per_related = sum(counts[c] for c in related) / len(related)
     per_unrelated = sum(counts[c] for c in unrelated) / len(unrelated)
     assert per_related / per_unrelated == pytest.approx(weight, rel=0.1)
     # Uniform at weight 1 (the drawing rule itself, not the data, decides the ratio).
     batcher.config = replace(config, cooccurring_negative_weight=1.0)
-    counts = {c: 0 for c in related | unrelated}
-    for _ in range(20_000):
-        cat, answer = batcher._existence(example, rng, set())
-        if answer == "No":
-            counts[cat] += 1
+    counts = negatives()
     assert min(counts.values()) / max(counts.values()) > 0.85
