@@ -255,10 +255,10 @@ def evaluate_prompts(model: Any, processor: Any, bench: SyntheticBenchmark, n: i
     """
     rows_out: list[dict[str, Any]] = []
     evaluator = ChairEvaluator.from_coco(bench.instances_file, bench.captions_file)
+    images_meta = json.loads(bench.captions_file.read_text())["images"][:n]
+    caption_images = _images(bench, [m["file_name"] for m in images_meta])
     for prompt in P.CAPTION_PROMPTS[:8]:
-        images_meta = json.loads(bench.captions_file.read_text())["images"][:n]
-        captions = generate(model, processor, _images(bench, [m["file_name"] for m in images_meta]),
-                            [prompt] * len(images_meta), 64, batch_size)
+        captions = generate(model, processor, caption_images, [prompt] * len(images_meta), 64, batch_size)
         res = evaluator.evaluate([{"image_id": m["id"], "caption": c} for m, c in zip(images_meta, captions)])
         rows_out.append(dict(family="caption", prompt=prompt, n=len(captions),
                              form=sum(map(_is_caption, captions)) / len(captions),
