@@ -295,7 +295,7 @@ class Batcher:
             if pool[0] in present:
                 cat = self._pick(rng, pool)
             else:
-                related = set(THEME_MEMBERS[scene.theme]) | {PARTNER.get(c) for c in present}
+                related = set(THEME_MEMBERS[scene.theme]) | {PARTNER[c] for c in present if c in PARTNER}
                 w = np.array([self.config.cooccurring_negative_weight if c in related else 1.0
                               for c in pool])
                 if w.sum() == 0:  # weight 0 and only related categories left
