@@ -56,3 +56,26 @@ class RunFolderBusyError(InputError):
 
 class LvlmFixWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints it as one line)."""
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def strict_bool(name: str, value: object) -> bool:
+    """A boolean setting that may arrive as text (``--model-args``, lmms-eval ``model_args``, config files).
+
+    Only an explicit spelling counts: ``bool`` values, ``true``/``false`` (any case), ``yes``/``no`` and
+    ``1``/``0``. Anything else is refused rather than read by Python's truthiness, under which the string
+    ``"no"`` is true — for ``trust_remote_code`` that would run a model folder's own code.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().strip("\"'").lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ConfigError(f"{name}={value!r} is not a boolean; write {name}=true or {name}=false")

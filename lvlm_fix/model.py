@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from .adapters import Adapter, derive_adapter, unsupported_reason
-from .errors import InputError, LvlmFixError, UnsupportedModelError
+from .errors import InputError, LvlmFixError, UnsupportedModelError, strict_bool
 from .hooks import attention
 
 DEFAULT_MODEL = "testbed"  # the embedded checkpoint shipped in lvlm_fix/testbed/checkpoint
@@ -315,6 +315,7 @@ def load(
 
     from .processors import load_processor
 
+    trust_remote_code = strict_bool("trust_remote_code", trust_remote_code)  # "no" must never run remote code
     name = str(name_or_path) if name_or_path not in (None, DEFAULT_MODEL) else str(testbed_path())
     if name_or_path in (None, DEFAULT_MODEL) and not (Path(name) / "config.json").exists():
         raise LvlmFixError(f"the embedded testbed checkpoint is missing at {name}; reinstall lvlm-fix or pass --model")

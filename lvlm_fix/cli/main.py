@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import click
 
-from ..errors import ConfigError, InputError, LvlmFixError, LvlmFixWarning
+from ..errors import ConfigError, InputError, LvlmFixError, LvlmFixWarning, strict_bool
 
 EXAMPLES = """
 \b
@@ -245,6 +245,11 @@ def _model_params(kwargs: dict[str, Any]) -> dict[str, Any]:
     opts = {k: kwargs.pop(k) for k in MODEL_PARAMS}
     _check_device(opts["device"])
     opts["model_args"] = _kwargs(opts["model_args"], "--model-args")
+    if "trust_remote_code" in opts["model_args"]:  # said in --model-args too: read strictly, and once
+        said = strict_bool("trust_remote_code", opts["model_args"].pop("trust_remote_code"))
+        if opts["trust_remote_code"] and not said:
+            raise InputError("--trust-remote-code and --model-args trust_remote_code=false disagree; give one")
+        opts["trust_remote_code"] = said
     opts["processor_args"] = _kwargs(opts["processor_args"], "--processor-args")
     return opts
 

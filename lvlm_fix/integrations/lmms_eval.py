@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from ..api import check_length, generate
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, strict_bool
 from ..evals.runner import _cut as cut_at_stops
 from ..images import load_image
 from ..interventions import NONE, build_methods, format_spec, method_fields, parse_spec, parse_value
@@ -128,6 +128,7 @@ class LvlmFixLMMS(lmms):
 
         del max_batch_size  # lmms-eval always passes it; it only matters for batch_size=auto, refused here
 
+        trust_remote_code = strict_bool("trust_remote_code", trust_remote_code)  # text: "no" is not true
         self.batch_size = _batch_size(batch_size)
         self.spec = method_spec(method, method_params)  # every value checked before any weight is loaded
         self.method = format_spec(parse_spec(self.spec))
