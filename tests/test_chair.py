@@ -191,7 +191,9 @@ def test_from_coco_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="category 'unicorn' is not in the synonym table"):
         ChairEvaluator.from_coco(bad, cap, mode="lvlm-fix")
     with pytest.raises(DataError, match="category 'unicorn' is not in the original CHAIR synonym table"):
-        ChairEvaluator.from_coco(bad, cap)
+        ChairEvaluator.from_coco(bad, cap, mode="original")
+    with pytest.raises(DataError, match="category 'unicorn' is not in the CHAIR synonym table"):
+        ChairEvaluator.from_coco(bad, cap, tagger="noun")  # the default, opera mode
     with pytest.raises(DataError, match=r"lacks \['categories'\]"):
         ChairEvaluator.from_coco(cap, cap)  # a captions file passed as instances
     with pytest.raises(DataError, match="malformed COCO captions entry"):

@@ -146,14 +146,11 @@ def test_modes_differ_and_results_name_them() -> None:
     original, own = chair.make_extractor("original").describe(), chair.make_extractor("lvlm-fix").describe()
     assert original["chair_mode"] == "original" and original["singularizer"] == "pattern"
     assert own["chair_mode"] == "lvlm-fix" and own["singularizer_version"].startswith("inflect ")
-    assert chair.DEFAULT_MODE == "original"
 
 
-def test_opera_mode_is_refused_with_the_reason() -> None:
+def test_singularizer_is_original_mode_only() -> None:
     from lvlm_fix.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="tagger and WordNet"):
-        chair.make_extractor("opera")
     with pytest.raises(ConfigError, match="original only"):
         chair.make_extractor("lvlm-fix", "pattern")
 
@@ -161,7 +158,7 @@ def test_opera_mode_is_refused_with_the_reason() -> None:
 def test_image_level_golden() -> None:
     """GT {person, dog}: 'A man and a dog.' (2 mentions, 0 hallucinated) and 'A man, a dog and a
     frisbee on a bus.' (person, dog, frisbee; bus lost to 'bu'; 1 hallucinated)."""
-    ev = ChairEvaluator({1: {"person", "dog"}}, {1: []})
+    ev = ChairEvaluator({1: {"person", "dog"}}, {1: []}, mode="original")
     result = ev.evaluate([{"image_id": 1, "caption": "A man and a dog."},
                           {"image_id": 1, "caption": "A man, a dog and a frisbee on a bus."}])
     assert result.chair_s == pytest.approx(1 / 2)
@@ -181,7 +178,7 @@ def test_ground_truth_uses_the_same_quirks(tmp_path) -> None:
             "annotations": [{"id": 1, "image_id": 7, "caption": "A computer mouse near a bus."}]}
     (tmp_path / "i.json").write_text(json.dumps(inst))
     (tmp_path / "c.json").write_text(json.dumps(caps))
-    assert ChairEvaluator.from_coco(tmp_path / "i.json", tmp_path / "c.json").gt_objects(7) == {
+    assert ChairEvaluator.from_coco(tmp_path / "i.json", tmp_path / "c.json", mode="original").gt_objects(7) == {
         "person", "laptop", "mouse"}
     assert ChairEvaluator.from_coco(tmp_path / "i.json", tmp_path / "c.json", mode="lvlm-fix").gt_objects(7) == {
         "person", "mouse", "bus"}

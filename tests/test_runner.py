@@ -75,7 +75,7 @@ def test_chair_end_to_end(tiny, coco, tmp_path):
                        out_dir=tmp_path / "c", n_boot=50, progress=False)
     row = summary["methods"]["none"]["splits"]["val"]
     assert row["n"] == 3 and 0 <= row["chair_i"] <= 1
-    assert summary["settings"]["chair_mode"] == "original" and summary["settings"]["singularizer"] == "pattern"
+    assert summary["settings"]["chair_mode"] == "opera" and summary["settings"]["singularizer"] == "wordnet"
     assert len(summary["settings"]["synonyms_sha256"]) == 64
     assert len(summary["provenance"]["dataset"]["image_ids"]) == 3
     rec = json.loads((tmp_path / "c" / "none" / "samples.jsonl").read_text().splitlines()[0])
@@ -202,7 +202,7 @@ def test_bad_eval_inputs_are_one_line_errors(capsys, coco, tiny_dirs, tmp_path):
     (["--prompt-template", "{question} {oops}"], "unknown field {oops}"),
     (["--bench", "chair", "--split", "adversarial"], "--bench chair takes no --split (got 'adversarial')"),
     (["--bench", "pope", "--chair-mode", "original"], "--chair-mode is not an option of --bench pope"),
-    (["--bench", "chair", "--chair-mode", "opera"], "tagger and WordNet"),
+    (["--bench", "chair", "--chair-mode", "original", "--chair-tagger", "noun"], "applies to --chair-mode opera only"),
     (["--bench", "chair", "--chair-mode", "lvlm-fix", "--chair-singularizer", "pattern"], "original only"),
     (["--bench", "chair", "--coco-annotations", "x"], "both --coco-annotations DIR and --image-dir DIR"),
     (["--pope-questions", "x"], "--image-dir is required with --pope-questions"),

@@ -1,12 +1,15 @@
 """CHAIR (Rohrbach et al., 2018): how many COCO objects a caption mentions that are not there.
 
-Two extraction modes (``--chair-mode``); every result names its mode, singulariser (with version)
-and synonym table (with sha256):
+Three extraction modes (``--chair-mode``); every result names its mode, singulariser or
+lemmatiser (with version), tagger (opera mode) and synonym table (with sha256):
 
-* ``original`` (the default, :data:`DEFAULT_MODE`): the original ``utils/chair.py`` of
-  LisaAnne/Hallucination token for token, quirks included (``bus`` is lost to ``bu``, ``ties``
-  become ``ty``); see :mod:`.chair_original`. Published CHAIR numbers (OPERA, PAI, VHR) come from
-  this code, so this is the mode whose numbers can be put beside theirs.
+* ``opera`` (the default, :data:`DEFAULT_MODE`): OPERA's ``chair.py`` rule for rule, the scorer
+  behind the CHAIR numbers of OPERA, PAI, HALC, PAINT, ONLY, the middle-layers paper, the VCD-family
+  follow-ups and lmms-eval (NLTK's tagger and WordNet's lemmatiser; see :mod:`.chair_opera`).
+  This is the mode whose numbers can be put beside theirs.
+* ``original``: the original ``utils/chair.py`` of LisaAnne/Hallucination token for token,
+  quirks included (``bus`` is lost to ``bu``, ``ties`` become ``ty``); see :mod:`.chair_original`.
+  The older scorer (Rohrbach et al.'s own numbers and the papers that ran that code).
 * ``lvlm-fix``: this project's reading, which fixes what the original gets wrong
   (:class:`ObjectExtractor`):
 
@@ -32,10 +35,12 @@ Metrics (:meth:`ChairEvaluator.evaluate`), all **fractions in [0, 1]** (papers p
 * recall (OPERA's addition) = sum over captions of |distinct mentioned objects in the ground
   truth| / sum of |ground-truth objects| (pooled over captions);
 * mean_length = mean number of whitespace-separated words per caption; mean_tokens = mean number
-  of items the extractor saw after merging (OPERA's "Len", punctuation included in original mode).
+  of items the extractor saw after merging (OPERA's "Len" x 100, punctuation included in the
+  opera and original modes).
 
 The ground truth of an image is its instance-annotation categories plus the objects its
-reference captions mention, extracted by the same mode.
+reference captions mention, extracted by the same mode; or, for scoring against a released
+scorer's cache, a given mapping of image ids to objects (:meth:`ChairEvaluator.from_ground_truth`).
 """
 
 from __future__ import annotations
@@ -98,9 +103,9 @@ ANIMAL_WORDS = frozenset({"animal", "cub"})
 _MODIFIERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "baby": (ANIMALS, ANIMAL_WORDS), "adult": (ANIMALS, ANIMAL_WORDS), "passenger": (VEHICLES, frozenset())}
 
-MODES = ("original", "lvlm-fix")
-DEFAULT_MODE = "original"
-"""The CLI's and :class:`ChairEvaluator`'s default: the numbers papers publish (module docstring)."""
+MODES = ("opera", "original", "lvlm-fix")
+DEFAULT_MODE = "opera"
+"""The CLI's and :class:`ChairEvaluator`'s default: the scorer the field reports with (module docstring)."""
 
 # Extra phrases -> the table entry they stand for. pattern.en, the original CHAIR singulariser,
 # strips the final "s" of "glass"; keeping its output readable keeps the two variants comparable.
@@ -285,23 +290,30 @@ def _modifies(word: str, next_word: str, next_node: str | None) -> bool:
 
 
 def make_extractor(mode: str = DEFAULT_MODE, singularizer: str | None = None,
-                   synonyms: SynonymTable | None = None) -> Any:
-    """The extractor of a CHAIR mode (``"original"`` or ``"lvlm-fix"``).
+                   synonyms: SynonymTable | None = None, tagger: str | None = None) -> Any:
+    """The extractor of a CHAIR mode (``"opera"``, ``"original"`` or ``"lvlm-fix"``).
 
     Args:
-        mode: see the module docstring. ``"opera"`` is refused: it needs NLTK's tagger and WordNet
-            data, which cannot be installed offline, and approximating it would not be OPERA.
+        mode: see the module docstring.
         singularizer: original mode only: ``"pattern"`` (default) or ``"inflect"``.
         synonyms: lvlm-fix mode only: another synonym table.
+        tagger: opera mode only: ``"perceptron"`` (NLTK's, needs its data), ``"noun"`` (every token a
+            noun) or None (the perceptron where installed, else the noun fallback with a warning).
     """
     from ..errors import ConfigError
 
+    if tagger is not None and mode != "opera":
+        raise ConfigError(f"--chair-tagger {tagger} applies to --chair-mode opera only; {mode} mode tags nothing")
+    if singularizer is not None and mode == "opera":
+        raise ConfigError(f"--chair-singularizer {singularizer} applies to --chair-mode original only; opera mode "
+                          "lemmatises with WordNet")
+    if synonyms is not None and mode != "lvlm-fix":
+        raise ConfigError(f"--chair-mode {mode} uses the original synonym file; a custom table needs lvlm-fix mode")
     if mode == "opera":
-        raise ConfigError("--chair-mode opera is not offered: OPERA's extractor needs NLTK's perceptron tagger and "
-                          "WordNet data, which cannot be installed offline; use --chair-mode original (its basis)")
+        from .chair_opera import OperaExtractor
+
+        return OperaExtractor(tagger)
     if mode == "original":
-        if synonyms is not None:
-            raise ConfigError("--chair-mode original uses the original synonym file; a custom table needs lvlm-fix mode")
         from .chair_original import OriginalExtractor
 
         return OriginalExtractor(singularizer or "pattern")
@@ -314,13 +326,14 @@ def make_extractor(mode: str = DEFAULT_MODE, singularizer: str | None = None,
 
 
 @functools.cache
-def _extractor(mode: str, singularizer: str | None) -> Any:
-    return make_extractor(mode, singularizer)
+def _extractor(mode: str, singularizer: str | None, tagger: str | None) -> Any:
+    return make_extractor(mode, singularizer, tagger=tagger)
 
 
-def caption_to_objects(caption: str, mode: str = DEFAULT_MODE, singularizer: str | None = None) -> list[Mention]:
+def caption_to_objects(caption: str, mode: str = DEFAULT_MODE, singularizer: str | None = None,
+                       tagger: str | None = None) -> list[Mention]:
     """Object mentions of a caption in a CHAIR mode, in order and with repeats."""
-    return [Mention(w, n) for w, n in _extractor(mode, singularizer).extract(caption)[0]]
+    return [Mention(w, n) for w, n in _extractor(mode, singularizer, tagger).extract(caption)[0]]
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -445,6 +458,7 @@ class ChairEvaluator:
         mode: str = DEFAULT_MODE,
         singularizer: str | None = None,
         synonyms: SynonymTable | None = None,
+        tagger: str | None = None,
     ) -> None:
         """Build from already-parsed annotations.
 
@@ -454,15 +468,16 @@ class ChairEvaluator:
             image_ids: Known image ids in COCO order (the sampling pool); defaults to the
                 caption images followed by instance-only images.
             file_names: Image id -> image file name.
-            mode: ``"original"`` or ``"lvlm-fix"`` (module docstring).
+            mode: ``"opera"``, ``"original"`` or ``"lvlm-fix"`` (module docstring).
             singularizer: original mode: ``"pattern"`` (default) or ``"inflect"``.
             synonyms: lvlm-fix mode: a vocabulary other than the packaged one.
+            tagger: opera mode: ``"perceptron"``, ``"noun"`` or None (:func:`make_extractor`).
 
         Raises:
             DataError: If an instance object is not a node word of the vocabulary.
-            ConfigError: For a mode / singulariser combination that does not exist.
+            ConfigError: For a mode / singulariser / tagger combination that does not exist.
         """
-        self.extractor = make_extractor(mode, singularizer, synonyms)
+        self.extractor = make_extractor(mode, singularizer, synonyms, tagger)
         self.settings: dict[str, str] = self.extractor.describe()
         nodes = set(self.extractor.nodes)
         self._instances = {int(k): frozenset(v) for k, v in instance_objects.items()}
@@ -489,6 +504,7 @@ class ChairEvaluator:
         mode: str = DEFAULT_MODE,
         singularizer: str | None = None,
         synonyms: SynonymTable | None = None,
+        tagger: str | None = None,
     ) -> ChairEvaluator:
         """Build from COCO ``instances_*.json`` and ``captions_*.json`` files.
 
@@ -502,7 +518,7 @@ class ChairEvaluator:
             DataError: Naming a missing or malformed file, or a category that is not in the
                 vocabulary.
         """
-        extractor = make_extractor(mode, singularizer, synonyms)
+        extractor = make_extractor(mode, singularizer, synonyms, tagger)
         instance_objects: dict[int, set[str]] = {}
         for path in _as_paths(instances_paths):
             data = _read_coco_json(path, "instances", ("categories", "annotations"))
@@ -519,7 +535,40 @@ class ChairEvaluator:
                 for ann in data["annotations"]:
                     captions.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]))
         return cls(instance_objects, captions, file_names=file_names, mode=mode, singularizer=singularizer,
-                   synonyms=synonyms)
+                   synonyms=synonyms, tagger=tagger)
+
+    @classmethod
+    def from_ground_truth(
+        cls, path: str | PathLike[str], *, mode: str = DEFAULT_MODE, singularizer: str | None = None,
+        synonyms: SynonymTable | None = None, tagger: str | None = None,
+    ) -> ChairEvaluator:
+        """Build from a JSON file ``{"<image id>": [node word, ...], ...}``: each image's ground-truth
+        objects as a CHAIR scorer's cache holds them (OPERA's ``chair.pkl``, converted to JSON by
+        ``benchmarks/chair_released.py``), used as they are: no reference caption is re-read.
+
+        Raises:
+            DataError: Naming a missing or malformed file, or an object that is not a node word.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"CHAIR ground-truth file not found: {p}; pass a JSON object of image id -> objects")
+        try:
+            data = json.loads(p.read_text("utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p} is not valid JSON ({err.msg} at line {err.lineno}); pass a JSON object of "
+                            "image id -> objects") from None
+        if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
+                                                 for v in data.values()):
+            raise DataError(f"{p} must be a JSON object of image id -> list of object names, e.g. "
+                            '{"397133": ["person", "dog"]}')
+        bad = next((k for k in data if not k.strip().isdigit()), None)
+        if bad is not None:
+            raise DataError(f"{p}: key {bad!r} is not an integer COCO image id; key each image by its id")
+        objects = {int(k): v for k, v in data.items()}
+        try:
+            return cls(objects, {}, mode=mode, singularizer=singularizer, synonyms=synonyms, tagger=tagger)
+        except DataError as err:
+            raise DataError(f"{p}: {err}") from None
 
     def caption_objects(self, caption: str) -> list[Mention]:
         """Object mentions of a caption under this evaluator's mode."""

@@ -286,6 +286,7 @@ def load_coco_captions_for_chair(
     captions_paths: StrPath | Sequence[StrPath] | None = None,
     mode: str | None = None,
     singularizer: str | None = None,
+    tagger: str | None = None,
 ) -> tuple[list[CocoImageSample], ChairEvaluator]:
     """The CHAIR image subset and its evaluator (VHR protocol: ``n`` val2014 images, seeded).
 
@@ -299,6 +300,7 @@ def load_coco_captions_for_chair(
         captions_paths: Explicit caption files; their images, in file order, are the pool.
         mode: CHAIR mode of the evaluator (default :data:`~lvlm_fix.evals.chair.DEFAULT_MODE`).
         singularizer: original mode's singulariser (``"pattern"`` or ``"inflect"``).
+        tagger: opera mode's tagger (``"perceptron"``, ``"noun"``; None: the perceptron where installed).
 
     Returns:
         ``(samples, evaluator)``, samples in draw order.
@@ -326,7 +328,8 @@ def load_coco_captions_for_chair(
     captions = captions_paths if captions_paths is not None else root / "captions_val2014.json"
     image_root = Path(image_dir)
     _check_image_dir(image_root)
-    evaluator = ChairEvaluator.from_coco(instances, captions, mode=mode or DEFAULT_MODE, singularizer=singularizer)
+    evaluator = ChairEvaluator.from_coco(instances, captions, mode=mode or DEFAULT_MODE, singularizer=singularizer,
+                                        tagger=tagger)
     ids = sample_chair_image_ids(evaluator.image_ids, n=n, seed=seed)
     names = [evaluator.file_names[i] for i in ids]
     _first_missing_image(image_root, names)

@@ -136,7 +136,8 @@ def evaluate_chair(model: Any, processor: Any, bench: SyntheticBenchmark, limit:
     images_meta = json.loads(bench.captions_file.read_text())["images"][:limit]
     captions = generate(model, processor, _images(bench, [m["file_name"] for m in images_meta]),
                         [prompt] * len(images_meta), max_new_tokens, batch_size)
-    evaluator = evaluator or ChairEvaluator.from_coco(bench.instances_file, bench.captions_file)
+    # original mode: the mode the shipped quality report (and the README's testbed numbers) were measured in
+    evaluator = evaluator or ChairEvaluator.from_coco(bench.instances_file, bench.captions_file, mode="original")
     result = evaluator.evaluate([{"image_id": m["id"], "caption": c}
                                  for m, c in zip(images_meta, captions)])
     return dict(chair_s=result.chair_s, chair_i=result.chair_i, recall=result.recall,
@@ -254,7 +255,7 @@ def evaluate_prompts(model: Any, processor: Any, bench: SyntheticBenchmark, n: i
         answers), and accuracy / chair_i / recall where defined.
     """
     rows_out: list[dict[str, Any]] = []
-    evaluator = ChairEvaluator.from_coco(bench.instances_file, bench.captions_file)
+    evaluator = ChairEvaluator.from_coco(bench.instances_file, bench.captions_file, mode="original")  # as above
     images_meta = json.loads(bench.captions_file.read_text())["images"][:n]
     caption_images = _images(bench, [m["file_name"] for m in images_meta])
     for prompt in P.CAPTION_PROMPTS[:8]:

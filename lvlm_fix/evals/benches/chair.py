@@ -1,7 +1,8 @@
-"""CHAIR on the registry: COCO-format annotations, the two extraction modes, CHAIR_S / CHAIR_I / recall."""
+"""CHAIR on the registry: COCO-format annotations, the three extraction modes, CHAIR_S / CHAIR_I / recall."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigError, DataError
-from .. import chair
+from .. import chair, chair_opera
 from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register
 from ..data import dataset_fingerprint, load_coco_captions_for_chair
 
@@ -27,16 +28,23 @@ class _ScoredImage:
 class ChairBench(Bench):
     """CHAIR caption hallucination on COCO-format instances + captions."""
 
-    description = "CHAIR caption hallucination on COCO-format instances + captions (modes: original, lvlm-fix)"
+    description = "CHAIR caption hallucination on COCO-format instances + captions (modes: opera, original, lvlm-fix)"
     options = (
         Option("coco_annotations", "CHAIR: folder with instances_val2014.json and captions_val2014.json "
                                    "(score also reads the train2014 files there for train image ids)."),
         Option("image_dir", "folder of the images the data files name (POPE/CHAIR: COCO val2014; AMBER: its images)."),
-        Option("chair_mode", "CHAIR: object extraction: original = LisaAnne/Hallucination chair.py exactly (the "
-                             "numbers papers publish); lvlm-fix = this project's fixed reading.",
-               choices=(*chair.MODES, "opera"), default=chair.DEFAULT_MODE),
+        Option("chair_mode", "CHAIR: object extraction: opera = OPERA's chair.py (NLTK tagger + WordNet; the "
+                             "scorer of OPERA, PAI, PAINT, lmms-eval and most papers); original = LisaAnne/"
+                             "Hallucination chair.py exactly (pattern's singulariser); lvlm-fix = this project's "
+                             "fixed reading.", choices=chair.MODES, default=chair.DEFAULT_MODE),
         Option("chair_singularizer", "CHAIR original mode: pattern (the original) or inflect (the VHR family).",
                choices=("pattern", "inflect")),
+        Option("chair_tagger", "CHAIR opera mode: perceptron (NLTK's; python -m nltk.downloader "
+                               "averaged_perceptron_tagger_eng) or noun (every token a noun); default: perceptron "
+                               "where installed, else noun with a warning.", choices=chair_opera.TAGGERS),
+        Option("chair_ground_truth", "CHAIR score: a JSON file of image id -> ground-truth objects (a released "
+                                     "chair.pkl converted by benchmarks/chair_released.py), instead of "
+                                     "--coco-annotations."),
     )
     record_keys = ("id", "image_id", "caption", "mentioned", "words", "hallucinated", "gt", "n_words", "n_tokens")
     id_keys = ("image_id",)
@@ -45,7 +53,7 @@ class ChairBench(Bench):
 
     def __init__(self, split: str | None = None, **opts: Any) -> None:
         super().__init__(split, **opts)
-        self.extractor = chair.make_extractor(self.opts["chair_mode"], self.opts["chair_singularizer"])  # validates
+        self.extractor = chair.make_extractor(**self._kw())  # validates
         self.evaluator: chair.ChairEvaluator | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -53,16 +61,21 @@ class ChairBench(Bench):
 
     def caveat(self) -> str:
         s = self.settings()
-        return (f"CHAIR in `{s['chair_mode']}` mode (singulariser {s['singularizer_version']}, synonym file sha256 "
-                f"{s['synonyms_sha256'][:12]}…). The two modes disagree on many captions: compare only numbers of "
+        tagger = f", tagger: {s['tagger']}" if "tagger" in s else ""
+        return (f"CHAIR in `{s['chair_mode']}` mode (singulariser {s['singularizer_version']}{tagger}, synonym file "
+                f"sha256 {s['synonyms_sha256'][:12]}…). The modes disagree on many captions: compare only numbers of "
                 "the same mode.")
 
     def _kw(self) -> dict[str, Any]:
-        return {"mode": self.opts["chair_mode"], "singularizer": self.opts["chair_singularizer"]}
+        return {"mode": self.opts["chair_mode"], "singularizer": self.opts["chair_singularizer"],
+                "tagger": self.opts["chair_tagger"]}
 
     # -- data ---------------------------------------------------------------------------------
     def load(self, limit: int | None, seed: int) -> tuple[list[Sample], dict[str, Any]]:
         n = limit or chair.DEFAULT_NUM_IMAGES
+        if self.opts["chair_ground_truth"]:
+            raise ConfigError("--chair-ground-truth applies to lvlm-fix score only; eval needs --coco-annotations "
+                              "and --image-dir (or neither, for the synthetic benchmark)")
         if bool(self.opts["coco_annotations"]) != bool(self.opts["image_dir"]):
             raise ConfigError("CHAIR needs both --coco-annotations DIR and --image-dir DIR (COCO 2014 val), or neither "
                               "(the synthetic benchmark)")
@@ -123,7 +136,7 @@ class ChairBench(Bench):
                      label_key: str | None) -> tuple[list[Sample], dict[str, str], dict[str, Any]]:
         if label_key:
             raise ConfigError("--label-key applies to POPE answers only")
-        rows = read_rows(path)
+        rows = _scorer_sentences(path) or read_rows(path)
         id_key = pick_key(path, rows, id_key, self.id_keys, "image id", "--id-key")
         text_key = pick_key(path, rows, text_key, self.text_keys, "caption", "--text-key")
         try:
@@ -148,7 +161,14 @@ class ChairBench(Bench):
         return samples, texts, dataset
 
     def _score_evaluator(self, ids: list[int]) -> tuple[chair.ChairEvaluator, dict[str, Any]]:
-        """The evaluator for scored captions: val2014 files, plus train2014 ones when ids need them."""
+        """The evaluator for scored captions: a given ground truth, or val2014 files plus train2014 ones when
+        ids need them."""
+        if self.opts["chair_ground_truth"]:
+            if self.opts["coco_annotations"]:
+                raise ConfigError("pass --chair-ground-truth FILE or --coco-annotations DIR, not both")
+            gt = Path(self.opts["chair_ground_truth"])
+            evaluator = chair.ChairEvaluator.from_ground_truth(gt, **self._kw())
+            return evaluator, {"id": str(gt), "sha256": dataset_fingerprint([gt])}
         if not self.opts["coco_annotations"]:
             from ...testbed.benchmark import SyntheticBenchmark, ensure_benchmark
 
@@ -168,3 +188,19 @@ class ChairBench(Bench):
             evaluator = chair.ChairEvaluator.from_coco(inst, caps, **self._kw())
         dataset["sha256"] = dataset_fingerprint([*inst, *caps])
         return evaluator, dataset
+
+
+def _scorer_sentences(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of a CHAIR scorer's own output (OPERA's ``--save_path``: one JSON object whose
+    ``sentences`` list holds ``{"image_id", "caption", ...}``), or None for any other file."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            if fh.read(64).lstrip()[:1] != "{":
+                return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    rows = data.get("sentences") if isinstance(data, dict) else None
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        return rows
+    return None
