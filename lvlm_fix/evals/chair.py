@@ -4,8 +4,8 @@ Three extraction modes (``--chair-mode``); every result names its mode, singular
 lemmatiser (with version), tagger (opera mode) and synonym table (with sha256):
 
 * ``opera`` (the default, :data:`DEFAULT_MODE`): OPERA's ``chair.py`` rule for rule, the scorer
-  behind the CHAIR numbers of OPERA, PAI, HALC, PAINT, ONLY, the middle-layers paper, the VCD-family
-  follow-ups and lmms-eval (NLTK's tagger and WordNet's lemmatiser; see :mod:`.chair_opera`).
+  behind the CHAIR numbers of OPERA, PAI, HALC, PAINT, ONLY, the middle-layers paper and the
+  VCD-family follow-ups (NLTK's tagger and WordNet's lemmatiser; see :mod:`.chair_opera`).
   This is the mode whose numbers can be put beside theirs.
 * ``original``: the original ``utils/chair.py`` of LisaAnne/Hallucination token for token,
   quirks included (``bus`` is lost to ``bu``, ``ties`` become ``ty``); see :mod:`.chair_original`.

@@ -1,7 +1,7 @@
 """OPERA's CHAIR object extraction (``--chair-mode opera``, the default), rule for rule.
 
 This is the scorer behind the CHAIR numbers of OPERA, PAI, HALC, PAINT, ONLY, the middle-layers
-paper ("Devils in Middle Layers"), the VCD-family follow-ups and lmms-eval: shikiw/OPERA
+paper ("Devils in Middle Layers") and the VCD-family follow-ups: shikiw/OPERA
 ``chair.py`` (Maxlinn's standalone CHAIR), a copy of the original LisaAnne/Hallucination scorer
 (:mod:`.chair_original`) whose plural stripping (pattern's ``singularize`` on every token) is
 replaced by a part-of-speech tagger plus WordNet's lemmatiser. For one caption:
@@ -29,9 +29,10 @@ averaged_perceptron_tagger_eng``; nltk < 3.9: ``averaged_perceptron_tagger``). W
 installed the extractor falls back, with a warning, on tagging **every token a noun** (tagger
 ``noun``): step 3 then lemmatises every token as a noun. Checked on two repositories' released
 LLaVA-1.5 captions scored by OPERA's code with the real tagger (1,000 captions), the fallback
-gives the same hallucinated objects on every caption; what it loses is recall: a verb or
-adjective whose lemma is a COCO word (``skiing``, ``seated``, ``tied``, ``skateboarding``) is not
-lemmatised to it, so a correctly mentioned object is missed on 3-4% of the captions. The tagger
+gives the same hallucinated objects on every caption; what it loses is recall: a verb whose lemma
+is a COCO word (``skiing``, ``seated``, ``tied``, ``skateboarding``) is not lemmatised to it, so
+28 of the 1,000 captions miss a correctly mentioned object (and 6 gain one the tagger read as no
+noun), recall 0.4-0.5 points lower. The tagger
 that ran is named in every result (``tagger``), with the WordNet data (``singularizer_version``).
 """
 
