@@ -76,10 +76,13 @@ def test_tags_map_to_wordnet_parts_of_speech_as_opera(tag: str, pos: str) -> Non
 
 def _with_tags(monkeypatch: pytest.MonkeyPatch, tags: dict[str, str]) -> OperaExtractor:
     """A perceptron-mode extractor whose tagger answers from ``tags`` (NN for other tokens)."""
-    import nltk
+
+    class Tagger:
+        def tag(self, tokens: list[str]) -> list[tuple[str, str]]:
+            return [(t, tags.get(t, "NN")) for t in tokens]
 
     monkeypatch.setattr(chair_opera, "perceptron_available", lambda: True)
-    monkeypatch.setattr(nltk, "pos_tag", lambda tokens: [(t, tags.get(t, "NN")) for t in tokens])
+    monkeypatch.setattr(chair_opera, "_perceptron", Tagger)
     return OperaExtractor("perceptron")
 
 

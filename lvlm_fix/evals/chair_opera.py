@@ -8,7 +8,7 @@ replaced by a part-of-speech tagger plus WordNet's lemmatiser. For one caption:
 
 1. lower-case it and tokenise it as ``nltk.word_tokenize`` does (:func:`.chair_original.word_tokenize`:
    the same tokenizer and the same untrained-punkt divergence as original mode);
-2. tag the tokens, lower-cased, with NLTK's averaged perceptron tagger (``nltk.pos_tag``);
+2. tag the tokens, lower-cased, with NLTK's averaged perceptron tagger (what ``nltk.pos_tag`` runs);
 3. lemmatise each token with WordNet 3.0's morphology as nltk 3.8.1 (OPERA's pin) applies it
    (``WordNetLemmatizer().lemmatize(token, pos)``; :mod:`.wordnet` with ``repeat_rules=True``: a
    token no lemma is one rule away from gets the rules again) for the part of speech of its tag: ``J*`` adjective, ``V*`` verb,
@@ -65,12 +65,19 @@ def _nltk_version() -> str:
 
 
 @functools.cache
+def _perceptron() -> Any:
+    """NLTK's English perceptron tagger, loaded once: what ``nltk.pos_tag(tokens)`` tags with (nltk
+    < 3.9 reloads the model on every call)."""
+    from nltk.tag import PerceptronTagger
+
+    return PerceptronTagger()
+
+
+@functools.cache
 def perceptron_available() -> bool:
     """Whether NLTK's perceptron tagger can run here (its data is installed where nltk looks)."""
     try:
-        import nltk
-
-        nltk.pos_tag(["dog"])
+        _perceptron().tag(["dog"])
     except (LookupError, OSError, ImportError, ValueError):
         return False
     return True
@@ -147,9 +154,7 @@ class OperaExtractor:
         """Penn Treebank tags of the tokens (all ``NN`` with the noun fallback)."""
         if self.tagger == "noun" or not tokens:
             return ["NN"] * len(tokens)
-        import nltk
-
-        return [tag for _, tag in nltk.pos_tag(tokens)]
+        return [tag for _, tag in _perceptron().tag(tokens)]
 
     def lemmas(self, caption: str) -> list[str]:
         """Steps 1-3 of the module docstring: the caption's tokens, lemmatised by tag."""
