@@ -4,6 +4,7 @@ batching, the head-list file and the calibration search."""
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -111,6 +112,50 @@ def test_decode_step_uses_prefill_sinks_and_rows_sum_to_one():
     out3 = act.post_softmax(p3, slide)
     assert torch.equal(out3[0], p3[0])  # row 0's sink (position 1) left the window
     assert torch.allclose(out3[1, 0, 0], T([0.2, 0.4, 0.4]), atol=1e-6)  # row 1's sink is position 2
+
+
+def _tie(n: int, j: int, seed: int, mean: float) -> torch.Tensor | None:
+    """A causal attention map ``[n, n]`` whose key ``j`` receives, summed as the release sums it
+    (``sum(dim=0) / (n - j)``), a mean of exactly ``mean`` in fp32; None if no fp32 value hits it."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, n, generator=g) * 2).masked_fill(~torch.ones(n, n).tril().bool(), -math.inf).softmax(-1)
+    a[j:, j] *= mean * (n - j) / a[j:, j].sum()
+    target = torch.tensor(mean)
+    for _ in range(1000):  # nudge the last query's weight on j by one ulp until the mean is exact
+        got = a.sum(0)[j] / (n - j)
+        if got == target:
+            return a
+        a[-1, j] = torch.nextafter(a[-1, j], torch.tensor(-1.0 if got > target else 2.0))
+    return None
+
+
+def test_exact_ties_at_thres_are_decided_as_the_release_decides_them():
+    """Eight keys whose mean attention is exactly thres (the release: no sink) or one ulp above it
+    (a sink), constructed with the release's reduction; lvlm-fix must decide every key alike, in the
+    pure function and through the callbacks. A column sum in another order (a matmul) flips ties."""
+    thres = 0.1
+    above = torch.nextafter(torch.tensor(thres), torch.tensor(1.0)).item()
+    cases = [(n, j, seed, mean) for (n, j, seed) in [(9, 2, 1), (23, 5, 2), (40, 3, 3), (64, 11, 4)]
+             for mean in (thres, above)]
+    for n, j, seed, mean in cases:
+        a = _tie(n, j, seed, mean)
+        assert a is not None, (n, j, seed, mean)
+        release = a.sum(0) / torch.arange(n, 0, -1) > thres  # the release's test, every key
+        assert bool(release[j]) == (mean > thres)
+        causal = torch.ones(n, n).tril().bool()
+        assert torch.equal(act_sinks(a[None, None], causal[None, None], thres)[0, 0], release), (n, j, seed, mean)
+        act = Act(ActConfig(heads="0:0", thres=thres))
+        act.bind(SimpleNamespace(num_layers=1, num_heads=1))
+        ctx = AttnContext(layer=0, phase="prefill", step=0, query_positions=torch.arange(n), image_end=T([0]),
+                          key_positions=torch.arange(n), key_start=0, image_keys=torch.zeros(1, n, dtype=torch.bool),
+                          key_valid=torch.ones(1, n, dtype=torch.bool))
+        act.begin(TokenState(image_mask=ctx.image_keys, valid=ctx.key_valid, prompt_len=n, q_len=n))
+        scores = a.log().masked_fill(~causal, NEG)[None, None]
+        act.accumulate(scores, a[None, None], ctx)
+        act.post_softmax(a[None, None].clone(), ctx)
+        expected = release.clone()
+        expected[0] = False  # BOS is spared (the documented difference in which sink is spared)
+        assert torch.equal(act._sinks[0][1][0, 0], expected), (n, j, seed, mean)
 
 
 # -- on models ------------------------------------------------------------------------------------

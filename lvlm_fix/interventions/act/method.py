@@ -28,6 +28,11 @@ Differences from the release (GATECH-EIC/ACT ``a267af7``, written for LLaMA-2 te
   sees only BOS) but, with a KV cache, row 0 is the *current* token, so it adds a whole unit of
   BOS attention and the row sums to 2. lvlm-fix does not reproduce it, so decoding is correct.
 * **Batches.** Padding queries and keys are excluded from the mean (the release is batch size 1).
+* **Exact ties.** The column sums are ``torch.sum`` over the queries, the release's reduction, so
+  a mean exactly at ``thres`` is decided as the release decides it (a matmul of the same numbers
+  rounds otherwise: 54 of 133 constructed ties flipped, on CPU). Two cases add in another order and may
+  still flip such a tie: a left-padded row of a batch, and a prefill long enough to be split into
+  query chunks (the chunks' sums are added).
 * **Heads.** The release ships no head list for LVLMs; see ``heads_file`` below.
 
 Which heads: a head-list JSON file from ``lvlm-fix calibrate`` (:mod:`.search`, ACT's offline
@@ -135,16 +140,24 @@ def act_column_stats(probs: Tensor, seen: Tensor, queries: Tensor | None = None,
 
     Returns:
         ``(total, count)``, ``[b, h, k]`` fp32 each: ``sum_{i sees j} A[i, j]`` and ``#{i sees j}``.
+
+    ``total`` is ``torch.sum`` over the query axis, the reduction the release uses
+    (``sum(dim=0) / (N - j) > thres``), so a mean exactly at ``thres`` is decided as the release
+    decides it: the same numbers added in another order (a matmul with a row of ones) round
+    differently, and then 54 of 133 constructed exact ties came out the other way.
     """
     dtype = probs.dtype
     seen = seen.to(dtype)  # 0/1
     valid = torch.ones(probs.shape[0], probs.shape[2], dtype=dtype, device=probs.device) if queries is None \
         else queries.to(dtype)
-    # Column sums as matmuls of a row of weights with the map: one read of it, no masked copy.
     # A valid query that sees no key at all (its row is uniform over masked keys) adds nothing.
     rows = valid[:, None, :] * seen.amax(-1)  # [b, h|1, q]
-    total = torch.matmul(rows[:, :, None, :], probs)[:, :, 0]  # [b, h, k]
-    count = torch.matmul(valid[:, None, None, :], seen)[:, :, 0]  # [b, h|1, k]
+    # Excluded rows are zeroed (a copy of the map) only when there are any: an unpadded prompt's map
+    # is summed as it is. A padded row's sum starts with the padding's zeros, which torch groups
+    # differently: there an exact tie can still go either way (the release runs one unpadded row).
+    kept = probs if bool(rows.all()) else probs * rows[..., None]
+    total = kept.sum(-2)  # [b, h, k]
+    count = torch.matmul(valid[:, None, None, :], seen)[:, :, 0]  # [b, h|1, k]: whole numbers, exact in any order
     if keys is not None:
         total, count = total * keys.to(dtype)[:, None, :], count * keys.to(dtype)[:, None, :]
     return total, count.expand_as(total)
