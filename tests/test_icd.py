@@ -10,7 +10,7 @@ import torch
 import lvlm_fix
 from conftest import PROMPTS
 from lvlm_fix.errors import ConfigError, LvlmFixError
-from lvlm_fix.interventions.icd import DISTURBANCES, ICD, DisturbanceEdit, apply_edit, disturbance_edit
+from lvlm_fix.interventions.icd import DISTURBANCES, ICD, apply_edit, disturbance_edit
 
 DISTURBANCE = DISTURBANCES[3]
 
@@ -27,32 +27,100 @@ def test_prompts_are_the_release_disturbances():
         ICD.config_cls(disturbance=" ")
 
 
-def test_system_placement_is_the_chat_template_with_the_disturbance_as_system_message(testbed, images):
-    """The testbed's template has a system message: the edited rows are exactly the processor's
-    tokens of the conversation with the disturbance as its system message (left padding kept)."""
+def _release_contrast_prompt(disturbance: str, question: str) -> str:
+    """The release's contrast prompt for LLaVA: conversation ``llava_custom`` (system "", roles USER/ASSISTANT,
+    SeparatorStyle.TWO, sep " ") with ``conv.system = disturbance`` whatever the main prompt's system message was
+    (p1k0pan/ICD 2fa44c5 experiments/gen_scripts/icd_llava_pope.py L58-62; get_prompt, experiments/llava/
+    conversation.py L51-60: system + sep, then "USER: " + "<image>\\n" + question + sep, then "ASSISTANT:")."""
+    return f"{disturbance} USER: <image>\n{question} ASSISTANT:"
+
+
+def _rows(lvlm, batch, edited=None):
+    out = edited if edited is not None else batch
+    return [ids[mask.bool()].tolist() for ids, mask in zip(out["input_ids"], out["attention_mask"])]
+
+
+@pytest.mark.parametrize("preset", [None, "llava", "vcd", "opera"])
+def test_disturbed_rows_are_the_releases_contrast_prompt_whatever_the_system_message(testbed, images, preset):
+    """The testbed (llava-hf's template, which takes a system message): with no system message and with
+    the POPE presets' (which all set one), the disturbed row is, token for token, the release's contrast
+    prompt: the disturbance replaces the system message, it is not put before it."""
+    from lvlm_fix.evals.pope import PRESETS
+
+    system = None if preset is None else PRESETS[preset].system_prompt
+    template = "{question}" if preset is None else PRESETS[preset].template
+    prompts = [template.format(question=q) for q in ("Is there a dog in the image?", "Is there a cup?")]
     edit = disturbance_edit(testbed, DISTURBANCE)
     assert edit.placement == "system"
-    prompts = ["Is there a dog in the image?", "Please describe this image in detail."]
-    batch = testbed.encode(images[:2], prompts)
-    got = apply_edit(edit, dict(batch), testbed.image_token_id)
+    batch = testbed.encode(images[:2], prompts, system_prompt=system)
+    got = _rows(testbed, batch, apply_edit(edit, dict(batch), testbed.image_token_id))
     for i, prompt in enumerate(prompts):
-        messages = [{"role": "system", "content": [{"type": "text", "text": DISTURBANCE}]},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = testbed.processor.apply_chat_template(messages, add_generation_prompt=True)
-        want = testbed.processor(images=[images[i]], text=[text], return_tensors="pt")["input_ids"][0]
-        assert got["input_ids"][i][got["attention_mask"][i].bool()].tolist() == want.tolist()
+        want = testbed.processor(images=[images[i]], text=[_release_contrast_prompt(DISTURBANCE, prompt)],
+                                 return_tensors="pt")["input_ids"][0].tolist()
+        assert got[i] == want
+    out = lvlm_fix.generate(testbed, images[:1], prompts[:1], "icd", max_new_tokens=1, system_prompt=system)
+    assert out.report["icd"]["contrast_prompt_row0"].startswith(f"<s> {DISTURBANCE.split()[0]}")
+    assert (system or "curious") not in out.report["icd"]["contrast_prompt_row0"]
+
+
+def test_without_a_chat_template_the_system_message_is_the_prompts_prefix(tiny, images):
+    """No chat template: lvlm-fix puts a system message before the prompt (LLaVA's USER/ASSISTANT format), so
+    the release's string comes out exactly, with or without a system message in the main rows."""
+    lvlm = tiny("llava")
+    edit = disturbance_edit(lvlm, DISTURBANCE)
+    assert edit.placement == "system"
+    for system in (None, "A chat between a curious user and an artificial intelligence assistant."):
+        batch = lvlm.encode(images[:2], PROMPTS[:2], system_prompt=system)
+        got = _rows(lvlm, batch, apply_edit(edit, dict(batch), lvlm.image_token_id))
+        want = _rows(lvlm, lvlm.encode(images[:2], PROMPTS[:2], system_prompt=DISTURBANCE))
+        assert got == want
+        text = lvlm.tokenizer.decode(got[1])
+        assert text.startswith(f"<s>{DISTURBANCE} USER:") and f"<image>\n{PROMPTS[1]} ASSISTANT:" in text
+
+
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+          "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+          "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+          "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_templates_default_system_message_is_replaced_too(tiny_dirs, images):
+    """Qwen's ChatML template writes a default system message when none is given: the disturbance replaces
+    it, or the one given; the M-RoPE positions are those the model computes for the disturbed rows."""
+    lvlm = lvlm_fix.load(tiny_dirs("qwen2_vl"), dtype="float32")  # its own handle: the template is changed
+    lvlm.processor.chat_template = CHATML
+    edit = disturbance_edit(lvlm, DISTURBANCE)
+    assert edit.placement == "system"
+    want = _rows(lvlm, lvlm.encode(images[:2], PROMPTS[1:3], system_prompt=DISTURBANCE))
+    for system in (None, "Answer in one word."):
+        batch = dict(lvlm.encode(images[:2], PROMPTS[1:3], system_prompt=system))
+        batch["position_ids"] = lvlm.model._prepare_position_ids_for_generation(batch["input_ids"], dict(batch))
+        rows = apply_edit(edit, batch, lvlm.image_token_id)
+        assert _rows(lvlm, batch, rows) == want
+        positions = lvlm.model._prepare_position_ids_for_generation(
+            rows["input_ids"], {k: v for k, v in rows.items() if k != "position_ids"})
+        assert torch.equal(rows["position_ids"], positions)
+    assert edit.bare is None  # the row without a system message has the default one in its place
 
 
 def test_user_placement_puts_the_disturbance_before_the_users_text(tiny, images):
-    lvlm = tiny("llava")  # no chat template: no system message
-    with pytest.raises(ConfigError, match="no system message"):
-        disturbance_edit(lvlm, DISTURBANCE, "system")
-    edit = disturbance_edit(lvlm, DISTURBANCE)
+    lvlm = tiny("llava")
+    edit = disturbance_edit(lvlm, DISTURBANCE, "user")
     assert edit.placement == "user"
-    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    batch = lvlm.encode(images[:2], PROMPTS[:2], system_prompt="Be brief.")
     got = apply_edit(edit, dict(batch), lvlm.image_token_id)
     text = lvlm.tokenizer.decode(got["input_ids"][1][got["attention_mask"][1].bool()])
-    assert f"<image>\n{DISTURBANCE} {PROMPTS[1]} ASSISTANT:" in text
+    assert text.startswith("<s>Be brief. USER:") and f"<image>\n{DISTURBANCE} {PROMPTS[1]} ASSISTANT:" in text
+
+
+def test_a_template_that_drops_the_system_message_takes_the_user_placement(tiny_dirs):
+    lvlm = lvlm_fix.load(tiny_dirs("llava"), dtype="float32")
+    lvlm.processor.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: <image>\n"
+                                    "{{ m['content'][-1]['text'] }} {% endif %}{% endfor %}ASSISTANT:")
+    assert disturbance_edit(lvlm, DISTURBANCE).placement == "user"
+    with pytest.raises(ConfigError, match="no system message"):
+        disturbance_edit(lvlm, DISTURBANCE, "system")
 
 
 @pytest.mark.parametrize("where", ["before the image", "after the image"])
@@ -63,24 +131,34 @@ def test_edited_positions_are_those_the_model_computes_for_the_edited_prompt(whe
     model = lvlm.model
     batch = dict(lvlm.encode(images[:2], PROMPTS[1:3]))  # rows of different lengths: left padding
     batch["position_ids"] = model._prepare_position_ids_for_generation(batch["input_ids"], dict(batch))
-    words = tuple(lvlm.tokenizer("You are confused. ", add_special_tokens=False)["input_ids"])
-    if where == "before the image":  # after "<|im_start|>", as a system block would be
-        edit = DisturbanceEdit("system", new=words, head=(int(batch["input_ids"][1, 0]),))
-    else:
-        edit = disturbance_edit(lvlm, "You are confused.", "user")
+    text = "You are confused."
+    edit = disturbance_edit(lvlm, text, "system" if where == "before the image" else "user")
     rows = apply_edit(edit, batch, lvlm.image_token_id)
     want = model._prepare_position_ids_for_generation(
         rows["input_ids"], {k: v for k, v in rows.items() if k != "position_ids"})
-    assert rows["input_ids"].shape[1] == batch["input_ids"].shape[1] + len(words)
+    if where == "before the image":  # no chat template: the system message is the prompt's prefix
+        assert _rows(lvlm, batch, rows) == _rows(lvlm, lvlm.encode(images[:2], PROMPTS[1:3], system_prompt=text))
+    else:
+        assert rows["input_ids"].shape[1] == batch["input_ids"].shape[1] + len(edit.new)
     assert torch.equal(rows["position_ids"], want)
 
 
 def test_a_row_not_in_the_models_prompt_format_is_refused(tiny, images):
     lvlm = tiny("llava")
-    raw = lvlm.processor(images=[images[0]], text=["USER: <image>Is there a cat? ASSISTANT:"], return_tensors="pt")
+    raw = lvlm.processor(images=[images[0]], text=["<image>\nUSER: Is there a cat? ASSISTANT:"], return_tensors="pt")
     with pytest.raises(LvlmFixError, match="row 0 of the batch is not in this model's prompt format") as e:
         with torch.inference_mode(), lvlm_fix.apply(lvlm, "icd"):
             lvlm.model.generate(**raw, max_new_tokens=2)
+    assert "\n" not in str(e.value)
+
+
+def test_rows_with_system_messages_of_different_lengths_are_refused(tiny, images):
+    lvlm = tiny("llava")
+    lvlm.tokenizer.padding_side = "left"
+    texts = [lvlm.build_prompt(PROMPTS[0], system_prompt=s) for s in ("Be brief.", "Be brief and polite.")]
+    batch = lvlm.processor(images=images[:2], text=texts, return_tensors="pt", padding=True)
+    with pytest.raises(LvlmFixError, match="system messages of different lengths") as e:
+        apply_edit(disturbance_edit(lvlm, DISTURBANCE), dict(batch), lvlm.image_token_id)
     assert "\n" not in str(e.value)
 
 
