@@ -36,7 +36,15 @@ VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-"""LLaVA-1.5's ``vicuna_v1`` system message (llava-hf's chat template has none by default)."""
+"""LLaVA-1.5's ``vicuna_v1`` system message (llava/conversation.py L242-252; llava-hf's chat template has none by
+default). LLaVA's POPE script runs it (scripts/v1_5/eval/pope.sh ``--conv-mode vicuna_v1``), OPERA too."""
+
+LLAVA_V1_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+"""LLaVA's ``llava_v1`` system message (llava/conversation.py L325-335): "human" where vicuna_v1 says "user". The
+default ``--conv-mode`` of VCD's POPE script (object_hallucination_vqa_llava.py L108; its shell script passes none)."""
 
 
 # ---- prompt templates -------------------------------------------------------------------------
@@ -208,19 +216,29 @@ class Preset:
     note: str = ""
 
 
+# Each preset as its repository sends it (tests/test_presets.py pins every string with the file and line it is from).
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("raw", DEFAULT_QUESTION_TEMPLATE, None, {"max_new_tokens": 32, "do_sample": False, "num_beams": 1},
-               "llava", "VHR, SSL, ILVAD (Hugging Face evaluations)"),
+               "llava", "VHR, SSL, ILVAD (Hugging Face evaluations)",
+               note="SSL and ILVAD generate up to 512 tokens; 32 here, which holds a yes/no answer's first sentence "
+                    "(the one the llava parser reads)"),
         Preset("llava", LLAVA_QUESTION_TEMPLATE, VICUNA_SYSTEM_PROMPT,
                {"max_new_tokens": 128, "do_sample": False, "num_beams": 1}, "llava",
                "LLaVA-1.5 paper and scripts, CARVE, most 'POPE F1 85.9' tables"),
         Preset("lmms-eval", LLAVA_QUESTION_TEMPLATE, None,
                {"max_new_tokens": 128, "do_sample": False, "num_beams": 1, "stop": ["\n\n"]}, "lmms-exact",
-               "numbers produced with lmms-eval"),
-        Preset("vcd", "{question} Please answer this question with one word.", VICUNA_SYSTEM_PROMPT,
-               {"max_new_tokens": 1024, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "num_beams": 1},
+               "numbers produced with lmms-eval",
+               note="lmms-eval's llava_hf model renders the tokenizer's chat template (llava-hf's has no system "
+                    "message); a tokenizer without one gets lmms-eval's own template with vicuna_v1's system text, "
+                    "and its llava model (original checkpoints) sends vicuna_v1's too: pass --system-prompt vicuna "
+                    "there"),
+        # VCD passes top_k=None, which transformers takes as no top-k cut; left out, transformers 5 applies its
+        # default of 50, so the preset says 0 (also no cut, on every version).
+        Preset("vcd", "{question} Please answer this question with one word.", LLAVA_V1_SYSTEM_PROMPT,
+               {"max_new_tokens": 1024, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                "num_beams": 1},
                "vcd", "VCD and methods reusing its scripts (sampled, not greedy)", seed=55),
         Preset("opera", DEFAULT_QUESTION_TEMPLATE, VICUNA_SYSTEM_PROMPT,
                {"max_new_tokens": 10, "do_sample": False, "num_beams": 5}, "opera",
