@@ -40,6 +40,36 @@ def test_run_prints_an_answer_and_jsonl_runs_batched(capsys, tiny_dirs, image_fi
     assert [r["prompt"] for r in written] == ["A?", "Longer prompt here?", "B"]
 
 
+def test_run_records_the_image_as_the_user_gave_it_and_resolved(capsys, tiny_dirs, image_file, tmp_path,
+                                                                  monkeypatch):
+    """answers.jsonl names the user's image: the path as given and its absolute path (--image relative to the
+    working folder, a --jsonl row's relative to the file); only the testbed's own scene is "<testbed scene>"."""
+    import shutil
+
+    model = str(tiny_dirs("llava"))
+    monkeypatch.chdir(image_file.parent)
+    code, _, err = run(capsys, "run", "--model", model, "--image", image_file.name, "--max-new-tokens", "2",
+                       "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    row = json.loads((tmp_path / "one" / "answers.jsonl").read_text())
+    assert row["image"] == image_file.name and row["image_resolved"] == str(image_file.resolve())
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(image_file, tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "rows.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "A?"}))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "run", "--model", model, "--jsonl", "data/rows.jsonl", "--max-new-tokens", "2",
+                       "--out", "batch")
+    assert code == 0, err
+    row = json.loads((tmp_path / "batch" / "answers.jsonl").read_text())
+    assert row["image"] == "a.png" and row["image_resolved"] == str((tmp_path / "data" / "a.png").resolve())
+
+    code, _, err = run(capsys, "run", "--model", "testbed", "--max-new-tokens", "2", "--out", "scene")
+    assert code == 0, err
+    row = json.loads((tmp_path / "scene" / "answers.jsonl").read_text())
+    assert row["image"] == "<testbed scene>" and "image_resolved" not in row
+
+
 def test_heads_writes_stats_and_figures(capsys, tiny_dirs, image_file, tmp_path):
     code, out, err = run(capsys, "heads", "--model", str(tiny_dirs("qwen2_vl")), "--image", str(image_file),
                          "--prompt", "Describe it.", "--out", str(tmp_path / "h"))

@@ -35,6 +35,7 @@ Examples:
 
 
 ARTIFACT_DIR = "lvlm-fix-out"
+TESTBED_SCENE = "<testbed scene>"  # answers.jsonl's "image" for the testbed's own scene (no file)
 
 
 # -- method flags generated from the config dataclasses -------------------------------------------
@@ -296,7 +297,8 @@ def _default_image(model_name: str | None, image: str | None) -> tuple[Any, list
 
 
 def _read_jsonl(path: str) -> list[dict[str, str]]:
-    """Rows ``{"image": path, "prompt": text}``, every image checked readable now; paths relative to the file."""
+    """Rows ``{"image": path, "prompt": text}``, every image checked readable now; ``image`` stays as written and
+    ``image_resolved`` is its absolute path (a relative path is read relative to the file)."""
     from ..images import check_image_file
 
     p = Path(path)
@@ -315,9 +317,9 @@ def _read_jsonl(path: str) -> list[dict[str, str]]:
         if not row["prompt"].strip():
             raise InputError(f"{p}:{i}: the prompt is empty; give each row its question")
         img = Path(row["image"]).expanduser()
-        row["image"] = str(img if img.is_absolute() or "://" in row["image"] else p.parent / img)
+        where = str(img if img.is_absolute() or "://" in row["image"] else p.parent / img)
         try:  # the header only: a bad image must stop the run before any answer is generated
-            check_image_file(row["image"])
+            row["image_resolved"] = str(check_image_file(where).resolve())
         except InputError as e:
             raise InputError(f"{p}:{i}: {e}") from None
         rows.append(row)
@@ -406,11 +408,16 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
         raise InputError("--system-prompt is empty; give the system message or leave the flag out")
     extra = _generation_kwargs(do_sample, temperature, top_p, repetition_penalty)
     truth: list[str] | None = None  # the objects of the testbed's default scene, to mark hallucinations
+    # Each item: what the model is shown (a path, or an image already loaded), the prompt, and how answers.jsonl
+    # names the image: the path the user gave and where it resolved, or the testbed's own scene.
     if jsonl:
-        items = [(r["image"], r["prompt"]) for r in _read_jsonl(jsonl)]
+        items = [(r["image_resolved"], r["prompt"], {"image": r["image"], "image_resolved": r["image_resolved"]})
+                 for r in _read_jsonl(jsonl)]
     else:
         img, truth = _default_image(model_opts["model_name"], image)
-        items = [(img, _check_prompt(prompt))]
+        shown = ({"image": TESTBED_SCENE} if image is None
+                 else {"image": image, "image_resolved": str(Path(image).expanduser().resolve())})
+        items = [(img, _check_prompt(prompt), shown)]
     out_dir = _out_dir(out, "--out", ("answers.jsonl", "reports.jsonl")) if out else None
 
     from tqdm import tqdm
@@ -426,14 +433,13 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     done = 0
     for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1, file=sys.stderr):
-        imgs = [load_image(x) if isinstance(x, str) else x for x, _ in batch]
-        prompts = [p for _, p in batch]
+        imgs = [load_image(x) if isinstance(x, str) else x for x, _, _ in batch]
+        prompts = [p for _, p, _ in batch]
         res = generate(lvlm, imgs, prompts, method, **gen, **method_args)
         base = generate(lvlm, imgs, prompts, None, **gen) if compare and methods else None
         rows = []
-        for i, (src, p) in enumerate(batch):
-            row = {"image": src if isinstance(src, str) else "<testbed scene>", "prompt": p, "method": method,
-                   "answer": res.texts[i]}
+        for i, (_, p, shown) in enumerate(batch):
+            row = {**shown, "prompt": p, "method": method, "answer": res.texts[i]}
             if base is not None:
                 row["baseline"] = base.texts[i]
             rows.append(row)
