@@ -8,6 +8,8 @@ are shorter and have no image).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -250,3 +252,79 @@ def test_linear_contrast_and_its_cut():
     assert torch.equal(linear_contrast(main, main, 1.0, 0.0), main)  # 2l - l is exact in floats
     out = linear_contrast(main, contrast, 1.0, 0.1)  # p(-3) / p(2) = e^-5 < 0.1: cut; e^-1 > 0.1: kept
     assert out.tolist() == [[3.0, 0.0, float("-inf")]]
+
+
+# -- masked tokens: no NaN, and what the model forbids stays forbidden ---------------------------------
+def _streams(dtype):
+    """Main and contrast logits of one row in ``dtype``: token 1 masked in both by the dtype's minimum,
+    token 2 by -inf in both, token 3 by the contrast stream only."""
+    low = torch.finfo(dtype).min
+    main = torch.tensor([[2.0, low, -math.inf, 1.0]], dtype=dtype)
+    contrast = torch.tensor([[1.0, low, -math.inf, low]], dtype=dtype)
+    return main, contrast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_combinations_of_masked_tokens_are_masked_not_nan(dtype):
+    """By hand, for each method's combination with a strong contrast and no cut: token 0 as the formula
+    says, tokens 1-3 -inf. Without the rule, (1 + a) min - a min overflows to -inf + inf = NaN in fp32
+    (bf16's minimum too), -inf - -inf is NaN, and a token only the contrast masks gets +inf or, with
+    fp16's minimum, a logit of 196516: it would be emitted at every step."""
+    main, contrast = _streams(dtype)
+    lse = math.log(math.exp(2.0) + math.exp(1.0))  # main's log-sum-exp: masked tokens add nothing
+    cases = {
+        "vcd": ({"alpha": 3.0, "beta": 0.0}, 4 * 2.0 - 3 * 1.0),
+        "icd": ({"alpha": 3.0, "beta": 0.0}, 4 * 2.0 - 3 * 1.0),
+        # gate open (alpha 1: any top-1 probability below 1), w_1 = e^(ln 2) - 1 = 1: 2 l - l'
+        "m3id": ({"alpha": 1.0, "lam": math.log(2.0)}, 2 * 2.0 - 1.0),
+        # main + (gamma - 1) (log p - log p'), log p'(0) = 0: the contrast's only finite token
+        "pai": ({"gamma": 3.0, "beta": 0.0}, 2.0 + 2 * (2.0 - lse)),
+    }
+    for name, (params, first) in cases.items():
+        cls = METHODS.get(name)
+        out = cls(cls.config_cls(**params)).combined(main, contrast, step=1)
+        assert out.dtype == torch.float32 and not out.isnan().any(), (name, out)
+        assert out[0, 0].item() == pytest.approx(first, abs=1e-5), name
+        assert out[0, 1:].tolist() == [-math.inf] * 3, (name, out)
+
+
+MASKED = [(torch.float32, "min"), (torch.float32, "-inf"), (torch.bfloat16, "min")]
+STRONG = {"vcd": {"alpha": 3.0, "beta": 0.0}, "icd": {"alpha": 3.0, "beta": 0.0},
+          "m3id": {"alpha": 1.0, "lam": 1.0}, "pai": {"alpha": 0.0, "gamma": 3.0, "beta": 0.0}}
+
+
+@pytest.mark.parametrize(("dtype", "fill"), MASKED)
+def test_generate_on_a_model_that_masks_tokens_never_scores_nan_nor_emits_them(dtype, fill, tiny_dirs, images):
+    """A model whose forward sets a third of the vocabulary (among them what it would pick first) to its
+    dtype's minimum or to -inf, as chameleon does for its image codes: with every contrastive method at a
+    strong setting, no score is NaN and no masked token is ever emitted, greedy, sampled or in beams."""
+    lvlm = lvlm_fix.load(tiny_dirs("llava"), dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    with torch.inference_mode():
+        first = lvlm.model(**batch).logits[:, -1].argmax(-1)
+    vocab = lvlm.model.get_output_embeddings().weight.shape[0]
+    masked = torch.zeros(vocab, dtype=torch.bool)
+    masked[::3] = True
+    masked[first] = True
+    for special in (lvlm.tokenizer.eos_token_id, lvlm.tokenizer.pad_token_id):  # rows may end and be padded
+        if special is not None:
+            masked[special] = False
+
+    def mask_logits(module, args, kwargs, output):
+        value = torch.finfo(output.logits.dtype).min if fill == "min" else -math.inf
+        output.logits[..., masked] = value  # every forward: the main rows' and the contrast rows'
+
+    handle = lvlm.model.register_forward_hook(mask_logits, with_kwargs=True)
+    try:
+        for name, params in STRONG.items():
+            modes = {**MODES, "beams": {"num_beams": 2, "max_new_tokens": 4}}
+            for mode, gen in modes.items():
+                out, report = _generate(lvlm, batch, {name: params}, **gen)
+                assert report[name]["stream_ran"], (name, mode)
+                scores = torch.stack(out.scores)
+                assert not scores.isnan().any(), (name, mode)
+                assert scores[..., masked].eq(-math.inf).all(), (name, mode)
+                new = out.sequences[:, batch["input_ids"].shape[1]:]
+                assert not masked[new].any(), (name, mode, new.tolist())
+    finally:
+        handle.remove()

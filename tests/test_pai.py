@@ -65,9 +65,11 @@ def _grown(inputs, tokens):
     return out
 
 
-def _hand(main, text, gamma, beta):
-    out = gamma * main - (gamma - 1) * text
-    return out.masked_fill(main < main.amax(-1, keepdim=True) + math.log(beta), -math.inf)
+def _hand(main, text, gamma, beta, shift=True):
+    """The release's CFGLogits on log-softmaxes; lvlm-fix adds main's log-sum-exp per row (shift)."""
+    s, u = main.log_softmax(-1), text.log_softmax(-1)
+    out = gamma * (s - u) + u + (main.logsumexp(-1, keepdim=True) if shift else 0.0)
+    return out.masked_fill(s < s.amax(-1, keepdim=True) + math.log(beta), -math.inf)
 
 
 def _same(a, b):
@@ -77,7 +79,7 @@ def _same(a, b):
 @pytest.mark.parametrize("release_compat", [False, True])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_two_decode_steps_equal_plain_forwards(family, release_compat, tiny, images):
-    """gamma l_amp - (gamma - 1) l_text with the cut: l_amp through the reference attention (layers 2..3,
+    """The guidance of l_amp by l_text with the cut: l_amp through the reference attention (layers 2..3,
     the last query row at the prefill and the new token's at each step), l_text a plain forward of the
     rows without image tokens (never amplified). release_compat: the prefill is not amplified."""
     lvlm = tiny(family)
@@ -111,3 +113,39 @@ def test_amplification_alone_runs_no_stream(tiny, images):
     assert torch.allclose(out.logits[0], expected, atol=1e-4)  # no guidance: release_compat changes nothing
     report = plan.report()["pai"]
     assert not report["stream_ran"] and report["prefill_amplified"] and report["layers"] == [2, 3]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling"])
+def test_guidance_runs_after_generates_processors_as_in_the_release(mode, tiny, images):
+    """The release's CFGLogits is a logits processor that generate() runs after its own: with a repetition
+    penalty, each step's scores must be, up to a per-row constant, gamma s - (gamma - 1) u with
+    s = log_softmax(penalty(l_image)) and u = log_softmax(l_text) (the text-only logits unpenalised), cut on
+    s, then divided by the temperature when sampling. Guiding first and penalising after differs."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    lvlm = tiny("llava")
+    batch = dict(lvlm.encode(images[:2], PROMPTS[:2]))
+    text = lvlm.text_only(batch)
+    gamma, beta, new = 3.0, 0.05, 3
+    sampling = {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    gen = dict(max_new_tokens=new, repetition_penalty=1.3, output_scores=True, return_dict_in_generate=True,
+               **(sampling if mode == "sampling" else {"do_sample": False}))
+    torch.manual_seed(0)
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "pai", alpha=0.0, gamma=gamma, beta=beta):
+        out = lvlm.model.generate(**batch, **gen)
+    pads = (batch["attention_mask"] == 0).sum(1)  # generate() does not penalise the left padding
+    penalty = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=pads)
+    temperature = gen.get("temperature", 1.0)
+    length = batch["input_ids"].shape[1]
+    main_in, text_in, worst_old = batch, text, 0.0
+    for step in range(new):
+        seen = out.sequences[:, :length + step]
+        main, plain_text = _last_logits(lvlm, main_in), _last_logits(lvlm, text_in)
+        release = _hand(penalty(seen, main), plain_text, gamma, beta, shift=False) / temperature
+        assert _same(out.scores[step].log_softmax(-1), release.log_softmax(-1)), step
+        old = penalty(seen, _hand(main, plain_text, gamma, beta)) / temperature  # guidance first, then the penalty
+        kept = ~release.isinf()
+        worst_old = max(worst_old, (old.log_softmax(-1) - release.log_softmax(-1))[kept].abs().max().item())
+        token = out.sequences[:, length + step]
+        main_in, text_in = _grown(main_in, token), _grown(text_in, token)
+    assert worst_old > 1e-3  # the other order is measurably different here

@@ -17,6 +17,19 @@ How it rides on ``generate()`` (greedy, sampling, beam search, batches; nothing 
   ``generate()`` then runs its own logits processors and, when sampling, its warpers
   (temperature, top-k, top-p) on the combination, so a plausibility cut inside ``combine`` comes
   before temperature, as in the methods' releases.
+* **Masked tokens.** A token that either stream masks (``-inf``, or the dtype's minimum, as
+  chameleon does for its image codes) is ``-inf`` in the combination: the arithmetic alone gives
+  NaN there (``-inf + inf``, or ``finfo.min`` times ``1 + a`` overflowing), or ``+inf`` where only
+  the contrast stream masks it (:func:`keep_masked`).
+* **After the processors.** A method whose release applies its combination as a logits processor
+  (PAI) sets ``combines_after_processors``. Inside ``generate()`` the stream then adds two
+  processors to the list ``generate()`` builds: first, one that hands the processors the main rows'
+  own logits (what they would see without the stream; log-probabilities in beam search), and,
+  after ``generate()``'s processors and the caller's (where a processor passed to ``generate()``
+  goes, as the release passes its own), one that combines the processed scores with the contrast
+  rows' logits (:meth:`~ContrastStream.combine_scores`); the sampling warpers come after it. A
+  forward still returns :meth:`~ContrastStream.combine`'s logits (a plain forward,
+  ``output_logits``).
 * **Prefill.** The forward that starts a sequence (empty cache) builds the contrast rows from that
   forward's own inputs, which ``generate()`` has already expanded for beams and
   ``num_return_sequences``. The contrast rows get their own ``DynamicCache`` (like generate's,
@@ -62,7 +75,8 @@ if TYPE_CHECKING:
     from ..model import LVLM
     from .capture import HookSet
 
-__all__ = ["ContrastStream", "insert_tokens", "linear_contrast", "rows_without_images", "text_positions"]
+__all__ = ["ContrastStream", "insert_tokens", "keep_masked", "linear_contrast", "masked_tokens", "plausibility_cut",
+           "rows_without_images", "text_positions"]
 
 # Forward arguments that are generate()'s bookkeeping rather than the rows: the stream keeps its own.
 _BOOKKEEPING = frozenset({
@@ -138,17 +152,42 @@ def insert_tokens(inputs: Mapping[str, Any], at: Tensor, tokens: Tensor, remove:
     return out
 
 
-def linear_contrast(main: Tensor, contrast: Tensor, alpha: float, beta: float) -> Tensor:
-    """``(1 + alpha) * main - alpha * contrast`` on fp32 logits, with the adaptive plausibility cut.
+def masked_tokens(logits: Tensor) -> Tensor:
+    """True where the model (or a processor) masked the token: ``-inf``, or at most half the dtype's
+    minimum (chameleon fills its image codes with ``finfo(logits.dtype).min``). Pass the logits in the
+    model's own dtype: fp16's minimum cast to fp32 is an ordinary fp32 number."""
+    return logits <= torch.finfo(logits.dtype).min / 2
 
-    Tokens whose main-stream probability is below ``beta`` times the most likely one's
-    (``main < max(main) + log(beta)``, the unwarped distribution) get ``-inf``; ``beta = 0`` cuts
-    nothing. With ``alpha = 1`` and ``contrast == main`` the result is ``main`` exactly.
+
+def keep_masked(combined: Tensor, *logits: Tensor) -> Tensor:
+    """``combined`` with ``-inf`` wherever any of ``logits`` (each in its own dtype) is masked.
+
+    A combination of a masked token is no number: ``(1 + a) l - a l'`` is ``-inf + inf = NaN``
+    where both streams hold ``-inf`` (and where both hold ``finfo.min``, whose multiples overflow),
+    and ``+inf`` or a huge logit where only the contrast stream masks it. A token either stream
+    forbids stays forbidden.
     """
-    out = main * (1.0 + alpha) - contrast * alpha
-    if beta > 0:
-        out = out.masked_fill(main < main.amax(-1, keepdim=True) + math.log(beta), float("-inf"))
-    return out
+    masked = masked_tokens(logits[0])
+    for other in logits[1:]:
+        masked = masked | masked_tokens(other)
+    return combined.masked_fill(masked.to(combined.device), float("-inf"))
+
+
+def plausibility_cut(out: Tensor, main: Tensor, beta: float) -> Tensor:
+    """``out`` with ``-inf`` at the tokens whose main-stream probability is below ``beta`` times the most
+    likely one's (``main < max(main) + log(beta)``, the distribution ``main`` gives); ``beta = 0`` cuts nothing."""
+    if beta <= 0:
+        return out
+    return out.masked_fill(main < main.amax(-1, keepdim=True) + math.log(beta), float("-inf"))
+
+
+def linear_contrast(main: Tensor, contrast: Tensor, alpha: float, beta: float) -> Tensor:
+    """``(1 + alpha) * main - alpha * contrast`` on fp32 logits, with the adaptive plausibility cut
+    (:func:`plausibility_cut`, on the unwarped main stream). With ``alpha = 1`` and
+    ``contrast == main`` the result is ``main`` exactly. Masked tokens are the caller's
+    (:func:`keep_masked`): here they may come out NaN.
+    """
+    return plausibility_cut(main * (1.0 + alpha) - contrast * alpha, main, beta)
 
 
 # -- the stream -------------------------------------------------------------------------------------
@@ -175,6 +214,26 @@ class _Encoded:
     n_features: int  # len(output.pooler_output) when encoded, before generate() expands it
 
 
+@dataclass
+class _Step:
+    """One forward's streams, kept for the processors of ``generate()``'s step (fp32, ``[n, V]``)."""
+
+    main: Tensor  # the main rows' own logits
+    contrast: Tensor
+    masked: Tensor  # bool: a token either stream masked
+    step: int
+
+
+class _Processor:
+    """A logits processor that is a function of the scores (duck-typed: ``LogitsProcessorList`` only calls it)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return self.fn(scores)
+
+
 class ContrastStream(Participant):
     """Base of the methods that combine the next-token logits with a contrast stream (see the module doc).
 
@@ -186,11 +245,15 @@ class ContrastStream(Participant):
 
     contrast_kind: ClassVar[str] = ""  # what the contrast rows differ by, for the report
     changes_images: ClassVar[bool] = False  # the contrast rows see other pixels (contrast_pixels)
+    # In generate(), combine where a logits processor would, after generate()'s own processors
+    # (combine_scores); a forward still returns combine()'s logits (see "After the processors").
+    combines_after_processors: ClassVar[bool] = False
     contrast_on: bool = False
     null_contrast: bool = False  # feed the contrast rows the main rows' own inputs (a check of the mechanism)
     _rows: _Rows | None = None
     _encoded: _Encoded | None = None
     _starting: bool = False
+    _last: _Step | None = None  # the last forward's streams, for the processors (combines_after_processors)
 
     # -- the method's part ------------------------------------------------------------------------
     def contrast_active(self) -> bool:
@@ -207,7 +270,19 @@ class ContrastStream(Participant):
 
     def combine(self, main: Tensor, contrast: Tensor, step: int) -> Tensor:
         """The next-token logits ``[n, V]`` from the main and contrast rows' fp32 logits; ``step`` is 1 for
-        the first generated token. Must not modify its inputs in place."""
+        the first generated token. Must not modify its inputs in place. Masked tokens need no care: the
+        stream sets every token that either stream masks to ``-inf`` afterwards (:func:`keep_masked`)."""
+        raise NotImplementedError
+
+    def combined(self, main: Tensor, contrast: Tensor, step: int) -> Tensor:
+        """:meth:`combine` of the two streams' logits ``[n, V]`` as the model gave them (any dtype): in fp32,
+        with every token that either stream masks at ``-inf`` (:func:`keep_masked`)."""
+        return keep_masked(self.combine(main.to(torch.float32, copy=True), contrast.float(), step), main, contrast)
+
+    def combine_scores(self, scores: Tensor, contrast: Tensor, step: int, *, log_probs: bool) -> Tensor:
+        """``combines_after_processors`` only: the combination at a logits processor's place, from
+        ``generate()``'s processed main scores ``[n, V]`` (fp32; log-probabilities in beam search,
+        ``log_probs``) and the contrast rows' fp32 logits. Must not modify its inputs in place."""
         raise NotImplementedError
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -222,6 +297,8 @@ class ContrastStream(Participant):
         model = plan.lvlm.model
         hooks.forward(model, self._after_forward, with_kwargs=True)
         hooks.patch(model, "_reorder_cache", partial(self._reorder_cache, getattr(type(model), "_reorder_cache", None)))
+        if self.combines_after_processors:
+            hooks.patch(model, "_get_logits_processor", partial(self._logits_processors, model._get_logits_processor))
         encoder = getattr(model.base_model, "get_image_features", None)
         if self.changes_images and not self.null_contrast and encoder is not None:
             hooks.patch(model.base_model, "get_image_features", self._tap(encoder))
@@ -237,12 +314,12 @@ class ContrastStream(Participant):
                                "dynamic cache (drop cache_implementation)")
 
     def begin(self, tokens: TokenState) -> None:
-        self._rows, self._starting = None, self.contrast_on
+        self._rows, self._starting, self._last = None, self.contrast_on, None
 
     def end(self) -> None:
         if self._rows is not None:  # free the contrast cache; the counts stay for the report
             self._rows.kwargs, self._rows.main_cache = {}, None
-        self._encoded = None
+        self._encoded = self._last = None
 
     # -- hooks ------------------------------------------------------------------------------------
     def _after_forward(self, module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -255,8 +332,11 @@ class ContrastStream(Participant):
             contrast = self._prefill(kwargs, output)
         else:
             contrast = self._decode(kwargs)
-        main = output.logits[:, -1].to(torch.float32, copy=True)
-        combined = self.combine(main, contrast.float(), self._rows.step)
+        raw = output.logits[:, -1]
+        if self.combines_after_processors:  # the processors' inputs, read before the write below
+            self._last = _Step(raw.to(torch.float32, copy=True), contrast.to(torch.float32, copy=True),
+                               masked_tokens(raw) | masked_tokens(contrast), self._rows.step)
+        combined = self.combined(raw, contrast, self._rows.step)
         logits = output.logits if output.logits.dtype == torch.float32 else output.logits.float()
         logits[:, -1] = combined  # fp32 even for bf16 models: (1 + a) l - a l' amplifies rounding
         output.logits = logits
@@ -361,6 +441,40 @@ class ContrastStream(Participant):
             self._plan.lvlm.model._expand_multimodal_outputs(rows["input_ids"][::k], {"image": changed}, expand_size=k)
         rows["mm_encoder_outputs"] = {**rows["mm_encoder_outputs"], "image": changed}
         return rows
+
+    # -- after the processors (combines_after_processors) ------------------------------------------
+    def _logits_processors(self, own: Any, *args: Any, **kwargs: Any) -> Any:
+        """``generate()``'s ``_get_logits_processor``, with the combination where a logits processor
+        passed to ``generate()`` goes (after its own processors and the caller's, before the
+        sampling warpers), and, first, the main rows' own logits back in place of the forward's
+        combined ones: the processors see what they would see without the stream."""
+        from transformers import LogitsProcessorList
+
+        bound = inspect.signature(own).bind(*args, **kwargs)
+        # Beam search hands its processors log-probabilities (log_softmax of the forward's logits).
+        beams = (bound.arguments["generation_config"].num_beams or 1) > 1
+        combine = _Processor(partial(self._combine_scores, beams))
+        bound.arguments["logits_processor"] = LogitsProcessorList([*(bound.arguments.get("logits_processor") or []),
+                                                                   combine])
+        processors = own(*bound.args, **bound.kwargs)
+        processors.insert(0, _Processor(partial(self._restore, beams)))
+        return processors
+
+    def _step_for(self, scores: Tensor) -> _Step:
+        last = self._last
+        if last is None or tuple(last.main.shape) != tuple(scores.shape):
+            raise LvlmFixError(f"{self.name} found no forward of this generate() step to combine "
+                               f"(scores of shape {tuple(scores.shape)}); call generate() on the model under the plan")
+        return last
+
+    def _restore(self, log_probs: bool, scores: Tensor) -> Tensor:
+        main = self._step_for(scores).main.to(scores.device)
+        return main.log_softmax(-1) if log_probs else main
+
+    def _combine_scores(self, log_probs: bool, scores: Tensor) -> Tensor:
+        last = self._step_for(scores)
+        out = self.combine_scores(scores, last.contrast.to(scores.device), last.step, log_probs=log_probs)
+        return out.masked_fill(last.masked.to(scores.device) | masked_tokens(scores), float("-inf"))
 
     # -- report -----------------------------------------------------------------------------------
     def stream_report(self) -> dict[str, Any]:

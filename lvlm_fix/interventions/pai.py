@@ -12,13 +12,17 @@ parts, each optional:
   classifier-free guidance is applied to the next-token distribution with an adaptive
   plausibility cut::
 
-      logits = gamma * l(image) - (gamma - 1) * l(no image)
-      logits[k] = -inf  where  p(k) < beta * max p     (main stream, unwarped)
+      logits = gamma * log p(image) - (gamma - 1) * log p(no image)
+      logits[k] = -inf  where  p(k) < beta * max p     (main stream, before the warpers)
 
-  The release combines log-probabilities; raw logits differ from them by a per-row constant, so
-  greedy, sampling and beam search pick the same tokens (processors that are not shift-invariant,
-  such as a repetition penalty, see shifted values). ``gamma = 1`` runs no guidance (as the
-  release, which then skips the cut too).
+  Inside ``generate()`` the guidance runs where the release runs its ``CFGLogits``, as a logits
+  processor: after ``generate()``'s own processors (a repetition penalty, say) and any passed to
+  it, on the processed main scores, before the sampling warpers; the text-only rows' logits are
+  the model's own. In beam search the scores are the release's exactly; in greedy decoding and
+  sampling they are shifted by a per-row constant (:func:`pai_guidance`), so that a null
+  contrast returns the main logits exactly: the same probabilities, the same tokens. A forward's
+  logits (a plain forward, ``output_logits``) hold the guidance of the raw logits, before any
+  processor. ``gamma = 1`` runs no guidance (as the release, which then skips the cut too).
 
 Decisions against the release (LALBJ/PAI ``9bbd8bd``):
 
@@ -43,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..hooks.contrast import ContrastStream, linear_contrast, rows_without_images
+from ..hooks.contrast import ContrastStream, plausibility_cut, rows_without_images
 from .base import ContrastConfig, Intervention, Stage, param, resolve_layers
 from .registry import register_method
 
@@ -53,7 +57,7 @@ if TYPE_CHECKING:
     from ..hooks.plan import AttnContext
     from ..model import LVLM
 
-__all__ = ["PAI", "PAIConfig", "amplify_image_attention", "default_layers"]
+__all__ = ["PAI", "PAIConfig", "amplify_image_attention", "default_layers", "pai_guidance"]
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -76,6 +80,20 @@ def amplify_image_attention(scores: Tensor, image_keys: Tensor, alpha: float) ->
     return scores
 
 
+def pai_guidance(main: Tensor, text: Tensor, gamma: float, beta: float, *, log_probs: bool = False) -> Tensor:
+    """PAI's guidance of ``main`` ``[n, V]`` (fp32) by the text-only rows' logits ``text``, with the cut.
+
+    With ``s``, ``u`` the log-softmaxes of ``main`` and ``text``: ``log_probs=True`` gives the
+    release's ``gamma (s - u) + u`` (its ``CFGLogits``, what beam search adds to the beams' scores);
+    otherwise ``main + (gamma - 1) (s - u)``, the same up to a per-row constant (every token's
+    probability is the same), which returns ``main`` exactly when ``text == main``. Tokens whose
+    ``main`` probability is below ``beta`` times the top one's get ``-inf``.
+    """
+    s, u = main.log_softmax(-1), text.log_softmax(-1)
+    out = gamma * (s - u) + u if log_probs else main + (gamma - 1.0) * (s - u)
+    return plausibility_cut(out, main, beta)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PAIConfig(ContrastConfig):
     """PAI's parameters."""
@@ -84,7 +102,8 @@ class PAIConfig(ContrastConfig):
         "Attention amplification z <- z + alpha|z| on the newest query's image keys, layers 2..L-1, all heads; "
         "0 edits no layer. Default 0.2 (source: PAI release README and parsers, --alpha)."), lo=0.0)
     gamma: float = param(1.1, (
-        "Guidance: logits = gamma l(image) - (gamma - 1) l(no image); 1 runs no text-only stream and no cut. "
+        "Guidance: gamma log p(image) - (gamma - 1) log p(no image), after generate()'s processors; 1 runs no "
+        "text-only stream and no cut. "
         "Default 1.1 (source: PAI release README, every command; the parser default is 2)."), lo=0.0)
     beta: float = param(0.1, (
         "Adaptive plausibility cut of the guidance: tokens with main-stream probability below beta times the top "
@@ -104,7 +123,7 @@ class PAIConfig(ContrastConfig):
 
     @classmethod
     def math_identity(cls) -> PAIConfig:
-        """The guidance stream runs on the main rows themselves, no cut: ``2 l - l = l`` exactly."""
+        """The guidance stream runs on the main rows themselves, no cut: ``l + (log p - log p) = l`` exactly."""
         return cls(alpha=0.0, gamma=2.0, beta=0.0, null_contrast=True)
 
 
@@ -117,6 +136,7 @@ class PAI(Intervention, ContrastStream):
     config_cls = PAIConfig
     config: PAIConfig
     contrast_kind = "no image"
+    combines_after_processors = True  # the release's guidance is a logits processor (CFGLogits)
 
     def contrast_active(self) -> bool:
         return self.config.gamma != 1
@@ -143,7 +163,10 @@ class PAI(Intervention, ContrastStream):
         return rows_without_images(lvlm, inputs)
 
     def combine(self, main: Tensor, contrast: Tensor, step: int) -> Tensor:
-        return linear_contrast(main, contrast, self.config.gamma - 1.0, self.config.beta)
+        return pai_guidance(main, contrast, self.config.gamma, self.config.beta)
+
+    def combine_scores(self, scores: Tensor, contrast: Tensor, step: int, *, log_probs: bool) -> Tensor:
+        return pai_guidance(scores, contrast, self.config.gamma, self.config.beta, log_probs=log_probs)
 
     def report(self) -> dict[str, Any]:
         c = self.config
