@@ -149,3 +149,23 @@ def test_guidance_runs_after_generates_processors_as_in_the_release(mode, tiny, 
         token = out.sequences[:, length + step]
         main_in, text_in = _grown(main_in, token), _grown(text_in, token)
     assert worst_old > 1e-3  # the other order is measurably different here
+
+
+def test_beam_search_scores_are_the_releases_exactly(tiny, images):
+    """Beam search adds the processed scores to the beams' totals, so there they must be the release's own
+    (no per-row shift): gamma s - (gamma - 1) u, s = log_softmax(penalty(log_softmax(l_image))), at the
+    first step, where every beam of a row still holds the prompt."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    lvlm = tiny("llava")
+    batch = dict(lvlm.encode(images[:2], PROMPTS[:2]))
+    gamma, beta, beams = 3.0, 0.05, 2
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "pai", alpha=0.0, gamma=gamma, beta=beta):
+        out = lvlm.model.generate(**batch, max_new_tokens=2, num_beams=beams, repetition_penalty=1.3,
+                                  output_scores=True, return_dict_in_generate=True)
+    pads = (batch["attention_mask"] == 0).sum(1)
+    penalty = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=pads)
+    main = _last_logits(lvlm, batch).log_softmax(-1)  # beam search hands its processors log-probabilities
+    release = _hand(penalty(batch["input_ids"], main), _last_logits(lvlm, lvlm.text_only(batch)), gamma, beta,
+                    shift=False)
+    assert _same(out.scores[0][::beams], release)
