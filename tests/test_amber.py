@@ -4,13 +4,14 @@ compat), the loader's checks, and the bench through `score` and `eval`."""
 from __future__ import annotations
 
 import json
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from lvlm_fix.errors import DataError
-from lvlm_fix.evals import amber
+from lvlm_fix.evals import amber, wordnet
 from lvlm_fix.evals.runner import evaluate, score_outputs
 
 RELATION = {"dog": ["puppy"], "car": ["vehicle", "tire"], "cup": [], "tree": ["leaf"], "cat": ["kitten"],
@@ -69,8 +70,44 @@ def _records(amber_dir: Path, answers: str = "exact") -> list[dict]:
 def test_nouns_and_lemmas() -> None:
     vocab = frozenset(RELATION) | {"puppy", "vehicle", "tire", "kitten", "leaf"}
     assert amber.extract_nouns(RESPONSES[0], vocab) == ["puppy", "tree", "leaf", "grass", "kitten", "car"]
-    assert amber.lemmatize("mice", vocab) == "mouse" and amber.lemmatize("Dog", vocab) is None
-    assert amber.lemmatize("glasses", frozenset({"glass", "glasses"})) == "glass"  # the shortest candidate
+    assert amber.extract_nouns("Two mice and a Dog.", vocab) == ["mouse"]  # noun.exc; capitals are not lower-cased
+    assert amber.extract_nouns("glasses", frozenset({"glass", "glasses"})) == ["glass"]  # the shortest lemma
+
+
+# Words of AMBER's own relation.json (junyangwang0410/AMBER data/relation.json): plurals such as
+# "sunglasses" are H words there, but WordNet lemmatises them to a singular that is not.
+AMBER_WORDS = frozenset({"man", "people", "vase", "potato", "tomato", "sunglasses", "slippers", "chopsticks",
+                         "earrings", "glass", "TV"})
+
+
+def test_nouns_are_wordnets_as_inference_py() -> None:
+    """inference.py keeps lemmatize(token) when it is in H. Expected lemmas from NLTK 3.8.1 on WordNet 3.0:
+    men -> men, vases -> vas, sunglasses -> sunglass, slippers -> slipper, chopsticks -> chopstick,
+    earrings -> earring (none in H); potatoes -> potato, tomatoes -> tomato, people and TV unchanged (in H).
+    The old lemmatiser, with H as its dictionary, kept men, vases and the plurals and lost potatoes."""
+    text = ("Two men hold vases, potatoes and tomatoes; a man in sunglasses and slippers eats with chopsticks, "
+            "people watch TV, a woman wears earrings.")
+    assert amber.extract_nouns(text, AMBER_WORDS) == ["potato", "tomato", "man", "people", "TV"]
+
+
+def test_object_missing_from_relation_json_fails_at_load(amber_dir: Path) -> None:
+    bad = [dict(a) for a in ANNOTATIONS]
+    bad[0]["hallu"] = ["cat", "unicorn"]
+    (amber_dir / "annotations.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"id 1: object 'unicorn' is not a key of relation.json.*\"unicorn\": \[\]"):
+        amber.AmberData(amber_dir).queries(amber.GENERATIVE)
+
+
+def test_compat_attribute_denominators_pool_three_counters() -> None:
+    """inference.py's attribute block adds the state, number and action counters, each started at 0.001:
+    precision 3 / (4 + 0.003) = 74.9 (with one 0.001 it would print 75.0), recall 3 / 3.003 = 99.9,
+    accuracy 3 / 4.003 = 74.9; a single dimension keeps one 0.001 (state: 1 / 2.001 = 50.0)."""
+    recs = [{"dimension": d, "label": label, "answer": "no"} for d, label in
+            (("state", "no"), ("state", "yes"), ("number", "no"), ("action", "no"))]
+    blocks = amber.discriminative_metrics(recs, compat=True)
+    attribute = blocks["attribute"]
+    assert (attribute["precision"], attribute["recall"], attribute["accuracy"]) == pytest.approx((0.749, 0.999, 0.749))
+    assert blocks["state"]["precision"] == pytest.approx(0.5) and blocks["overall"]["precision"] == pytest.approx(0.75)
 
 
 def test_generative_per_response(amber_dir: Path) -> None:
@@ -143,6 +180,11 @@ def test_score_amber_responses(amber_dir: Path, tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (tmp_path / "s" / "responses" / "samples.jsonl").read_text().splitlines()]
     assert rows[0]["hallucinated"] == ["kitten", "car"] and rows[2]["answer"] == "no"
     assert "AMBER score" in (tmp_path / "s" / "results.md").read_text()
+    # the tokens depend on NLTK's version and the nouns on the WordNet data: both are recorded
+    nltk_version = metadata.version("nltk")
+    assert summary["provenance"]["versions"]["nltk"] == nltk_version
+    assert summary["settings"]["tokenizer"].startswith(f"nltk {nltk_version} ")
+    assert summary["settings"]["wordnet_sha256"] == wordnet.describe()["wordnet_sha256"]
 
 
 def test_eval_amber_on_a_tiny_model(tiny, amber_dir: Path, tmp_path: Path) -> None:

@@ -182,3 +182,23 @@ def test_ground_truth_uses_the_same_quirks(tmp_path) -> None:
         "person", "laptop", "mouse"}
     assert ChairEvaluator.from_coco(tmp_path / "i.json", tmp_path / "c.json", mode="lvlm-fix").gt_objects(7) == {
         "person", "mouse", "bus"}
+
+
+def test_pattern_prepositions_are_patterns_forty() -> None:
+    """pattern 3.6's plural_prepositions, which decide whether a hyphenated word singularises its head
+    (``passers-by -> passer-by``); "beyond", "but" and "by" were missing."""
+    from lvlm_fix.evals.pattern_singular import PREPOSITIONS
+
+    assert PREPOSITIONS == set(
+        "about before during of till above behind except off to across below for on under after beneath from onto "
+        "until among beside in out unto around besides into over upon at between near since with athwart betwixt "
+        "beyond but by".split())
+    assert singularize("passers-by") == "passer-by" and singularize("lookers-beyond") == "looker-beyond"
+    assert singularize("hangers-on") == "hanger-on"
+
+
+def test_results_name_the_nltk_whose_tokenizer_ran() -> None:
+    from importlib import metadata
+
+    assert chair.make_extractor("original").describe()["tokenizer"] == (
+        f"nltk {metadata.version('nltk')} NLTKWordTokenizer on untrained punkt sentences")

@@ -20,20 +20,36 @@ the label); the positive class is **no**. Precision = answered-No-and-label-no /
 recall = that / label-no; accuracy = correct / items; blocks: overall, existence, attribute (state
 + number + action pooled), state, number, action, relation.
 
-What differs from AMBER's ``inference.py``, and why (it needs NLTK's tagger and WordNet data and
-spaCy's ``en_core_web_lg`` vectors, none installable offline):
+Nouns are found as ``inference.py`` finds them, with one step left out (the tagger, below): NLTK's
+word tokenizer, then WordNet 3.0's noun lemma of each token exactly as NLTK's
+``WordNetLemmatizer().lemmatize(token)`` gives it (:mod:`.wordnet`, data shipped: ``men`` stays
+``men``, ``vases -> vas``, ``leaves -> leaf``, capitalised tokens are not lower-cased), kept when
+the lemma is in H. The lemmatiser is NLTK 3.8.1's (``repeat_rules=True``), the NLTK of 2023 when
+AMBER was published and scored; NLTK 3.9 and later differ from it only on non-words that one rule
+does not take to a lemma (``cupss`` is ``cup`` here, ``cupss`` there).
 
-* **No POS tagger**: every token found in H counts as a noun, so a verb or adjective spelled like
-  an H noun ("cars *park*") counts too; the original keeps ``NN*`` tags only.
-* **Lemmatiser**: WordNet's noun morphology (``-s``, ``-ses``, ``-ves``, ``-xes``, ``-zes``, ``-ches``,
-  ``-shes``, ``-men``, ``-ies`` and a short exception list, :data:`IRREGULAR`) with H as the
-  dictionary instead of WordNet; the shortest candidate wins, as in NLTK. Capitalised tokens
-  ("Dog" at a sentence start) are kept as they are and so dropped, as in the original.
-* **No similarity** (the original also accepts spaCy similarity > 0.8): only exact matches and
-  relation.json links. Fewer nouns are rescued as safe or linked to targets, so CHAIR and Hal are
-  upper bounds and Cover and Cog lower bounds of what the original would report on the same nouns.
+What still differs from AMBER's ``inference.py`` (its NLTK tagger data and spaCy's ``en_core_web_lg``
+vectors are downloads that cannot be made offline):
+
+* **No POS tagger**: every token is lemmatised as a noun; the original keeps only the tokens
+  ``nltk.pos_tag`` tags ``NN*``. A verb or adjective spelled like an H noun ("cars *park*") counts
+  here and not there; a noun the tagger mis-tags counts there and not here.
+* **No similarity**: the original also links a noun to a truth or hallucination-target word whose
+  spaCy ``en_core_web_lg`` similarity exceeds 0.8 (``--similarity_score``); here only exact matches
+  and relation.json links count. On the same nouns this can only make CHAIR and Hal higher and Cover
+  and Cog lower than the original's; the tagger changes the nouns themselves, so no bound holds on a
+  whole set of responses.
+* **Tokenizer**: punkt is untrained here (the abbreviation difference of :mod:`.chair_original`),
+  and the installed NLTK's word tokenizer runs. NLTK 3.9.3 and later split an em or en dash between
+  two words (``dog—cat``), 3.10.1 and later an opening single quote from its word (``a 'dog'``);
+  the NLTK of 2023 kept both inside one token, which is then no H noun. The run records the NLTK
+  version.
 * Denominators are exact (empty blocks give None); ``compat=True`` reproduces the original's
-  0.001 added to every denominator and its F1 computed from rounded percentages.
+  0.001 at the start of every counter (so 0.003 in each attribute denominator, which pools the
+  state, number and action counters) and its F1 computed from rounded percentages.
+* Every truth and hallucination-target object must be a key of relation.json: the original stops
+  with a ``KeyError`` on one that is not, lvlm-fix with a one-line :class:`DataError` when the data
+  are loaded (before any generation).
 """
 
 from __future__ import annotations
@@ -70,12 +86,11 @@ BLOCKS: dict[str, tuple[str, ...]] = {
 }
 QUERY_FILES = {GENERATIVE: "query_generative.json", DISCRIMINATIVE: "query_discriminative.json"}
 
-NOUN_RULES = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
-              ("men", "man"), ("ies", "y"))
-"""WordNet's noun detachment rules (NLTK ``MORPHOLOGICAL_SUBSTITUTIONS``)."""
-IRREGULAR = {"mice": "mouse", "feet": "foot", "teeth": "tooth", "geese": "goose", "oxen": "ox", "children": "child",
-             "knives": "knife", "wives": "wife", "lives": "life", "lice": "louse", "dice": "die"}
-"""A few of WordNet's noun exceptions (``noun.exc``); with a listed form, the rules are not tried."""
+COMPAT_START = 0.001
+"""``data/metrics.txt``: every counter of ``inference.py`` starts at 0.001."""
+POOLED_COUNTERS = {"attribute": 3}
+"""Blocks whose denominators the original adds up from several counters (state + number + action),
+each starting at :data:`COMPAT_START`; every other block reads one counter."""
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -148,6 +163,10 @@ class AmberData:
         kind = ann.get("type")
         if kind == GENERATIVE:
             truth, hallu = tuple(ann.get("truth", ())), tuple(ann.get("hallu", ()))
+            missing = next((obj for obj in truth + hallu if obj not in self.relation), None)
+            if missing is not None:  # inference.py reads association[obj] and stops with a KeyError
+                raise DataError(f"annotations.json id {item_id}: object {missing!r} is not a key of relation.json "
+                                f"(AMBER's inference.py fails on it too); add \"{missing}\": [] to relation.json")
             return AmberItem(item_id, image, query, GENERATIVE, truth, hallu, self.image_dir / image if image else None)
         if kind not in DIMENSION_OF_TYPE or ann.get("truth") not in ("yes", "no"):
             raise DataError(f"annotations.json id {item_id}: type {kind!r} / truth {ann.get('truth')!r} is not an "
@@ -178,22 +197,13 @@ class AmberData:
 
 
 # ---- nouns --------------------------------------------------------------------------------------
-def lemmatize(token: str, vocabulary: frozenset[str]) -> str | None:
-    """WordNet-style noun lemma of ``token`` with ``vocabulary`` as the dictionary, or None."""
-    if token in IRREGULAR:
-        forms = [token, IRREGULAR[token]]
-    else:
-        forms = [token] + [token[: len(token) - len(old)] + new for old, new in NOUN_RULES if token.endswith(old)]
-    found = [f for f in forms if f in vocabulary]
-    return min(found, key=len) if found else None
-
-
 def extract_nouns(text: str, vocabulary: frozenset[str]) -> list[str]:
-    """The response's words that lemmatise into H, in order (raw case; see the module docstring)."""
+    """The WordNet noun lemmas of the response's tokens that are in H, in order (module docstring)."""
+    from . import wordnet
     from .chair_original import word_tokenize
 
-    lemmas = (lemmatize(t, vocabulary) for t in word_tokenize(text))
-    return [lemma for lemma in lemmas if lemma is not None]
+    lemmas = (wordnet.lemmatize(token, "n", repeat_rules=True) for token in word_tokenize(text))
+    return [lemma for lemma in lemmas if lemma in vocabulary]
 
 
 # ---- per-item scoring ---------------------------------------------------------------------------
@@ -235,9 +245,10 @@ def read_answer(response: str, answers: str = "exact") -> str | None:
 
 
 # ---- metrics --------------------------------------------------------------------------------------
-def _div(num: float, den: float, compat: bool) -> float | None:
+def _div(num: float, den: float, compat: bool, counters: int = 1) -> float | None:
+    """``num / den``; compat: ``den`` plus the 0.001 start of each of the ``counters`` it adds up."""
     if compat:
-        return num / (den + 0.001)
+        return num / (den + counters * COMPAT_START)
     return num / den if den else None
 
 
@@ -295,13 +306,15 @@ DISCRIMINATIVE_STATS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 """Bootstrap metric functions over :func:`discriminative_values` arrays (positive class: no)."""
 
 
-def block_metrics(records: Sequence[Mapping[str, Any]], compat: bool = False, eps: float = 0.0001) -> dict[str, Any]:
-    """Accuracy, precision, recall and F1 with "no" as the positive class, for one block."""
+def block_metrics(records: Sequence[Mapping[str, Any]], compat: bool = False, eps: float = 0.0001,
+                  counters: int = 1) -> dict[str, Any]:
+    """Accuracy, precision, recall and F1 with "no" as the positive class, for one block (``counters``:
+    how many of the original's counters each compat denominator adds up, :data:`POOLED_COUNTERS`)."""
     v = discriminative_values(records)
     tp, answered_no, label_no, correct = (int((v[:, 0] * v[:, 1]).sum()), int(v[:, 0].sum()), int(v[:, 1].sum()),
                                           int(v[:, 2].sum()))
-    accuracy, precision, recall = (_div(correct, len(records), compat), _div(tp, answered_no, compat),
-                                   _div(tp, label_no, compat))
+    accuracy, precision, recall = (_div(correct, len(records), compat, counters),
+                                   _div(tp, answered_no, compat, counters), _div(tp, label_no, compat, counters))
     if compat:  # inference.py: F1 from the rounded percentages, with eps in the denominator
         p, r = round(precision * 100, 1) / 100, round(recall * 100, 1) / 100  # type: ignore[operator]
         f1: float | None = round(2 * p * r / (p + r + eps) * 100, 1) / 100
@@ -313,9 +326,11 @@ def block_metrics(records: Sequence[Mapping[str, Any]], compat: bool = False, ep
 
 
 def discriminative_metrics(records: Sequence[Mapping[str, Any]], compat: bool = False) -> dict[str, Any]:
-    """Every block of :data:`BLOCKS` (existence uses eps 0.001 in compat mode, as the original)."""
+    """Every block of :data:`BLOCKS` (in compat mode existence's F1 uses eps 0.001 and attribute's
+    denominators 0.003, as the original)."""
     return {block: block_metrics([r for r in records if r["dimension"] in dims], compat,
-                                 eps=0.001 if block == "existence" else 0.0001)
+                                 eps=0.001 if block == "existence" else 0.0001,
+                                 counters=POOLED_COUNTERS.get(block, 1))
             for block, dims in BLOCKS.items()}
 
 

@@ -23,10 +23,23 @@ leading space), ``iPhone`` never counts (capital letter), ``stove top oven`` is 
 never merges, ``tennis racket`` never merges (``tennis -> tenni``) but ``racket`` alone counts,
 ``train track`` and ``home plate`` merge into non-objects and so hide ``train``.
 
-The one known divergence: punkt here is untrained (NLTK's punkt model is downloaded data), so it
-does not know abbreviations. ``mr. smith`` is split after ``mr.`` (the original keeps ``mr.`` as
-one token); neither form is a COCO word, so object lists only differ when such a period is
-directly followed by an object word that would have merged with the word before it.
+Which NLTK: the tokens are the installed NLTK's word tokenizer's, as the original scorer's are, so
+the two agree when they run on the same NLTK; the check against the original scorer was made on
+NLTK 3.10.4, and every result records the NLTK version (``tokenizer`` here, ``versions`` in the
+provenance). NLTK's tokenizer has changed over the years, so a number the original printed under
+another NLTK can differ on the same captions:
+
+* before 3.10.1 an opening single quote inside a sentence stays on its word (``a 'dog'`` gives
+  ``'dog``: no dog);
+* before 3.9.3 an em or en dash between two words without spaces stays inside one token
+  (``dog—cat``: no dog, no cat);
+* 3.2.5, the original repository's pin, has both of the above and also keeps a quote that opens a
+  sentence on its word (``'a``).
+
+The one known divergence on the same NLTK: punkt here is untrained (NLTK's punkt model is
+downloaded data), so it does not know abbreviations. ``mr. smith`` is split after ``mr.`` (the
+original keeps ``mr.`` as one token); neither form is a COCO word, so object lists only differ when
+such a period is directly followed by an object word that would have merged with the word before it.
 """
 
 from __future__ import annotations
@@ -72,6 +85,11 @@ def _tokenizers() -> tuple[Any, Any]:
     from nltk.tokenize.punkt import PunktSentenceTokenizer
 
     return PunktSentenceTokenizer(), NLTKWordTokenizer()
+
+
+def tokenizer_description() -> str:
+    """The tokenizer as results name it, with the installed NLTK's version (the tokens depend on it)."""
+    return f"nltk {_version('nltk')} NLTKWordTokenizer on untrained punkt sentences"
 
 
 def word_tokenize(text: str) -> list[str]:
@@ -128,7 +146,7 @@ class OriginalExtractor:
         """What a result must name: mode, singulariser and version, synonym file and sha256."""
         version = PATTERN_VERSION if self.singularizer == "pattern" else f"inflect {_version('inflect')}"
         return {"chair_mode": self.mode, "singularizer": self.singularizer, "singularizer_version": version,
-                "tokenizer": f"nltk {_version('nltk')} NLTKWordTokenizer on untrained punkt sentences",
+                "tokenizer": tokenizer_description(),
                 "synonyms": SYNONYMS_FILE, "synonyms_sha256": hashlib.sha256(synonyms_text()).hexdigest()}
 
     def category(self, name: str) -> str:

@@ -25,10 +25,11 @@ import re
 
 VERSION = "pattern 3.6 singularize (rules restated by lvlm-fix)"
 
+# pattern's plural_prepositions, all 40 of them ("beyond", "but" and "by" close its list).
 PREPOSITIONS = frozenset(
     "about above across after among around at athwart before behind below beneath beside besides "
-    "between betwixt during except for from in into near of off on onto out over since till to "
-    "under until unto upon with".split()
+    "between betwixt beyond but by during except for from in into near of off on onto out over since "
+    "till to under until unto upon with".split()
 )
 
 UNINFLECTED = (

@@ -60,14 +60,23 @@ class AmberBench(Bench):
         return super().valid(record) and all(k in record for k in extra)
 
     def settings(self) -> dict[str, Any]:
+        from .. import wordnet
+        from ..chair_original import tokenizer_description
+
+        lemmas = wordnet.describe()
         return {"amber_answers": self.opts["amber_answers"], "amber_compat": bool(self.opts["amber_compat"]),
-                "nouns": "tokens lemmatised into relation.json's vocabulary (no POS tagger, no WordNet data)",
-                "similarity": "none: exact match and relation.json links only (no spaCy vectors)"}
+                "nouns": "every token taken as a noun (no POS tagger), kept if its WordNet noun lemma is in "
+                         "relation.json's vocabulary",
+                "tokenizer": tokenizer_description(),
+                "lemmatizer": "WordNet 3.0 noun lemma as nltk 3.8.1's WordNetLemmatizer (rules repeated), "
+                              f"lvlm-fix's shipped copy ({lemmas['wordnet_data']})",
+                "wordnet_sha256": lemmas["wordnet_sha256"],
+                "similarity": "none: exact match and relation.json links only (no spaCy en_core_web_lg vectors)"}
 
     def caveat(self) -> str:
-        return ("AMBER scored offline: no POS tagger, WordNet or spaCy similarity, so CHAIR and Hal are upper bounds "
-                "and Cover and Cog lower bounds of inference.py's on the same responses. Discriminative answers: "
-                f"`{self.opts['amber_answers']}`.")
+        return ("AMBER scored offline with WordNet's lemmas as inference.py, but without its POS tagger (every token "
+                "is taken as a noun) and without spaCy's similarity > 0.8 (exact matches and relation.json links "
+                f"only). Discriminative answers: `{self.opts['amber_answers']}`.")
 
     def _data(self) -> amber.AmberData:
         if self.data is None:
