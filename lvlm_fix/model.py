@@ -272,6 +272,102 @@ def _weights_error(name: str, e: BaseException) -> LvlmFixError:
                         "pass a local folder with config.json and model.safetensors)")
 
 
+# from_pretrained's own arguments (transformers 5: its signature and the keys it takes from **kwargs); any
+# other key must be a setting of the model's config, else the model's __init__ fails on it after the config loads.
+LOAD_KWARGS = frozenset({
+    "adapter_kwargs", "adapter_name", "allow_all_kernels", "attn_implementation", "cache_dir", "config", "device_map",
+    "device_mesh", "disable_mmap", "distributed_config", "experts_implementation", "force_download", "fusion_config",
+    "generation_config", "gguf_file", "ignore_mismatched_sizes", "kernel_config", "kernels_mode", "key_mapping",
+    "local_files_only", "max_memory", "offload_buffers", "offload_folder", "output_loading_info",
+    "proxies", "quantization_config", "state_dict", "subfolder", "token", "tp_plan", "tp_size", "use_kernels",
+    "use_safetensors", "variant", "weights_only"})
+# Those of them that are booleans: read strictly, as text "no" would be true.
+BOOL_LOAD_KWARGS = frozenset({"allow_all_kernels", "disable_mmap", "force_download", "ignore_mismatched_sizes",
+                              "local_files_only", "offload_buffers", "output_loading_info",
+                              "use_fast", "use_kernels", "use_safetensors", "weights_only"})
+# Keys load() takes itself: given again among the keyword arguments they would contradict it.
+OWN_KWARGS = {"dtype": "dtype", "torch_dtype": "dtype", "device": "device", "revision": "revision",
+              "trust_remote_code": "trust_remote_code", "pretrained_model_name_or_path": "the model name"}
+# Boolean-looking words no from_pretrained argument takes as text: a bool written another way.
+_BOOL_WORDS = frozenset({"yes", "no", "on", "off", "y", "n", "t", "f", "true", "false"})
+
+
+def check_kwargs(kwargs: dict[str, Any] | None, what: str) -> dict[str, Any]:
+    """``kwargs`` for a ``from_pretrained`` (``what`` names them in messages), booleans read strictly.
+
+    A known boolean argument takes only an explicit spelling (:func:`~lvlm_fix.errors.strict_bool`);
+    any other value that is a boolean word as text (``"no"``, ``"off"``) is refused, since Python
+    would read it as true.
+    """
+    out: dict[str, Any] = {}
+    for key, value in (kwargs or {}).items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise InputError(f"{what}: {key!r} is not a keyword argument name; write e.g. attn_implementation=eager")
+        if key in BOOL_LOAD_KWARGS:
+            value = strict_bool(key, value)
+        elif isinstance(value, str) and value.strip().strip("\"'").lower() in _BOOL_WORDS:
+            raise InputError(f"{what} {key}={value!r} is a boolean written as text; write {key}=true or {key}=false")
+        out[key] = value
+    return out
+
+
+def _check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    """What can be checked of the model's keyword arguments before its config is read."""
+    for key, flag in OWN_KWARGS.items():
+        if key in kwargs:
+            raise InputError(f"model keyword argument {key!r} is load()'s own {flag} argument; pass it there "
+                             f"(on the command line: --{flag.replace('_', '-')})")
+    impl = kwargs.get("attn_implementation")
+    if impl is not None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        for value in (impl.values() if isinstance(impl, dict) else [impl]):
+            # "org/repo" names a hub kernel, which transformers resolves itself
+            if not (isinstance(value, str) and (value in valid or "/" in value)) and value is not None:
+                raise InputError(f"attn_implementation={value!r} is not an attention implementation; use one of "
+                                 f"{', '.join(valid)}")
+    quant = kwargs.get("quantization_config")
+    bits = (quant.get("load_in_4bit") or quant.get("load_in_8bit") if isinstance(quant, dict)
+            else getattr(quant, "load_in_4bit", False) or getattr(quant, "load_in_8bit", False))
+    if bits or kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit"):
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError("4-bit and 8-bit loading needs the bitsandbytes package (pip install bitsandbytes), "
+                             "which is not installed; install it or load without quantization_config")
+
+
+def _check_against_config(kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
+    """Each model keyword argument is from_pretrained's own or a setting of the model's config (a
+    boolean setting read strictly), before any weight is read."""
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if key in LOAD_KWARGS:
+            continue
+        if not hasattr(config, key):
+            import difflib
+
+            close = difflib.get_close_matches(key, [*LOAD_KWARGS, *config.to_dict()], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; check its spelling"
+            raise InputError(f"model keyword argument {key!r} is neither a from_pretrained argument nor a setting of "
+                             f"this {config.model_type!r} model's config{hint}")
+        if isinstance(getattr(config, key), bool):
+            out[key] = strict_bool(key, value)
+    return out
+
+
+def _check_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> None:
+    """A processor keyword argument that no part of the processor took (it would be ignored without a word)."""
+    hub = {"cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "use_fast",
+           "trust_remote_code", "proxies"}
+    parts = [processor, *(getattr(processor, a, None) for a in ("image_processor", "tokenizer", "video_processor"))]
+    for key in kwargs:
+        if key not in hub and not any(part is not None and hasattr(part, key) for part in parts):
+            raise InputError(f"processor keyword argument {key!r} is not a setting of this model's processor "
+                             f"({type(processor).__name__}), which would ignore it; check its spelling or drop it")
+
+
 def load(
     name_or_path: str | Path | None = None,
     *,
@@ -316,6 +412,9 @@ def load(
     from .processors import load_processor
 
     trust_remote_code = strict_bool("trust_remote_code", trust_remote_code)  # "no" must never run remote code
+    from_pretrained_kwargs = check_kwargs(from_pretrained_kwargs, "model keyword argument")
+    processor_kwargs = check_kwargs(processor_kwargs, "processor keyword argument")
+    _check_model_kwargs(from_pretrained_kwargs)
     name = str(name_or_path) if name_or_path not in (None, DEFAULT_MODEL) else str(testbed_path())
     if name_or_path in (None, DEFAULT_MODEL) and not (Path(name) / "config.json").exists():
         raise LvlmFixError(f"the embedded testbed checkpoint is missing at {name}; reinstall lvlm-fix or pass --model")
@@ -336,6 +435,14 @@ def load(
     reason = unsupported_reason(config)
     if reason is not None:
         raise UnsupportedModelError(config.model_type, reason)
+    from_pretrained_kwargs = _check_against_config(from_pretrained_kwargs, config)
+    # The processor before the weights: a bad processor argument is refused before the slow part.
+    try:
+        processor = load_processor(name, **hub_kwargs, **processor_kwargs)
+    except (OSError, ValueError) as e:  # tokenizer / processor files missing or not valid JSON
+        raise LvlmFixError(f"cannot load the processor (tokenizer, image processor) of {name}: "
+                           f"{_first_line(e)}; save it beside the model again (processor.save_pretrained)") from None
+    _check_processor_kwargs(processor, processor_kwargs)
     attention.register()
     try:
         model = AutoModelForImageTextToText.from_pretrained(
@@ -346,11 +453,6 @@ def load(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    try:
-        processor = load_processor(name, **hub_kwargs, **(processor_kwargs or {}))
-    except (OSError, ValueError) as e:  # tokenizer / processor files missing or not valid JSON
-        raise LvlmFixError(f"cannot load the processor (tokenizer, image processor) of {name}: "
-                           f"{_first_line(e)}; save it beside the model again (processor.save_pretrained)") from None
     return wrap(model, processor, name=name if name_or_path else DEFAULT_MODEL, revision=revision,
                 prompt_template=prompt_template)
 

@@ -63,9 +63,12 @@ class _IntTuple(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            return tuple(int(v) for v in str(value).split(",") if v.strip())
+            ints = tuple(int(v) for v in str(value).split(",") if v.strip())
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of integers, e.g. 1,18,19", param, ctx)
+        if not ints:  # an empty list would run the method on nothing, without a word
+            self.fail(f"{value!r} names no integer; give e.g. 1,18,19, or leave the flag out for the default", param, ctx)
+        return ints
 
 
 def _click_type(typ: Any) -> Any:
@@ -187,6 +190,7 @@ def _kwargs(text: str | None, option: str) -> dict[str, Any]:
 
 
 DEFAULT_PROMPT = "Please describe this image in detail."
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy's generators and torch.manual_seed both take
 _DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
 
 
@@ -246,6 +250,10 @@ def _model_params(kwargs: dict[str, Any]) -> dict[str, Any]:
     opts = {k: kwargs.pop(k) for k in MODEL_PARAMS}
     _check_device(opts["device"])
     opts["model_args"] = _kwargs(opts["model_args"], "--model-args")
+    for key, flag in (("dtype", "--dtype"), ("torch_dtype", "--dtype"), ("device", "--device"),
+                      ("device_map", "--device-map"), ("revision", "--revision")):
+        if key in opts["model_args"]:  # said twice, in two places: refuse rather than pick one
+            raise InputError(f"--model-args {key}=... duplicates {flag}; give it as {flag}")
     if "trust_remote_code" in opts["model_args"]:  # said in --model-args too: read strictly, and once
         said = strict_bool("trust_remote_code", opts["model_args"].pop("trust_remote_code"))
         if opts["trust_remote_code"] and not said:
@@ -388,7 +396,7 @@ def _generation_kwargs(do_sample: bool | None, temperature: float | None, top_p:
 @click.option("--do-sample", is_flag=True, help="sample instead of greedy decoding.")
 @_generation_options
 @click.option("--num-beams", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--out", default=None,
               help=f"folder for answers.jsonl and reports.jsonl (written batch by batch) and method artifacts "
                    f"(with --compare and no --out, artifacts go to ./{ARTIFACT_DIR}).")
@@ -609,7 +617,7 @@ def _system_prompt(value: str | None) -> str | None:
 @click.option("--system-prompt", default=None,
               help="system prompt for every sample: text, 'vicuna' (LLaVA-1.5's), or '' for none (default: the "
                    "preset's).")
-@click.option("--seed", default=None, type=int, help="CHAIR image sampling and generation seed (default 0; vcd 55).")
+@click.option("--seed", default=None, type=SEED, help="CHAIR image sampling and generation seed (default 0; vcd 55).")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
 @click.option("--out", default="results", show_default=True, help="run folder (resumable).")
 def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_new_tokens, do_sample, temperature,
@@ -659,7 +667,7 @@ def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_n
 @click.option("--text-key", default=None, help="key of the text (default: caption / text / answer / ans / response).")
 @click.option("--label-key", default=None, help="POPE: key of a yes/no (or 1/0) label inside the answer file.")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
-@click.option("--seed", default=0, show_default=True, type=int, help="bootstrap seed.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="bootstrap seed.")
 @click.option("--out", required=True, help="run folder; score several files into one folder to compare them.")
 def score_cmd(bench, input_file, split, name, id_key, text_key, label_key, n_boot, seed, out, **kwargs) -> None:
     """Score captions / answers generated elsewhere (any model, a paper's released files), as eval does."""
@@ -716,7 +724,7 @@ def testbed_group() -> None:
 @testbed_group.command("train")
 @click.option("--out", required=True, help="checkpoint folder to write.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="training steps (default: the shipped recipe).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--device", default="cpu", show_default=True)
 def testbed_train_cmd(out, steps, seed, device) -> None:
     """Train the testbed LVLM from scratch (the recipe of the shipped checkpoint)."""
@@ -731,7 +739,7 @@ _METHOD_FLAGS_ADDED = False
 
 @testbed_group.command("benchmark")
 @click.option("--out", required=True, help="folder to write (POPE jsonl files, images/, COCO-format JSON).")
-@click.option("--seed", default=0, show_default=True, type=int, help="another seed gives disjoint scenes and questions.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="another seed gives disjoint scenes and questions.")
 @click.option("--n-images", default=500, show_default=True, type=click.IntRange(min=1))
 def testbed_benchmark_cmd(out, seed, n_images) -> None:
     """Write a synthetic POPE + CHAIR benchmark (e.g. a calibration set disjoint from the default one)."""

@@ -298,9 +298,16 @@ def prepare_eval(
     **options: Any,
 ) -> EvalJob:
     """Validate an evaluation and load its samples (no model, nothing written); see :func:`evaluate`."""
-    methods = list(dict.fromkeys(m.strip() for m in methods if m and m.strip()))
+    if isinstance(methods, str):  # a bare spec, not a list of them
+        methods = [methods]
+    methods = [m.strip() for m in methods if m and m.strip()]
     if not methods:
         raise ConfigError("--methods names no method; pass e.g. --methods none,vhr")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:  # said once, meant once: a setting listed twice is a slip, not a request to dedupe
+        raise ConfigError(f"--methods lists {twice[0]!r} twice; list each setting once")
+    if seed is not None and not 0 <= seed < 2**32:  # numpy's and torch's seeds; checked before any sample is made
+        raise ConfigError(f"--seed {seed} must be between 0 and 2**32 - 1")
     for value, flag in ((limit, "--limit"), (batch_size, "--batch-size"), (max_new_tokens, "--max-new-tokens"),
                         (n_boot, "--n-boot")):
         if value is not None and value < 1:
@@ -377,6 +384,8 @@ def score_outputs(bench: str, path: str | Path, *, out_dir: str | Path, split: s
         raise ConfigError(f"--name {name!r} must be a plain folder name")
     if n_boot < 1:
         raise ConfigError(f"--n-boot {n_boot} must be at least 1")
+    if not 0 <= seed < 2**32:  # the bootstrap's numpy seed: checked before the file is read
+        raise ConfigError(f"--seed {seed} must be between 0 and 2**32 - 1")
     b = make_bench(bench, split, **options)
     b.scoring = True
     samples, texts, dataset = b.read_outputs(path, id_key, text_key, label_key)

@@ -164,20 +164,25 @@ def parse_value(text: str) -> Any:
 
 
 def _split(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside brackets and quotes."""
-    parts, depth, quote, start = [], 0, "", 0
+    """Split on ``sep`` outside brackets and quotes; an unclosed or stray bracket or quote is refused
+    (read as a plain string it would be split again without end, or silently mean something else)."""
+    parts, stack, quote, start = [], [], "", 0
+    pairs = {")": "(", "]": "[", "}": "{"}
     for i, ch in enumerate(text):
         if quote:
             quote = "" if ch == quote else quote
         elif ch in "\"'":
             quote = ch
         elif ch in "([{":
-            depth += 1
+            stack.append(ch)
         elif ch in ")]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
+            if not stack or stack.pop() != pairs[ch]:
+                raise ConfigError(f"{text!r} has a {ch!r} that closes no bracket; balance the brackets, e.g. [1,2]")
+        elif ch == sep and not stack:
             parts.append(text[start:i])
             start = i + 1
+    if stack or quote:
+        raise ConfigError(f"{text!r} has an unclosed {(quote or stack[-1])!r}; close it, e.g. layers=[1,2]")
     parts.append(text[start:])
     return parts
 
@@ -228,6 +233,8 @@ def _parse_part(part: str, whole: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"method spec {whole!r}: {item!r} is not key=value; write e.g. 'vhr:alpha=1.5'")
+        if key.strip() in params:  # the later value would silently win
+            raise ConfigError(f"method spec {whole!r} sets {name}.{key.strip()} twice; set each parameter once")
         params[key.strip()] = parse_value(value)
     return name, params
 
