@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lvlm_fix.errors import DataError
+from lvlm_fix.errors import ConfigError, DataError
 from lvlm_fix.evals import amber, wordnet
 from lvlm_fix.evals.runner import evaluate, score_outputs
 
@@ -100,7 +100,7 @@ def test_equals_amber_inference_py(tmp_path: Path) -> None:
     lacks them."""
     expected = json.loads((OFFICIAL / "expected.json").read_text())
     summary = score_outputs("amber", OFFICIAL / "responses.json", out_dir=tmp_path, amber_dir=str(OFFICIAL),
-                            amber_compat=True, n_boot=1)
+                            amber_compat=True, amber_tagger="noun", n_boot=1)
     gen = summary["methods"]["responses"]["splits"]["generative"]
     assert {k: round(gen[k] * 100, 1) for k in ("chair", "cover", "hal", "cog")} == expected["printed"]
     rows = [json.loads(x) for x in (tmp_path / "responses" / "samples.jsonl").read_text().splitlines()]
@@ -189,7 +189,8 @@ def test_loader_checks_positional_annotations(amber_dir: Path) -> None:
 def test_score_amber_responses(amber_dir: Path, tmp_path: Path) -> None:
     responses = tmp_path / "responses.json"
     responses.write_text(json.dumps([{"id": i, "response": r} for i, r in enumerate(RESPONSES, 1)]))
-    summary = score_outputs("amber", responses, out_dir=tmp_path / "s", amber_dir=str(amber_dir), n_boot=50)
+    summary = score_outputs("amber", responses, out_dir=tmp_path / "s", amber_dir=str(amber_dir), n_boot=50,
+                            amber_tagger="noun")
     res = summary["methods"]["responses"]
     assert res["splits"]["generative"]["chair"] == pytest.approx(2 / 7)
     assert res["splits"]["discriminative"]["f1"] == pytest.approx(0.8)
@@ -202,11 +203,38 @@ def test_score_amber_responses(amber_dir: Path, tmp_path: Path) -> None:
     assert summary["provenance"]["versions"]["nltk"] == nltk_version
     assert summary["settings"]["tokenizer"].startswith(f"nltk {nltk_version} ")
     assert summary["settings"]["wordnet_sha256"] == wordnet.describe()["wordnet_sha256"]
+    assert summary["settings"]["tagger"] == "none: every token a noun"
+
+
+def test_tagger_keeps_nn_tags_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NLTK's tagger data (absent here: a stand-in tagger), only NN* tokens are nouns, as in inference.py;
+    without it the default falls back on every token with a warning, and asking for the tagger fails."""
+    import nltk
+
+    from lvlm_fix.evals import chair_opera
+
+    vocab = frozenset({"car", "park", "dog"})
+    text = "Cars park near the dog park."
+    monkeypatch.setattr(chair_opera, "perceptron_available", lambda: False)
+    with pytest.warns(UserWarning, match="every token is taken as a noun"):
+        assert amber.resolve_tagger(None) == "noun"
+    with pytest.raises(ConfigError, match="--amber-tagger perceptron needs NLTK's tagger data"):
+        amber.resolve_tagger("perceptron")
+    with pytest.raises(ConfigError, match="--amber-tagger 'spacy' is not one of perceptron, noun"):
+        amber.resolve_tagger("spacy")
+    assert amber.extract_nouns(text, vocab) == ["park", "dog", "park"]  # a verb spelled like a noun counts
+
+    tags = {"Cars": "NNS", "park": "VBP", "near": "IN", "the": "DT", "dog": "NN", ".": "."}
+    monkeypatch.setattr(nltk, "pos_tag", lambda tokens: [(t, "NN" if i == len(tokens) - 2 else tags[t])
+                                                         for i, t in enumerate(tokens)])  # the last "park" a noun
+    monkeypatch.setattr(chair_opera, "perceptron_available", lambda: True)
+    assert amber.resolve_tagger(None) == "perceptron"
+    assert amber.extract_nouns(text, vocab, "perceptron") == ["dog", "park"]  # "Cars" stays capitalised: no H noun
 
 
 def test_eval_amber_on_a_tiny_model(tiny, amber_dir: Path, tmp_path: Path) -> None:
-    summary = evaluate(tiny("llava"), "amber", methods=["none"], amber_dir=str(amber_dir), max_new_tokens=3,
-                       batch_size=4, n_boot=20, progress=False, out_dir=tmp_path / "e")
+    summary = evaluate(tiny("llava"), "amber", methods=["none"], amber_dir=str(amber_dir), amber_tagger="noun",
+                       max_new_tokens=3, batch_size=4, n_boot=20, progress=False, out_dir=tmp_path / "e")
     splits = summary["methods"]["none"]["splits"]
     assert splits["generative"]["n"] == 2 and splits["discriminative"]["n"] == 5
     run = json.loads((tmp_path / "e" / "run.json").read_text())

@@ -20,8 +20,8 @@ the label); the positive class is **no**. Precision = answered-No-and-label-no /
 recall = that / label-no; accuracy = correct / items; blocks: overall, existence, attribute (state
 + number + action pooled), state, number, action, relation.
 
-Nouns are found as ``inference.py`` finds them, with one step left out (the tagger, below): NLTK's
-word tokenizer, then WordNet 3.0's noun lemma of each token exactly as NLTK's
+Nouns are found as ``inference.py`` finds them: NLTK's word tokenizer, NLTK's tagger (where its
+data is installed, below), then WordNet 3.0's noun lemma of each token exactly as NLTK's
 ``WordNetLemmatizer().lemmatize(token)`` gives it (:mod:`.wordnet`, data shipped: ``men`` stays
 ``men``, ``vases -> vas``, ``leaves -> leaf``, capitalised tokens are not lower-cased), kept when
 the lemma is in H. The lemmatiser is NLTK 3.8.1's (``repeat_rules=True``), the NLTK of 2023 when
@@ -29,16 +29,18 @@ AMBER was published and scored; NLTK 3.9 and later differ from it only on non-wo
 does not take to a lemma (``cupss`` is ``cup`` here, ``cupss`` there).
 
 What still differs from AMBER's ``inference.py`` (its NLTK tagger data and spaCy's ``en_core_web_lg``
-vectors are downloads that cannot be made offline):
+vectors are downloads that cannot be made offline, and that lvlm-fix does not ship):
 
-* **No POS tagger**: every token is lemmatised as a noun; the original keeps only the tokens
-  ``nltk.pos_tag`` tags ``NN*``. A verb or adjective spelled like an H noun ("cars *park*") counts
-  here and not there; a noun the tagger mis-tags counts there and not here.
+* **The POS tagger is downloaded data**: the original keeps only the tokens ``nltk.pos_tag`` tags
+  ``NN*``; so does lvlm-fix where NLTK's tagger data is installed (``tagger="perceptron"``, the
+  default then). Without it every token is taken as a noun (``noun``, with a warning unless chosen):
+  a verb or adjective spelled like an H noun ("cars *park*"), or a noun the tagger mis-tags, counts
+  here and not there.
 * **No similarity**: the original also links a noun to a truth or hallucination-target word whose
   spaCy ``en_core_web_lg`` similarity exceeds 0.8 (``--similarity_score``); here only exact matches
   and relation.json links count. On the same nouns this can only make CHAIR and Hal higher and Cover
-  and Cog lower than the original's; the tagger changes the nouns themselves, so no bound holds on a
-  whole set of responses.
+  and Cog lower than the original's; without the tagger the nouns themselves differ, so no bound
+  holds on a whole set of responses.
 * **Tokenizer**: punkt is untrained here (the abbreviation difference of :mod:`.chair_original`),
   and the installed NLTK's word tokenizer runs. NLTK 3.9.3 and later split an em or en dash between
   two words (``dog—cat``), 3.10.1 and later an opening single quote from its word (``a 'dog'``);
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 GENERATIVE = "generative"
 DISCRIMINATIVE = "discriminative"
@@ -197,12 +200,41 @@ class AmberData:
 
 
 # ---- nouns --------------------------------------------------------------------------------------
-def extract_nouns(text: str, vocabulary: frozenset[str]) -> list[str]:
-    """The WordNet noun lemmas of the response's tokens that are in H, in order (module docstring)."""
+TAGGERS = ("perceptron", "noun")
+
+
+def resolve_tagger(tagger: str | None) -> str:
+    """``perceptron`` (NLTK's ``pos_tag``, as inference.py; needs its data) or ``noun`` (every token a
+    noun); None: perceptron where its data is installed, else noun with a warning."""
+    from .chair_opera import INSTALL_TAGGER, perceptron_available
+
+    if tagger is None:
+        if perceptron_available():
+            return "perceptron"
+        warnings.warn(f"AMBER: NLTK's perceptron tagger is not installed, so every token is taken as a noun (a verb "
+                      f"spelled like a vocabulary noun counts); install it with `{INSTALL_TAGGER}`, or pass "
+                      "--amber-tagger noun to silence this", UserWarning, stacklevel=2)
+        return "noun"
+    if tagger not in TAGGERS:
+        raise ConfigError(f"--amber-tagger {tagger!r} is not one of {', '.join(TAGGERS)}")
+    if tagger == "perceptron" and not perceptron_available():
+        raise ConfigError(f"--amber-tagger perceptron needs NLTK's tagger data, which is not installed; run "
+                          f"`{INSTALL_TAGGER}`, or use --amber-tagger noun")
+    return tagger
+
+
+def extract_nouns(text: str, vocabulary: frozenset[str], tagger: str = "noun") -> list[str]:
+    """The WordNet noun lemmas of the response's nouns that are in H, in order (module docstring);
+    nouns: the tokens ``nltk.pos_tag`` tags ``NN*`` (``tagger="perceptron"``) or every token."""
     from . import wordnet
     from .chair_original import word_tokenize
 
-    lemmas = (wordnet.lemmatize(token, "n", repeat_rules=True) for token in word_tokenize(text))
+    tokens = word_tokenize(text)
+    if tagger == "perceptron" and tokens:
+        import nltk
+
+        tokens = [token for token, tag in nltk.pos_tag(tokens) if tag.startswith("NN")]
+    lemmas = (wordnet.lemmatize(token, "n", repeat_rules=True) for token in tokens)
     return [lemma for lemma in lemmas if lemma in vocabulary]
 
 

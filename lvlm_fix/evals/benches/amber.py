@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ class AmberBench(Bench):
                choices=("exact", "llava"), default="exact"),
         Option("amber_compat", "AMBER: reproduce inference.py's 0.001 denominators and F1 from rounded percentages.",
                flag=True, default=False),
+        Option("amber_tagger", "AMBER nouns: perceptron (NLTK's pos_tag, as inference.py; python -m nltk.downloader "
+                               "averaged_perceptron_tagger_eng) or noun (every token a noun); default: perceptron "
+                               "where installed, else noun with a warning.", choices=amber.TAGGERS),
     )
     record_keys = ("id", "split", "response")
     id_keys = ("id",)
@@ -54,6 +58,7 @@ class AmberBench(Bench):
     def __init__(self, split: str | None = None, **opts: Any) -> None:
         super().__init__(split, **opts)
         self.data: amber.AmberData | None = None
+        self.tagger = amber.resolve_tagger(self.opts["amber_tagger"])  # validates, warns once
 
     def valid(self, record: dict[str, Any]) -> bool:
         extra = _GEN_KEYS if record.get("split") == amber.GENERATIVE else _DISC_KEYS
@@ -65,8 +70,11 @@ class AmberBench(Bench):
 
         lemmas = wordnet.describe()
         return {"amber_answers": self.opts["amber_answers"], "amber_compat": bool(self.opts["amber_compat"]),
-                "nouns": "every token taken as a noun (no POS tagger), kept if its WordNet noun lemma is in "
+                "nouns": ("tokens nltk.pos_tag tags NN*" if self.tagger == "perceptron" else
+                          "every token taken as a noun (no POS tagger)") + ", kept if the WordNet noun lemma is in "
                          "relation.json's vocabulary",
+                "tagger": (f"nltk {metadata.version('nltk')} averaged perceptron (pos_tag)"
+                           if self.tagger == "perceptron" else "none: every token a noun"),
                 "tokenizer": tokenizer_description(),
                 "lemmatizer": "WordNet 3.0 noun lemma as nltk 3.8.1's WordNetLemmatizer (rules repeated), "
                               f"lvlm-fix's shipped copy ({lemmas['wordnet_data']})",
@@ -74,9 +82,11 @@ class AmberBench(Bench):
                 "similarity": "none: exact match and relation.json links only (no spaCy en_core_web_lg vectors)"}
 
     def caveat(self) -> str:
-        return ("AMBER scored offline with WordNet's lemmas as inference.py, but without its POS tagger (every token "
-                "is taken as a noun) and without spaCy's similarity > 0.8 (exact matches and relation.json links "
-                f"only). Discriminative answers: `{self.opts['amber_answers']}`.")
+        tagger = ("with NLTK's tagger" if self.tagger == "perceptron" else
+                  "without its POS tagger (every token is taken as a noun)")
+        return (f"AMBER scored offline with WordNet's lemmas as inference.py, {tagger}, and without spaCy's "
+                "similarity > 0.8 (exact matches and relation.json links only). Discriminative answers: "
+                f"`{self.opts['amber_answers']}`.")
 
     def _data(self) -> amber.AmberData:
         if self.data is None:
@@ -107,7 +117,7 @@ class AmberBench(Bench):
         rec: dict[str, Any] = {"id": sample.id, "split": item.split, "response": text}
         if item.split == amber.GENERATIVE:
             data = self._data()
-            nouns = amber.extract_nouns(text, data.vocabulary)
+            nouns = amber.extract_nouns(text, data.vocabulary, self.tagger)
             return {**rec, **amber.score_generative(nouns, item.truth, item.hallu, data.relation, data.safe_words)}
         answer = amber.read_answer(text, self.opts["amber_answers"])
         return {**rec, "dimension": item.dimension, "label": item.truth, "answer": answer}
