@@ -155,3 +155,92 @@ def test_the_api_refuses_a_negative_seed_before_any_sample():
 
     with pytest.raises(ConfigError, match="--seed -5"):
         prepare_eval("pope", methods=["none"], seed=-5)
+
+
+# -- 2. nothing mixed, ever -----------------------------------------------------------------------------------
+def _pope(coco, **kw):
+    return dict(bench="pope", pope_questions=str(coco), image_dir=str(coco / "images"), batch_size=4,
+                max_new_tokens=3, n_boot=50, progress=False, split="random", limit=4, **kw)
+
+
+@pytest.mark.parametrize("deleted", ["run.json", "vhr/config.json", "both"])
+def test_deleting_a_settings_file_then_resuming_with_other_settings_is_refused(tiny, coco, tmp_path, deleted):
+    """Answers made with alpha 3 and 3 new tokens are never reported under alpha 2 or 5 new tokens."""
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm, out = tiny("llava"), tmp_path / "r"
+    evaluate(lvlm, methods=["vhr"], method_params={"vhr": {"alpha": 3.0}}, out_dir=out, **_pope(coco))
+    kept = (out / "vhr" / "samples.jsonl").read_bytes()
+    for name in (["run.json", "vhr/config.json"] if deleted == "both" else [deleted]):
+        (out / name).unlink()
+    other = ({"method_params": {"vhr": {"alpha": 3.0}}, "max_new_tokens": 5} if deleted == "run.json"
+             else {"method_params": {"vhr": {"alpha": 2.0}}})
+    with pytest.raises(InputError, match="made with other settings"):
+        evaluate(lvlm, methods=["vhr"], out_dir=out, **{**_pope(coco), **other})
+    assert (out / "vhr" / "samples.jsonl").read_bytes() == kept  # nothing lost either
+
+
+def test_deleting_run_json_and_resuming_with_the_same_settings_resumes(tiny, coco, tmp_path):
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm, out = tiny("llava"), tmp_path / "r"
+    first = evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))
+    (out / "run.json").unlink()
+    again = evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))
+    assert again["methods"] == first["methods"]
+
+
+def test_an_older_folder_with_a_settings_file_deleted_is_refused(tiny, coco, tmp_path):
+    """Records without a digest (an older lvlm-fix) are kept only while both settings files can vouch for them."""
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm, out = tiny("llava"), tmp_path / "r"
+    evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))
+    samples = out / "none" / "samples.jsonl"
+    old = [{k: v for k, v in json.loads(x).items() if k != "settings"} for x in samples.read_text().splitlines()]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in old))
+    evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))  # both files there: resumed
+    (out / "run.json").unlink()
+    with pytest.raises(InputError, match="made with other settings"):
+        evaluate(lvlm, methods=["none"], out_dir=out, **{**_pope(coco), "max_new_tokens": 5})
+
+
+@pytest.mark.parametrize("damage", ["garbage", "folder", "list"])
+@pytest.mark.parametrize("which", ["run.json", "none/config.json"])
+def test_a_damaged_settings_file_is_one_line(tiny, coco, tmp_path, damage, which):
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm, out = tiny("llava"), tmp_path / "r"
+    evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))
+    path = out / which
+    path.unlink()
+    if damage == "folder":
+        path.mkdir()
+    else:
+        path.write_text("{not json" if damage == "garbage" else "[1, 2]")
+    with pytest.raises(InputError, match=re.escape(str(path))) as err:
+        evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))
+    assert "\n" not in str(err.value) and "use a new --out" in str(err.value)
+
+
+def test_a_samples_file_that_is_a_folder_is_one_line(tiny, coco, tmp_path, capsys):
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm, out = tiny("llava"), tmp_path / "r"
+    (out / "none" / "samples.jsonl").mkdir(parents=True)
+    with pytest.raises(InputError, match="is a folder or device, not a samples file"):
+        evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))
+
+
+def test_score_records_are_tied_to_the_scored_file(coco, tmp_path):
+    from lvlm_fix.evals.runner import score_outputs
+
+    answers = tmp_path / "a.jsonl"
+    rows = [{"question_id": i, "text": "yes" if i % 2 else "no", "label": "yes" if i % 3 else "no"} for i in range(8)]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(out_dir=tmp_path / "s", split="random", n_boot=20, label_key="label")
+    score_outputs("pope", answers, **kw)
+    (tmp_path / "s" / "a" / "config.json").unlink()
+    answers.write_text("".join(json.dumps({**r, "text": "yes"}) + "\n" for r in rows))  # other answers, same name
+    with pytest.raises(InputError, match="made with other settings"):
+        score_outputs("pope", answers, **kw)

@@ -36,7 +36,7 @@ def _counting(monkeypatch):
 
 def test_pope_end_to_end_writes_summary_and_table(tiny, coco, tmp_path):
     lvlm = tiny("llava")
-    summary = evaluate(lvlm, split="random", methods=["none", "none"], out_dir=tmp_path / "r", **_pope(coco))
+    summary = evaluate(lvlm, split="random", methods=["none"], out_dir=tmp_path / "r", **_pope(coco))
     assert set(summary["methods"]) == {"none"}
     row = summary["methods"]["none"]["splits"]["random"]
     assert row["n"] == 8 and row["tp"] + row["fp"] + row["tn"] + row["fn"] == 8

@@ -210,9 +210,10 @@ class EvalJob:
         state = PartialState(cpu=lvlm.model.device.type == "cpu")
         rank, world = state.process_index, state.num_processes
         root = self.out_dir
+        legacy_ok = True  # records without a settings digest (an older lvlm-fix): kept only under checked files
         if root is not None and state.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
-            store.fixed_json(root / "run.json", run, "run")
+            legacy_ok = store.fixed_json(root / "run.json", run, "run")
         state.wait_for_everyone()
 
         ids = [s.id for s in self.samples]
@@ -224,15 +225,19 @@ class EvalJob:
             meter = CostMeter(lvlm.model)
             done: dict[str, dict[str, Any]] = {}
             store_path = None
+            config = {"method": method, "config": self.seam.configs[method]}
+            digest = store.settings_digest(run, config)  # every record names the settings that made it
             if mdir is not None:
+                had_config = True
                 if state.is_main_process:
                     mdir.mkdir(exist_ok=True)
-                    store.fixed_json(mdir / "config.json", {"method": method, "config": self.seam.configs[method]},
-                                     f"{method} config")
+                    had_config = store.fixed_json(mdir / "config.json", config, f"{method} config")
                 state.wait_for_everyone()
                 store_path = mdir / ("samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
                 for shard in [mdir / "samples.jsonl", *sorted(mdir.glob("samples.rank*.jsonl"))]:
-                    for k, v in store.read_records(shard, b.valid).items():
+                    records = store.read_records(shard, b.valid)
+                    store.check_settings(shard, records, digest, legacy_ok and had_config)
+                    for k, v in records.items():
                         done.setdefault(k, v)
             mine = [s for i, s in enumerate(self.samples) if i % world == rank and s.id not in done]
             bar = tqdm(total=len(mine), desc=f"{b.name} {method}", unit="sample", disable=not self.progress or not mine)
@@ -248,7 +253,8 @@ class EvalJob:
                             out = self.seam.generate(lvlm, images, [p.template.format(question=s.question) for s in batch],
                                                      method, gen, p.seed, p.system_prompt)
                             counted["generated_tokens"] = sum(out.tokens)
-                        recs = [b.record(s, _cut(t, stops)) for s, t in zip(batch, out.texts)]
+                        recs = [{**b.record(s, _cut(t, stops)), store.SETTINGS_KEY: digest}
+                                for s, t in zip(batch, out.texts)]
                         done.update((r["id"], r) for r in recs)
                         if store_path is not None:
                             store.append_records(store_path, recs)
@@ -268,7 +274,8 @@ class EvalJob:
                       "command": self.command or _command_line(), "n_boot": self.n_boot, "started": started,
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "elapsed_seconds": round(time.perf_counter() - started_clock, 1)}
-        return _finish(b, self.samples, answers, self.methods, root, self.n_boot, self.seed, provenance, costs)
+        return _finish(b, self.samples, answers, self.methods, root, self.n_boot, self.seed, provenance, costs,
+                       run=run, legacy_ok=legacy_ok)
 
     def _warm_up(self, lvlm: Any, root: Path | None) -> None:
         """One short untimed generation, so that the first setting's cost carries no first-call overheads."""
@@ -395,21 +402,22 @@ def score_outputs(bench: str, path: str | Path, *, out_dir: str | Path, split: s
                                                  key=lambda r: (r["split"], r["id"])))}
     with _lock(root):
         root.mkdir(parents=True, exist_ok=True)
-        store.fixed_json(root / "run.json", run, "scoring run (other samples or settings)")
+        legacy_ok = store.fixed_json(root / "run.json", run, "scoring run (other samples or settings)")
         mdir = root / name
         mdir.mkdir(exist_ok=True)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        store.fixed_json(mdir / "config.json", {"method": name, "scored_file": str(path.resolve()),
-                                                "sha256": digest}, f"scored file for {name!r}")
+        config = {"method": name, "scored_file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        legacy_ok = store.fixed_json(mdir / "config.json", config, f"scored file for {name!r}") and legacy_ok
+        digest = store.settings_digest(run, config)
         done = store.read_records(mdir / "samples.jsonl", b.valid)
+        store.check_settings(mdir / "samples.jsonl", done, digest, legacy_ok)
         todo = [s for s in samples if s.id not in done]
         for start in range(0, len(todo), 1000):
-            recs = [b.record(s, texts[s.id]) for s in todo[start : start + 1000]]
+            recs = [{**b.record(s, texts[s.id]), store.SETTINGS_KEY: digest} for s in todo[start : start + 1000]]
             done.update((r["id"], r) for r in recs)
             store.append_records(mdir / "samples.jsonl", recs)
         provenance = {**run, "versions": _versions(), "platform": platform.platform(), "n_boot": n_boot,
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        return _finish(b, samples, {name: done}, [name], root, n_boot, seed, provenance)
+        return _finish(b, samples, {name: done}, [name], root, n_boot, seed, provenance, run=run, legacy_ok=legacy_ok)
 
 
 # -- summary ------------------------------------------------------------------------------------------
@@ -442,16 +450,22 @@ def _config_name(folder: Path) -> str:
 
 def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[str, Any]]], current: list[str],
             root: Path | None, n_boot: int, seed: int, provenance: dict[str, Any],
-            costs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            costs: dict[str, dict[str, Any]] | None = None, *, run: dict[str, Any] | None = None,
+            legacy_ok: bool = True) -> dict[str, Any]:
     """Summarise every complete method (this command's and those already in the folder), write
-    ``summary.json`` and ``results.md``, return the summary."""
+    ``summary.json`` and ``results.md``, return the summary. The records of a folder this command did
+    not write are checked against ``run`` and their own config.json (see :func:`store.check_settings`)."""
     from . import cost
 
     order = _method_order(root, current)
     costs = dict(costs or {})
     for m in order:
         if m not in answers and root is not None:
-            answers[m] = store.read_records(setting_folder(root, m) / "samples.jsonl", b.valid)
+            path = setting_folder(root, m) / "samples.jsonl"
+            answers[m] = store.read_records(path, b.valid)
+            config = store.read_fixed(setting_folder(root, m) / "config.json")
+            if run is not None and config is not None:
+                store.check_settings(path, answers[m], store.settings_digest(run, config), legacy_ok)
         if m not in costs and root is not None:
             costs[m] = cost.load(setting_folder(root, m))
     ids = [s.id for s in samples]

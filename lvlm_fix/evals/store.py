@@ -24,11 +24,39 @@ from ..errors import InputError, LvlmFixWarning, RunFolderBusyError
 LOCK_NAME = ".lock"
 
 
+SETTINGS_KEY = "settings"  # each record's digest of the settings that made it (run.json + its config.json)
+
+
+def settings_digest(run: Any, config: Any) -> str:
+    """The digest a record carries of the settings that made it: the run's (run.json) and its setting's
+    (config.json), as they are written (JSON, ``str`` for the rest)."""
+    import hashlib
+
+    data = json.loads(json.dumps({"run": run, "config": config}, default=str))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_settings(path: Path, records: dict[str, dict[str, Any]], digest: str, legacy_ok: bool) -> None:
+    """Refuse records made with other settings than the ones this run resumes with.
+
+    Editing run.json or a config.json is refused by :func:`fixed_json`; deleting one and resuming with
+    other settings is refused here, since every record names the settings that made it. Records of an
+    older lvlm-fix carry no digest: they are kept only when both settings files were there to check.
+    """
+    other = [r for r in records.values()
+             if r.get(SETTINGS_KEY) != digest and not (legacy_ok and SETTINGS_KEY not in r)]
+    if other:
+        raise InputError(f"{path} holds {len(other)} record(s) made with other settings than this run's (was run.json "
+                         "or config.json deleted or edited?); use a new --out folder or the original settings")
+
+
 def read_records(path: Path, valid: Callable[[dict[str, Any]], bool] = lambda r: True) -> dict[str, dict[str, Any]]:
     """Records by id, first occurrence wins. Lines that are not JSON objects with a string ``id``
     accepted by ``valid`` are moved to ``<path>.dropped`` (their samples are redone)."""
     if not path.exists():
         return {}
+    if not path.is_file():
+        raise InputError(f"{path} is a folder or device, not a samples file; move it away and run again")
     raw = path.read_bytes()
     records: dict[str, dict[str, Any]] = {}
     kept: list[bytes] = []
@@ -58,12 +86,19 @@ def read_records(path: Path, valid: Callable[[dict[str, Any]], bool] = lambda r:
 
 
 def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append records as JSON lines, then flush and fsync."""
-    with open(path, "a", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append records as JSON lines, then flush and fsync. A write that fails (a full disk) is undone:
+    the file is cut back to its earlier records, so no half-written line is left."""
+    data = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records).encode()
+    with open(path, "ab") as f:
+        start = f.tell()
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise
 
 
 def merge_shards(folder: Path, ids: Sequence[str], valid: Callable[[dict[str, Any]], bool] = lambda r: True,
@@ -86,11 +121,16 @@ def merge_shards(folder: Path, ids: Sequence[str], valid: Callable[[dict[str, An
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a reader never sees half a file
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a reader never sees half a file
+    except OSError:  # a full disk: the old file stays as it was, and no half-written copy is left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -98,17 +138,35 @@ def write_json(path: Path, data: Any) -> None:
     _atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False, default=str).encode())
 
 
-def fixed_json(path: Path, data: dict[str, Any], what: str) -> None:
-    """Write ``data`` once; later runs in the same folder must match it (else :class:`InputError`)."""
+def read_fixed(path: Path) -> dict[str, Any] | None:
+    """A settings file (run.json, config.json) as written, None when absent; a damaged one is one line."""
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = "is a folder" if path.is_dir() else f"is not valid JSON ({type(e).__name__})"
+        raise InputError(f"{path} {why}: the settings of the results beside it cannot be checked; restore it, "
+                         "or use a new --out folder") from None
+    if not isinstance(old, dict):
+        raise InputError(f"{path} is not a JSON object: the settings of the results beside it cannot be checked; "
+                         "restore it, or use a new --out folder")
+    return old
+
+
+def fixed_json(path: Path, data: dict[str, Any], what: str) -> bool:
+    """Write ``data`` once; later runs in the same folder must match it (else :class:`InputError`).
+    Returns whether the file was there already (and matched)."""
     new = json.loads(json.dumps(data, default=str))
-    if path.exists():
-        old = json.loads(path.read_text())
+    old = read_fixed(path)
+    if old is not None:
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise InputError(f"{path.parent} holds results of a different {what} (differs in {', '.join(diff)}); "
                              "use a new --out folder or the original settings")
-        return
+        return True
     write_json(path, new)
+    return False
 
 
 # -- the folder lock -------------------------------------------------------------------------------
