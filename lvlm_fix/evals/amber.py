@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, LvlmFixWarning
 
 GENERATIVE = "generative"
 DISCRIMINATIVE = "discriminative"
@@ -213,7 +213,7 @@ def resolve_tagger(tagger: str | None) -> str:
             return "perceptron"
         warnings.warn(f"AMBER: NLTK's perceptron tagger is not installed, so every token is taken as a noun (a verb "
                       f"spelled like a vocabulary noun counts); install it with `{INSTALL_TAGGER}`, or pass "
-                      "--amber-tagger noun to silence this", UserWarning, stacklevel=2)
+                      "--amber-tagger noun to silence this", LvlmFixWarning, stacklevel=2)
         return "noun"
     if tagger not in TAGGERS:
         raise ConfigError(f"--amber-tagger {tagger!r} is not one of {', '.join(TAGGERS)}")
