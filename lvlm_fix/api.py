@@ -49,6 +49,9 @@ def apply(lvlm: LVLM, method: MethodArg, **params: Any) -> Iterator[Plan]:
         >>> with lvlm_fix.apply(handle, {"vhr": {"layers": [1]}, "var": {"layers": [2], "tau": 3.5}}) as plan:
         ...     ids = handle.model.generate(**batch, max_new_tokens=32)
     """
+    from .model import check_handle
+
+    check_handle(lvlm)
     methods = build_methods(method, **params)
     wrappers = [m.name for m in methods if m.stage.wraps_generate]
     if wrappers:
@@ -79,7 +82,9 @@ def generate(
 
     Args:
         lvlm: the handle from :func:`lvlm_fix.load`.
-        images, prompts: one image (or a list of images) and one prompt per row.
+        images, prompts: one image (or a list of images) and one prompt per row; an image is a PIL
+            image, a file path, a numpy array or a torch tensor, read by :func:`lvlm_fix.images.load_image`
+            (EXIF orientation, 16-bit, alpha, floats in [0, 1]: the rules are in :mod:`lvlm_fix.images`).
         method: a method spec, as for :func:`apply`; None for the vanilla model.
         max_new_tokens, do_sample, num_beams: passed to ``generate()``.
         seed: seeds torch before generating (sampling).
@@ -90,11 +95,23 @@ def generate(
     Returns:
         The texts, each method's report (keyed by method name, as ``plan.report()``) and artifacts.
     """
+    from .model import check_handle, check_rows
+
+    check_handle(lvlm)
     methods = build_methods(method, **params)
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a whole number of at least 1")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise ConfigError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1, or None")
+    if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+        raise InputError(f"system_prompt={system_prompt!r} must be non-empty text, or None for none")
+    rows, prompts = check_rows(images, prompts)  # every image through the one loader, once
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams, **(generate_kwargs or {})}
     if seed is not None:
         torch.manual_seed(seed)
-    return run_methods(lvlm, methods, list(images), list(prompts), gen, system_prompt=system_prompt)
+    images = [row if isinstance(im, (list, tuple)) else row[0] for im, row in zip(images, rows)]
+    return run_methods(lvlm, methods, images, prompts, gen, system_prompt=system_prompt)
 
 
 def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], prompts: list[str],

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._lazy import torch
-from .errors import LvlmFixError
+from .errors import InputError, LvlmFixError
 from .hooks.plan import AttnContext, Participant, Plan, TokenState
 from .interventions.var import SINK_TAU, dims_from_votes, normalized_activations, sink_scores, sink_votes
 from .interventions.vhr import default_layers, head_divergence, outlier_filter
@@ -185,7 +185,13 @@ def head_statistics(lvlm: LVLM, image: Image.Image, prompt: str, *, tau: float =
         with its defaults would scale, per layer), ``sink_dims`` (with their source: adapter table
         or discovered), ``sink_tau`` and ``visual_sinks`` (image-token offsets per layer).
     """
-    batch = lvlm.encode([image], [prompt])
+    from .model import check_handle
+
+    check_handle(lvlm)
+    if isinstance(image, (list, tuple)):  # one image per call: a list would be read as several rows
+        raise InputError(f"head_statistics takes one image, got a {type(image).__name__} of {len(image)}; call it "
+                         "once per image")
+    batch = lvlm.encode([image], [prompt])  # the image through the one loader, the prompt checked
     report = record_head_statistics(lvlm, batch, tau=tau).report()
     report.update(model=lvlm.name, model_type=lvlm.adapter.model_type, prompt=prompt,
                   num_layers=lvlm.num_layers, num_heads=lvlm.num_heads, **image_grid(lvlm, batch))

@@ -151,13 +151,15 @@ class LVLM:
         """Batch inputs for ``generate()``, left padded, on the model's device.
 
         Args:
-            images: one image per row, or a list of images per row (all rows the same count).
+            images: one image per row, or a list of images per row (all rows the same count); each a
+                PIL image, a file path, an array or a tensor, read by :func:`lvlm_fix.images.load_image`.
             prompts: the user text of each row.
             system_prompt: a system message for every row (see :meth:`build_prompt`).
+
+        Raises:
+            InputError: see :func:`check_rows`.
         """
-        if len(images) != len(prompts):
-            raise InputError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
-        per_row = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        per_row, prompts = check_rows(images, prompts)
         processor = self.require_processor("encoding images and prompts")
         texts = [self.build_prompt(p, len(ims), system_prompt) for p, ims in zip(prompts, per_row)]
         nested = self.adapter.nested_images or len(per_row[0]) > 1
@@ -239,6 +241,62 @@ class LVLM:
             yield
         finally:
             self.model.set_attn_implementation(self._attn_setting(before))
+
+
+def _what(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def check_handle(lvlm: Any) -> LVLM:
+    """``lvlm`` if it is a usable handle, else one line saying what it is and the fix."""
+    if not isinstance(lvlm, LVLM):
+        raise InputError(f"expected the handle of lvlm_fix.load() or lvlm_fix.wrap(), got {_what(lvlm)}; load the "
+                         "model first: handle = lvlm_fix.load('org/name')")
+    model = getattr(lvlm, "model", None)
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    if model is None or not hasattr(model, "generate") or (first is not None and first.device.type == "meta"):
+        raise InputError(f"the model of this handle ({lvlm.name}) is gone (deleted, set to None or freed to the "
+                         "meta device); load it again with lvlm_fix.load()")
+    return lvlm
+
+
+def check_rows(images: Any, prompts: Any) -> tuple[list[list[Any]], list[str]]:
+    """The rows of a batch, every image through the one loader (:func:`lvlm_fix.images.load_image`).
+
+    Raises:
+        InputError: None or a bare image or string where a list is expected, an empty list, a row
+            without images, rows with different image counts, lengths that differ, or an empty or
+            non-text prompt; one line each.
+    """
+    from .images import load_image
+
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise InputError(f"prompts must be a list of strings, one per row; got {_what(prompts)} (wrap one prompt "
+                         "as [prompt])")
+    if images is None or isinstance(images, (str, Path, Image.Image)) or getattr(images, "ndim", 4) != 4:
+        raise InputError(f"images must be a list with one image (or a list of images) per prompt; got "
+                         f"{_what(images)} (wrap one image as [image])")
+    try:
+        images = list(images)
+    except TypeError:
+        raise InputError(f"images must be a list with one image per prompt; got {_what(images)}") from None
+    prompts = list(prompts)
+    if not prompts or not images:
+        raise InputError("no rows: images and prompts are empty lists; give one image and one prompt per row")
+    if len(images) != len(prompts):
+        raise InputError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(f"prompt {i} is {_what(p)}; every row needs its question as non-empty text")
+    rows = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    for i, row in enumerate(rows):
+        if not row:
+            raise InputError(f"row {i} has an empty list of images; give each row at least one image")
+        if len(row) != len(rows[0]):
+            raise InputError(f"row {i} has {len(row)} images and row 0 has {len(rows[0])}; every row of a batch "
+                             "holds the same number (batch rows by image count)")
+    return [[load_image(im) for im in row] for row in rows], prompts
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> Any:

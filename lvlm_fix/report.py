@@ -34,15 +34,21 @@ def write_report(results_dir: str | Path) -> list[Path]:
     if not summary_path.is_file():
         raise InputError(f"{summary_path} not found; pass a folder written by `lvlm-fix eval` or `lvlm-fix score`")
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
         methods: dict[str, Any] = summary["methods"]
         bench = summary["bench"]
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{summary_path} is not an lvlm-fix summary; pass a folder written by `lvlm-fix eval`") from None
     from .evals.bench import registry
 
-    frontiers = registry().get(bench).frontiers if bench in registry() else ()
+    frontiers = registry().get(bench).frontiers if isinstance(bench, str) and bench in registry() else ()
+    _check_summary(summary, summary_path, frontiers)
+    results_md = root / "results.md"
+    if results_md.exists() and not results_md.is_file():
+        raise InputError(f"{results_md} is not a file; move it away so that the figures can be linked from it")
     out = root / FIGURES
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, where the figures go; move it away and run again")
     out.mkdir(exist_ok=True)
     written: list[Path] = []
     splits = list(dict.fromkeys(sp for res in methods.values() for sp in res.get("splits", {})))
@@ -59,6 +65,68 @@ def write_report(results_dir: str | Path) -> list[Path]:
         written.append(_cost(summary["cost"], baseline, out / "cost.png"))
     _link(root / "results.md", written, root)
     return written
+
+
+def _number(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_summary(summary: dict[str, Any], path: Path, frontiers: Any) -> None:
+    """Every value a figure draws is there and a finite number, else one line naming it (a summary
+    edited by hand would otherwise end in a traceback, or in figures of nothing)."""
+
+    def bad(where: str, value: Any) -> InputError:
+        return InputError(f"{path}: {where} is {value!r}, not a number; rewrite the summary with `lvlm-fix eval` "
+                          "or `lvlm-fix score` (the same command resumes)")
+
+    methods = summary["methods"]
+    if not isinstance(methods, dict) or not methods:
+        raise InputError(f"{path} lists no method, so there is nothing to draw; pass a folder written by `lvlm-fix "
+                         "eval` or `lvlm-fix score`")
+    for m, res in methods.items():
+        splits = res.get("splits") if isinstance(res, dict) else None
+        if not isinstance(splits, dict) or not splits or not all(isinstance(r, dict) for r in splits.values()):
+            raise InputError(f"{path}: method {m!r} has no per-split results; rewrite the summary with `lvlm-fix eval`")
+        for sp, row in splits.items():
+            ci = row.get("ci", {})
+            if not isinstance(ci, dict):
+                raise bad(f"methods.{m}.splits.{sp}.ci", ci)
+            for key, interval in ci.items():
+                if not _number(row.get(key)):
+                    raise bad(f"methods.{m}.splits.{sp}.{key}", row.get(key))
+                for end in ("low", "high"):
+                    value = interval.get(end) if isinstance(interval, dict) else interval
+                    if not _number(value):
+                        raise bad(f"methods.{m}.splits.{sp}.ci.{key}.{end}", value)
+            for x, y in frontiers:
+                for key in (x, y):
+                    if key in row and not _number(row[key]):
+                        raise bad(f"methods.{m}.splits.{sp}.{key}", row[key])
+    cost = summary.get("cost") or {}
+    if not isinstance(cost, dict):
+        raise bad("cost", cost)
+    for m, c in cost.items():
+        value = c.get("seconds_per_sample") if isinstance(c, dict) else c
+        if not _number(value):
+            raise bad(f"cost.{m}.seconds_per_sample", value)
+        ratio = c.get("time_ratio")
+        if ratio is not None and not _number(ratio):
+            raise bad(f"cost.{m}.time_ratio", ratio)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Save a figure whole or not at all (a full disk leaves the earlier figure as it was)."""
+    import os
+
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _interval(row: dict[str, Any], key: str) -> tuple[float, float, float]:
@@ -88,7 +156,7 @@ def _metric_panels(rows: dict[str, dict[str, Any]], metrics: list[str], baseline
     axes[0][0].invert_yaxis()
     fig.suptitle(f"{title}: point estimate and 95% bootstrap CI per setting")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -108,7 +176,7 @@ def _frontier(rows: dict[str, dict[str, Any]], x: str, y: str, baseline: str | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -130,14 +198,20 @@ def _cost(cost: dict[str, dict[str, Any]], baseline: str | None, path: Path) -> 
     axes[0].invert_yaxis()
     fig.suptitle("cost per setting (wall-clock on the machine of the run)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
 
 def _link(results_md: Path, figures: list[Path], root: Path) -> None:
     """Replace (or add) results.md's Figures section with links to ``figures``."""
-    text = results_md.read_text() if results_md.is_file() else ""
+    try:
+        text = results_md.read_text(encoding="utf-8") if results_md.is_file() else ""
+    except UnicodeDecodeError:
+        raise InputError(f"{results_md} is not UTF-8 text; move it away (lvlm-fix eval writes it again)") from None
     text = re.sub(rf"\n{re.escape(_SECTION)}\n.*", "", text, flags=re.S).rstrip("\n")
     links = [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in figures]
-    results_md.write_text(text + f"\n\n{_SECTION}\n\nWritten by `lvlm-fix report`.\n\n" + "\n\n".join(links) + "\n")
+    from .evals.store import atomic_write  # whole or not at all: a full disk keeps the old results.md
+
+    atomic_write(results_md, (text + f"\n\n{_SECTION}\n\nWritten by `lvlm-fix report`.\n\n" + "\n\n".join(links)
+                               + "\n").encode())

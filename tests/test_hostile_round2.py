@@ -244,3 +244,217 @@ def test_score_records_are_tied_to_the_scored_file(coco, tmp_path):
     answers.write_text("".join(json.dumps({**r, "text": "yes"}) + "\n" for r in rows))  # other answers, same name
     with pytest.raises(InputError, match="made with other settings"):
         score_outputs("pope", answers, **kw)
+
+
+# -- 3. images in memory go through the one loader -------------------------------------------------------------
+def _forms(tmp_path):
+    """One picture as every form the API takes: (name, value), all of which must reach the model alike."""
+    import torch
+
+    rgb = Image.new("RGB", (48, 40), (0, 0, 0))
+    rgb.paste((250, 40, 10), (0, 0, 48, 12))
+    rgb.paste((10, 200, 90), (0, 28, 24, 40))
+    rgb.save(tmp_path / "plain.png")
+    a = np.asarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, "rotate 90 clockwise to view"
+    rgb.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    return a, [
+        ("path", str(tmp_path / "plain.png")),
+        ("PIL", rgb),
+        ("numpy uint8 HWC", a),
+        ("numpy float HWC", a / 255.0),
+        ("torch uint8 CHW", torch.from_numpy(a.copy()).permute(2, 0, 1)),
+        ("torch float CHW in [0,1]", torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255),
+        ("PIL with EXIF, as Image.open gives it", Image.open(tmp_path / "phone.png")),
+        ("RGBA PIL", rgb.convert("RGBA")),
+    ]
+
+
+def test_every_form_of_an_image_reaches_the_model_alike(tiny, tmp_path):
+    lvlm = tiny("llava")
+    _, forms = _forms(tmp_path)
+    pixels = {name: lvlm.encode([value], ["Describe."])["pixel_values"] for name, value in forms}
+    reference = pixels["path"]
+    assert {name: bool(p.equal(reference)) for name, p in pixels.items()} == {name: True for name, _ in forms}
+
+
+def test_a_16_bit_png_opened_by_hand_is_not_all_white(tiny, tmp_path):
+    lvlm = tiny("llava")
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    by_hand = lvlm.encode([Image.open(tmp_path / "deep.png")], ["Describe."])["pixel_values"]
+    by_path = lvlm.encode([str(tmp_path / "deep.png")], ["Describe."])["pixel_values"]
+    as_array = lvlm.encode([ramp], ["Describe."])["pixel_values"]
+    assert by_hand.equal(by_path) and as_array.equal(by_path)
+    assert by_path.std() > 0.1  # a ramp, not a white sheet
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 10)])
+def test_extreme_sizes_in_memory_warn(tiny, size):
+    from lvlm_fix.images import ImageWarning
+
+    with pytest.warns(ImageWarning, match=f"{size[0]}x{size[1]}"):
+        tiny("llava").encode([Image.new("RGB", size, (9, 9, 9))], ["Describe."])
+
+
+@pytest.mark.parametrize("images, prompts, needle", [
+    (None, ["Q"], "images must be a list"),
+    ([], [], "no rows"),
+    ("IMG", ["Q"], "images must be a list"),  # a bare image where a list is expected (replaced below)
+    ("cat.png", ["Q"], "images must be a list"),
+    (["IMG", "IMG"], ["Q"], "2 images for 1 prompts"),
+    (["IMG"], "Q", "prompts must be a list"),
+    (["IMG"], [""], "non-empty text"),
+    (["IMG"], [None], "non-empty text"),
+    ([None], ["Q"], "image is None"),
+    (["missing.png"], ["Q"], "image not found"),
+    ([[]], ["Q"], "empty list of images"),
+    ([np.zeros((5, 5, 7))], ["Q"], "is not an image"),
+    ([np.zeros((2, 5, 5, 3))], ["Q"], "is not an image"),
+    ([np.full((8, 8), 3.0)], ["Q"], "values in [0, 1]"),
+    ([np.full((8, 8), -1)], ["Q"], "0..255"),
+    ([object()], ["Q"], "cannot be read"),
+])
+def test_bad_api_inputs_are_one_line(tiny, images, prompts, needle):
+    img = Image.new("RGB", (32, 32))
+
+    def swap(x):
+        return img if isinstance(x, str) and x == "IMG" else x
+
+    images = [swap(x) for x in images] if isinstance(images, list) else swap(images)
+    for call in (lambda: lvlm_fix.generate(tiny("llava"), images, prompts, max_new_tokens=2),
+                 lambda: tiny("llava").encode(images, prompts)):
+        with pytest.raises(InputError, match=re.escape(needle)) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"max_new_tokens": 0}, "max_new_tokens=0"),
+                                            ({"max_new_tokens": -3}, "max_new_tokens=-3"),
+                                            ({"num_beams": 0}, "num_beams=0"), ({"seed": -1}, "seed=-1"),
+                                            ({"system_prompt": " "}, "system_prompt")])
+def test_bad_generation_arguments_are_one_line(tiny, kwargs, needle):
+    with pytest.raises(LvlmFixError, match=needle):
+        lvlm_fix.generate(tiny("llava"), [Image.new("RGB", (32, 32))], ["Q"], **kwargs)
+
+
+def test_a_string_or_a_dead_handle_is_one_line(tiny_dirs):
+    from lvlm_fix.diagnostics import head_statistics
+
+    img = Image.new("RGB", (32, 32))
+    for call in (lambda h: lvlm_fix.generate(h, [img], ["Q"]), lambda h: head_statistics(h, img, "Q"),
+                 lambda h: lvlm_fix.apply(h, "vhr").__enter__()):
+        with pytest.raises(InputError, match="expected the handle of lvlm_fix.load"):
+            call("llava-hf/llava-1.5-7b-hf")
+        handle = lvlm_fix.load(tiny_dirs("llava"))
+        handle.model = None
+        with pytest.raises(InputError, match="is gone"):
+            call(handle)
+
+
+def test_head_statistics_takes_any_form_and_refuses_a_list(tiny, tmp_path):
+    from lvlm_fix.diagnostics import head_statistics
+
+    a, _ = _forms(tmp_path)
+    lvlm = tiny("llava")
+    assert head_statistics(lvlm, a, "Q")["vhd"] == head_statistics(lvlm, Image.fromarray(a), "Q")["vhd"]
+    with pytest.raises(InputError, match="takes one image"):
+        head_statistics(lvlm, [a, a], "Q")
+
+
+# -- 4. full disk and unwritable outputs --------------------------------------------------------------------------
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _eval_argv(tiny_dirs, coco, out, methods="none"):
+    return ["eval", "--model", str(tiny_dirs("llava")), "--pope-questions", str(coco), "--image-dir",
+            str(coco / "images"), "--split", "random", "--limit", "4", "--batch-size", "2", "--max-new-tokens", "2",
+            "--n-boot", "20", "--methods", methods, "--out", str(out)]
+
+
+def test_eval_out_that_is_a_file_or_impossible_is_one_line_before_loading(capsys, tiny_dirs, coco, tmp_path,
+                                                                           monkeypatch):
+    _no_weights(monkeypatch)
+    (tmp_path / "f").write_text("mine")
+    assert "is a file; give a folder" in cli_error(capsys, *_eval_argv(tiny_dirs, coco, tmp_path / "f"))
+    assert "is not writable" in cli_error(capsys, *_eval_argv(tiny_dirs, coco, tmp_path / "f" / "sub"))
+    assert (tmp_path / "f").read_text() == "mine"
+    with pytest.raises(InputError, match="is a file"):
+        lvlm_fix.evaluate(None, out_dir=tmp_path / "f", pope_questions=str(coco), image_dir=str(coco / "images"),
+                          split="random", limit=2)
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--out", "{tmp}/o"],
+    ["heads", "--out", "{tmp}/o"],
+    ["calibrate", "--pope-questions", "{coco}", "--image-dir", "{coco}/images", "--limit", "2", "--out", "{tmp}/h.json"],
+    ["score", "--bench", "pope", "--input", "{tmp}/a.jsonl", "--label-key", "label", "--out", "{tmp}/o"],
+    ["testbed", "benchmark", "--n-images", "1", "--out", "{tmp}/o"],
+])
+def test_a_full_disk_is_refused_before_the_work(capsys, monkeypatch, coco, tmp_path, argv):
+    import shutil
+    from collections import namedtuple
+
+    _no_weights(monkeypatch)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "text": "yes", "label": "yes"}) + "\n")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    line = cli_error(capsys, *[a.format(tmp=tmp_path, coco=coco) for a in argv])
+    assert "disk is full" in line
+
+
+def test_eval_on_enospc_keeps_what_it_wrote_and_resumes(capsys, tiny_dirs, coco, tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "e"
+    code, _, err = _run(capsys, *_eval_argv(tiny_dirs, coco, out))
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def full_after_one(fd):  # the vhr setting's first batch lands, its second finds the disk full
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            _enospc()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_after_one)
+    line = cli_error(capsys, *_eval_argv(tiny_dirs, coco, out, "none,vhr"))
+    assert "No space left on device" in line and "what was written before is kept" in line
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert {p: p.read_bytes() for p in before} == before  # the finished setting untouched
+    partial = (out / "vhr" / "samples.jsonl").read_text()
+    assert partial.endswith("\n") and len(partial.splitlines()) == 2  # one whole batch, no torn line
+    assert not list(out.rglob("*.tmp"))
+    code, _, err = _run(capsys, *_eval_argv(tiny_dirs, coco, out, "none,vhr"))
+    assert code == 0 and "vhr" in json.loads((out / "summary.json").read_text())["methods"], err
+
+
+def test_report_on_enospc_keeps_results_md(capsys, tiny_dirs, coco, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "e"
+    assert _run(capsys, *_eval_argv(tiny_dirs, coco, out))[0] == 0
+    md = (out / "results.md").read_bytes()
+    monkeypatch.setattr(Figure, "savefig", _enospc)
+    assert "No space left on device" in cli_error(capsys, "report", str(out))
+    assert (out / "results.md").read_bytes() == md and not list(out.rglob("*.tmp*"))
+
+
+# -- 5. nothing of the user's overwritten -------------------------------------------------------------------------
+def test_calibrate_refuses_to_replace_a_file_before_any_work(capsys, monkeypatch, coco, tmp_path):
+    _no_weights(monkeypatch)
+    (tmp_path / "heads.json").write_text("my notes")
+    argv = ["calibrate", "--pope-questions", str(coco), "--image-dir", str(coco / "images"), "--limit", "2"]
+    assert "pass --force" in cli_error(capsys, *argv, "--out", str(tmp_path / "heads.json"))
+    assert "is a folder" in cli_error(capsys, *argv, "--out", str(tmp_path))
+    assert (tmp_path / "heads.json").read_text() == "my notes"
+
+
+def test_testbed_benchmark_refuses_a_folder_with_files_unless_forced(capsys, tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "annotations.json").write_text("mine")
+    assert "pass --force" in cli_error(capsys, "testbed", "benchmark", "--n-images", "1", "--out", str(tmp_path / "b"))
+    assert (tmp_path / "b" / "annotations.json").read_text() == "mine"

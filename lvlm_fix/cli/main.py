@@ -8,10 +8,10 @@ names) print one line and exit with code 2.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 import sys
-import tempfile
 import typing
 import warnings
 from pathlib import Path
@@ -218,20 +218,30 @@ def _check_device(device: str | None) -> None:
 
 
 def _out_dir(out: str, option: str, owned: tuple[str, ...]) -> Path:
-    """Create the output folder now (before any work), refusing a file, an unwritable place, or
-    earlier results that this command would overwrite (``owned``: the files it writes)."""
+    """Create the output folder now (before any work), refusing a file, an unwritable place, a full
+    disk, or earlier results that this command would overwrite (``owned``: the files it writes)."""
+    from ..evals.store import check_out_dir
+
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"{option} {out} is a file; give a folder (e.g. {option} {path.parent / (path.stem + '_out')})")
     taken = [name for name in owned if (path / name).exists()]
     if taken:
         raise InputError(f"{path / taken[0]} already exists; choose a new {option} folder or move the old results away")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise InputError(f"{option} {out} is not writable ({e.strerror or e}); choose another folder") from None
+    return check_out_dir(path, option)
+
+
+def _out_file(out: str, option: str, force: bool) -> Path:
+    """An output file checked before any work: its folder writable with room left, and no earlier
+    file replaced unless ``force``."""
+    from ..evals.store import check_out_dir
+
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise InputError(f"{option} {out} is a folder; give a file name (e.g. {option} {path / 'heads.json'})")
+    if path.exists() and not force:
+        raise InputError(f"{option} {out} already exists; choose a new name, or pass --force to replace it")
+    check_out_dir(path.parent, f"the folder of {option}")
     return path
 
 
@@ -457,11 +467,11 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
                 click.echo(f"[{label}] {shown}" if len(answers) > 1 or truth is not None else shown)
         if truth is not None:
             click.echo("  *word*: an object the answer names that is not in the scene")
-        if out_dir is not None:  # appended as produced: an interrupted run keeps every finished batch
-            with open(out_dir / "answers.jsonl", "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            with open(out_dir / "reports.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"rows": [done, done + len(batch)], "report": res.report}, default=str) + "\n")
+        if out_dir is not None:  # appended as produced: an interrupted run (or a full disk) keeps every finished batch
+            from ..evals.store import append_records
+
+            append_records(out_dir / "answers.jsonl", rows)
+            append_records(out_dir / "reports.jsonl", [{"rows": [done, done + len(batch)], "report": res.report}])
         if compare:
             _print_touched(methods, res.report, out_dir)
         if res.artifacts and (out_dir is not None or compare):  # e.g. CARVE's masks, beside the answers
@@ -698,7 +708,8 @@ def report_cmd(results_dir) -> None:
 @click.option("--split", default="random", show_default=True, help="POPE split used as the calibration set.")
 @click.option("--limit", default=100, show_default=True, type=int, help="calibration samples.")
 @click.option("--out", required=True, help="head-list JSON file to write (pass it as --heads-file).")
-def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, out,
+@click.option("--force", is_flag=True, help="replace an existing --out file.")
+def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, out, force,
                   **kwargs) -> None:
     """ACT's per-head search on a calibration split; writes the head-list file."""
     from ..evals.bench import make_bench
@@ -707,6 +718,7 @@ def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, metho
     model_opts = _model_params(kwargs)
     if limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number")
+    _out_file(out, "--out", force)  # before the search: a file it would replace, a full disk
     pope = make_bench(bench, split, pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
     samples, dataset = pope.load(limit, seed=0)
     lvlm = _load(model_opts)
@@ -741,10 +753,17 @@ _METHOD_FLAGS_ADDED = False
 @click.option("--out", required=True, help="folder to write (POPE jsonl files, images/, COCO-format JSON).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="another seed gives disjoint scenes and questions.")
 @click.option("--n-images", default=500, show_default=True, type=click.IntRange(min=1))
-def testbed_benchmark_cmd(out, seed, n_images) -> None:
+@click.option("--force", is_flag=True, help="write into an existing, non-empty --out folder (same-named files are replaced).")
+def testbed_benchmark_cmd(out, seed, n_images, force) -> None:
     """Write a synthetic POPE + CHAIR benchmark (e.g. a calibration set disjoint from the default one)."""
+    from ..evals.store import check_out_dir
     from ..testbed.benchmark import write_benchmark
 
+    path = Path(out).expanduser()
+    if path.is_dir() and any(path.iterdir()) and not force:  # a folder it did not create: its files are the user's
+        raise InputError(f"--out {out} is a folder that already holds files, which the benchmark's same-named files "
+                         "would replace; choose a new folder, or pass --force")
+    check_out_dir(path)
     write_benchmark(out, seed=seed, n_images=n_images)
     click.echo(f"wrote {out}")
 
@@ -789,3 +808,16 @@ def main(argv: list[str] | None = None) -> None:
     except LvlmFixError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:  # the machine, not the input: a full disk, a read-only or vanished output place
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        fix = ("free some space or choose --out on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "check the output place and its permissions")
+        click.echo(f"error: {e.strerror or e}{where}; {fix}, then run the same command again: what was written before "
+                   "is kept whole (eval and score resume from it)", err=True)
+        sys.exit(2)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EISDIR,
+                 errno.ENOTDIR, errno.EIO}

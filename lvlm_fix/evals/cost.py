@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 COST_FILE = "cost.json"
 _FIELDS = ("seconds", "samples", "batches", "generated_tokens", "forwards")
 
@@ -79,18 +81,25 @@ class CostMeter:
         merged.update(peak_memory_mb=max(peaks) if peaks else None, memory=self.memory or previous.get("memory"),
                       invocations=previous.get("invocations", 0) + (1 if self.totals["samples"] else 0))
         if folder is not None and self.totals["samples"]:
-            tmp = folder / (COST_FILE + ".tmp")
-            tmp.write_text(json.dumps(merged, indent=1))
-            tmp.replace(folder / COST_FILE)
+            from .store import atomic_write
+
+            atomic_write(folder / COST_FILE, json.dumps(merged, indent=1).encode())  # whole or not at all
         return merged
 
 
 def load(folder: Path | None) -> dict[str, Any]:
-    if folder is None or not (folder / COST_FILE).is_file():
+    """A setting's accumulated cost ({} when none was measured); a damaged file is one line, not a traceback."""
+    if folder is None or not (folder / COST_FILE).exists():
         return {}
+    data: Any = None
     with contextlib.suppress(OSError, ValueError):
-        return json.loads((folder / COST_FILE).read_text())
-    return {}
+        data = json.loads((folder / COST_FILE).read_text(encoding="utf-8"))
+    numbers = isinstance(data, dict) and all(
+        isinstance(data.get(k, 0), (int, float)) and not isinstance(data.get(k, 0), bool) for k in _FIELDS)
+    if not numbers:
+        raise InputError(f"{folder / COST_FILE} is damaged (not the JSON object of numbers lvlm-fix writes); delete it "
+                         "(only the timing is lost) and run again")
+    return data
 
 
 def summarise(costs: dict[str, dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:

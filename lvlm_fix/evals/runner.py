@@ -193,6 +193,9 @@ class EvalJob:
 
         from .cost import CostMeter
 
+        from ..model import check_handle
+
+        check_handle(lvlm)
         started, started_clock = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
         b = self.bench
         first = {sp: next(s for s in self.samples if s.split == sp) for sp in self.prompting}
@@ -241,7 +244,7 @@ class EvalJob:
                         done.setdefault(k, v)
             mine = [s for i, s in enumerate(self.samples) if i % world == rank and s.id not in done]
             bar = tqdm(total=len(mine), desc=f"{b.name} {method}", unit="sample", disable=not self.progress or not mine)
-            with meter.setting():
+            with bar, meter.setting():  # the bar closed (its line ended) also when a batch fails
                 for split, p in self.prompting.items():
                     todo = [s for s in mine if s.split == split]
                     gen = dict(p.generation)
@@ -259,7 +262,6 @@ class EvalJob:
                         if store_path is not None:
                             store.append_records(store_path, recs)
                         bar.update(len(batch))
-            bar.close()
             costs[method] = meter.save(mdir if state.is_main_process and world == 1 else None)
             state.wait_for_everyone()
             if mdir is not None and world > 1 and state.is_main_process:
@@ -497,7 +499,7 @@ def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[s
     summary["provenance"] = provenance
     if root is not None:
         store.write_json(root / "summary.json", summary)
-        (root / "results.md").write_text(comparison_table(b, summary))
+        store.atomic_write(root / "results.md", comparison_table(b, summary).encode())
     return summary
 
 

@@ -81,14 +81,14 @@ def read_records(path: Path, valid: Callable[[dict[str, Any]], bool] = lambda r:
                 f.write(b"".join(x + b"\n" for x in dropped))
             warnings.warn(f"{path}: set aside {len(dropped)} unreadable or duplicate line(s) in {path.name}.dropped; "
                           f"kept {len(records)} records, the missing samples are redone", LvlmFixWarning, stacklevel=2)
-        _atomic_write(path, b"".join(x + b"\n" for x in kept))
+        atomic_write(path, b"".join(x + b"\n" for x in kept))
     return records
 
 
 def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """Append records as JSON lines, then flush and fsync. A write that fails (a full disk) is undone:
     the file is cut back to its earlier records, so no half-written line is left."""
-    data = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records).encode()
+    data = "".join(json.dumps(rec, ensure_ascii=False, default=str) + "\n" for rec in records).encode()
     with open(path, "ab") as f:
         start = f.tell()
         try:
@@ -112,14 +112,14 @@ def merge_shards(folder: Path, ids: Sequence[str], valid: Callable[[dict[str, An
             merged.setdefault(k, v)
     known = set(ids)
     order = [i for i in ids if i in merged] + [i for i in merged if i not in known]
-    _atomic_write(folder / "samples.jsonl",
+    atomic_write(folder / "samples.jsonl",
                   "".join(json.dumps(merged[i], ensure_ascii=False) + "\n" for i in order).encode())
     for path in shards:  # the shards stay until the merged file is complete
         path.unlink()
     return merged
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -135,7 +135,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
-    _atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False, default=str).encode())
+    atomic_write(path, json.dumps(data, indent=1, ensure_ascii=False, default=str).encode())
 
 
 def read_fixed(path: Path) -> dict[str, Any] | None:
@@ -169,6 +169,32 @@ def fixed_json(path: Path, data: dict[str, Any], what: str) -> bool:
     return False
 
 
+# -- where results go -------------------------------------------------------------------------------
+MIN_FREE_BYTES = 1 << 20  # under this a run could not write even its settings: refuse before the work
+
+
+def check_out_dir(root: Path, option: str = "--out") -> Path:
+    """Create ``root`` (a folder for results) and check, before any work, that it can be written: not a
+    file, creatable, writable, and on a disk with room left. One line naming the folder and the fix."""
+    import shutil
+    import tempfile
+
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{option} {root} is a file; give a folder (e.g. {option} {root.parent / (root.stem + '_out')})")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise InputError(f"{option} {root} is not writable ({e.strerror or e}); choose another folder") from None
+    free = shutil.disk_usage(root).free
+    if free < MIN_FREE_BYTES:
+        raise InputError(f"{option} {root}: its disk is full ({free} bytes free); free some space or choose a folder "
+                         "on another disk")
+    return root
+
+
 # -- the folder lock -------------------------------------------------------------------------------
 def _alive(pid: int) -> bool:
     try:
@@ -188,7 +214,7 @@ def run_lock(root: Path) -> Iterator[None]:
     a process that no longer exists on this host is taken over with a warning; one from another
     host is never guessed at (the message says how to remove it).
     """
-    root.mkdir(parents=True, exist_ok=True)
+    check_out_dir(root)  # a file, an impossible path, a full disk: one line, before any work
     path = root / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = root / f"{LOCK_NAME}.{me['pid']}.tmp"

@@ -222,7 +222,9 @@ def calibrate_act(
 
 def write_head_file(result: dict[str, Any], path: str | Path) -> Path:
     """Write a :func:`calibrate_act` result as the JSON head list ``ActConfig(heads_file=...)`` reads."""
+    from ...evals.store import atomic_write
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    atomic_write(p, (json.dumps(result, indent=1) + "\n").encode())  # whole or not at all (a full disk)
     return p
