@@ -69,14 +69,15 @@ def load_image(source: Any) -> Image.Image:
 
 
 def check_image_file(source: str | Path) -> Path:
-    """Check, without decoding the pixels, that ``source`` is a local image file PIL can open.
+    """Check that ``source`` is a local image file PIL can read whole (the pixels are decoded: a
+    truncated JPEG passes a header check and fails only when a later batch reads it).
 
     Used to refuse a bad row of a batch before any work starts; :func:`load_image` reads it later.
     """
     path = _local_file(source)
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
     except _UNREADABLE as e:
         raise InputError(f"cannot read image {path}: {type(e).__name__}; pass a PNG or JPEG file") from None
     return path

@@ -458,3 +458,117 @@ def test_testbed_benchmark_refuses_a_folder_with_files_unless_forced(capsys, tmp
     (tmp_path / "b" / "annotations.json").write_text("mine")
     assert "pass --force" in cli_error(capsys, "testbed", "benchmark", "--n-images", "1", "--out", str(tmp_path / "b"))
     assert (tmp_path / "b" / "annotations.json").read_text() == "mine"
+
+
+# -- 7. score and report read files a user made ------------------------------------------------------------------
+def _labelled(tmp_path, rows, name="a.jsonl", raw: bytes | None = None):
+    path = tmp_path / name
+    path.write_bytes(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
+@pytest.mark.parametrize("rows, raw, extra, needle", [
+    (None, b'{"question_id": 1, "text": "yes", "label": "yes"}\n{"question_id": 2, "text": "\xff\xfe", "label": "no"}\n',
+     [], "a.jsonl:2 is not UTF-8"),
+    ([{"question_id": 1.7, "text": "yes", "label": "yes"}], None, [], "question_id=1.7; ids must be integers"),
+    ([{"question_id": True, "text": "yes", "label": "yes"}], None, [], "question_id=True"),
+    ([{"question_id": None, "text": "yes", "label": "yes"}], None, [], "question_id=None"),
+    ([{"question_id": 1, "text": "yes", "label": "yes"}], None, ["--id-key", "qid"], "no question id key 'qid'"),
+    ([{"question_id": 1, "text": "yes", "label": "yes"}] * 2, None, [], "a second time"),
+])
+def test_score_refuses_what_it_cannot_read_faithfully(capsys, tmp_path, rows, raw, extra, needle):
+    path = _labelled(tmp_path, rows, raw=raw)
+    line = cli_error(capsys, "score", "--bench", "pope", "--input", str(path), "--label-key", "label", *extra,
+                     "--out", str(tmp_path / "o"))
+    assert needle in line
+
+
+def _summary_folder(capsys, tmp_path):
+    rows = [{"question_id": i, "text": "yes" if i % 2 else "no", "label": "yes" if i % 3 else "no"} for i in range(6)]
+    out = tmp_path / "o"
+    assert _run(capsys, "score", "--bench", "pope", "--input", str(_labelled(tmp_path, rows)), "--label-key", "label",
+                "--n-boot", "20", "--out", str(out))[0] == 0
+    return out
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s["methods"].clear(), "lists no method"),
+    (lambda s: s["methods"]["a"]["splits"]["all"].update(accuracy="high"), "accuracy is 'high', not a number"),
+    (lambda s: s["methods"]["a"]["splits"]["all"].pop("f1"), "f1 is None, not a number"),
+    (lambda s: s["methods"]["a"]["splits"]["all"]["ci"]["f1"].update(low=None), "ci.f1.low is None"),
+    (lambda s: s["methods"]["a"].update(splits=[]), "has no per-split results"),
+    (lambda s: s.update(cost={"a": {"seconds_per_sample": "slow"}}), "seconds_per_sample is 'slow'"),
+])
+def test_report_refuses_a_summary_it_cannot_draw(capsys, tmp_path, edit, needle):
+    out = _summary_folder(capsys, tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    edit(summary)
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert needle in cli_error(capsys, "report", str(out))
+
+
+def test_report_refuses_a_results_md_that_is_a_folder(capsys, tmp_path):
+    out = _summary_folder(capsys, tmp_path)
+    (out / "results.md").unlink()
+    (out / "results.md").mkdir()
+    assert "results.md is not a file" in cli_error(capsys, "report", str(out))
+    (out / "results.md").rmdir()
+    (out / "summary.json").write_bytes(b"\xff\xfe{")
+    assert "is not an lvlm-fix summary" in cli_error(capsys, "report", str(out))
+
+
+def test_a_truncated_jpeg_in_a_jsonl_is_refused_before_any_answer(capsys, tmp_path, monkeypatch):
+    import io
+
+    _no_weights(monkeypatch)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="JPEG", quality=95)
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"image": n, "prompt": "A?"}) + "\n" for n in ("fine.png", "cut.jpg")))
+    line = cli_error(capsys, "run", "--model", "x/y", "--jsonl", str(rows), "--out", str(tmp_path / "o"))
+    assert "rows.jsonl:2" in line and "cut.jpg" in line
+
+
+# -- 8. the lmms-eval model fails at construction (or at its first request), before work is spent ------------------
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"device": "banana"}, "device 'banana' is not a torch device"),
+    ({"device": "cuda:7"}, "device=cpu"),
+    ({"device_map": "{bad"}, "device_map='{bad' is not a JSON object"),
+    ({"device_map": '{"": "banana"}'}, "'banana' is not a torch device"),
+    ({"device_map": "[1, 2]"}, "is not a torch device"),
+    ({"report": "{tmp}"}, "is a folder"),
+    ({"report": "{tmp}/file.txt/r.jsonl"}, "cannot be written"),
+    ({"trust_remote_code": "nah"}, "is not a boolean"),
+])
+def test_lmms_eval_model_refuses_bad_arguments_at_construction(monkeypatch, tmp_path, kwargs, needle):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (README: lmms-eval)")
+    from lvlm_fix.integrations.lmms_eval import LvlmFixLMMS
+
+    monkeypatch.setattr(lvlm_fix, "load", lambda *a, **k: pytest.fail("loaded before refusing a bad model arg"))
+    (tmp_path / "file.txt").write_text("")
+    kwargs = {k: v.replace("{tmp}", str(tmp_path)) for k, v in kwargs.items()}
+    with pytest.raises(LvlmFixError, match=re.escape(needle)) as err:
+        LvlmFixLMMS(pretrained="testbed", **kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("gen, needle", [
+    ({"temperature": "hot"}, "temperature='hot'"),
+    ({"temperature": -1}, "temperature=-1"),
+    ({"max_new_tokens": -3}, "max_new_tokens=-3"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0"),
+    ({"max_new_tokens": "ten"}, "max_new_tokens='ten'"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens=2.5"),
+    ({"num_beams": 0}, "num_beams=0"),
+    ({"do_sample": "no way"}, "do_sample='no way' is not a boolean"),
+    ({"until": 5}, "until=5"),
+])
+def test_lmms_eval_task_generation_arguments_are_checked_at_the_first_request(gen, needle):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (README: lmms-eval)")
+    from lvlm_fix.integrations.lmms_eval import LvlmFixLMMS
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        LvlmFixLMMS._generation(None, gen)
+    assert LvlmFixLMMS._generation(None, {"temperature": "0.5", "max_new_tokens": "7"})[0]["max_new_tokens"] == 7

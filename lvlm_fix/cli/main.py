@@ -191,30 +191,11 @@ def _kwargs(text: str | None, option: str) -> dict[str, Any]:
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 SEED = click.IntRange(0, 2**32 - 1)  # what numpy's generators and torch.manual_seed both take
-_DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
-
-
 def _check_device(device: str | None) -> None:
     """A device torch can use here, or one line naming it and the fix (before any weight is loaded)."""
-    if device is None:
-        return
-    if not _DEVICE.match(device):
-        raise InputError(f"--device {device!r} is not a torch device; use e.g. cpu, cuda, cuda:0 or mps")
-    kind, _, index = device.partition(":")
-    if kind == "cuda":
-        import torch
+    from ..model import check_device
 
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
-            raise InputError(f"--device {device}: this torch ({torch.__version__}) has {build}; use --device cpu")
-        if index and int(index) >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif kind == "mps":
-        import torch
-
-        if not torch.backends.mps.is_available():
-            raise InputError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    check_device(device, "--device")
 
 
 def _out_dir(out: str, option: str, owned: tuple[str, ...]) -> Path:
@@ -336,7 +317,7 @@ def _read_jsonl(path: str) -> list[dict[str, str]]:
             raise InputError(f"{p}:{i}: the prompt is empty; give each row its question")
         img = Path(row["image"]).expanduser()
         where = str(img if img.is_absolute() or "://" in row["image"] else p.parent / img)
-        try:  # the header only: a bad image must stop the run before any answer is generated
+        try:  # decoded whole: a bad or truncated image must stop the run before any answer is generated
             row["image_resolved"] = str(check_image_file(where).resolve())
         except InputError as e:
             raise InputError(f"{p}:{i}: {e}") from None

@@ -220,7 +220,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON list file or a JSON-lines file (one object per line)."""
     if not path.is_file():
         raise DataError(f"file not found: {path}; pass an existing .json or .jsonl file")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is still UTF-8
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line} is not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -258,6 +263,14 @@ def pick_key(path: Path, rows: list[dict[str, Any]], given: str | None, candidat
     if missing is not None:
         raise DataError(f"{path}: row {missing + 1} has no {key!r} key; every row needs it")
     return key
+
+
+def row_id(path: Path, index: int, value: Any, key: str) -> str:
+    """A row's sample id as text: an integer or a non-empty string. A float or a boolean is refused, not
+    rounded or read as 1 (``1.7`` and ``true`` would otherwise both name sample 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{path}: row {index + 1} has {key}={value!r}; ids must be integers or non-empty strings")
+    return str(value)
 
 
 def ci_cell(row: dict[str, Any], key: str, digits: int = 1) -> str:

@@ -38,6 +38,7 @@ import difflib
 import itertools
 import json
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +59,7 @@ from ..api import check_length, generate
 from ..errors import ConfigError, InputError, strict_bool
 from ..evals.runner import _cut as cut_at_stops
 from ..images import load_image
+from ..model import check_device
 from ..interventions import NONE, build_methods, format_spec, method_fields, parse_spec, parse_value
 
 __all__ = ["MODEL_ARGS", "LvlmFixLMMS", "method_spec"]
@@ -133,11 +135,11 @@ class LvlmFixLMMS(lmms):
         self.spec = method_spec(method, method_params)  # every value checked before any weight is loaded
         self.method = format_spec(parse_spec(self.spec))
         self.system_prompt = self._resolve_system_prompt(_unquote(system_prompt)) if system_prompt else None
-        self.report_path = Path(_unquote(report)) if report else None
+        self.report_path = _report_path(_unquote(report)) if report else None
         pretrained = _unquote(pretrained) if isinstance(pretrained, str) else pretrained
-        if isinstance(device_map, str):
-            device_map = _unquote(device_map)
-            device_map = json.loads(device_map) if device_map.startswith("{") else device_map
+        device = _unquote(device) if isinstance(device, str) else device
+        check_device(device, "device")  # before any weight is loaded
+        device_map = _device_map(device_map)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: one model copy per process
             if device_map is not None:
                 raise ConfigError("--model_args device_map spreads one model over devices; under accelerate launch "
@@ -287,12 +289,17 @@ class LvlmFixLMMS(lmms):
 
         kw = dict(gen_kwargs or {})
         until = kw.get("until") or []
+        if not (isinstance(until, str) or (isinstance(until, (list, tuple)) and all(isinstance(u, str) for u in until))):
+            raise ConfigError(f"generation argument until={until!r} of the task must be a string or a list of strings")
         stops = [until] if isinstance(until, str) else list(until)
-        temperature = float(kw.pop("temperature", 0) or 0)
-        sample = bool(kw.pop("do_sample", temperature > 0))
-        gen: dict[str, Any] = {"max_new_tokens": int(kw.pop("max_new_tokens", None) or kw.get("max_gen_toks")
-                                                      or DEFAULT_MAX_NEW_TOKENS),
-                               "do_sample": sample, "num_beams": int(kw.pop("num_beams", 1) or 1)}
+        temperature = _number("temperature", kw.pop("temperature", 0) or 0, float, low=0)
+        sample = strict_bool("do_sample", kw.pop("do_sample", temperature > 0))
+        new_tokens = next((v for v in (kw.pop("max_new_tokens", None), kw.get("max_gen_toks")) if v is not None),
+                          DEFAULT_MAX_NEW_TOKENS)  # a 0 is refused, not replaced by the default
+        beams = kw.pop("num_beams", None)
+        gen: dict[str, Any] = {"max_new_tokens": _number("max_new_tokens", new_tokens, int, low=1),
+                               "do_sample": sample, "num_beams": _number("num_beams", 1 if beams is None else beams,
+                                                                         int, low=1)}
         known = GenerationConfig()
         for key, value in kw.items():
             if key in _NOT_GENERATE or value is None:
@@ -322,6 +329,64 @@ class LvlmFixLMMS(lmms):
             with path.open("a") as f:
                 f.write(json.dumps(line, default=repr) + "\n")
         return out.texts
+
+
+def _number(name: str, value: Any, kind: type, low: float) -> Any:
+    """A task's numeric generation argument, checked at the first request rather than deep in generate()."""
+    text = value.strip() if isinstance(value, str) else value
+    try:
+        number = kind(text) if not isinstance(text, bool) else None
+        if kind is int and isinstance(text, float) and not text.is_integer():
+            number = None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number != number or number < low:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"generation argument {name}={value!r} of the task must be {what} of at least {low:g}; fix "
+                          "it with --gen_kwargs or in the task's generation_kwargs")
+    return number
+
+
+def _device_map(value: Any) -> Any:
+    """``device_map`` of ``--model_args``: a name (auto, balanced, sequential, a device) or a JSON object of
+    module -> device; a malformed one is one line here, before any weight is loaded."""
+    if value is None or isinstance(value, dict):
+        return value
+    text = _unquote(str(value))
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model_args device_map={text!r} is not a JSON object ({e.msg}); write e.g. "
+                              'device_map=\'{"": 0}\' or device_map=auto') from None
+        if not isinstance(value, dict) or not all(isinstance(v, (int, str)) for v in value.values()):
+            raise ConfigError(f"--model_args device_map={text!r} must map module names to devices (an index or a "
+                              "name such as cpu)")
+        for v in value.values():
+            if isinstance(v, str) and v not in ("disk",):
+                check_device(v, "device_map device")
+        return value
+    if text not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        check_device(text, "device_map")
+    return text
+
+
+def _report_path(text: str) -> Path:
+    """``report=`` checked at construction: a file whose folder can be made and written (else one line now,
+    rather than after the first batch)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--model_args report={text} is a folder; give a file name, e.g. report={path / 'report.jsonl'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+        with tempfile.NamedTemporaryFile(dir=path.parent):  # the folder takes a file (the report comes later)
+            pass
+    except OSError as e:
+        raise ConfigError(f"--model_args report={text} cannot be written ({e.strerror or e}); choose another "
+                          "path") from None
+    return path
 
 
 def _wraps_generate(name: str) -> bool:

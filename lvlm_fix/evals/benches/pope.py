@@ -11,7 +11,7 @@ import numpy as np
 
 from ...errors import ConfigError, DataError
 from .. import pope
-from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register
+from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register, row_id
 from ..data import PopeSample, dataset_fingerprint, load_pope_hf, load_pope_jsonl
 
 _SYNTHETIC = "lvlm-fix synthetic POPE"
@@ -170,11 +170,13 @@ class PopeBench(Bench):
         samples, texts = [], {}
         if label_key is not None:  # labels in the answer file (e.g. PAINT's {"query", "label": 1/0, "ans"})
             pick_key(path, rows, label_key, (), "label", "--label-key")
-            qid_key = next((k for k in ([id_key] if id_key else self.id_keys) if k in rows[0]), None)
+            # an --id-key the rows lack is refused, not replaced by the row number
+            qid_key = (pick_key(path, rows, id_key, (), "question id", "--id-key") if id_key
+                       else next((k for k in self.id_keys if k in rows[0]), None))
             fallback = self._given_split if self._given_split not in (None, "all") else "all"
             for i, row in enumerate(rows):
                 split = split_of(row) or fallback
-                qid = str(row[qid_key]) if qid_key else str(i + 1)
+                qid = row_id(path, i, row[qid_key], qid_key) if qid_key else str(i + 1)
                 question = str(row.get("question_text", row.get("query", row.get("question", ""))))
                 data = PopeSample(qid, str(row.get("image", "")), question, pope.normalize_label(row[label_key]),
                                   split, image_loader=_no_image)
@@ -190,7 +192,7 @@ class PopeBench(Bench):
                 if split is None:
                     raise DataError(f"{path}: row {i + 1} names no POPE split ('category'); score one split at a time "
                                     "with --split random|popular|adversarial")
-                sid = f"{split}/{row[qid_key]}"
+                sid = f"{split}/{row_id(path, i, row[qid_key], qid_key)}"
                 if sid not in by_id:
                     raise DataError(f"{path}: row {i + 1} answers question {row[qid_key]!r} of split {split}, which is "
                                     "not in the question file; pass the matching --pope-questions and --split")
