@@ -7,8 +7,11 @@ seam (:func:`verify`):
 
 * **no-plan parity**: logits through lvlm-fix's attention function with no plan == stock sdpa, bit for bit;
 * **eager path**: an identity plan that takes every layer down the eager path == stock eager (1e-4);
+* **image span**: the image tokens the seam sees == the positions where the model puts image features;
 * **noop parity**: ``generate()`` under each method's ``noop()`` config == vanilla ``generate()``, scores bit for bit;
-* **methods act**: VHR, VAR and ACT run through ``generate()`` and change the logits; what each touched is reported.
+* **methods act**: VHR, VAR and ACT run through ``generate()`` and change the logits; what each touched is reported;
+* **batch**: each row of the left-padded batch == the row alone (tokens; scores to :data:`BATCH_TOL`), without a
+  method and under each; not checked where the model's own rows already differ by more (the table says so).
 
 Inputs come from the real processor for the families :mod:`lvlm_fix.tiny` builds one for (the
 "processor" path: chat template, image-token expansion, padding), and otherwise are built by hand
@@ -16,12 +19,14 @@ the way the model expects them ("model-only"): pixel tensors of the vision tower
 number of image tokens the vision tower produces, extras such as ``image_grid_thw``,
 ``image_sizes`` and ``mm_token_type_ids``. Families the seam cannot serve are refused with the
 reason :func:`lvlm_fix.adapters.derive_adapter` gives; families that cannot be built offline say why.
+Every verdict is decided by a build on the installed transformers, whose version the table names:
+another transformers has another mapping and other verdicts.
 
 Command line::
 
     python -m lvlm_fix.families                  # every family: a line each, then "works on N of M families"
     python -m lvlm_fix.families qwen2_vl gemma3  # some families
-    python -m lvlm_fix.families --write-docs     # also (re)write docs/supported-models.md
+    python -m lvlm_fix.families --write-docs     # also (re)write docs/supported-models.md and README's count
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FamilyResult", "family_types", "support_table", "tiny_batch", "tiny_config", "tiny_model", "verify"]
+__all__ = ["FamilyResult", "family_types", "readme_claim", "support_table", "sync_readme", "table_headline", "tiny_batch",
+           "tiny_config", "tiny_model", "verify"]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "supported-models.md"
+README = DOCS.parent.parent / "README.md"  # states the family count of DOCS (see sync_readme)
 
 # -- sizes ----------------------------------------------------------------------------------------
 # Text decoder: 4 layers (methods skip the first two and the last), 4 heads of 16, 2 KV heads.
@@ -47,6 +54,7 @@ TEXT = {"hidden": 64, "inter": 128, "layers": 4, "heads": 4, "kv_heads": 2, "hea
 OTHER = {"hidden": 32, "inter": 64, "layers": 2, "heads": 2, "kv_heads": 2, "head_dim": 16}
 VOCAB = 512
 _SPECIAL_FROM = VOCAB - 64  # special token ids are moved to the top 64 ids of the small vocabulary
+_CODES = 64  # a VQ image tokenizer's codebook (Chameleon, Emu3): the ids just below the special ones
 
 # Config keys the shrinker sets, by what they size. A key holding something else in some family
 # is fixed up in FIXES.
@@ -92,11 +100,20 @@ FIXES: dict[str, dict[str, Any]] = {
                    "vision_config.embed_dim": 16, "vision_config.num_res_blocks": 1,
                    "vision_config.channel_multiplier": [1, 1, 2]},
     "aria": {"projector_patch_to_query_dict": {64: 16}, "max_value_projector_patch_to_query_dict": 16},  # 8x8 -> 16
+    # A VQ image tokenizer of _CODES codes, 32 channels wide (its GroupNorms have 32 groups); the rest is the
+    # checkpoint's own layout. Its codes enter the text vocabulary through VQ_CODE_NAMES.
+    "chameleon": {"vq_config.num_embeddings": _CODES, "vq_config.base_channels": 32},
+    "emu3": {"vq_config.codebook_size": _CODES, "vq_config.base_channels": 32,
+             "vq_config.hidden_size": 32 * 4},  # its attention runs at the last stage's width (channel multiplier 4)
     "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [3, 3, 2]},  # its height and width sections equal
     "gemma3": {"mm_tokens_per_image": 16},  # 8 x 8 patches pooled to 4 x 4
     "gemma4_unified": {"vision_config.mm_embed_dim": OTHER["hidden"], "vision_config.mm_posemb_size": 64,
                        "vision_config.output_proj_dims": OTHER["hidden"]},
     "kimi_k25": {"projection_hidden_size": OTHER["hidden"]},  # its projector's norm runs at the vision width
+    # Pixel shuffle at ratio 1/2 makes the vision width 4x (the projector MLP's input); its output is what the
+    # multimodal projector reads (vision_output_dim).
+    "llama4": {"vision_config.intermediate_size": 4 * OTHER["hidden"], "vision_config.projector_input_dim": 64,
+               "vision_config.projector_output_dim": 64, "vision_config.vision_output_dim": 64},
     "muse_glimmer": {"out_hidden_size": 4 * OTHER["hidden"]},  # the vision width after its 2 x 2 merge
     "muse_spark": {"out_hidden_size": 4 * OTHER["hidden"]},
     "ovis2": {"hidden_size": TEXT["hidden"]},  # the width of its visual embedding table, read by the text decoder
@@ -110,19 +127,15 @@ FIXES: dict[str, dict[str, Any]] = {
     "vipllava": {"vision_feature_layers": [-2, -1]},  # indices into the 2-layer tiny tower
 }
 
-# Families that cannot be built here at all, and why.
-_TIMM = "its vision tower is a timm model, and timm (which needs torchvision) is not installed here"
-_VQ = ("its image tokens are VQ codes looked up through the checkpoint's vocabulary map, which the tiny builder does "
-       "not construct")
-UNBUILDABLE: dict[str, str] = {
-    "chameleon": _VQ,
-    "emu3": _VQ,
-    "fast_vlm": _TIMM,
-    "gemma3n": _TIMM,
-    "perception_lm": _TIMM,
-    "llama4": "Llama4ForConditionalGeneration.forward fails in transformers 5.24: it reads image_outputs from its "
-              "language model's output, which has none",
+# VQ families: the image is a grid of codebook codes, each fed to the decoder as a text-vocabulary id that the
+# checkpoint's ``vocabulary_map`` (its tokenizer's vocabulary) names. The tiny map holds what the modelling code
+# reads, as transformers' own testers build it: ``<image>`` at the image token id and code ``c`` at id
+# ``VOCAB - 64 - _CODES + c`` under the checkpoint's token name (Emu3 also ends each row of codes with ``<|extra_200|>``).
+VQ_CODE_NAMES: dict[str, Callable[[int], str]] = {
+    "chameleon": lambda c: "IMGIMG" + "".join(chr(ord("A") + int(x)) for x in str(c)) + "Z",  # digits as letters
+    "emu3": lambda c: f"<|visual token{c:06d}|>",
 }
+_VQ_EXTRA: dict[str, tuple[str, ...]] = {"emu3": ("<|extra_200|>",)}  # given the ids just below the codes
 
 
 # -- configs and models ---------------------------------------------------------------------------
@@ -252,7 +265,18 @@ def tiny_config(model_type: str) -> Any:
         d["image_grid_pinpoints"] = [[round(h * scale), round(w * scale)] for h, w in d["image_grid_pinpoints"][:3]]
     for dotted, value in FIXES.get(model_type, {}).items():
         _set(d, dotted, value)
+    if model_type in VQ_CODE_NAMES:
+        d["vocabulary_map"] = _vq_vocabulary(model_type, d["image_token_id"])
     return cls.from_dict(d)
+
+
+def _vq_vocabulary(model_type: str, image_token_id: int) -> dict[str, int]:
+    """The tiny checkpoint's ``vocabulary_map`` of a VQ family (see :data:`VQ_CODE_NAMES`)."""
+    start = _SPECIAL_FROM - _CODES
+    name = VQ_CODE_NAMES[model_type]
+    extra = _VQ_EXTRA.get(model_type, ())
+    return {"<image>": image_token_id, **{name(c): start + c for c in range(_CODES)},
+            **{token: start - 1 - i for i, token in enumerate(extra)}}
 
 
 def tiny_model(model_type: str, seed: int = 0) -> Any:
@@ -260,8 +284,6 @@ def tiny_model(model_type: str, seed: int = 0) -> Any:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    if model_type in UNBUILDABLE:
-        raise RuntimeError(UNBUILDABLE[model_type])
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(tiny_config(model_type), dtype=torch.float32).eval()
     text = model.config.get_text_config()
@@ -351,9 +373,14 @@ def _pixel_kind(model: Any) -> Callable[[Any, int], dict[str, Any]]:
     return _square
 
 
-# Families whose image tokens must follow a start token (the config key naming it): their position
-# ids are computed from it.
-SPANS: dict[str, str] = {"qwen2_5_omni_thinker": "vision_start_token_id", "qwen3_omni_moe_thinker": "vision_start_token_id"}
+# Families whose image tokens must sit between boundary tokens (the config keys naming the start and, where
+# there is one, the end token): the Omni thinkers compute position ids from the start token; Ovis 2.5 gives
+# both boundary tokens learned visual-indicator embeddings and checks there is one pair per image.
+SPANS: dict[str, tuple[str, ...]] = {
+    "ovis2_5": ("image_start_token_id", "image_end_token_id"),
+    "qwen2_5_omni_thinker": ("vision_start_token_id",),
+    "qwen3_omni_moe_thinker": ("vision_start_token_id",),
+}
 
 # Pixel inputs of families whose kind is not read from get_image_features' signature.
 def _patches_xy(model: Any, rows: int) -> dict[str, Any]:
@@ -408,16 +435,19 @@ def _tiles(model: Any, rows: int, per_tile_mask: bool = False) -> dict[str, Any]
     return {"pixel_values": torch.randn(rows, 1, getattr(v, "num_channels", 3), s, s), "pixel_attention_mask": mask}
 
 
-def _image_sized(model: Any, rows: int, side: int = 16) -> dict[str, Any]:
-    """``[rows, 3, side, side]`` pixels with ``image_sizes``: for towers without a patch size (a VQ tokenizer)."""
+def _image_sized(model: Any, rows: int, side: int = 16, sizes: bool = True) -> dict[str, Any]:
+    """``[rows, 3, side, side]`` pixels, with ``image_sizes`` if ``sizes``: for towers without a patch size (a VQ tokenizer)."""
     import torch
 
-    return {"pixel_values": torch.randn(rows, 3, side, side), "image_sizes": torch.tensor([[side, side]] * rows)}
+    pixels = torch.randn(rows, 3, side, side)
+    return {"pixel_values": pixels, "image_sizes": torch.tensor([[side, side]] * rows)} if sizes else {"pixel_values": pixels}
 
 
 PIXELS: dict[str, Callable[[Any, int], dict[str, Any]]] = {
     "apertus1p5": _image_sized,
+    "chameleon": partial(_image_sized, side=64, sizes=False),  # 16x downsampling: 4 x 4 codes
     "deepseek_vl_hybrid": _with_high_res,
+    "emu3": partial(_image_sized, side=32),  # 8x downsampling: 4 rows of 4 codes and an end-of-row token
     "fuyu": _patch_rows,
     "gemma4": _patches_xy,
     "gemma4_unified": _patches_xy,
@@ -452,6 +482,16 @@ def _image_features_fn(model: Any) -> Any:
     raise AttributeError(f"{type(model).__name__} has no get_image_features")
 
 
+# Names a model may take its image input by, instead of pixel_values (some releases of Video-LLaVA and Fuyu).
+_PIXEL_NAMES = ("pixel_values", "pixel_values_images", "image_patches")
+
+
+def _pixels_as(pixels: dict[str, Any], params: Any) -> dict[str, Any]:
+    """``pixels`` with ``pixel_values`` renamed to the name among ``params`` that takes the image."""
+    name = next((n for n in _PIXEL_NAMES if n in params), "pixel_values")
+    return {(name if k == "pixel_values" else k): v for k, v in pixels.items()}
+
+
 def image_token_count(model: Any, pixels: dict[str, Any]) -> int:
     """How many image tokens one image's features fill: the vision side's own output, counted."""
     import inspect
@@ -460,6 +500,7 @@ def image_token_count(model: Any, pixels: dict[str, Any]) -> int:
 
     get = _image_features_fn(model)
     params = inspect.signature(get).parameters
+    pixels = _pixels_as(pixels, params)
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in pixels.items() if k in params or takes_all}
     with torch.inference_mode():
@@ -467,40 +508,42 @@ def image_token_count(model: Any, pixels: dict[str, Any]) -> int:
     return sum(f.numel() // f.shape[-1] for f in features)
 
 
-def tiny_batch(model: Any, text_lengths: Sequence[int] = (3, 6), seed: int = 0) -> dict[str, Any]:
+def tiny_batch(model: Any, text_lengths: Sequence[int] = (3, 6), seed: int = 0,
+               rows: Sequence[int] | None = None) -> dict[str, Any]:
     """A left-padded batch of one image per row, built by hand the way the model expects it.
 
     Row ``r``: ``text_lengths[r]`` text tokens, the image's tokens (as many as its vision side
-    produces), 4 more text tokens. Text ids avoid every special id of the config.
+    produces, between the family's boundary tokens where it has them, see :data:`SPANS`), 4 more
+    text tokens. Text ids avoid every special id of the config. Each row is drawn from its own seed
+    (``seed + r``), so ``rows`` picks some rows and gives them exactly as in the whole batch, less
+    the padding: ``tiny_batch(model, rows=[1])`` is row 1 alone.
     """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    rows = len(text_lengths)
-    make = _pixel_kind(model)
-    one = make(model, 1)
-    n_image = image_token_count(model, one)
-    torch.manual_seed(seed)
-    pixels = make(model, rows)
-    config = model.config
-    image_id = next(getattr(config, k) for k in ("image_token_id", "image_token_index") if hasattr(config, k))
-    special = {v for v in _token_ids(config)}
-    words = torch.tensor([i for i in range(3, _SPECIAL_FROM) if i not in special])
-    pad = model.generation_config.pad_token_id
-    seqs = []
-    for r, n_text in enumerate(text_lengths):
-        text = words[torch.randint(len(words), (n_text + 4,), generator=gen)]
-        start = [getattr(config, SPANS[config.model_type])] if config.model_type in SPANS else []
-        image = torch.tensor(start + [image_id] * n_image)
-        seqs.append(torch.cat([text[:n_text], image, text[n_text:]]))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((rows, width), pad)
-    mask = torch.zeros(rows, width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
-    batch = {"input_ids": ids, "attention_mask": mask, **pixels}
     import inspect
 
+    import torch
+
+    make = _pixel_kind(model)
+    n_image = image_token_count(model, make(model, 1))
+    config = model.config
+    image_id = next(getattr(config, k) for k in ("image_token_id", "image_token_index") if hasattr(config, k))
+    bounds = [getattr(config, k) for k in SPANS.get(config.model_type, ())]  # [start] or [start, end]
+    special = {v for v in _token_ids(config)}
+    words = torch.tensor([i for i in range(3, _SPECIAL_FROM) if i not in special])
+    seqs, pixels = [], []
+    for r in range(len(text_lengths)) if rows is None else rows:
+        n_text = text_lengths[r]
+        text = words[torch.randint(len(words), (n_text + 4,), generator=torch.Generator().manual_seed(seed + r))]
+        image = torch.tensor(bounds[:1] + [image_id] * n_image + bounds[1:])
+        seqs.append(torch.cat([text[:n_text], image, text[n_text:]]))
+        torch.manual_seed(seed + r)
+        pixels.append(_pixels_as(make(model, 1), inspect.signature(model.forward).parameters))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), model.generation_config.pad_token_id)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):], mask[r, width - len(s):] = s, 1
+    # Every pixel input is per image along its first axis (images, or the patches of the images in order).
+    batch = {"input_ids": ids, "attention_mask": mask, **{k: torch.cat([p[k] for p in pixels]) for k in pixels[0]}}
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         batch["mm_token_type_ids"] = (ids == image_id).int()
     return batch
@@ -510,7 +553,9 @@ def _token_ids(config: Any) -> list[int]:
     """Every token id named in a config and its sub-configs."""
     out = []
     for k, v in config.to_dict().items() if hasattr(config, "to_dict") else config.items():
-        if isinstance(v, dict):
+        if k == "vocabulary_map" and isinstance(v, dict):  # a tiny VQ family's: its image token and codes
+            out += list(v.values())
+        elif isinstance(v, dict):
             out += _token_ids(v)
         elif re.search(r"(token_id|token_index|_id)$", str(k)):
             out += [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, int)]
@@ -523,6 +568,12 @@ def _token_ids(config: Any) -> list[int]:
 # (|x_d|/rms(x) <= sqrt(64) = 8 here) and ACT's mean-attention threshold 0.1 is never reached.
 ACTIVE: dict[str, dict[str, Any]] = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}}
 NEW_TOKENS = 3
+# A row of a left-padded batch against the same row alone: the scores may differ by float rounding only.
+BATCH_TOL = 1e-4
+
+
+def _tol() -> str:
+    return f"{BATCH_TOL:.0e}".replace("e-0", "e-")  # 1e-4
 
 
 @dataclass
@@ -533,7 +584,8 @@ class FamilyResult:
     ``unbuildable`` (no tiny model or inputs could be made offline; ``detail`` says why) or
     ``fails`` (a check failed: a bug to fix). ``path`` is how it was driven: ``processor`` or
     ``model-only``. ``touched`` is what each method reported touching; ``grid`` the image-token
-    grid :mod:`lvlm_fix.layout` reads from the inputs (or why none).
+    grid :mod:`lvlm_fix.layout` reads from the inputs (or why none); ``batch`` how the rows of the
+    padded batch compared with each row alone (:func:`check`).
     """
 
     model_type: str
@@ -542,6 +594,7 @@ class FamilyResult:
     path: str = ""
     touched: dict[str, str] = field(default_factory=dict)
     grid: str = ""
+    batch: str = ""
     seconds: float = 0.0
 
     def line(self) -> str:
@@ -563,10 +616,77 @@ def _summary(name: str, report: dict[str, Any]) -> str:
     return "ran"
 
 
-def check(lvlm: Any, batch: dict[str, Any]) -> dict[str, str]:
+def _check_image_span(lvlm: Any, batch: dict[str, Any]) -> None:
+    """The seam's image tokens are where the model puts image features: no more, no fewer, per row.
+
+    Where the model put them is read from the model itself: the positions where the first decoder
+    layer's input (or the decoder's ``inputs_embeds``) differs from the embedding of ``input_ids``.
+    A family's boundary tokens (:data:`SPANS`) are not image tokens, even where the model gives
+    them learned embeddings of their own (Ovis 2.5).
+    """
+    import torch
+
+    from .adapters import _text_model
+    from .hooks.plan import Participant, Plan
+
+    model, ids = lvlm.model, batch["input_ids"]
+    seen: dict[str, Any] = {}
+
+    class Span(Participant):
+        def begin(self, tokens: Any) -> None:
+            seen["seam"] = tokens.image_mask[:, : ids.shape[1]].clone()
+
+    def decoder_input(module: Any, args: tuple, kwargs: dict) -> None:
+        seen.setdefault("embeds", kwargs.get("inputs_embeds"))
+
+    def layer_input(module: Any, args: tuple, kwargs: dict) -> None:
+        seen.setdefault("layer", args[0] if args else kwargs.get("hidden_states"))
+
+    hooks = [_text_model(model).register_forward_pre_hook(decoder_input, with_kwargs=True),
+             lvlm.text_layers[0].register_forward_pre_hook(layer_input, with_kwargs=True)]
+    try:
+        with torch.inference_mode(), Plan(lvlm, [Span()]).active():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    # The decoder's own input where it takes embeddings; the first layer's where it embeds input_ids itself
+    # (Chameleon). Not the first layer's always: some decoders scale every embedding first (Granite).
+    embeds = seen["embeds"] if seen["embeds"] is not None else seen["layer"]
+    valid = batch["attention_mask"].bool()
+    config = model.config
+    boundary = torch.tensor([getattr(config, k) for k in SPANS.get(config.model_type, ())], dtype=ids.dtype)
+    placed = (embeds != model.get_input_embeddings()(ids)).any(-1) & valid & ~torch.isin(ids, boundary)
+    seam = seen["seam"] & valid
+    assert torch.equal(placed, seam), (
+        f"the seam sees {seam.sum(1).tolist()} image tokens per row where the model put image features at "
+        f"{placed.sum(1).tolist()} ({(placed & seam).sum(1).tolist()} in common)")
+
+
+def _row_difference(batch_out: Any, batch_len: int, alone: Sequence[tuple[Any, int]]) -> tuple[float, bool]:
+    """The largest score difference between row ``r`` of a batch's ``generate()`` output and row ``r``
+    generated alone (``alone[r]``: its output and prompt length), and whether each row generated the same
+    tokens both ways. Scores masked alike (-inf, the dtype's minimum) compare equal."""
+    import torch
+
+    worst, same = 0.0, True
+    for r, (out, length) in enumerate(alone):
+        new = out.sequences[0, length:]
+        same &= torch.equal(batch_out.sequences[r, batch_len: batch_len + len(new)], new)
+        for a, b in zip(batch_out.scores, out.scores):
+            diff = torch.where(a[r] == b[0], 0.0, (a[r] - b[0]).abs())
+            worst = max(worst, float(diff.max()))
+    return worst, same
+
+
+def check(lvlm: Any, batch: dict[str, Any],
+          alone: Callable[[int], dict[str, Any]] | None = None) -> tuple[dict[str, str], str]:
     """Run the seam's checks on a wrapped model and one batch; raise AssertionError on a failure.
 
-    Returns what each method touched (see :func:`_summary`).
+    ``alone(r)`` gives row ``r`` of the batch as a batch of its own (no padding); with it, each row of
+    the padded batch must give the scores and tokens it gives alone (to :data:`BATCH_TOL`), without a
+    method and under each one, unless the model's own forward already differs by more than that.
+    Returns what each method touched (see :func:`_summary`) and how the batch check went.
     """
     import torch
 
@@ -576,6 +696,7 @@ def check(lvlm: Any, batch: dict[str, Any]) -> dict[str, str]:
 
     model = lvlm.model
     valid = batch["attention_mask"].bool()
+    prompt_len = batch["input_ids"].shape[1]
     gen = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "num_beams": 1, "output_scores": True,
            "return_dict_in_generate": True}
 
@@ -583,6 +704,7 @@ def check(lvlm: Any, batch: dict[str, Any]) -> dict[str, str]:
         def bind(self, lvlm: Any) -> None:
             self.eager_layers = frozenset(range(lvlm.num_layers))
 
+    _check_image_span(lvlm, batch)
     with torch.inference_mode():
         ours = model(**batch).logits
         with lvlm.attention_implementation("sdpa"):
@@ -596,6 +718,12 @@ def check(lvlm: Any, batch: dict[str, Any]) -> dict[str, str]:
         assert diff < 1e-4, f"the eager path differs from stock eager by {diff:.3g}"
 
         vanilla = model.generate(**batch, **gen)
+        singles = [alone(r) for r in range(len(batch["input_ids"]))] if alone is not None else []
+
+        def each_alone() -> list[tuple[Any, int]]:
+            return [(model.generate(**one, **gen), one["input_ids"].shape[1]) for one in singles]
+
+        own = _row_difference(vanilla, prompt_len, each_alone())[0] if singles else None
         touched = {}
         for name, params in ACTIVE.items():
             noop = {k: v for k, v in METHODS.get(name).config_cls.noop().to_dict().items() if v is not None}
@@ -607,7 +735,20 @@ def check(lvlm: Any, batch: dict[str, Any]) -> dict[str, str]:
                 out = model.generate(**batch, **gen)
             assert not torch.equal(out.scores[0], vanilla.scores[0]), f"{name} left the logits unchanged"
             touched[name] = _summary(name, plan.report()[name])
-    return touched
+            if own is not None and own <= BATCH_TOL:
+                with apply(lvlm, name, **params):
+                    worst, same_tokens = _row_difference(out, prompt_len, each_alone())
+                assert worst <= BATCH_TOL and same_tokens, (
+                    f"under {name}, a row of the padded batch differs from the row alone by {worst:.3g}"
+                    + ("" if same_tokens else " and generates other tokens"))
+    if own is None:
+        batch_note = ""
+    elif own <= BATCH_TOL:
+        batch_note = "each row as alone"
+    else:  # the model's own doing: no method can be held to a tighter standard than the model itself
+        batch_note = (f"not checked: without a method, the model's own rows in the batch already differ from the rows "
+                      f"alone by over {_tol()}")
+    return touched, batch_note
 
 
 def verify(model_type: str) -> FamilyResult:
@@ -621,11 +762,13 @@ def verify(model_type: str) -> FamilyResult:
     def result(status: str, detail: str = "", **kw: Any) -> FamilyResult:
         return FamilyResult(model_type, status, detail, seconds=round(time.perf_counter() - start, 2), **kw)
 
-    reason = unsupported_reason(CONFIG_MAPPING[model_type]())  # what the config alone rules out, at full size
+    try:
+        default = CONFIG_MAPPING[model_type]()
+    except Exception as e:  # noqa: BLE001 - e.g. a config that needs its sub-configs given (vision-encoder-decoder)
+        return result("unbuildable", f"default config: {_error(e)}")
+    reason = unsupported_reason(default)  # what the config alone rules out, at full size
     if reason is not None:
         return result("refused", reason)
-    if model_type in UNBUILDABLE:
-        return result("unbuildable", UNBUILDABLE[model_type])
     build = _with_processor if model_type in _processor_families() else _model_only
     found = build(model_type)
     if found["status"] in ("works", "fails"):
@@ -657,7 +800,7 @@ def _model_only(model_type: str) -> dict[str, Any]:
         batch = tiny_batch(model)
     except Exception as e:  # noqa: BLE001
         return {"status": "unbuildable", "detail": f"inputs: {_error(e)}"}
-    return _checked(lvlm, batch)
+    return _checked(lvlm, batch, lambda r: tiny_batch(model, rows=[r]))
 
 
 def _with_processor(model_type: str) -> dict[str, Any]:
@@ -669,18 +812,19 @@ def _with_processor(model_type: str) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix=f"lvlm-fix-{model_type}-") as tmp:
         lvlm = load(build_tiny(model_type, tmp), dtype="float32")
-        batch = lvlm.encode([build_image(0), build_image(1)], ["Is there a cat?", "Describe the image in detail."])
-        return _checked(lvlm, batch)
+        images, prompts = [build_image(0), build_image(1)], ["Is there a cat?", "Describe the image in detail."]
+        batch = lvlm.encode(images, prompts)
+        return _checked(lvlm, batch, lambda r: lvlm.encode(images[r: r + 1], prompts[r: r + 1]))
 
 
-def _checked(lvlm: Any, batch: dict[str, Any]) -> dict[str, Any]:
+def _checked(lvlm: Any, batch: dict[str, Any], alone: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
     import traceback
 
     from .errors import LvlmFixError
     from .layout import image_token_grids
 
     try:
-        touched = check(lvlm, batch)
+        touched, batch_note = check(lvlm, batch, alone)
     except Exception as e:  # noqa: BLE001
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return {"status": "fails", "detail": f"{_error(e)} ({Path(tb.filename).name}:{tb.lineno})"}
@@ -692,13 +836,17 @@ def _checked(lvlm: Any, batch: dict[str, Any]) -> dict[str, Any]:
         grid = "none: " + ("learned " + message.split("they are the ")[-1] if "not a patch grid" in message
                            else "separator tokens in unknown places" if "separator tokens" in message
                            else "not a square, and the inputs give no grid")
-    return {"status": "works", "touched": touched, "grid": grid}
+    return {"status": "works", "touched": touched, "grid": grid, "batch": batch_note}
 
 
 def _error(e: BaseException) -> str:
-    """An exception as one short line (strict-dataclass errors span several)."""
+    """An exception as one short line (strict-dataclass errors span several): at most 180 characters of its
+    message, ending at a sentence's end where one falls inside them."""
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:180]}"
+    if len(text) > 180:
+        text = text[:180]
+        text = text[: text.rindex(". ") + 1] if ". " in text else text
+    return f"{type(e).__name__}: {text}"
 
 
 _STATUS_ORDER = ("works", "refused", "unbuildable", "fails")
@@ -708,44 +856,84 @@ _HOW = {
 }
 
 
-def support_table(results: Sequence[FamilyResult]) -> str:
-    """``docs/supported-models.md``: every family, its status and how it was verified (deterministic)."""
+def support_table(results: Sequence[FamilyResult], version: str | None = None) -> str:
+    """``docs/supported-models.md`` for the installed transformers (or ``version``): every family, its status
+    and how it was verified. The same results give the same bytes."""
     import transformers
 
     works = sum(r.status == "works" for r in results)
     lines = [
         "# Supported models",
         "",
-        "<!-- generated by `python -m lvlm_fix.families --write-docs`; tests/test_families.py checks it is current -->",
+        "<!-- generated by `python -m lvlm_fix.families --write-docs`; tests/test_families.py checks it is current "
+        "when the installed transformers is the one it names -->",
         "",
-        f"Every model type of the image-text-to-text mapping of transformers {transformers.__version__}, built as a "
-        "tiny random model and driven through lvlm-fix's attention seam on CPU. **Works on "
-        f"{works} of {len(results)} families.**",
+        f"Every model type of the image-text-to-text mapping of transformers {version or transformers.__version__}, "
+        "built as a tiny random model and driven through lvlm-fix's attention seam on CPU. "
+        f"**Works on {works} of {len(results)} families.** Another transformers has another mapping: "
+        "`python -m lvlm_fix.families` gives its table.",
         "",
         "What *works* means, per family: logits through lvlm-fix's attention function with no method applied equal "
         "stock sdpa bit for bit; every layer taken down the eager path (what edited layers run) equals stock eager "
-        "attention to 1e-4; each method's `noop()` settings leave `generate()` bit-identical (tokens and scores); "
-        "VHR, VAR and ACT each change the logits through `generate()` (what they touched is listed). How the "
-        "family was driven:",
+        "attention to 1e-4; the image tokens the seam sees are exactly the positions where the model puts image "
+        "features; each method's `noop()` settings leave `generate()` bit-identical (tokens and scores); "
+        "VHR, VAR and ACT each change the logits through `generate()` (what they touched is listed); and each row of "
+        "the left-padded batch of two gives, without a method and under each method, the tokens and scores "
+        f"(to {_tol()}) it gives alone (*rows*: `each row as alone`, or why it was not checked). How the family was "
+        "driven:",
         "",
         *(f"* {text}" for text in _HOW.values()),
         "",
         "*refused*: the seam cannot serve the family (the reason is what `lvlm_fix.load()` / `wrap()` say); "
         "*unbuildable*: no tiny model or inputs could be made offline here (the reason says what failed).",
         "",
-        "| family | status | verified through | image grid | what the methods touched, or why not |",
-        "|---|---|---|---|---|",
+        "| family | status | verified through | image grid | rows | what the methods touched, or why not |",
+        "|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (_STATUS_ORDER.index(r.status), r.model_type)):
         what = "; ".join(f"{k.upper()}: {v}" for k, v in r.touched.items()) if r.status == "works" else r.detail
-        lines.append(f"| `{r.model_type}` | {r.status} | {r.path or '-'} | {r.grid or '-'} | {what.replace('|', '/')} |")
+        cells = (f"`{r.model_type}`", r.status, r.path or "-", r.grid or "-", r.batch or "-", what)
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+_HEADLINE = re.compile(r"image-text-to-text mapping of transformers (\S+), .*?\*\*Works on (\d+) of (\d+) families\.\*\*")
+_README_CLAIM = re.compile(r"\*\*\d+ of the \d+ image-text-to-text families of transformers \S+ verified\*\*")
+
+
+def table_headline(table: str) -> tuple[str, int, int]:
+    """``(transformers version, families that work, families)`` as a support table states them."""
+    from .errors import LvlmFixError
+
+    found = _HEADLINE.search(table)
+    if found is None:
+        raise LvlmFixError("the text has no support table headline; write it with `python -m lvlm_fix.families --write-docs`")
+    return found[1], int(found[2]), int(found[3])
+
+
+def readme_claim(table: str) -> str:
+    """The README's family count, in the words it uses, as the support table ``table`` states it."""
+    version, works, total = table_headline(table)
+    return f"**{works} of the {total} image-text-to-text families of transformers {version} verified**"
+
+
+def sync_readme(readme: Path, table: str) -> None:
+    """Rewrite the family count in ``readme`` to what ``table`` states (the one sentence, nothing else)."""
+    from .errors import LvlmFixError
+
+    text = readme.read_text()
+    new, n = _README_CLAIM.subn(readme_claim(table), text)
+    if n != 1:
+        raise LvlmFixError(f"{readme} states the family count {n} times; state it once, in the words "
+                           f"{readme_claim(table)}")
+    readme.write_text(new)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lvlm_fix.families", description=__doc__.split("\n\n")[0])
     parser.add_argument("families", nargs="*", help="model types (default: every family of the mapping)")
-    parser.add_argument("--write-docs", action="store_true", help=f"write {DOCS} (needs every family)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help=f"write {DOCS} and the family count in {README} (needs every family)")
     args = parser.parse_args(argv)
     import torch
     import transformers
@@ -764,11 +952,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(verify(model_type))
         print(results[-1].line(), flush=True)
     works = sum(r.status == "works" for r in results)
-    print(f"works on {works} of {len(results)} families ({time.perf_counter() - start:.0f} s)")
+    print(f"works on {works} of {len(results)} families of transformers {transformers.__version__} "
+          f"({time.perf_counter() - start:.0f} s)")
     if args.write_docs:
         DOCS.parent.mkdir(exist_ok=True)
-        DOCS.write_text(support_table(results))
-        print(f"wrote {DOCS}")
+        table = support_table(results)
+        DOCS.write_text(table)
+        sync_readme(README, table)
+        print(f"wrote {DOCS} and the family count in {README}")
     return 1 if any(r.status == "fails" for r in results) else 0
 
 
