@@ -75,12 +75,14 @@ OVERRIDES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 _CROSS = "the image enters the text decoder through cross-attention layers, not as image tokens in input_ids"
 _OWN_GENERATE = ("its generate() hands the language model embeddings instead of input_ids, so the image tokens "
                  "cannot be located during generation")
+_ACTION = "it is an action model: a PaliGemma backbone plus an action expert, not a text generator"
 # Why the seam cannot serve a family, where its config does not say so by itself.
 REFUSED: Mapping[str, str] = MappingProxyType({
     "mllama": _CROSS,
     "idefics": _CROSS,
     "evolla": "it reads protein sequences, not images",
-    "pi0": "it is an action model: a PaliGemma backbone plus an action expert, not a text generator",
+    "pi0": _ACTION,
+    "pi05": _ACTION,
     "mistral4": "it is a text-only model (no vision tower)",
     "blip-2": _OWN_GENERATE,
     "instructblip": _OWN_GENERATE,
