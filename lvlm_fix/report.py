@@ -81,6 +81,10 @@ def _check_summary(summary: dict[str, Any], path: Path, frontiers: Any) -> None:
         return InputError(f"{path}: {where} is {value!r}, not a number; rewrite the summary with `lvlm-fix eval` "
                           "or `lvlm-fix score` (the same command resumes)")
 
+    for key in ("bench", "baseline"):
+        if not isinstance(summary.get(key), str):
+            raise InputError(f"{path}: {key} is {summary.get(key)!r}, not a name; rewrite the summary with `lvlm-fix "
+                             "eval` or `lvlm-fix score`")
     methods = summary["methods"]
     if not isinstance(methods, dict) or not methods:
         raise InputError(f"{path} lists no method, so there is nothing to draw; pass a folder written by `lvlm-fix "
@@ -108,7 +112,9 @@ def _check_summary(summary: dict[str, Any], path: Path, frontiers: Any) -> None:
     if not isinstance(cost, dict):
         raise bad("cost", cost)
     for m, c in cost.items():
-        value = c.get("seconds_per_sample") if isinstance(c, dict) else c
+        if not isinstance(c, dict):
+            raise bad(f"cost.{m}", c)
+        value = c.get("seconds_per_sample")
         if not _number(value):
             raise bad(f"cost.{m}.seconds_per_sample", value)
         ratio = c.get("time_ratio")

@@ -572,3 +572,185 @@ def test_lmms_eval_task_generation_arguments_are_checked_at_the_first_request(ge
     with pytest.raises(ConfigError, match=re.escape(needle)):
         LvlmFixLMMS._generation(None, gen)
     assert LvlmFixLMMS._generation(None, {"temperature": "0.5", "max_new_tokens": "7"})[0]["max_new_tokens"] == 7
+
+
+# -- 9. fuzzing: the API's inputs, the score readers, the spec grammar ----------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SPEC_PIECES = st.sampled_from(["vhr", "var", "vcd", "pai", "none", "VHR", "+", ":", "=", ",", "[", "]", "{", "}", '"',
+                                "'", "alpha", "layers", "tau", "1", "1.5", "-2", "nan", "true", "no", "[1,2]", " ",
+                                "alpha=3", "release_compat", "x"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(parts=st.lists(st.one_of(_SPEC_PIECES, st.text(max_size=4)), max_size=8))
+def test_spec_grammar_is_a_method_list_or_one_line(parts):
+    from lvlm_fix.interventions import build_methods
+    from lvlm_fix.interventions.registry import split_specs
+
+    text = "".join(parts)
+    for call in (lambda: build_methods(text), lambda: [build_methods(s) for s in split_specs(text)]):
+        try:
+            call()
+        except LvlmFixError as e:
+            assert "\n" not in str(e), text
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sets=st.lists(st.tuples(st.sampled_from(["vhr", "var", "pai", "x", ""]),
+                               st.sampled_from(["alpha", "layers", "release_compat", "", "tau"]),
+                               st.one_of(_SPEC_PIECES, st.text(max_size=5))), max_size=3),
+       methods=st.lists(st.one_of(_SPEC_PIECES, st.text(max_size=3)), max_size=5))
+def test_sweep_grammar_is_a_sweep_or_exit_2(capsys, monkeypatch, tmp_path_factory, sets, methods):
+    from lvlm_fix import model
+
+    # Loading is out of scope: a sweep that gets that far was read whole.
+    monkeypatch.setattr(model, "load", lambda *a, **k: (_ for _ in ()).throw(SystemExit(0)))
+    argv = ["eval", "--methods", "".join(methods), "--out", str(tmp_path_factory.mktemp("s") / "o")]
+    for method, key, value in sets:
+        argv += ["--set", f"{method}.{key}={value}"]
+    code, _, err = _run(capsys, *argv)
+    assert code in (0, 2) and "Traceback" not in err and err.count("error:") == (code == 2), (argv, err)
+
+
+def _arrays():
+    shapes = st.lists(st.integers(0, 6), min_size=0, max_size=4).map(tuple)
+    dtypes = st.sampled_from([np.uint8, np.uint16, np.int64, np.float32, np.float64, bool, np.int8])
+    return st.builds(lambda shape, dtype, scale: (np.random.default_rng(0).random(shape) * scale).astype(dtype),
+                     shapes, dtypes, st.sampled_from([1.0, 255.0, 70000.0, -3.0]))
+
+
+_IMAGES = st.one_of(st.none(), st.just("missing.png"), st.integers(), _arrays(),
+                    st.builds(lambda w, h, mode: Image.new(mode, (w, h)), st.integers(1, 40), st.integers(1, 40),
+                              st.sampled_from(["RGB", "L", "RGBA", "I;16", "F", "P", "1"])))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(images=st.one_of(_IMAGES, st.lists(st.one_of(_IMAGES, st.lists(_IMAGES, max_size=2)), max_size=3)),
+       prompts=st.one_of(st.none(), st.text(max_size=5), st.lists(st.one_of(st.text(max_size=6), st.integers()),
+                                                                   max_size=3)),
+       new_tokens=st.integers(-2, 2))
+def test_api_inputs_generate_or_one_line(tiny, images, prompts, new_tokens):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = lvlm_fix.generate(tiny("llava"), images, prompts, max_new_tokens=new_tokens)
+            assert len(out.texts) == len(prompts)
+        except LvlmFixError as e:
+            assert "\n" not in str(e)
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**9), st.floats(allow_nan=True), st.text(max_size=6),
+                    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+_ROWS = st.dictionaries(st.sampled_from(["question_id", "text", "answer", "label", "category", "image", "x"]),
+                        _VALUES, max_size=5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=40),
+                         st.lists(_ROWS, max_size=4).map(lambda rows: "".join(json.dumps(r) + "\n" for r in rows)),
+                         st.lists(_ROWS, max_size=4).map(json.dumps)),
+       extra=st.sampled_from([[], ["--label-key", "label"], ["--id-key", "x"], ["--text-key", "answer"],
+                              ["--split", "random", "--label-key", "label"]]))
+def test_score_readers_score_or_exit_2(capsys, tmp_path_factory, coco, content, extra):
+    folder = tmp_path_factory.mktemp("score")
+    path = folder / "answers.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    data = [] if "--label-key" in extra else ["--pope-questions", str(coco), "--image-dir", str(coco / "images")]
+    code, _, err = _run(capsys, "score", "--bench", "pope", "--input", str(path), *data, *extra, "--n-boot", "5",
+                        "--out", str(folder / "o"))
+    assert code in (0, 2) and "Traceback" not in err, (content, extra, err)
+
+
+@pytest.fixture(scope="module")
+def scored_summary(tmp_path_factory):
+    """A real summary.json of `lvlm-fix score` (made once), for the report fuzzer to edit."""
+    from lvlm_fix.evals.runner import score_outputs
+
+    folder = tmp_path_factory.mktemp("summary")
+    rows = [{"question_id": i, "text": "yes" if i % 2 else "no", "label": "yes" if i % 3 else "no"} for i in range(6)]
+    return score_outputs("pope", _labelled(folder, rows), out_dir=folder / "o", label_key="label", n_boot=20)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.lists(st.sampled_from(["methods", "a", "splits", "all", "ci", "f1", "low", "cost", "bench",
+                                      "accuracy", "baseline"]), min_size=1, max_size=5),
+       value=_VALUES)
+def test_report_draws_or_exits_2_on_any_edit_of_the_summary(capsys, tmp_path_factory, scored_summary, path, value):
+    out = tmp_path_factory.mktemp("rep")
+    summary = json.loads(json.dumps(scored_summary))
+    node = summary
+    for key in path[:-1]:  # walk as far as the path exists, then set the last key found there
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            break
+        node = node[key]
+    if isinstance(node, dict):
+        node[path[-1]] = value
+    (out / "summary.json").write_text(json.dumps(summary))
+    code, _, err = _run(capsys, "report", str(out))
+    assert code in (0, 2) and "Traceback" not in err, (path, value, err)
+
+
+# -- the table: case -> exit code and message fragment (add a row with every new class) -------------------------------
+HOSTILE = [
+    # 1. booleans from text
+    (["run", "--model-args", "trust_remote_code=nah"], 2, "trust_remote_code='nah' is not a boolean"),
+    (["run", "--model-args", "use_safetensors=maybe"], 2, "use_safetensors='maybe' is not a boolean"),
+    (["run", "--method", "pai", "--set", "pai.release_compat=no"], 2, "release_compat='no' must be true or false"),
+    (["run", "--method", "pai:release_compat=0"], 2, "release_compat=0 must be true or false"),
+    # 6. said once, meant once; options checked for more than form
+    (["run", "--method", "vhr:alpha=1.5:alpha=3"], 2, "sets vhr.alpha twice"),
+    (["run", "--method", "vhr:layers=[1,2"], 2, "unclosed '['"),
+    (["run", "--method", "vhr", "--layers", ""], 2, "names no integer"),
+    (["run", "--set", "vhr.alpha=1", "--set", "vhr.alpha=2", "--method", "vhr"], 2, "given twice"),
+    (["eval", "--methods", "vhr,vhr", "--out", "{tmp}/e"], 2, "lists 'vhr' twice"),
+    (["eval", "--seed", "-5", "--out", "{tmp}/e"], 2, "--seed"),
+    (["run", "--model-args", "dtype=float16"], 2, "duplicates --dtype"),
+    (["run", "--model-args", "device_map=auto"], 2, "duplicates --device-map"),
+    (["run", "--model", "{llava}", "--image", "{img}", "--model-args", "attn_implementation=banana"], 2,
+     "'banana' is not an attention implementation"),
+    (["run", "--model", "{llava}", "--image", "{img}", "--model-args", "use_cach=false"], 2,
+     "'use_cach' is neither a from_pretrained argument"),
+    (["run", "--model", "{llava}", "--image", "{img}", "--processor-args", "max_pixels=200704"], 2,
+     "'max_pixels' is not a setting of this model's processor"),
+    # 4. unwritable outputs, checked before the work
+    (["eval", "--out", "{tmp}/file"], 2, "is a file; give a folder"),
+    (["eval", "--out", "{tmp}/file/sub"], 2, "is not writable"),
+    (["run", "--out", "{tmp}/file"], 2, "is a file; give a folder"),
+    # 5. nothing of the user's overwritten
+    (["calibrate", "--pope-questions", "{coco}", "--image-dir", "{coco}/images", "--out", "{tmp}/file"], 2,
+     "pass --force"),
+    (["testbed", "benchmark", "--out", "{tmp}"], 2, "pass --force"),
+    # 7. files a user made
+    (["score", "--bench", "pope", "--input", "{tmp}/latin1.jsonl", "--label-key", "label", "--out", "{tmp}/s"], 2,
+     "is not UTF-8"),
+    (["score", "--bench", "pope", "--input", "{tmp}/float_id.jsonl", "--label-key", "label", "--out", "{tmp}/s"], 2,
+     "ids must be integers"),
+    (["score", "--bench", "pope", "--input", "{tmp}/float_id.jsonl", "--label-key", "label", "--id-key", "qid",
+      "--out", "{tmp}/s"], 2, "no question id key 'qid'"),
+    (["report", "{tmp}/empty_summary"], 2, "lists no method"),
+    # and what is fine stays fine
+    (["list"], 0, ""),
+]
+
+
+@pytest.mark.parametrize("argv, code, fragment", HOSTILE, ids=[" ".join(a)[:60] for a, _, _ in HOSTILE])
+def test_hostile_table(capsys, monkeypatch, tmp_path, tiny_dirs, coco, image_file, argv, code, fragment):
+    _no_weights(monkeypatch)
+    (tmp_path / "file").write_text("the user's")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"question_id": 1, "text": "s\xed", "label": "yes"}\n')
+    (tmp_path / "float_id.jsonl").write_text('{"question_id": 1.7, "text": "yes", "label": "yes"}\n')
+    (tmp_path / "empty_summary").mkdir()
+    (tmp_path / "empty_summary" / "summary.json").write_text('{"bench": "pope", "baseline": "none", "methods": {}}')
+    llava = str(tiny_dirs("llava")) if "{llava}" in argv else ""
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{coco}", str(coco)).replace("{llava}", llava)
+            .replace("{img}", str(image_file)) for a in argv]
+    if code == 2:
+        assert fragment in cli_error(capsys, *argv)
+    else:
+        got, _, err = _run(capsys, *argv)
+        assert got == code and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "the user's"  # nothing of the user's overwritten, whatever the case
