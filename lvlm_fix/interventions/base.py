@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,8 +107,99 @@ class MethodConfig:
     def field_types(cls) -> dict[str, Any]:
         return typing.get_type_hints(cls)
 
+    @classmethod
+    def param_docs(cls) -> list[ParamDoc]:
+        """Each field as :class:`ParamDoc`: the one description that ``lvlm-fix list METHOD`` and the
+        docs site's parameter tables print (both read it from here, so neither is written by hand)."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            text = " ".join(f.metadata.get("help", "").split())
+            out.append(ParamDoc(name=f.name, type=_type_text(hints[f.name]), default=_default_text(f.default),
+                                range=_range_text(hints[f.name], f.metadata), source=_sources(text),
+                                meaning=_first_sentence(text), help=text))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ParamDoc:
+    """One method parameter as documented: every field derived from its :func:`param` declaration."""
+
+    name: str
+    type: str  # "float", "int", "bool", "str", "list of int", "one of"
+    default: str  # the field's default as it would be written on the command line
+    range: str  # "[0, 1]", "(0, inf)", the choices, or "" when any value of the type goes
+    source: str  # the "source: ..." parts of the help text, joined by "; "
+    meaning: str  # the help text's first sentence
+    help: str  # the whole help text, on one line
+
+
+def _type_text(typ: Any) -> str:
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if get_origin(typ) is Literal:
+        return "one of"
+    if typ in (bool, int, float, str):
+        return typ.__name__
+    if get_origin(typ) is tuple:
+        return f"list of {get_args(typ)[0].__name__}"
+    return _type_text(args[0]) if len(args) == 1 else str(typ)
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as --set and the spec syntax take it
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return "None" if value is None else str(value)
+
+
+def _range_text(typ: Any, meta: Any) -> str:
+    """The valid values, in the notation of the out-of-range message (``_check_range``)."""
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if get_origin(typ) is Literal or (len(args) == 1 and get_origin(args[0]) is Literal):
+        return " | ".join(map(str, get_args(typ if get_origin(typ) is Literal else args[0])))
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    if lo is None and hi is None:
+        return ""
+    left = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+    return f"{left}, {'inf)' if hi is None else f'{hi:g}]'}"
+
+
+def _source_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of every ``source: ...`` of a help text, each up to the bracket that encloses it."""
+    spans = []
+    for m in re.finditer(r"\bsource: ", text):
+        depth, end = 0, len(text)
+        for i in range(m.end(), len(text)):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if depth < 0:
+                end = i
+                break
+        spans.append((m.start(), end))
+    return spans
+
+
+def _sources(text: str) -> str:
+    return "; ".join(text[a + len("source: "):b].strip().rstrip(".") for a, b in _source_spans(text))
+
+
+# Words whose full stop ends no sentence ("paper Alg. 1", "e.g. X").
+_ABBREVIATIONS = ("e.g", "i.e", "eq", "fig", "alg", "app", "thm", "cf", "vs", "no", "sec")
+
+
+def _first_sentence(text: str) -> str:
+    """The help text's first sentence, without a ``(source: ...)`` inside it (that has its own column)."""
+    for a, b in reversed(_source_spans(text)):
+        if text[a - 1:a] == "(" and text[b:b + 1] == ")":
+            text = text[:a - 1].rstrip() + text[b + 1:]
+    for m in re.finditer(r"\.\s+(?=[A-Z0-9])", text):
+        word = text[:m.start()].rsplit(None, 1)[-1].lower()
+        if word not in _ABBREVIATIONS and not re.fullmatch(r"[a-z]", word):
+            return text[:m.start()] + "."
+    return text.rstrip(".") + "."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,10 +264,7 @@ def _check_range(name: str, value: float, meta: Any) -> None:
     lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
     below = lo is not None and (value <= lo if lo_open else value < lo)
     if below or (hi is not None and value > hi):
-        left = "(-inf" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
-        right = "inf)" if hi is None else f"{hi:g}]"
-        rng = f"{left}, {right}"
-        raise ConfigError(f"{name}={value} is out of range; valid range is {rng}")
+        raise ConfigError(f"{name}={value} is out of range; valid range is {_range_text(float, meta)}")
 
 
 @dataclass
