@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -242,36 +241,6 @@ class LVLM:
             yield
         finally:
             self.model.set_attn_implementation(self._attn_setting(before))
-
-
-_DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
-
-
-def check_device(device: Any, option: str = "device") -> None:
-    """A device torch can use here, or one line naming it and the fix (before any weight is loaded)."""
-    if device is None:
-        return
-    if not isinstance(device, str) or not _DEVICE.match(device):
-        raise InputError(f"{option} {device!r} is not a torch device; use e.g. cpu, cuda, cuda:0 or mps")
-    kind, _, index = device.partition(":")
-    if kind == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
-            raise InputError(f"{option} {device}: this torch ({torch.__version__}) has {build}; use {_cpu(option)}")
-        if index and int(index) >= torch.cuda.device_count():
-            raise InputError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif kind == "mps":
-        import torch
-
-        if not torch.backends.mps.is_available():
-            raise InputError(f"{option} {device}: MPS is not available on this machine; use {_cpu(option)}")
-
-
-def _cpu(option: str) -> str:
-    return f"{option} cpu" if option.startswith("--") else f"{option}=cpu"
 
 
 def _what(value: Any) -> str:

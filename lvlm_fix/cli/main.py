@@ -191,9 +191,11 @@ def _kwargs(text: str | None, option: str) -> dict[str, Any]:
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 SEED = click.IntRange(0, 2**32 - 1)  # what numpy's generators and torch.manual_seed both take
+
+
 def _check_device(device: str | None) -> None:
     """A device torch can use here, or one line naming it and the fix (before any weight is loaded)."""
-    from ..model import check_device
+    from ..devices import check_device  # imports torch only for a cuda or mps name
 
     check_device(device, "--device")
 

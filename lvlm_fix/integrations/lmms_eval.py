@@ -59,7 +59,7 @@ from ..api import check_length, generate
 from ..errors import ConfigError, InputError, strict_bool
 from ..evals.runner import _cut as cut_at_stops
 from ..images import load_image
-from ..model import check_device
+from ..devices import check_device
 from ..interventions import NONE, build_methods, format_spec, method_fields, parse_spec, parse_value
 
 __all__ = ["MODEL_ARGS", "LvlmFixLMMS", "method_spec"]
