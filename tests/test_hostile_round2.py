@@ -522,8 +522,10 @@ def test_a_truncated_jpeg_in_a_jsonl_is_refused_before_any_answer(capsys, tmp_pa
 
     _no_weights(monkeypatch)
     buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="JPEG", quality=95)
-    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    (tmp_path / "cut.jpg").write_bytes(data[: int(len(data) * 0.8)])  # the header whole, the pixels cut short
     Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"image": n, "prompt": "A?"}) + "\n" for n in ("fine.png", "cut.jpg")))
@@ -575,7 +577,7 @@ def test_lmms_eval_task_generation_arguments_are_checked_at_the_first_request(ge
 
 
 # -- 9. fuzzing: the API's inputs, the score readers, the spec grammar ----------------------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _SPEC_PIECES = st.sampled_from(["vhr", "var", "vcd", "pai", "none", "VHR", "+", ":", "=", ",", "[", "]", "{", "}", '"',
@@ -584,6 +586,7 @@ _SPEC_PIECES = st.sampled_from(["vhr", "var", "vcd", "pai", "none", "VHR", "+", 
 
 
 @settings(max_examples=80, deadline=None)
+@example(parts=["vhr:layers=", "[", "1", ",", "2"])  # an unclosed bracket was a RecursionError
 @given(parts=st.lists(st.one_of(_SPEC_PIECES, st.text(max_size=4)), max_size=8))
 def test_spec_grammar_is_a_method_list_or_one_line(parts):
     from lvlm_fix.interventions import build_methods
@@ -598,6 +601,7 @@ def test_spec_grammar_is_a_method_list_or_one_line(parts):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(sets=[], methods=["none,", "vhr:layers=[1,2"])
 @given(sets=st.lists(st.tuples(st.sampled_from(["vhr", "var", "pai", "x", ""]),
                                st.sampled_from(["alpha", "layers", "release_compat", "", "tau"]),
                                st.one_of(_SPEC_PIECES, st.text(max_size=5))), max_size=3),
