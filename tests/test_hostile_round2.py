@@ -180,6 +180,18 @@ def test_deleting_a_settings_file_then_resuming_with_other_settings_is_refused(t
     assert (out / "vhr" / "samples.jsonl").read_bytes() == kept  # nothing lost either
 
 
+def test_a_setting_of_an_earlier_command_is_not_summarised_under_new_run_settings(tiny, coco, tmp_path):
+    """run.json deleted, then another command into the folder: the earlier setting's records (made with
+    3 new tokens) must not join a summary of a run with 5."""
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm, out = tiny("llava"), tmp_path / "r"
+    evaluate(lvlm, methods=["none"], out_dir=out, **_pope(coco))
+    (out / "run.json").unlink()
+    with pytest.raises(InputError, match=re.escape(str(out / "none" / "samples.jsonl"))):
+        evaluate(lvlm, methods=["vhr"], out_dir=out, **{**_pope(coco), "max_new_tokens": 5})
+
+
 def test_deleting_run_json_and_resuming_with_the_same_settings_resumes(tiny, coco, tmp_path):
     from lvlm_fix.evals.runner import evaluate
 
