@@ -417,11 +417,19 @@ def _check_against_config(kwargs: dict[str, Any], config: Any) -> dict[str, Any]
 
 def _check_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> None:
     """A processor keyword argument that no part of the processor took (it would be ignored without a word)."""
+    import inspect
+
     hub = {"cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "use_fast",
-           "trust_remote_code", "proxies"}
+           "backend", "trust_remote_code", "proxies"}
     parts = [processor, *(getattr(processor, a, None) for a in ("image_processor", "tokenizer", "video_processor"))]
+    taken = set(hub)
+    for part in filter(None, parts):
+        # what its __init__ and its declared kwargs take (Qwen's max_pixels is read into size, not kept as itself)
+        taken |= set(inspect.signature(type(part).__init__).parameters)
+        for klass in getattr(getattr(part, "valid_kwargs", None), "__mro__", ()):
+            taken |= set(getattr(klass, "__annotations__", {}))
     for key in kwargs:
-        if key not in hub and not any(part is not None and hasattr(part, key) for part in parts):
+        if key not in taken and not any(part is not None and hasattr(part, key) for part in parts):
             raise InputError(f"processor keyword argument {key!r} is not a setting of this model's processor "
                              f"({type(processor).__name__}), which would ignore it; check its spelling or drop it")
 

@@ -88,6 +88,14 @@ def test_model_and_processor_arguments_are_checked_before_the_weights(tiny_dirs,
     assert "\n" not in str(err.value)
 
 
+def test_processor_arguments_it_reads_pass(tiny_dirs):
+    """Qwen's max_pixels is read into the image processor's size (not kept under its own name): accepted."""
+    handle = lvlm_fix.load(tiny_dirs("qwen2_vl"), processor_kwargs={"max_pixels": 200704, "min_pixels": 3136})
+    assert handle.processor.image_processor.size["longest_edge"] == 200704
+    assert lvlm_fix.load(tiny_dirs("llava"), processor_kwargs={"do_resize": False}).processor.image_processor.do_resize \
+        is False
+
+
 def test_four_bit_without_bitsandbytes_is_one_line(tiny_dirs, monkeypatch):
     import importlib.util
 
