@@ -35,7 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, LvlmFixWarning
 
-__all__ = ["ImageWarning", "check_image_file", "load_image", "to_image", "to_rgb"]
+__all__ = ["ImageWarning", "check_image_file", "load_image", "to_rgb"]
 
 MIN_SIDE = 16
 MAX_ASPECT = 10.0
@@ -85,8 +85,6 @@ def check_image_file(source: str | Path) -> Path:
 
 _UNREADABLE = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 _DONE = "lvlm_fix_rgb"  # set in a converted image's info: converting it again would only repeat the warnings
-
-to_image = load_image  # the name for images already in memory: one loader, one set of rules
 
 
 def _from_array(source: Any) -> Image.Image:
