@@ -817,6 +817,21 @@ def _with_processor(model_type: str) -> dict[str, Any]:
         return _checked(lvlm, batch, lambda r: lvlm.encode(images[r: r + 1], prompts[r: r + 1]))
 
 
+def _stock_forward_error(lvlm: Any, batch: dict[str, Any]) -> str | None:
+    """The error of the model's own forward (stock sdpa, no lvlm-fix function in the path), or None."""
+    import traceback
+
+    import torch
+
+    try:
+        with torch.no_grad(), lvlm.attention_implementation("sdpa"):
+            lvlm.model(**batch)
+    except Exception as e:  # noqa: BLE001 - the family's own error is the finding
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        return f"{_error(e)} ({Path(tb.filename).name}:{tb.lineno})"
+    return None
+
+
 def _checked(lvlm: Any, batch: dict[str, Any], alone: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
     import traceback
 
@@ -827,7 +842,14 @@ def _checked(lvlm: Any, batch: dict[str, Any], alone: Callable[[int], dict[str, 
         touched, batch_note = check(lvlm, batch, alone)
     except Exception as e:  # noqa: BLE001
         tb = traceback.extract_tb(e.__traceback__)[-1]
-        return {"status": "fails", "detail": f"{_error(e)} ({Path(tb.filename).name}:{tb.lineno})"}
+        where = f"{_error(e)} ({Path(tb.filename).name}:{tb.lineno})"
+        broken = _stock_forward_error(lvlm, batch)
+        if broken is not None:  # transformers' own model fails on these inputs: not the seam's finding
+            import transformers
+
+            return {"status": "unbuildable", "detail": f"its stock forward fails in transformers "
+                                                       f"{transformers.__version__}: {broken}"}
+        return {"status": "fails", "detail": where}
     try:
         g = image_token_grids(lvlm, batch)[0]
         grid = f"{g.rows}x{g.cols}" + (f" at +{g.offset}" if g.offset else "")
