@@ -190,6 +190,9 @@ def effect_line(method: str, task: str = "yes-no") -> str:
     bench, split, metric = TASKS[task]
     summary = _effects(bench)
     methods = summary["methods"]
+    # a method measured with a parameter of its own (CARVE's captions: carve:suffix_in_answer=false) stands for it
+    variants = [m for m in methods if m.split(":")[0] == method]
+    method = method if method in methods or len(variants) != 1 else variants[0]
     if method not in methods:
         return (f"Over the testbed's benchmark: {method} is not in the shipped effect table "
                 f"(methods: {', '.join(m for m in methods if m != summary['baseline'])}); "
