@@ -239,7 +239,8 @@ def _integer_ticks(ax: Any, labels: list[int] | None = None) -> None:
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``stats.json`` and the PNG figures; returns the written paths."""
+    """Write the PNG figures, then ``stats.json``; returns the written paths. Each file is written whole or
+    not at all, and stats.json last: after a full disk no stats.json is left, so the same command runs again."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,9 +248,11 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 
+    from .evals.store import atomic_write
+    from .report import save_figure
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "stats.json"]
-    written[0].write_text(json.dumps(report, indent=1))
     layers = report["layers"]
     row_of = {layer: i for i, layer in enumerate(layers)}
     selected = [(row_of[int(layer)], h) for layer, rows in report.get("vhr_selected_heads", {}).items()
@@ -268,7 +271,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
                      "the layer's median)", fontsize=9)
     fig.tight_layout()
     written.append(out_dir / "vhd_heatmap.png")
-    fig.savefig(written[-1], dpi=100)
+    save_figure(fig, written[-1])
     plt.close(fig)
 
     # Layers flagging each image token, placed on the image's patch grid as the processor laid it out.
@@ -311,7 +314,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
         bar.update_ticks()
     fig.tight_layout()
     written.append(out_dir / "visual_sinks.png")
-    fig.savefig(written[-1], dpi=100)
+    save_figure(fig, written[-1])
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -326,6 +329,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     written.append(out_dir / "entropy_image_mass.png")
-    fig.savefig(written[-1], dpi=100)
+    save_figure(fig, written[-1])
     plt.close(fig)
+    atomic_write(written[0], json.dumps(report, indent=1).encode())
     return written

@@ -122,7 +122,7 @@ def _check_summary(summary: dict[str, Any], path: Path, frontiers: Any) -> None:
             raise bad(f"cost.{m}.time_ratio", ratio)
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     """Save a figure whole or not at all (a full disk leaves the earlier figure as it was)."""
     import os
 
@@ -162,7 +162,7 @@ def _metric_panels(rows: dict[str, dict[str, Any]], metrics: list[str], baseline
     axes[0][0].invert_yaxis()
     fig.suptitle(f"{title}: point estimate and 95% bootstrap CI per setting")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -182,7 +182,7 @@ def _frontier(rows: dict[str, dict[str, Any]], x: str, y: str, baseline: str | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -204,7 +204,7 @@ def _cost(cost: dict[str, dict[str, Any]], baseline: str | None, path: Path) -> 
     axes[0].invert_yaxis()
     fig.suptitle("cost per setting (wall-clock on the machine of the run)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -463,6 +463,19 @@ def test_report_on_enospc_keeps_results_md(capsys, tiny_dirs, coco, tmp_path, mo
     assert (out / "results.md").read_bytes() == md and not list(out.rglob("*.tmp*"))
 
 
+def test_heads_on_enospc_leaves_no_stats_json_so_it_runs_again(capsys, tiny_dirs, image_file, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    argv = ["heads", "--model", str(tiny_dirs("llava")), "--image", str(image_file), "--out", str(tmp_path / "h")]
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", _enospc)
+    assert "No space left on device" in cli_error(capsys, *argv)
+    assert not (tmp_path / "h" / "stats.json").exists() and not list((tmp_path / "h").glob("*.tmp*"))
+    monkeypatch.setattr(Figure, "savefig", real)
+    code, _, err = _run(capsys, *argv)
+    assert code == 0 and (tmp_path / "h" / "stats.json").is_file(), err
+
+
 # -- 5. nothing of the user's overwritten -------------------------------------------------------------------------
 def test_calibrate_refuses_to_replace_a_file_before_any_work(capsys, monkeypatch, coco, tmp_path):
     _no_weights(monkeypatch)
@@ -778,3 +791,4 @@ def test_hostile_table(capsys, monkeypatch, tmp_path, tiny_dirs, coco, image_fil
         got, _, err = _run(capsys, *argv)
         assert got == code and "Traceback" not in err, err
     assert (tmp_path / "file").read_text() == "the user's"  # nothing of the user's overwritten, whatever the case
+
