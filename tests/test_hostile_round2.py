@@ -516,6 +516,19 @@ def test_score_refuses_what_it_cannot_read_faithfully(capsys, tmp_path, rows, ra
     assert needle in line
 
 
+@pytest.mark.parametrize("first, needle", [
+    (b'{"question_id": 0, "image": "COCO_val2014_000000000000.jpg", "text": "Is there a d\xf6g?", "label": "yes"}',
+     "is not UTF-8"),
+    (b'{"question_id": 0.5, "image": "COCO_val2014_000000000000.jpg", "text": "A?", "label": "yes"}',
+     "question_id 0.5 is not an integer"),
+])
+def test_a_pope_question_file_a_user_made_is_one_line(capsys, coco, tmp_path, first, needle):
+    (tmp_path / "coco_pope_random.json").write_bytes(first + b"\n")
+    line = cli_error(capsys, "eval", "--pope-questions", str(tmp_path), "--image-dir", str(coco / "images"),
+                     "--split", "random", "--out", str(tmp_path / "o"))
+    assert needle in line
+
+
 def _summary_folder(capsys, tmp_path):
     rows = [{"question_id": i, "text": "yes" if i % 2 else "no", "label": "yes" if i % 3 else "no"} for i in range(6)]
     out = tmp_path / "o"

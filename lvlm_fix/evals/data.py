@@ -131,37 +131,43 @@ def load_pope_jsonl(questions_path: StrPath, image_dir: StrPath, split: str) -> 
     _check_image_dir(image_root)
     samples: list[PopeSample] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{where} is not valid JSON ({err.msg}); POPE files hold one object per line"
-                ) from None
-            missing = [k for k in _POPE_JSONL_KEYS if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise DataError(f"{where} lacks {missing}; expected keys {list(_POPE_JSONL_KEYS)}")
-            question_id = str(row["question_id"])
-            if question_id in seen:
-                raise DataError(
-                    f"{where}: duplicate question_id {question_id!r}; question ids must be unique"
-                )
-            seen.add(question_id)
-            image = str(row["image"])
-            samples.append(
-                PopeSample(
-                    question_id=question_id,
-                    image_key=image,
-                    question=str(row["text"]),
-                    label=_label(row["label"], where),
-                    split=split,
-                    image_loader=functools.partial(_open_rgb, image_root / image),
-                )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save "
+                        "the file as UTF-8") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # only newlines end a line, as iterating the file did
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{where} is not valid JSON ({err.msg}); POPE files hold one object per line"
+            ) from None
+        missing = [k for k in _POPE_JSONL_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"{where} lacks {missing}; expected keys {list(_POPE_JSONL_KEYS)}")
+        if isinstance(row["question_id"], (bool, float)) or not isinstance(row["question_id"], (int, str)):
+            raise DataError(f"{where}: question_id {row['question_id']!r} is not an integer or a string")
+        question_id = str(row["question_id"])
+        if question_id in seen:
+            raise DataError(
+                f"{where}: duplicate question_id {question_id!r}; question ids must be unique"
             )
+        seen.add(question_id)
+        image = str(row["image"])
+        samples.append(
+            PopeSample(
+                question_id=question_id,
+                image_key=image,
+                question=str(row["text"]),
+                label=_label(row["label"], where),
+                split=split,
+                image_loader=functools.partial(_open_rgb, image_root / image),
+            )
+        )
     if not samples:
         raise DataError(f"{path} holds no questions; pass a non-empty POPE question file")
     _first_missing_image(image_root, [s.image_key for s in samples])
