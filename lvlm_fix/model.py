@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from .adapters import Adapter, derive_adapter, unsupported_reason
+from .devices import check_device
 from .errors import InputError, LvlmFixError, UnsupportedModelError, strict_bool
 from .hooks import attention
 
@@ -478,6 +479,11 @@ def load(
     from .processors import load_processor
 
     trust_remote_code = strict_bool("trust_remote_code", trust_remote_code)  # "no" must never run remote code
+    torch_dtype = _resolve_dtype(dtype)  # an unknown dtype is one line before any file is read
+    if isinstance(device, str):  # a device or device map torch cannot use: one line now, not after the weights
+        check_device(device, "device")
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        check_device(device_map, "device_map")
     from_pretrained_kwargs = check_kwargs(from_pretrained_kwargs, "model keyword argument")
     processor_kwargs = check_kwargs(processor_kwargs, "processor keyword argument")
     _check_model_kwargs(from_pretrained_kwargs)
@@ -512,7 +518,7 @@ def load(
     attention.register()
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=_resolve_dtype(dtype), device_map=device_map, **hub_kwargs, **from_pretrained_kwargs
+            name, dtype=torch_dtype, device_map=device_map, **hub_kwargs, **from_pretrained_kwargs
         )
     except (SafetensorError, OSError, pickle.UnpicklingError) as e:  # weight files missing, corrupt, truncated
         raise _weights_error(name, e) from None

@@ -80,6 +80,9 @@ def test_a_boolean_config_setting_is_read_strictly(tiny_dirs, monkeypatch):
     ({"attn_implementation": {"text_config": "fast"}}, "'fast' is not an attention implementation"),
     ({"torch_dtype": "float16"}, "load()'s own dtype"),
     ({"processor_kwargs": {"max_pixels": 200704}}, "'max_pixels' is not a setting of this model's processor"),
+    ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
+    ({"device": "banana"}, "device 'banana' is not a torch device"),
+    ({"device_map": "gpu0"}, "device_map 'gpu0' is not a torch device"),
 ])
 def test_model_and_processor_arguments_are_checked_before_the_weights(tiny_dirs, monkeypatch, kwargs, needle):
     _no_weights(monkeypatch)
