@@ -89,3 +89,11 @@ def test_docs_site_builds_strictly(tmp_path):
         assert f"<code>{d.name}</code>" in page and d.source in page
     assert "<!-- params:" not in page
     assert (site / "index.html").is_file() and (site / "guides" / "evals" / "index.html").is_file()
+
+
+def test_the_smoke_marker_is_registered_and_names_existing_files():
+    """`python -m pytest -m smoke` (docs: Tests) selects SMOKE_FILES; a renamed file would drop out silently."""
+    from conftest import SMOKE_FILES
+
+    assert "smoke:" in (ROOT / "pyproject.toml").read_text()
+    assert all((ROOT / "tests" / name).is_file() for name in SMOKE_FILES), SMOKE_FILES
