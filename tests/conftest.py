@@ -22,11 +22,11 @@ from lvlm_fix.tiny import FAMILIES, build_image, build_tiny  # noqa: E402
 PROMPTS = ["Is there a cat in the image?", "Describe the image.", "What colour is the large object on the left side?"]
 
 # The smoke subset, `python -m pytest -m smoke`: one quick file per area (the evals' scorers and statistics,
-# the image layout, POPE's presets, three methods of three stages, the demo, the docs build),
+# the image layout, POPE's presets, three methods of three stages, the CLI's help and the demo, the docs build),
 # under 3 minutes on 2 cores; `python -m pytest` runs everything.
 SMOKE_FILES = frozenset({
     "test_pope.py", "test_chair.py", "test_stats.py", "test_layout.py", "test_presets.py",
-    "test_vhr.py", "test_var.py", "test_vcd.py", "test_demo.py", "test_docs.py",
+    "test_vhr.py", "test_var.py", "test_vcd.py", "test_cli_help.py", "test_demo.py", "test_docs.py",
 })
 
 

@@ -84,15 +84,24 @@ def _click_type(typ: Any) -> Any:
     return str
 
 
+METHOD_PARAMS_HELP = ("Method parameters: `lvlm-fix list METHOD` prints each one's name, default, range, source and "
+                      "meaning. Set one as --FIELD VALUE (e.g. --alpha 1.5, --outlier-filter/--no-outlier-filter), "
+                      "--set METHOD.FIELD=VALUE, or inline in the spec, METHOD:FIELD=VALUE.")
+
+
 def method_options(command: click.Command) -> click.Command:
-    """Add one ``--flag`` per method config field (shared by methods with the same field)."""
+    """Add one ``--flag`` per method config field (shared by methods with the same field).
+
+    The flags are hidden from ``--help`` (a flag shared by six methods would print six meanings there); the
+    command's help points to ``lvlm-fix list METHOD``, which prints each method's own."""
     for field, (typ, owners, help_) in sorted(_method_fields().items()):
         flag = "--" + field.replace("_", "-")
         if typ is bool:
-            opt = click.Option([f"{flag}/--no-{field.replace('_', '-')}", field], default=None, help=help_)
+            opt = click.Option([f"{flag}/--no-{field.replace('_', '-')}", field], default=None, help=help_, hidden=True)
         else:
-            opt = click.Option([flag, field], type=_click_type(typ), default=None, help=help_)
+            opt = click.Option([flag, field], type=_click_type(typ), default=None, help=help_, hidden=True)
         command.params.append(opt)
+    command.help = f"{command.help}\n\n{METHOD_PARAMS_HELP}"
     return command
 
 
@@ -337,10 +346,14 @@ def cli() -> None:
 
 
 @cli.command("list")
-def list_cmd() -> None:
-    """List the methods and evals."""
+@click.argument("method", required=False)
+def list_cmd(method: str | None) -> None:
+    """List the methods and evals; with METHOD, that method's parameters."""
     from ..interventions import METHODS
 
+    if method is not None:
+        _list_params(method)
+        return
     click.echo("methods (name, stage, what it does):")
     click.echo(f"  {'none':8s} {'-':18s} the vanilla model (baseline)")
     for name in METHODS.names():
@@ -352,6 +365,45 @@ def list_cmd() -> None:
 
     for name, doc in list_benches().items():
         click.echo(f"  {name:8s} {doc}")
+
+
+@cli.command("demo")
+@click.option("--method", default="mvp", show_default=True,
+              help="the method to show beside the baseline (a method spec, as run's --method).")
+@click.option("--task", type=click.Choice(["yes-no", "caption"]), default="yes-no", show_default=True,
+              help="yes-no: POPE's adversarial questions; caption: CHAIR's caption prompt.")
+@click.option("--examples", default=2, show_default=True, type=click.IntRange(1, 10), help="how many examples.")
+def demo_cmd(method: str, task: str, examples: int) -> None:
+    """On the embedded testbed: the first samples of its benchmark where the baseline contradicts the scene, the
+    method's answer beside it, what contradicts the scene marked, and the method's effect over the whole split."""
+    from ..interventions import build_methods
+
+    build_methods(method)  # checked before the model loads
+    from ..demo import run_demo
+    from ..model import load
+
+    for line in run_demo(load(None), method, task, n=examples):
+        click.echo(line)
+
+
+def _list_params(method: str) -> None:
+    """A method's parameters as its config declares them (the table of its docs page): name, type, default, range,
+    source and the first sentence of the help."""
+    from ..errors import UnknownNameError
+    from ..interventions import METHODS
+
+    if method not in METHODS:
+        raise UnknownNameError("method", method, METHODS.names())
+    cls = METHODS.get(method)
+    click.echo(f"{method} ({cls.stage.name.lower()}): {(cls.__doc__ or '').strip().splitlines()[0]}")
+    for d in cls.config_cls.param_docs():
+        rng = f", range {d.range}" if d.range else ""
+        click.echo(f"  {d.name}  ({d.type}, default {d.default!r}{rng})" if d.type == "str" and d.default != "None"
+                   else f"  {d.name}  ({d.type}, default {d.default}{rng})")
+        click.echo(f"      {d.meaning}")
+        click.echo(f"      source: {d.source}")
+    click.echo(f"Set: --set {method}.FIELD=VALUE, inline --method {method}:FIELD=VALUE, or --FIELD VALUE (underscores "
+               "as dashes). The whole help of each parameter: the method's page of the docs.")
 
 
 def _generation_options(f: Any) -> Any:
@@ -424,6 +476,7 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
     from tqdm import tqdm
 
     from ..api import generate
+    from ..demo import MARK_LEGEND, mark_against_scene
     from ..images import load_image
 
     lvlm = _load(model_opts)
@@ -432,7 +485,7 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
     if truth is not None:
         click.echo(f"scene (the testbed knows what it drew): {', '.join(truth)}")
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    done = 0
+    done, marked = 0, False
     for batch in tqdm(batches, desc="generating", unit="batch", disable=len(batches) == 1, file=sys.stderr):
         imgs = [load_image(x) if isinstance(x, str) else x for x, _, _ in batch]
         prompts = [p for _, p, _ in batch]
@@ -446,10 +499,11 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
             rows.append(row)
             answers = ([("baseline", row["baseline"])] if base is not None else []) + [(method, row["answer"])]
             for label, text in answers:
-                shown = text if truth is None else _mark_absent(text, truth)
+                shown = text if truth is None else mark_against_scene(text, truth, p)
+                marked = marked or shown != text
                 click.echo(f"[{label}] {shown}" if len(answers) > 1 or truth is not None else shown)
-        if truth is not None:
-            click.echo("  *word*: an object the answer names that is not in the scene")
+        if marked:
+            click.echo(f"  *word*: {MARK_LEGEND}")
         if out_dir is not None:  # appended as produced: an interrupted run (or a full disk) keeps every finished batch
             from ..evals.store import append_records
 
@@ -462,17 +516,6 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
         done += len(batch)
     if out_dir is not None:
         click.echo(f"wrote {out_dir / 'answers.jsonl'} and {out_dir / 'reports.jsonl'}", err=True)
-
-
-def _mark_absent(text: str, truth: list[str]) -> str:
-    """``text`` with every object it names that is not in ``truth`` marked ``*like this*`` (CHAIR's extractor)."""
-    from ..evals.chair import make_extractor
-
-    extract = make_extractor("lvlm-fix")
-    absent = {m.word for m in extract(text) if m.node not in truth}
-    for word in sorted(absent, key=len, reverse=True):
-        text = re.sub(rf"(?<![\w*])({re.escape(word)}s?)(?![\w*])", r"*\1*", text)
-    return text
 
 
 def _print_touched(methods: list[Any], report: dict[str, Any], out_dir: Path | None) -> None:
