@@ -188,6 +188,12 @@ def test_sampling_and_beam_search_run(name, family, tiny, images):
     first = lvlm_fix.generate(*args, max_new_tokens=4, do_sample=True, seed=3, **ACTIVE[name])
     again = lvlm_fix.generate(*args, max_new_tokens=4, do_sample=True, seed=3, **ACTIVE[name])
     assert first.texts == again.texts  # seeded sampling is reproducible through the hooks
+    if name == "mvp":  # its calls decode with its own settings: beams would not reach them
+        from lvlm_fix.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="does not take num_beams"):
+            lvlm_fix.generate(*args, max_new_tokens=4, num_beams=3, **ACTIVE[name])
+        return
     beams = lvlm_fix.generate(*args, max_new_tokens=4, num_beams=3, **ACTIVE[name])
     assert len(beams.texts) == 2
 

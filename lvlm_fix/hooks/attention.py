@@ -18,6 +18,14 @@ another model that shares this function):
 The mask function registered beside it is sdpa's, so the passthrough gets exactly the mask
 stock sdpa would get (``None`` for an unpadded causal prefill, boolean otherwise); the eager
 path turns that mask into the additive form itself.
+
+``generate(output_attentions=True)``: every layer returns its weights, computed as the eager path
+computes them (fp32 softmax, whole map, never in query chunks), the edited ones after the edit;
+sdpa has none to give. A static cache hands every layer its whole capacity of keys: the slots past
+the sequence's length are masked, and the plan's context marks them neither image keys nor valid
+keys (:meth:`~lvlm_fix.hooks.plan.Plan.context`), so no statistic counts them. Under
+``torch.compile`` the plan is found without ``ContextVar.get``, which dynamo cannot trace
+(:meth:`PlanSeat.plan`).
 """
 
 from __future__ import annotations
@@ -55,14 +63,37 @@ class PlanSeat:
 
     ``owners`` counts the outer plans (not a side stream's ``inner`` one) per thread: one model
     serves the calls of one thread at a time (see :func:`acquire_seat`).
+
+    ``traced`` mirrors the value last set through :meth:`set`, for :meth:`plan` under ``torch.compile``:
+    dynamo cannot trace ``ContextVar.get`` (every call would be a graph break, and the code after
+    it, specialised per layer index, would exhaust the recompile limit at the ninth layer). A
+    compiled forward runs in one thread, and side streams refuse compiled models
+    (:func:`~lvlm_fix.hooks.sidepass.side_stream_mode`), so there the mirror is the thread's value.
     """
 
     def __init__(self, model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
         self.model = model
         self.modules = attention_modules
         self.current: ContextVar[Plan | None] = ContextVar("lvlm_fix_plan", default=None)
+        self.traced: Plan | None = None
         self.users = 0
         self.owners: dict[int, int] = {}  # thread ident -> outer plans of that thread now active
+
+    def plan(self) -> Plan | None:
+        """The plan active in this thread (the mirror while dynamo traces)."""
+        if torch.compiler.is_compiling():
+            return self.traced
+        return self.current.get()
+
+    def set(self, plan: Plan | None) -> tuple[object, Plan | None]:
+        """Make ``plan`` this thread's plan; the token undoes it (:meth:`reset`)."""
+        token = (self.current.set(plan), self.traced)
+        self.traced = plan
+        return token
+
+    def reset(self, token: tuple[object, Plan | None]) -> None:
+        self.current.reset(token[0])
+        self.traced = token[1]
 
 
 _SEATS_LOCK = threading.Lock()  # plans may enter and leave from several threads (side streams, user threads)
@@ -112,7 +143,7 @@ def release_seat(seat: PlanSeat, inner: bool = False) -> None:
 def active_plan(model: torch.nn.Module) -> Plan | None:
     """The plan active on ``model`` in this thread, or None."""
     seat = model.__dict__.get(SEAT_ATTR)
-    return seat.current.get() if seat is not None else None
+    return seat.plan() if seat is not None else None
 
 
 # The fp32 block an edited layer may hold per query chunk ([b, h, chunk, k] scores or probabilities;
@@ -187,16 +218,25 @@ def additive_mask(
     return mask.float().clamp(min=neg)
 
 
-def key_padding(attention_mask: Tensor, length: int) -> Tensor:
+def key_padding(attention_mask: Tensor | dict[str, Tensor], length: int) -> Tensor:
     """``[b, length]`` True where a key is not padding.
 
-    From the usual 2D mask, or from a 4D one (generate() builds one for static caches): its last
-    query row, which every earlier key of the row is visible to unless it is padding.
+    From the usual 2D mask, or from the 4D one (``[b, 1, q, k]``) that ``generate()`` builds for
+    static caches, given per layer type (``{"full_attention": ..., "sliding_attention": ...}``)
+    when the model has several. In a 4D mask, each query of the forward is one of the last ``q``
+    of the ``length`` keys and sees itself unless it is padding: those keys are read on the
+    diagonal, which a sliding window never hides (its last row would: a key older than the window
+    is masked there, padding or not). Earlier keys are read on the last row (full attention).
     """
+    if isinstance(attention_mask, dict):  # a static cache's masks per layer type: full attention if any
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values())))
     if attention_mask.dim() == 2:
         return attention_mask[:, :length].bool()
-    row = attention_mask[:, 0, -1, :length]
-    return row if row.dtype == torch.bool else row == 0
+    seen = attention_mask[:, 0, :, :length]  # [b, q, length]
+    seen = seen if seen.dtype == torch.bool else seen == 0
+    q = min(seen.shape[1], length)
+    own = seen[:, -q:].diagonal(offset=length - q, dim1=-2, dim2=-1)  # query i against itself: [b, q]
+    return torch.cat([seen[:, -1, : length - q], own], dim=-1)
 
 
 def _attention_probs(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
@@ -219,22 +259,28 @@ def lvlm_fix_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Drop-in attention: ``query [b, h, q, d]``, ``key/value [b, h_kv, k, d]`` (after RoPE and cache)."""
     seat = module.__dict__.get(SEAT_ATTR)  # None unless a plan of this module's model is active
-    plan = seat[0].current.get() if seat is not None else None
+    plan = seat[0].plan() if seat is not None else None
+    # output_attentions=True: every layer returns its weights, as under attn_implementation="eager"
+    # (sdpa has none to give); the map is then computed whole, never in query chunks.
+    weights = bool(kwargs.get("output_attentions"))
     if plan is None or not plan.touches(layer := seat[1]):
+        if weights:
+            _refuse_extra(kwargs, "output_attentions=True")
+            return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
 
-    extra = [k for k in _NOT_IN_EAGER if kwargs.get(k) is not None]
-    if extra:  # sdpa would take these; the eager math below would silently drop them
-        raise LvlmFixError(f"the attention of layer {layer} passes {extra[0]!r}, which lvlm-fix's eager path does not "
-                           "implement; this model cannot be edited at that layer")
+    _refuse_extra(kwargs, f"editing layer {layer}")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, k_len = query.shape[2], key.shape[2]
-    is_causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
+    is_causal = _is_causal(module, kwargs)
     n_rep = query.shape[1] // key.shape[1]
     ctx = plan.context(layer, q_len=q_len, k_len=k_len, device=query.device)
 
+    if weights:  # the whole map, through the callbacks (a read-only layer's have nothing to edit)
+        return _one_block(plan, ctx, module, query, repeat_kv(key, n_rep), repeat_kv(value, n_rep), attention_mask,
+                          scaling, is_causal, dropout)
     if layer not in plan.eager_layers:
         # Read-only layer: sdpa computes the output; only the last query's row is recomputed.
         out, _ = sdpa_attention_forward(
@@ -247,6 +293,32 @@ def lvlm_fix_attention(
 
     return _edited_attention(plan, ctx, module, query, repeat_kv(key, n_rep), repeat_kv(value, n_rep),
                              attention_mask, scaling, is_causal, dropout)
+
+
+def _is_causal(module: torch.nn.Module, kwargs: dict) -> bool:
+    return kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
+
+
+def _refuse_extra(kwargs: dict, doing: str) -> None:
+    """Refuse an attention argument that sdpa would take and the eager math here would silently drop."""
+    extra = [k for k in _NOT_IN_EAGER if kwargs.get(k) is not None]
+    if extra:
+        raise LvlmFixError(f"this model's attention passes {extra[0]!r}, which lvlm-fix's eager path does not "
+                           f"implement, so it cannot serve {doing}")
+
+
+def _eager_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     dropout: float, scaling: float | None, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """Unedited attention with its weights (the no-plan path of ``output_attentions=True``), fp32 as the edited path."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, k_len = query.shape[2], key.shape[2]
+    n_rep = query.shape[1] // key.shape[1]
+    mask = additive_mask(attention_mask, q_len, k_len, _is_causal(module, kwargs), query.device)
+    probs = _attention_probs(query, repeat_kv(key, n_rep), mask, scaling)
+    if dropout and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    out = torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), probs.to(query.dtype)
 
 
 def _edited_attention(
@@ -325,7 +397,7 @@ def _one_block(
     if dropout and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     out = torch.matmul(probs, value.float()).to(query.dtype)  # [b, h, q, d]
-    return out.transpose(1, 2).contiguous(), probs
+    return out.transpose(1, 2).contiguous(), probs.to(query.dtype)  # the weights as eager returns them
 
 
 def _chunk_context(ctx: AttnContext, q0: int, q1: int, kc: int, stats_pass: bool = False) -> AttnContext:

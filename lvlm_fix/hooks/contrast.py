@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import torch
 from ..errors import LvlmFixError
-from .plan import Participant, Plan, TokenState, outside_plan
+from .plan import Participant, Plan, TokenState, outside_plan, static_cache
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -303,14 +303,22 @@ class ContrastStream(Participant):
         if self.changes_images and not self.null_contrast and encoder is not None:
             hooks.patch(model.base_model, "get_image_features", self._tap(encoder))
 
+    def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
+        # generate(): refused before it encodes the images. before_prefill checks a plain forward.
+        self._refuse(generation_config.use_cache, static_cache(generation_config, model_kwargs))
+
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        self._refuse(model_kwargs.get("use_cache"), type(cache).__name__ if getattr(cache, "is_compileable", False)
+                     else None)
+
+    def _refuse(self, use_cache: bool | None, static: str | None) -> None:
         if not self.contrast_on:
             return
-        if model_kwargs.get("use_cache") is False:
+        if use_cache is False:
             raise LvlmFixError(f"{self.name} decodes a contrast stream on generate()'s KV cache; drop use_cache=False")
-        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise LvlmFixError(f"{self.name} does not support static caches ({type(cache).__name__}); use the default "
+        if static:
+            raise LvlmFixError(f"{self.name} does not support static caches ({static}); use the default "
                                "dynamic cache (drop cache_implementation)")
 
     def begin(self, tokens: TokenState) -> None:

@@ -5,6 +5,9 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
 * enter: every hook target is resolved, then the hooks are registered (one :class:`HookSet`)
   and the plan takes its model's seat (:class:`~lvlm_fix.hooks.attention.PlanSeat`), where the
   attention function of that model's layers, and nobody else, finds it;
+* each ``generate()`` call: once it has resolved its settings, and before it encodes the images,
+  makes a cache or runs any forward, the participants may refuse a feature they cannot serve
+  (:meth:`Participant.check_generate`; the plan itself refuses a chunked prefill);
 * during: a pre-hook on the top-level model sees every forward. A forward on an empty cache
   starts a new sequence: image-token positions are read from ``input_ids`` (per row, so left
   padding and variable image-token counts are handled) and every participant's per-row state
@@ -150,6 +153,16 @@ class Participant:
         act only while ``plan.is_current()``.
         """
 
+    def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
+        """Refuse a ``generate()`` feature this participant cannot serve, before any forward of the call.
+
+        Called once per ``generate()`` call of the plan, when ``generate()`` has resolved its
+        ``GenerationConfig`` (the call's arguments over the model's defaults), with the model
+        arguments of the call (a cache passed in among them; :func:`static_cache` says whether the
+        call decodes with a static one), before the images are encoded, the cache is made or any
+        forward runs. Raise :class:`LvlmFixError` with one line naming the feature and the fix.
+        """
+
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         """Runs before the prefill forward with the model's inputs (e.g. VHR prepares its text-only stream)."""
 
@@ -248,7 +261,7 @@ class Plan:
     def is_current(self) -> bool:
         """Whether the forward in progress (in this thread) belongs to this plan, not to another
         plan of the model (VHR's text-only stream) nor to a forward run outside any plan."""
-        return self._seat is not None and self._seat.current.get() is self
+        return self._seat is not None and self._seat.plan() is self
 
     # -- queried by the attention function --------------------------------------------------
     def touches(self, layer: int) -> bool:
@@ -277,8 +290,11 @@ class Plan:
             }
             if k_len is not None:
                 # Keys are the most recent k_len tokens (sliding-window layers keep a suffix), except a
-                # static cache, whose k_len is its capacity: there key j is position j.
-                start = total - k_len if k_len <= total else 0
+                # static cache, whose k_len is its capacity: there key j is position j, and the keys at
+                # and after ``total`` are empty slots (masked; never image keys, valid keys or sinks).
+                # At k_len == total both readings agree; taking the static one keeps a static cache on
+                # one branch for its whole generation (under torch.compile, a flip is a recompile).
+                start = total - k_len if k_len < total else 0
                 pos = torch.arange(start, start + k_len, device=dev)
                 inside = pos < total
                 idx = pos.clamp(max=total - 1)
@@ -312,7 +328,29 @@ class Plan:
             if ctx.layer in p.observed_layers:
                 p.observe(probs_last, ctx)
 
+    def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
+        """Refuse, before any forward, a ``generate()`` call the plan cannot serve (see
+        :meth:`Participant.check_generate`); the participants' own refusals follow."""
+        if self.participants and getattr(generation_config, "prefill_chunk_size", None):
+            # A later chunk would count as a decode step: the prompt's image tokens after the first
+            # chunk would be taken for text, and every per-prompt statistic would miss them.
+            raise LvlmFixError(f"prefill_chunk_size={generation_config.prefill_chunk_size}: lvlm-fix's methods read "
+                               "the whole prompt in one prefill forward; drop prefill_chunk_size")
+        for p in self.participants:
+            p.check_generate(generation_config, model_kwargs)
+
     # -- hooks ----------------------------------------------------------------------------------
+    def _before_generate(self, prepare_config: Any) -> Any:
+        """``model._prepare_generation_config`` followed by :meth:`check_generate`: ``generate()``'s first
+        step, which resolves the call's settings; the images are encoded and the cache made after it."""
+        def prepare(*args: Any, **kwargs: Any) -> Any:
+            generation_config, model_kwargs = prepare_config(*args, **kwargs)
+            if self.is_current():
+                self.check_generate(generation_config, model_kwargs)
+            return generation_config, model_kwargs
+
+        return prepare
+
     def _require_tokens(self) -> TokenState:
         if self.tokens is None:
             raise LvlmFixError("the model was called without input_ids; lvlm-fix needs them to locate image tokens")
@@ -325,7 +363,9 @@ class Plan:
         if input_ids is None:
             raise LvlmFixError("the model was called without input_ids; lvlm-fix needs them to locate image tokens")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
+        # int(): a static cache answers with its live length tensor, which its update() advances in
+        # place at every layer, so the value read here would not stay the tokens before this forward.
+        past = int(cache.get_seq_length()) if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
         q_len = input_ids.shape[1]
         self._ctx_cache.clear()
@@ -344,7 +384,7 @@ class Plan:
         grow = past + q_len - t.image_mask.shape[1]
         if grow > 0:
             t.image_mask = torch.cat([t.image_mask, t.image_mask.new_zeros(t.image_mask.shape[0], grow)], dim=1)
-        if mask2d is not None and mask2d.shape[-1] >= past + q_len:
+        if torch.is_tensor(mask2d) and mask2d.dim() == 2 and mask2d.shape[-1] >= past + q_len:
             t.valid = key_padding(mask2d, past + q_len)
         elif grow > 0:
             t.valid = torch.cat([t.valid, t.valid.new_ones(t.valid.shape[0], grow)], dim=1)
@@ -389,7 +429,10 @@ class Plan:
         """
         layers = self.lvlm.text_layers
         hooks = HookSet()
-        hooks.forward_pre(self.lvlm.model, self._on_model_forward, with_kwargs=True)
+        model = self.lvlm.model
+        hooks.forward_pre(model, self._on_model_forward, with_kwargs=True)
+        if hasattr(model, "_prepare_generation_config"):
+            hooks.patch(model, "_prepare_generation_config", self._before_generate(model._prepare_generation_config))
         for i in sorted(set().union(*(p.head_output_layers for p in self.participants))):
             hooks.forward_pre(self.lvlm.out_proj(i), self._head_hook(i))
         for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
@@ -398,15 +441,15 @@ class Plan:
             p.install(self, hooks)
         seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules, inner=inner)
         try:
-            if seat.current.get() is not None and not inner:
+            if seat.plan() is not None and not inner:
                 raise LvlmFixError("a method is already applied to this model; combine methods in one call, "
                                    "e.g. method='vhr+var'")
-            with hooks, self.lvlm.attention_implementation(ATTN_NAME):
-                self._seat, token = seat, seat.current.set(self)
+            with hooks, self.lvlm.attention_implementation(ATTN_NAME), _symbolic_step_ints():
+                self._seat, token = seat, seat.set(self)
                 try:
                     yield self
                 finally:
-                    seat.current.reset(token)
+                    seat.reset(token)
                     self._ctx_cache.clear()
                     for p in self.participants:
                         p.end()
@@ -416,6 +459,31 @@ class Plan:
     def report(self) -> dict[str, Any]:
         """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""
         return {p.name or type(p).__name__.lower(): p.report() for p in self.participants}
+
+
+def static_cache(generation_config: Any, model_kwargs: dict[str, Any]) -> str | None:
+    """What makes a ``generate()`` call decode with a static cache (one of fixed capacity, which
+    ``torch.compile`` needs), in words, or None: the cache passed in, else ``cache_implementation``."""
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None:
+        return type(cache).__name__ if getattr(cache, "is_compileable", False) else None
+    impl = generation_config.cache_implementation
+    return f"cache_implementation={impl!r}" if impl in ALL_STATIC_CACHE_IMPLEMENTATIONS else None
+
+
+def _symbolic_step_ints() -> Any:
+    """While a plan is active, dynamo may trace the ints that change every decode step as symbols.
+
+    Under ``torch.compile`` (``generate()`` compiles its decode steps with a static cache) the
+    plan's bookkeeping is traced with the forward: the tokens before this forward, the step count,
+    a participant's counters. They are reached through the model's modules (the forward hooks, the
+    attention modules' seat), and dynamo takes an int attribute found through a module for a
+    constant: every decode step would recompile, until its recompile limit (8) leaves the forward
+    uncompiled. This lets such ints become symbolic after their first change (one recompile).
+    """
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
 
 
 @contextmanager
@@ -429,8 +497,8 @@ def outside_plan(lvlm: LVLM) -> Iterator[None]:
     if seat is None:  # no plan is active on this model: nothing to leave
         yield
         return
-    token = seat.current.set(None)  # this thread only; the plan comes back when the block ends
+    token = seat.set(None)  # this thread only; the plan comes back when the block ends
     try:
         yield
     finally:
-        seat.current.reset(token)
+        seat.reset(token)

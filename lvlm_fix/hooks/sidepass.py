@@ -21,7 +21,9 @@ Fences, where a second thread cannot run in lock step (:func:`side_stream_mode`)
   one forward and drop them after it, so two forwards interleaved inside a layer would find them
   gone) runs the batched fallback, :func:`run_batched`: the side rows appended to the main rows in
   one forward of their own, before the real one (which then costs the main rows twice);
-* a compiled model is refused: a paused thread cannot sit inside a compiled graph;
+* a compiled model is refused: a paused thread cannot sit inside a compiled graph. ``generate()``'s
+  own compilation (a static cache and a ``CompileConfig``) needs nothing: it compiles the decode
+  steps only, and the side stream runs in the prefill, which ``generate()`` runs uncompiled;
 * static caches need nothing: the side forward is its own ``generate()`` with its own cache.
 
 ``LVLM_FIX_SIDE_STREAM=batched`` forces the fallback (e.g. where threads are not allowed).

@@ -48,6 +48,12 @@ paths, its prompt and first token). So a row gets the same captions and paths wh
 the batch, and the same image is captioned once per view within a call (a cache by image content).
 ``path_temperature=0`` makes the paths greedy.
 
+**The caller's generate() arguments.** MVP's calls decode with its own settings; it takes the
+call's ``max_new_tokens`` (the free-form paths' budget) and accepts, unused, the sampling settings
+(``do_sample``, ``temperature``, ``top_p``, ``top_k``) that its stages replace. Any other argument
+(a static cache, a streamer, beams, ``output_scores``, ``stop_strings``, ...) would not reach its
+calls, so it is refused in one line before any forward (docs/generate-features.md).
+
 **Cost**, reported as ``report["mvp"]["cost"]``: per stage (captions, scoring, paths) the rows,
 forward passes (batched steps of ``generate()``), prompt tokens and generated tokens.
 
@@ -81,7 +87,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._lazy import torch
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .base import Generation, Inner, Intervention, MethodConfig, Stage, param
 from .registry import register_method
 
@@ -348,6 +354,12 @@ def _eos_ids(lvlm: LVLM) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
 
 
+# generate() arguments MVP reads (the answer budget) or replaces by its stages' own sampling; and
+# arguments accepted at their plain value. Any other would be dropped silently, so it is refused.
+_CALLER_SETTINGS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "top_k"})
+_PLAIN = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True}
+
+
 # -- the intervention ----------------------------------------------------------------------------
 @dataclass
 class _Path:
@@ -400,6 +412,7 @@ class MVP(Intervention):
             self._report = {"views": {}, "answered": "plainly (no view)"}
             out.report[self.name] = self._report
             return out
+        self._refuse_generate_arguments(gen)
         rows = [self._single(im, r) for r, im in enumerate(images)]
         if len(rows) != len(prompts):
             raise InputError(f"got {len(rows)} images for {len(prompts)} prompts; give one image per prompt")
@@ -432,6 +445,19 @@ class MVP(Intervention):
         tokens = [len(lvlm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         return Generation(texts=texts, report={**last.report, self.name: self._report},
                           artifacts={**last.artifacts, self.name: {"captions": caption_text}}, tokens=tokens)
+
+    @staticmethod
+    def _refuse_generate_arguments(gen: dict[str, Any]) -> None:
+        """Refuse, before any forward, a ``generate()`` argument that would not reach MVP's own calls.
+
+        They decode with MVP's settings (captions, first-token scores, paths): only the answer budget
+        is the caller's. Sampling settings are accepted and unused, as MVP's stages sample on their own.
+        """
+        for key, value in gen.items():
+            if key in _CALLER_SETTINGS or value is None or _PLAIN.get(key, object()) == value:
+                continue
+            raise ConfigError(f"mvp decodes its captions and paths with its own generate() settings, so it does not "
+                              f"take {key}; drop it")
 
     def _first_tokens(self, lvlm: LVLM, inner: Inner, rows: list[Any], asked: list[str], names: list[str],
                       modes: list[str], cost: dict[str, dict[str, int]]):
