@@ -206,12 +206,13 @@ def effect_line(method: str, task: str = "yes-no") -> str:
     verdict = "better" if better and vs["p_value"] < 0.05 else "worse" if not better and vs["p_value"] < 0.05 else \
         "no clear change"
     n = base.get("n", summary.get("limit"))
-    where = f"{bench.upper()} {split} split" if TASKS[task][1] else f"{bench.upper()} set"
-    return (f"Over the testbed's whole {where} ({n} samples, the effect table of the docs' "
-            f"testbed page): {_METRIC_NAMES.get(metric, metric)} {bci['value'] * 100:.1f}% [{bci['low'] * 100:.1f}, "
-            f"{bci['high'] * 100:.1f}] without a method, {ci['value'] * 100:.1f}% [{ci['low'] * 100:.1f}, "
-            f"{ci['high'] * 100:.1f}] with {method}: {change:+.1f} points, paired bootstrap p {_p_text(vs['p_value'])} "
-            f"({verdict}). One example is not evidence.")
+    what = f"{bench.upper()} {split} split, {n} questions" if TASKS[task][1] else f"{bench.upper()} set, {n} captions"
+    return (f"Over the whole {what} (the effect table of the docs' testbed page):\n"
+            f"  {_METRIC_NAMES.get(metric, metric)} {bci['value'] * 100:.1f}% [{bci['low'] * 100:.1f}, "
+            f"{bci['high'] * 100:.1f}] without a method -> {ci['value'] * 100:.1f}% [{ci['low'] * 100:.1f}, "
+            f"{ci['high'] * 100:.1f}] with {method}\n"
+            f"  {change:+.1f} points, paired bootstrap p {_p_text(vs['p_value'])} ({verdict}). "
+            "One example is not evidence.")
 
 
 def run_demo(lvlm: Any, method: str = "mvp", task: str = "yes-no", n: int = 2, scan: int = 200,
@@ -221,19 +222,21 @@ def run_demo(lvlm: Any, method: str = "mvp", task: str = "yes-no", n: int = 2, s
     examples, read = find_examples(lvlm, method, task, n=n, scan=scan, **params)
     what = ("a yes to an absent object or a no to a present one" if task == "yes-no"
             else "a caption naming an object the scene does not hold")
-    lines = [f"The embedded testbed, baseline and {method}. Examples: the first {n} samples of the testbed's "
-             f"{bench.upper()}{' ' + split if split else ''} benchmark, in its order, where the baseline contradicts "
-             f"the scene ({what}); {read} read to find them."]
+    asked = "questions" if task == "yes-no" else "captions"
+    lines = [f"The embedded testbed: the baseline and {method} on its {bench.upper()}{' ' + split if split else ''} "
+             f"{asked}.",
+             f"Examples: the first {n}, in the benchmark's order, where the baseline contradicts the scene",
+             f"({what}); {read} {asked} read to find them.", ""]
     if not examples:
         lines.append(f"  none of the first {read} samples: the baseline contradicts no scene there")
     for i, ex in enumerate(examples, 1):
-        lines.append(f"{i}. scene {ex.image}: {', '.join(ex.objects)}")
-        lines.append(f"   prompt: {ex.prompt}" + (f"   truth: {ex.truth.capitalize()}" if ex.truth else ""))
+        lines.append(f"{i}. scene {ex.image} holds: {', '.join(ex.objects)}")
+        lines.append(f"   {ex.prompt}" + (f"   truth: {ex.truth.capitalize()}" if ex.truth else ""))
         question = ex.prompt if ex.truth else None
+        width = max(len("baseline"), len(method)) + 2
         for label, text in (("baseline", ex.baseline), (method, ex.answer)):
             marked = mark_against_scene(text, ex.objects, question, ex.chair_mode)
             verdict = "contradicts the scene" if marked != text else "agrees with the scene"
-            lines.append(f"   [{label}] {marked}   ({verdict})")
-    lines.append(f"   *word*: {MARK_LEGEND}")
-    lines.append(effect_line(method, task))
+            lines.append(f"   {'[' + label + ']':{width}} {marked}   ({verdict})")
+    lines += [f"   *word*: {MARK_LEGEND}", "", *effect_line(method, task).splitlines()]
     return lines

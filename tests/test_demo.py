@@ -70,7 +70,7 @@ def test_the_effect_line_states_both_values_their_cis_and_the_p_value():
     assert f"{row['ci']['accuracy']['value'] * 100:.1f}% [{row['ci']['accuracy']['low'] * 100:.1f}" in line
     p = row["vs_baseline"]["accuracy"]["p_value"]
     assert ("p < 0.001" if p < 0.001 else f"p {p:.3f}") in line and "0.000999" not in line
-    assert f"({row['n']} samples" in line and "not evidence" in line
+    assert f"{row['n']} questions" in line and "not evidence" in line
     assert "not in the shipped effect table" in effect_line("nonesuch")
 
 
