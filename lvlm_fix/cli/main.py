@@ -737,7 +737,11 @@ def report_cmd(results_dir) -> None:
 @click.option("--force", is_flag=True, help="replace an existing --out file.")
 def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, out, force,
                   **kwargs) -> None:
-    """ACT's per-head search on a calibration split; writes the head-list file."""
+    """ACT's per-head search on a calibration split; writes the head-list file.
+
+    Without data flags it calibrates on the testbed's second synthetic benchmark (seed 1, other scenes), not on
+    the one `eval` scores; with your own data, give questions whose images your evaluation does not use."""
+    from ..errors import UnknownNameError
     from ..evals.bench import make_bench
     from ..interventions.act import calibrate_act, write_head_file
 
@@ -745,12 +749,33 @@ def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, metho
     if limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number")
     _out_file(out, "--out", force)  # before the search: a file it would replace, a full disk
+    if pope_questions is None and hf_dataset is None:
+        from ..evals.pope import SPLITS
+
+        if split not in SPLITS:
+            raise UnknownNameError("POPE split", split, SPLITS)
+        # Heads chosen on the questions eval then scores would inflate ACT's score there: other scenes instead.
+        from ..testbed.benchmark import SyntheticBenchmark, ensure_benchmark
+
+        calibration = SyntheticBenchmark(ensure_benchmark(seed=CALIBRATION_SEED))
+        pope_questions, image_dir = str(calibration.pope_file(split)), str(calibration.images_dir)
     pope = make_bench(bench, split, pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
     samples, dataset = pope.load(limit, seed=0)
+    click.echo(f"calibration data: {len(samples)} questions of POPE {split} from {dataset['id']}"
+               + (f" (images: {dataset['image_dir']})" if dataset.get("image_dir") else ""), err=True)
     lvlm = _load(model_opts)
     result = calibrate_act(lvlm, [s.data for s in samples], limit=limit)
-    result.setdefault("calibration", {})["dataset"] = dataset
+    cal = result.setdefault("calibration", {})
+    cal["dataset"] = dataset
     write_head_file(result, out)
+    if not result["heads"]:
+        warnings.warn(f"no head raised yes/no accuracy above the baseline's {cal['baseline_acc']:.3f} on these "
+                      f"{cal['samples']} questions, so {out} lists no head and `--heads-file {out}` makes ACT change "
+                      "nothing; calibrate on more questions (--limit) or run ACT without --heads-file (all heads of "
+                      "its layers)", LvlmFixWarning, stacklevel=1)
+    else:
+        click.echo(f"{cal['selected']} heads raise yes/no accuracy over the baseline's {cal['baseline_acc']:.3f}; "
+                   f"with all of them ACT gives {cal['combined_acc']:.3f}", err=True)
     click.echo(f"wrote {out}")
 
 
@@ -771,6 +796,8 @@ def testbed_train_cmd(out, steps, seed, device) -> None:
     path = train(out, steps=steps, seed=seed, device=device)
     click.echo(f"wrote {path}")
 
+
+CALIBRATION_SEED = 1  # `calibrate`'s default data: the testbed benchmark of this seed, not eval's (seed 0)
 
 _METHOD_FLAGS_ADDED = False
 
