@@ -28,7 +28,7 @@ from lvlm_fix.errors import ConfigError, InputError, UnknownNameError  # noqa: E
 from lvlm_fix.integrations.lmms_eval import LvlmFixLMMS, method_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = Path(__file__).parent / "lmms_tasks"  # pope_local: reads ./pope_local_data
+TASKS = ROOT / "lvlm_fix" / "integrations" / "lmms_tasks"  # pope_local, shipped: reads ./pope_local_data
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."  # lmms-eval's POPE post_prompt
 METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")
 N_PER_SPLIT = 4

@@ -779,6 +779,25 @@ def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, metho
     click.echo(f"wrote {out}")
 
 
+@cli.command("lmms-data")
+@click.option("--pope-questions", default=None, help="POPE question file, or a folder of *_<split>.json (default: "
+              "the testbed's synthetic POPE).")
+@click.option("--image-dir", default=None, help="the images the question files name (COCO val2014).")
+@click.option("--split", default="all", show_default=True, type=click.Choice(["random", "popular", "adversarial", "all"]))
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="questions per split (default: all).")
+@click.option("--out", required=True, help="folder to write: pope_local_data/ and tasks/pope_local/.")
+def lmms_data_cmd(pope_questions, image_dir, split, limit, out) -> None:
+    """POPE in lmms-eval's local layout (a save_to_disk copy in lmms-lab/POPE's schema) and the pope_local task."""
+    from ..integrations.lmms_data import write_lmms_pope
+
+    if pope_questions is not None and image_dir is None:
+        raise InputError("--pope-questions needs --image-dir, the folder of the images they name (COCO val2014)")
+    out_dir = write_lmms_pope(_out_dir(out, "--out", ("pope_local_data",)), split, pope_questions, image_dir, limit)
+    click.echo(f"wrote {out_dir / 'pope_local_data'} and {out_dir / 'tasks' / 'pope_local'}; run lmms-eval there:")
+    click.echo(f"  cd {out_dir} && python -m lmms_eval --model lvlm_fix --model_args method=vhr --tasks pope_local "
+               "--include_path tasks --batch_size 8 --output_path results")
+
+
 @cli.group("testbed")
 def testbed_group() -> None:
     """The embedded testbed model: train it, write its synthetic benchmark."""
