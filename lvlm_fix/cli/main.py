@@ -640,6 +640,9 @@ def _system_prompt(value: str | None) -> str | None:
 @click.option("--methods", default="none", show_default=True,
               help="comma-separated method specs, each its own result: none,vhr,var:tau=3.5,vhr+var ...")
 @click.option("--method", "method_alias", default=None, hidden=True)
+@click.option("--sweep", default=None, metavar="FILE.toml",
+              help="the settings from a sweep file instead of --methods: one [METHOD] table each, a list value a grid "
+                   "([vhr] alpha = [1.5, 2, 3]); copied into the run folder.")
 @click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=VALUE", help=SET_HELP)
 @click.option("--limit", default=None, type=int, help="samples per split (CHAIR: images, default 500).")
 @click.option("--batch-size", default=16, show_default=True, type=int)
@@ -656,7 +659,7 @@ def _system_prompt(value: str | None) -> str | None:
 @click.option("--seed", default=None, type=SEED, help="CHAIR image sampling and generation seed (default 0; vcd 55).")
 @click.option("--n-boot", default=1000, show_default=True, type=click.IntRange(min=1), help="bootstrap replicates.")
 @click.option("--out", default="results", show_default=True, help="run folder (resumable).")
-def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_new_tokens, do_sample, temperature,
+def eval_cmd(bench, split, methods, method_alias, sweep, sets, limit, batch_size, max_new_tokens, do_sample, temperature,
              top_p, repetition_penalty, num_beams, prompt_template, system_prompt, seed, n_boot, out,
              **kwargs) -> None:
     """POPE / CHAIR / AMBER: baseline and methods on the same samples, with CIs and paired tests."""
@@ -671,7 +674,14 @@ def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_n
     options = _bench_flags(kwargs)
     if method_alias is not None and methods != "none":
         raise ConfigError("give the methods once: --methods (comma-separated) or --method, not both")
-    names = split_specs(method_alias or methods)
+    if sweep is not None and (methods != "none" or method_alias is not None):
+        raise ConfigError("give the settings once: --sweep FILE or --methods, not both (add [none] to the file)")
+    if sweep is not None:
+        from ..sweep import sweep_specs
+
+        names = sweep_specs(sweep)
+    else:
+        names = split_specs(method_alias or methods)
     if not any(names):
         raise ConfigError(f"--methods {methods!r} names no method; pass e.g. --methods none,vhr")
     # Each spec gets the flags and --set entries its methods take; one that no spec takes is an error.
@@ -684,6 +694,12 @@ def eval_cmd(bench, split, methods, method_alias, sets, limit, batch_size, max_n
                        system_prompt=_system_prompt(system_prompt), seed=seed, method_params=per_method,
                        n_boot=n_boot, command=_invocation, **options)
     with job.lock():  # before the model loads: a second run into --out is refused at once
+        if sweep is not None:  # the run folder records the file its settings came from
+            import shutil
+
+            from ..sweep import SWEEP_FILE
+
+            shutil.copyfile(sweep, Path(out) / SWEEP_FILE)
         lvlm = _load(model_opts)
         summary = job.run(lvlm)
     if summary:
