@@ -187,3 +187,19 @@ def test_the_table_is_rendered_from_cells():
     text = render(cells, order)
     assert parse_table(text) == {cell: cell_text(c) for cell, c in cells.items()}
     assert "yes (1 graph break, 3 graphs)" in text and "vcd does not support static caches" in text
+
+
+def test_dynamos_int_setting_comes_back_when_plans_leave_out_of_order(tiny):
+    """Two models, a plan on each (as two threads may): the setting the first plan changed comes back
+    when the last one leaves, whichever that is (per-plan patches would leave it changed)."""
+    config = torch._dynamo.config
+    before = config.allow_unspec_int_on_nn_module
+    first = Plan(tiny("llava"), []).active()
+    second = Plan(tiny("gemma3"), []).active()
+    first.__enter__()
+    second.__enter__()
+    assert config.allow_unspec_int_on_nn_module is True
+    first.__exit__(None, None, None)  # the first leaves first
+    assert config.allow_unspec_int_on_nn_module is True
+    second.__exit__(None, None, None)
+    assert config.allow_unspec_int_on_nn_module == before

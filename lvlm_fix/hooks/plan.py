@@ -26,6 +26,7 @@ inside :func:`outside_plan`, so that no participant edits or counts it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -473,7 +474,12 @@ def static_cache(generation_config: Any, model_kwargs: dict[str, Any]) -> str | 
     return f"cache_implementation={impl!r}" if impl in ALL_STATIC_CACHE_IMPLEMENTATIONS else None
 
 
-def _symbolic_step_ints() -> Any:
+_STEP_INTS_LOCK = threading.Lock()
+_step_ints: dict[str, Any] = {"plans": 0, "before": None}  # plans active in any thread; the setting before the first
+
+
+@contextmanager
+def _symbolic_step_ints() -> Iterator[None]:
     """While a plan is active, dynamo may trace the ints that change every decode step as symbols.
 
     Under ``torch.compile`` (``generate()`` compiles its decode steps with a static cache) the
@@ -482,8 +488,23 @@ def _symbolic_step_ints() -> Any:
     attention modules' seat), and dynamo takes an int attribute found through a module for a
     constant: every decode step would recompile, until its recompile limit (8) leaves the forward
     uncompiled. This lets such ints become symbolic after their first change (one recompile).
+
+    Dynamo's setting is global: the first plan to enter (in any thread) sets it, the last to leave
+    puts back what it was (plans of two models in two threads need not leave in order).
     """
-    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
+    config = torch._dynamo.config
+    with _STEP_INTS_LOCK:
+        if not _step_ints["plans"]:
+            _step_ints["before"] = config.allow_unspec_int_on_nn_module
+            config.allow_unspec_int_on_nn_module = True
+        _step_ints["plans"] += 1
+    try:
+        yield
+    finally:
+        with _STEP_INTS_LOCK:
+            _step_ints["plans"] -= 1
+            if not _step_ints["plans"]:
+                config.allow_unspec_int_on_nn_module = _step_ints["before"]
 
 
 @contextmanager
