@@ -566,6 +566,14 @@ def test_report_refuses_a_results_md_that_is_a_folder(capsys, tmp_path):
     assert "is not an lvlm-fix summary" in cli_error(capsys, "report", str(out))
 
 
+def test_a_jsonl_that_is_not_utf8_is_refused_not_garbled(capsys, tmp_path, monkeypatch):
+    _no_weights(monkeypatch)
+    Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"image": "fine.png", "prompt": "A?"}\n{"image": "fine.png", "prompt": "Is there a d\xf6g?"}\n')
+    assert "rows.jsonl:2 is not UTF-8" in cli_error(capsys, "run", "--model", "x/y", "--jsonl", str(rows))
+
+
 def test_a_truncated_jpeg_in_a_jsonl_is_refused_before_any_answer(capsys, tmp_path, monkeypatch):
     import io
 

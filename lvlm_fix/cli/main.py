@@ -314,8 +314,14 @@ def _read_jsonl(path: str) -> list[dict[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"jsonl file not found: {p}; pass an existing file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # replaced characters would reach the model as a prompt nobody wrote
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{p}:{line} is not UTF-8 text; save the file as UTF-8") from None
     rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
