@@ -97,3 +97,23 @@ def test_the_smoke_marker_is_registered_and_names_existing_files():
 
     assert "smoke:" in (ROOT / "pyproject.toml").read_text()
     assert all((ROOT / "tests" / name).is_file() for name in SMOKE_FILES), SMOKE_FILES
+
+
+def test_the_adding_a_benchmark_example_runs_as_a_bench(tmp_path):
+    """docs/examples/colour_bench.py, shown whole in the guide, is a working bench: records, CIs, paired tests, table."""
+    import importlib.util
+    import json
+
+    import lvlm_fix
+
+    spec = importlib.util.spec_from_file_location("colour_bench", DOCS / "examples" / "colour_bench.py")
+    module = sys.modules["colour_bench"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = lvlm_fix.evaluate(lvlm_fix.load(None), bench="colour", methods=["none", "vcd"], limit=6,
+                                out_dir=tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "vcd" / "samples.jsonl").read_text().splitlines()]
+    row = summary["methods"]["vcd"]["splits"]["colour"]
+    assert len(records) == 6 and row["accuracy"] == sum(r["correct"] for r in records) / 6
+    assert "ci" in row and "p_value" in row["vs_baseline"]["accuracy"]
+    assert "| vcd |" in (tmp_path / "results.md").read_text()
+    assert '--8<-- "docs/examples/colour_bench.py"' in (DOCS / "guides" / "adding-a-benchmark.md").read_text()
