@@ -238,9 +238,34 @@ def _integer_ticks(ax: Any, labels: list[int] | None = None) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: str(labels[int(v)]) if 0 <= v < len(labels) else ""))
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
+def grid_matches_image(grid: tuple[int, int], image: Image.Image, tolerance: float = 0.05) -> bool:
+    """Whether a ``(rows, cols)`` token grid has the image's aspect ratio, so that cell ``(r, c)`` covers the
+    image's ``r``-th row and ``c``-th column band. A processor that center-crops (CLIP's, LLaVA-1.5's) lays its
+    grid over the crop of a non-square image: drawn over the whole image, each cell would sit off its patch."""
+    rows, cols = grid
+    return abs((rows / cols) / (image.height / image.width) - 1) <= tolerance
+
+
+def _draw_over_image(ax: Any, image: Image.Image, values: Any, cmap: str) -> Any:
+    """The image, and ``values`` (a rows x cols grid) drawn over it, each cell on its band of the image;
+    zero cells left clear. The image is shown at the axes' size, so a 96-pixel scene is as readable as a photo."""
+    import numpy as np
+
+    ax.imshow(image, interpolation="nearest")
+    masked = np.ma.masked_equal(np.asarray(values, dtype=float), 0)
+    im = ax.imshow(masked, cmap=cmap, alpha=0.6, interpolation="nearest",
+                   extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return im
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path, image: Image.Image | None = None) -> list[Path]:
     """Write the PNG figures, then ``stats.json``; returns the written paths. Each file is written whole or
-    not at all, and stats.json last: after a full disk no stats.json is left, so the same command runs again."""
+    not at all, and stats.json last: after a full disk no stats.json is left, so the same command runs again.
+
+    With ``image`` (the one the statistics were recorded on), the visual-sink map is also drawn over it, where
+    the patch grid has the image's aspect ratio (:func:`grid_matches_image`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,9 +309,11 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
     tau = report.get("sink_tau", SINK_TAU)
     title = (f"visual sinks: layers flagging each image token\n(tau = {tau:g}, dims {report['sink_dims']}, "
              f"{report['sink_dims_source']})")
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    im = None
     grid = report.get("image_grid")
+    over = image is not None and grid is not None and counts.any() and grid_matches_image(grid[:2], image)
+    fig, axs = plt.subplots(1, 2 if over else 1, figsize=(11, 5.2) if over else (5.5, 4.5), squeeze=False)
+    ax = axs[0][0]
+    im = None
     if not counts.any():  # an all-zero map reads as a broken figure: say what was looked for
         rows, cols = (grid[0], grid[1]) if grid else (1, max(len(rank), 1))
         ax.set(xlim=(-0.5, cols - 0.5), ylim=(rows - 0.5, -0.5), xlabel="patch column" if grid else "image token",
@@ -299,6 +326,12 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
         im = ax.imshow(counts[offset: offset + rows * cols].view(rows, cols).numpy(), cmap="magma")
         ax.set(xlabel="patch column", ylabel="patch row")
         _integer_ticks(ax)
+        if over:
+            _draw_over_image(axs[0][1], image, counts[offset: offset + rows * cols].view(rows, cols).numpy(), "magma")
+            axs[0][1].set_title(f"over the image ({image.width}x{image.height}); clear: no layer flags the patch",
+                                fontsize=10)
+        elif image is not None:
+            title += "\n(not drawn over the image: the grid's aspect differs from the image's, e.g. a center crop)"
         outside = len(rank) - rows * cols
         if outside:
             title += f"\n{rows}x{cols} grid shown; {outside} other image tokens (tiles, newlines) not drawn"
