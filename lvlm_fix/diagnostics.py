@@ -260,6 +260,30 @@ def _draw_over_image(ax: Any, image: Image.Image, values: Any, cmap: str) -> Any
     return im
 
 
+def mask_overlay(image: Image.Image, mask: Any, box: tuple[int, int, int, int] | None = None,
+                 min_side: int = 384) -> Image.Image:
+    """``image`` with what a mask discards dimmed and the crop ``box`` outlined in red, magnified (nearest
+    neighbour) so that its shorter side is at least ``min_side``: CARVE's mask and crop, readable on the image
+    they were taken from (the testbed's scenes are 96 pixels)."""
+    import numpy as np
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    rgb = image.convert("RGB")
+    keep = np.asarray(PILImage.fromarray(np.asarray(mask, dtype=np.uint8) * (255 if np.max(mask) <= 1 else 1))
+                      .resize(rgb.size, PILImage.NEAREST)) > 127
+    pixels = np.asarray(rgb, dtype=np.float32)
+    pixels[~keep] *= 0.25  # discarded: dimmed, still visible, so the kept regions read in context
+    out = PILImage.fromarray(pixels.astype(np.uint8))
+    scale = max(1, -(-min_side // min(out.size)))
+    out = out.resize((out.width * scale, out.height * scale), PILImage.NEAREST)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ImageDraw.Draw(out).rectangle((x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1), outline=(255, 0, 0),
+                                      width=max(2, scale // 2))
+    return out
+
+
 def write_outputs(report: dict[str, Any], out_dir: Path, image: Image.Image | None = None) -> list[Path]:
     """Write the PNG figures, then ``stats.json``; returns the written paths. Each file is written whole or
     not at all, and stats.json last: after a full disk no stats.json is left, so the same command runs again.

@@ -34,3 +34,30 @@ def test_a_grid_of_another_shape_than_the_image_is_not_drawn_over_it(scene_repor
     assert grid_matches_image((8, 8), image) and not grid_matches_image((8, 8), wide)
     write_outputs(report, tmp_path, image=wide)
     assert Image.open(tmp_path / "visual_sinks.png").width < 700  # the grid alone, with a note in its title
+
+
+def test_carves_mask_and_crop_are_drawn_over_the_image_at_a_readable_size():
+    import numpy as np
+
+    from lvlm_fix.diagnostics import mask_overlay
+
+    image = Image.new("RGB", (96, 96), (200, 200, 200))
+    mask = np.zeros((96, 96), dtype=np.uint8)
+    mask[10:30, 40:60] = 1
+    out = np.asarray(mask_overlay(image, mask, (40, 10, 60, 30)))
+    assert out.shape[:2] == (384, 384)
+    assert tuple(out[80, 200]) == (200, 200, 200)  # kept (row 20, column 50 of the scene): as it was
+    assert tuple(out[300, 300]) == (50, 50, 50)  # discarded: dimmed to a quarter
+    assert tuple(out[40, 200]) == (255, 0, 0)  # the crop's top edge, outlined
+
+
+def test_run_and_heads_write_the_overlays(capsys, tmp_path):
+    from conftest import cli_run
+
+    code, _, err = cli_run(capsys, "run", "--method", "carve", "--compare", "--prompt", "Is there a cup in the image?",
+                           "--max-new-tokens", "2", "--stat-tokens", "2", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert min(Image.open(tmp_path / "run" / "carve_overlay_0.png").size) >= 384
+    code, _, err = cli_run(capsys, "heads", "--tau", "3.5", "--out", str(tmp_path / "heads"))
+    assert code == 0, err
+    assert Image.open(tmp_path / "heads" / "visual_sinks.png").width > 1000  # the grid and the map over the scene

@@ -518,7 +518,7 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
         if compare:
             _print_touched(methods, res.report, out_dir)
         if res.artifacts and (out_dir is not None or compare):  # e.g. CARVE's masks, beside the answers
-            _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=done)
+            _save_artifacts(res.artifacts, out_dir or Path(ARTIFACT_DIR), start=done, images=imgs)
         done += len(batch)
     if out_dir is not None:
         click.echo(f"wrote {out_dir / 'answers.jsonl'} and {out_dir / 'reports.jsonl'}", err=True)
@@ -533,10 +533,20 @@ def _print_touched(methods: list[Any], report: dict[str, Any], out_dir: Path | N
         click.echo("(the full report of each method: pass --out DIR, it goes to DIR/reports.jsonl)", err=True)
 
 
-def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int) -> None:
-    """Save PIL images found in method artifacts (e.g. CARVE's masks) as PNGs."""
+def _save_artifacts(artifacts: dict[str, Any], out_dir: Path, start: int, images: list[Any] | None = None) -> None:
+    """Save PIL images found in method artifacts (e.g. CARVE's masks) as PNGs; CARVE's mask and crop also drawn
+    over each row's image (``carve_overlay_<row>.png``)."""
     from PIL import Image
 
+    from ..diagnostics import mask_overlay
+
+    carve = artifacts.get("carve") or {}
+    for i, (mask, box) in enumerate(zip(carve.get("masks", []), carve.get("bboxes", []))):
+        if images is not None and i < len(images) and isinstance(images[i], Image.Image):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"carve_overlay_{start + i}.png"
+            mask_overlay(images[i], mask, box).save(path)
+            click.echo(f"saved {path}", err=True)
     for method, art in artifacts.items():
         for key, value in (art or {}).items():
             if isinstance(value, list):
@@ -573,7 +583,7 @@ def heads_cmd(image, prompt, tau, out, **kwargs) -> None:
 
     lvlm = _load(model_opts)
     report = head_statistics(lvlm, img, text, tau=tau)
-    for path in write_outputs(report, out_dir):
+    for path in write_outputs(report, out_dir, image=img):
         click.echo(f"wrote {path}")
     vhd = report["vhd_filtered"]
     top = sorted(((v, l, h) for l, row in zip(report["layers"], vhd) for h, v in enumerate(row)), reverse=True)[:5]
