@@ -166,6 +166,8 @@ def test_the_api_refuses_a_negative_seed_before_any_sample():
 
     with pytest.raises(ConfigError, match="--seed -5"):
         prepare_eval("pope", methods=["none"], seed=-5)
+    with pytest.raises(ConfigError, match="method_params names 'var'"):  # parameters of a setting not run
+        prepare_eval("pope", methods=["none", "vhr"], method_params={"var": {"tau": 3.5}})
 
 
 # -- 2. nothing mixed, ever -----------------------------------------------------------------------------------

@@ -315,6 +315,9 @@ def prepare_eval(
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:  # said once, meant once: a setting listed twice is a slip, not a request to dedupe
         raise ConfigError(f"--methods lists {twice[0]!r} twice; list each setting once")
+    unused = sorted(set(method_params or {}) - set(methods))
+    if unused:  # parameters of a setting that is not run would be dropped without a word
+        raise ConfigError(f"method_params names {unused[0]!r}, which is not one of the methods {methods}")
     if seed is not None and not 0 <= seed < 2**32:  # numpy's and torch's seeds; checked before any sample is made
         raise ConfigError(f"--seed {seed} must be between 0 and 2**32 - 1")
     for value, flag in ((limit, "--limit"), (batch_size, "--batch-size"), (max_new_tokens, "--max-new-tokens"),
