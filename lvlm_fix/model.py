@@ -435,7 +435,7 @@ def _check_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> None:
                              f"({type(processor).__name__}), which would ignore it; check its spelling or drop it")
 
 
-def _check_torch_device(name: str, option: str) -> None:
+def check_torch_device(name: str, option: str) -> None:
     """Any name torch reads (``cpu:0`` under torchrun too), and a GPU that is there (:func:`check_device`)."""
     try:
         torch.device(name)
@@ -491,9 +491,9 @@ def load(
     trust_remote_code = strict_bool("trust_remote_code", trust_remote_code)  # "no" must never run remote code
     torch_dtype = _resolve_dtype(dtype)  # an unknown dtype is one line before any file is read
     if isinstance(device, str):  # a device or device map torch cannot use: one line now, not after the weights
-        _check_torch_device(device, "device")
+        check_torch_device(device, "device")
     if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        _check_torch_device(device_map, "device_map")
+        check_torch_device(device_map, "device_map")
     from_pretrained_kwargs = check_kwargs(from_pretrained_kwargs, "model keyword argument")
     processor_kwargs = check_kwargs(processor_kwargs, "processor keyword argument")
     _check_model_kwargs(from_pretrained_kwargs)

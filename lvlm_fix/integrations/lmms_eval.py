@@ -59,8 +59,8 @@ from ..api import check_length, generate
 from ..errors import ConfigError, InputError, strict_bool
 from ..evals.runner import _cut as cut_at_stops
 from ..images import load_image
-from ..devices import check_device
 from ..interventions import NONE, build_methods, format_spec, method_fields, parse_spec, parse_value
+from ..model import check_torch_device
 
 __all__ = ["MODEL_ARGS", "LvlmFixLMMS", "method_spec"]
 
@@ -138,7 +138,8 @@ class LvlmFixLMMS(lmms):
         self.report_path = _report_path(_unquote(report)) if report else None
         pretrained = _unquote(pretrained) if isinstance(pretrained, str) else pretrained
         device = _unquote(device) if isinstance(device, str) else device
-        check_device(device, "device")  # before any weight is loaded
+        if isinstance(device, str):  # before any weight is loaded
+            check_torch_device(device, "device")
         device_map = _device_map(device_map)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: one model copy per process
             if device_map is not None:
@@ -364,10 +365,10 @@ def _device_map(value: Any) -> Any:
                               "name such as cpu)")
         for v in value.values():
             if isinstance(v, str) and v not in ("disk",):
-                check_device(v, "device_map device")
+                check_torch_device(v, "device_map device")
         return value
     if text not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        check_device(text, "device_map")
+        check_torch_device(text, "device_map")
     return text
 
 
