@@ -135,9 +135,11 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
     plan = Plan(lvlm, methods)
     with plan.active(), torch.inference_mode():
         out = lvlm.model.generate(**batch, **gen)
+    # return_dict_in_generate=True gives generate()'s output object (scores, logits, ...): kept whole.
+    sequences, output = (out.sequences, out) if hasattr(out, "sequences") else (out, None)
     prompt_len = batch["input_ids"].shape[1]
-    return Generation(texts=lvlm.decode(out, prompt_len), report=plan.report(),
-                      tokens=generated_lengths(out, prompt_len, eos_token_ids(lvlm)).tolist())
+    return Generation(texts=lvlm.decode(sequences, prompt_len), report=plan.report(), output=output,
+                      tokens=generated_lengths(sequences, prompt_len, eos_token_ids(lvlm)).tolist())
 
 
 def eos_token_ids(lvlm: LVLM) -> set[int]:

@@ -275,6 +275,9 @@ class Generation:
     report: dict[str, Any] = field(default_factory=dict)  # per method name
     artifacts: dict[str, Any] = field(default_factory=dict)  # per method name, e.g. CARVE's refined images
     tokens: list[int] = field(default_factory=list)  # generated tokens per row, up to and including EOS
+    # generate()'s own output object when asked for with return_dict_in_generate=True (scores, logits,
+    # attentions, hidden states), else None; a method that wraps generate() passes on its last call's.
+    output: Any = None
 
 
 # What a method that wraps generate() calls to generate: ``inner(images, prompts, gen)`` applies the
