@@ -94,3 +94,13 @@ def test_the_examples_are_the_first_samples_where_the_baseline_errs(testbed):
     assert wrong == [(e.image, e.prompt) for e in examples]
     for e in examples:
         assert e.truth in ("yes", "no") and mark_against_scene(e.baseline, e.objects, e.prompt) != e.baseline
+
+
+def test_the_readmes_demo_output_is_what_the_demo_prints(testbed):
+    """The README shows `lvlm-fix demo`'s output (its set-up's first command): it must be the real one."""
+    from lvlm_fix.demo import run_demo
+
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("The first command ends with `lvlm-fix demo`, which prints:", 1)[1]
+    shown = shown.split("```text\n", 1)[1].split("```", 1)[0].rstrip("\n").splitlines()
+    assert shown == run_demo(testbed)
