@@ -387,7 +387,8 @@ class Matrix:
         lvlm = self.models[feature.model]
         wraps = _wraps(subject)
         if wraps and feature.returns_dict:
-            return Cell("n/a", "runs generate() itself: answers through lvlm_fix.generate(), which returns texts")
+            return Cell("n/a", "runs generate() itself, more than once: lvlm_fix.generate() keeps the answering "
+                               "call's output object (Generation.output), not compared here")
         try:
             _bind(lvlm, subject)
         except LvlmFixError as e:  # the subject does not serve this model at all
