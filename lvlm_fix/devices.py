@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import InputError
 
-_DEVICE = re.compile(r"^(cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?)$")
+_DEVICE = re.compile(r"^(meta|(cpu|mps|cuda|xpu|npu|hpu)(:\d+)?)$")  # cpu:0 too, as torchrun names it
 
 
 def check_device(device: Any, option: str = "device") -> None:

@@ -818,3 +818,59 @@ def test_hostile_table(capsys, monkeypatch, tmp_path, tiny_dirs, coco, image_fil
         assert got == code and "Traceback" not in err, err
     assert (tmp_path / "file").read_text() == "the user's"  # nothing of the user's overwritten, whatever the case
 
+
+
+# -- 7. the CHAIR and AMBER readers -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows, needle", [
+    ([{"image_id": 1.7, "caption": "A dog."}], "image_id=1.7; ids must be integers"),
+    ([{"image_id": True, "caption": "A dog."}], "image_id=True"),
+    ([{"image_id": "1", "caption": "A dog."}, {"image_id": 1, "caption": "A cup."}], "image 1 a second time"),
+    ([{"image_id": 0, "caption": "A dog."}, {"image_id": 0, "caption": "A dog."}], "image 0 a second time"),
+])
+def test_chair_score_refuses_float_boolean_and_duplicate_ids(capsys, coco, tmp_path, rows, needle):
+    path = _labelled(tmp_path, rows, "caps.jsonl")
+    line = cli_error(capsys, "score", "--bench", "chair", "--coco-annotations", str(coco / "annotations"),
+                     "--captions", str(path), "--out", str(tmp_path / "o"))
+    assert needle in line
+
+
+OFFICIAL_AMBER = __import__("pathlib").Path(__file__).parent / "amber_official"
+
+
+def _amber_copy(tmp_path):
+    import shutil
+
+    folder = tmp_path / "amber"
+    shutil.copytree(OFFICIAL_AMBER, folder)
+    return folder
+
+
+@pytest.mark.parametrize("rid, needle", [
+    (1.5, "id=1.5; ids must be integers"), (True, "id=True"),
+    (0, "AMBER id 0 has no annotation"), (-1, "AMBER id -1 has no annotation"),
+    (99999999, "AMBER id 99999999 has no annotation"),
+])
+def test_amber_score_ids_are_named_for_what_they_are(capsys, tmp_path, rid, needle):
+    folder = _amber_copy(tmp_path)
+    path = _labelled(tmp_path, None, "r.json", raw=json.dumps([{"id": rid, "response": "A dog."}]).encode())
+    line = cli_error(capsys, "score", "--bench", "amber", "--split", "generative", "--amber-dir", str(folder),
+                     "--responses", str(path), "--out", str(tmp_path / "o"))
+    assert needle in line and "not integers" not in line.replace("ids must be integers", "")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda anns: anns[0].update(type="nonsense"), "annotations.json id 1"),
+    (None, "annotations.json"),  # not UTF-8
+])
+def test_a_malformed_amber_annotations_file_is_blamed_not_the_responses(capsys, tmp_path, damage, needle):
+    folder = _amber_copy(tmp_path)
+    anns = json.loads((folder / "annotations.json").read_text())
+    if damage is None:
+        (folder / "annotations.json").write_bytes(b"[\xff" + json.dumps(anns)[1:].encode())
+    else:
+        damage(anns)
+        (folder / "annotations.json").write_text(json.dumps(anns))
+    path = _labelled(tmp_path, None, "r.json", raw=json.dumps([{"id": 1, "response": "A dog."}]).encode())
+    line = cli_error(capsys, "score", "--bench", "amber", "--split", "generative", "--amber-dir", str(folder),
+                     "--responses", str(path), "--out", str(tmp_path / "o"))
+    assert needle in line and "r.json" not in line

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...errors import ConfigError, DataError
 from .. import amber
-from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register
+from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register, row_id
 from ..data import dataset_fingerprint
 
 _GEN_KEYS = ("nouns", "hallucinated", "covered", "named_targets", "truth", "hallu")
@@ -190,10 +190,10 @@ class AmberBench(Bench):
         data = self._data()
         samples, texts = [], {}
         for i, row in enumerate(rows):
-            try:
-                item = data.item(int(row[id_key]))
-            except (TypeError, ValueError):
-                raise DataError(f"{path}: row {i + 1} has id {row[id_key]!r}; AMBER ids are integers") from None
+            text = row_id(path, i, row[id_key], id_key).strip()  # 1.5 and true are refused, not read as id 1
+            if not text.lstrip("-").isdigit():
+                raise DataError(f"{path}: row {i + 1} has {id_key}={row[id_key]!r}; AMBER ids are integers")
+            item = data.item(int(text))  # its errors name the id or annotations.json, not the responses file
             if self.split in amber.QUERY_FILES and item.split != self.split:
                 continue  # --split generative|discriminative scores only that part
             if str(item.id) in texts:

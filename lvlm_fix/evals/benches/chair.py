@@ -12,7 +12,7 @@ import numpy as np
 
 from ...errors import ConfigError, DataError
 from .. import chair, chair_opera
-from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register
+from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register, row_id
 from ..data import dataset_fingerprint, load_coco_captions_for_chair
 
 
@@ -139,23 +139,25 @@ class ChairBench(Bench):
         rows = _scorer_sentences(path) or read_rows(path)
         id_key = pick_key(path, rows, id_key, self.id_keys, "image id", "--id-key")
         text_key = pick_key(path, rows, text_key, self.text_keys, "caption", "--text-key")
-        try:
-            ids = [int(r[id_key]) for r in rows]
-        except (TypeError, ValueError):
-            bad = next(r[id_key] for r in rows if not str(r[id_key]).strip().isdigit())
-            raise DataError(f"{path}: image id {bad!r} is not an integer COCO image id") from None
+        ids = []
+        for i, r in enumerate(rows):  # a float or boolean id is refused, not read as image 1
+            text = row_id(path, i, r[id_key], id_key).strip()
+            if not text.isdigit():
+                raise DataError(f"{path}: image id {r[id_key]!r} is not an integer COCO image id")
+            ids.append(int(text))
         self.evaluator, dataset = self._score_evaluator(ids)
         missing = next((i for i in ids if not self.evaluator.has_image(i)), None)
         if missing is not None:
             raise DataError(f"{path}: image_id {missing} is not in the COCO annotations {dataset['id']}; pass the "
                             "folder whose captions/instances files hold it with --coco-annotations")
-        seen: dict[int, int] = {}
         samples, texts = [], {}
         for i, (image_id, row) in enumerate(zip(ids, rows)):
             if not isinstance(row[text_key], str):
                 raise DataError(f"{path}: row {i + 1} has {text_key}={row[text_key]!r}; captions must be strings")
-            seen[image_id] = seen.get(image_id, 0) + 1
-            sid = str(image_id) if seen[image_id] == 1 else f"{image_id}/{seen[image_id]}"
+            sid = str(image_id)
+            if sid in texts:  # as POPE and AMBER: one output per sample (it would be scored twice)
+                raise DataError(f"{path}: row {i + 1} captions image {image_id} a second time; keep one caption per "
+                                "image (score other captions of it as another file)")
             samples.append(Sample(sid, "val", "", _ScoredImage(image_id)))
             texts[sid] = row[text_key]
         return samples, texts, dataset
