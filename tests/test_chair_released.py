@@ -23,7 +23,7 @@ from lvlm_fix.cli.main import main
 from lvlm_fix.evals.chair import ChairEvaluator, ChairResult
 
 HERE = Path(__file__).resolve().parent / "chair_released"
-TOOL = Path(__file__).resolve().parents[1] / "benchmarks" / "chair_released.py"
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "chair_released.py"
 MIDDLE = os.environ.get("LVLM_FIX_MIDDLE_LAYERS_REPO")
 
 

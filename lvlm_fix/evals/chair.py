@@ -544,7 +544,7 @@ class ChairEvaluator:
     ) -> ChairEvaluator:
         """Build from a JSON file ``{"<image id>": [node word, ...], ...}``: each image's ground-truth
         objects as a CHAIR scorer's cache holds them (OPERA's ``chair.pkl``, converted to JSON by
-        ``benchmarks/chair_released.py``), used as they are: no reference caption is re-read.
+        ``tools/chair_released.py``), used as they are: no reference caption is re-read.
 
         Raises:
             DataError: Naming a missing or malformed file, or an object that is not a node word.

@@ -43,7 +43,7 @@ class ChairBench(Bench):
                                "averaged_perceptron_tagger_eng) or noun (every token a noun); default: perceptron "
                                "where installed, else noun with a warning.", choices=chair_opera.TAGGERS),
         Option("chair_ground_truth", "CHAIR score: a JSON file of image id -> ground-truth objects (a released "
-                                     "chair.pkl converted by benchmarks/chair_released.py), instead of "
+                                     "chair.pkl converted by tools/chair_released.py), instead of "
                                      "--coco-annotations."),
     )
     record_keys = ("id", "image_id", "caption", "mentioned", "words", "hallucinated", "gt", "n_words", "n_tokens")

@@ -15,11 +15,11 @@ refused. The product itself never unpickles.
 ``agree`` compares lvlm-fix's per-caption records (``samples.jsonl`` of ``lvlm-fix score``) with the
 scorer's own output, caption by caption: hallucinated objects, mentioned objects, and the totals.
 
-    python benchmarks/chair_released.py convert PAINT/chair.pkl --images PAINT/results/outputs.json \\
+    python tools/chair_released.py convert PAINT/chair.pkl --images PAINT/results/outputs.json \\
         --out gt.json
     lvlm-fix score --bench chair --chair-mode opera --chair-ground-truth gt.json \\
         --captions PAINT/results/outputs.json --out scored/
-    python benchmarks/chair_released.py agree PAINT/results/outputs.json scored/outputs/samples.jsonl
+    python tools/chair_released.py agree PAINT/results/outputs.json scored/outputs/samples.jsonl
 """
 
 from __future__ import annotations
