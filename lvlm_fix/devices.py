@@ -1,7 +1,8 @@
-"""Checking a device name before any weight is loaded (no torch import unless the name needs one).
+"""Checking a device name (and a ``device_map``) before any weight is loaded.
 
-The command line, the Python API and the lmms-eval model all check ``device`` here, so that
-``lvlm-fix run --help`` and a bad name cost no torch import.
+:func:`check_device`, the command line's, imports no torch unless the name needs one, so that
+``lvlm-fix run --help`` and a bad name cost no torch import; :func:`check_torch_device`, for
+:func:`~lvlm_fix.model.load` and the lmms-eval model, reads the name as torch does.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 from .errors import InputError
 
+# device_map values that name a placement strategy (accelerate's), not a device.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"^(meta|(cpu|mps|cuda|xpu|npu|hpu)(:\d+)?)$")  # cpu:0 too, as torchrun names it
 
 
@@ -35,6 +38,19 @@ def check_device(device: Any, option: str = "device") -> None:
 
         if not torch.backends.mps.is_available():
             raise InputError(f"{option} {device}: MPS is not available on this machine; use {_cpu(option)}")
+
+
+def check_torch_device(name: str, option: str) -> None:
+    """Any name torch reads (``cpu:0`` under torchrun too), and a GPU that is there (:func:`check_device`);
+    what :func:`~lvlm_fix.model.load` and the lmms-eval model check, with torch already imported."""
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise InputError(f"{option} {name!r} is not a torch device; use e.g. cpu, cuda, cuda:0 or mps") from None
+    if name.partition(":")[0] in ("cuda", "mps"):
+        check_device(name, option)
 
 
 def _cpu(option: str) -> str:

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from .adapters import Adapter, derive_adapter, unsupported_reason
-from .devices import check_device
+from .devices import DEVICE_MAP_STRATEGIES, check_torch_device
 from .errors import InputError, LvlmFixError, UnsupportedModelError, strict_bool
 from .hooks import attention
 
@@ -435,16 +435,6 @@ def _check_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> None:
                              f"({type(processor).__name__}), which would ignore it; check its spelling or drop it")
 
 
-def check_torch_device(name: str, option: str) -> None:
-    """Any name torch reads (``cpu:0`` under torchrun too), and a GPU that is there (:func:`check_device`)."""
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise InputError(f"{option} {name!r} is not a torch device; use e.g. cpu, cuda, cuda:0 or mps") from None
-    if name.partition(":")[0] in ("cuda", "mps"):
-        check_device(name, option)
-
-
 def load(
     name_or_path: str | Path | None = None,
     *,
@@ -492,7 +482,7 @@ def load(
     torch_dtype = _resolve_dtype(dtype)  # an unknown dtype is one line before any file is read
     if isinstance(device, str):  # a device or device map torch cannot use: one line now, not after the weights
         check_torch_device(device, "device")
-    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
         check_torch_device(device_map, "device_map")
     from_pretrained_kwargs = check_kwargs(from_pretrained_kwargs, "model keyword argument")
     processor_kwargs = check_kwargs(processor_kwargs, "processor keyword argument")

@@ -60,7 +60,7 @@ from ..errors import ConfigError, InputError, strict_bool
 from ..evals.runner import _cut as cut_at_stops
 from ..images import load_image
 from ..interventions import NONE, build_methods, format_spec, method_fields, parse_spec, parse_value
-from ..model import check_torch_device
+from ..devices import DEVICE_MAP_STRATEGIES, check_torch_device
 
 __all__ = ["MODEL_ARGS", "LvlmFixLMMS", "method_spec"]
 
@@ -367,7 +367,7 @@ def _device_map(value: Any) -> Any:
             if isinstance(v, str) and v not in ("disk",):
                 check_torch_device(v, "device_map device")
         return value
-    if text not in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if text not in DEVICE_MAP_STRATEGIES:
         check_torch_device(text, "device_map")
     return text
 
