@@ -209,7 +209,7 @@ def test_score_amber_responses(amber_dir: Path, tmp_path: Path) -> None:
 def test_tagger_keeps_nn_tags_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     """With NLTK's tagger data (absent here: a stand-in tagger), only NN* tokens are nouns, as in inference.py;
     without it the default falls back on every token with a warning, and asking for the tagger fails."""
-    import nltk
+    from types import SimpleNamespace
 
     from lvlm_fix.evals import chair_opera
 
@@ -225,8 +225,9 @@ def test_tagger_keeps_nn_tags_where_installed(monkeypatch: pytest.MonkeyPatch) -
     assert amber.extract_nouns(text, vocab) == ["park", "dog", "park"]  # a verb spelled like a noun counts
 
     tags = {"Cars": "NNS", "park": "VBP", "near": "IN", "the": "DT", "dog": "NN", ".": "."}
-    monkeypatch.setattr(nltk, "pos_tag", lambda tokens: [(t, "NN" if i == len(tokens) - 2 else tags[t])
-                                                         for i, t in enumerate(tokens)])  # the last "park" a noun
+    tagger = SimpleNamespace(tag=lambda tokens: [(t, "NN" if i == len(tokens) - 2 else tags[t])
+                                                 for i, t in enumerate(tokens)])  # the last "park" a noun
+    monkeypatch.setattr(chair_opera, "_perceptron", lambda: tagger)
     monkeypatch.setattr(chair_opera, "perceptron_available", lambda: True)
     assert amber.resolve_tagger(None) == "perceptron"
     assert amber.extract_nouns(text, vocab, "perceptron") == ["dog", "park"]  # "Cars" stays capitalised: no H noun

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import functools
 import json
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +65,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, LvlmFixWarning
+from ..errors import DataError
+from .chair_opera import TAGGERS, pos_tags  # TAGGERS: the --amber-tagger choices, as CHAIR's
+from .chair_opera import resolve_tagger as resolve_any_tagger
 
 GENERATIVE = "generative"
 DISCRIMINATIVE = "discriminative"
@@ -202,27 +203,11 @@ class AmberData:
 
 
 # ---- nouns --------------------------------------------------------------------------------------
-TAGGERS = ("perceptron", "noun")
-
-
 def resolve_tagger(tagger: str | None) -> str:
     """``perceptron`` (NLTK's ``pos_tag``, as inference.py; needs its data) or ``noun`` (every token a
     noun); None: perceptron where its data is installed, else noun with a warning."""
-    from .chair_opera import INSTALL_TAGGER, perceptron_available
-
-    if tagger is None:
-        if perceptron_available():
-            return "perceptron"
-        warnings.warn(f"AMBER: NLTK's perceptron tagger is not installed, so every token is taken as a noun (a verb "
-                      f"spelled like a vocabulary noun counts); install it with `{INSTALL_TAGGER}`, or pass "
-                      "--amber-tagger noun to silence this", LvlmFixWarning, stacklevel=2)
-        return "noun"
-    if tagger not in TAGGERS:
-        raise ConfigError(f"--amber-tagger {tagger!r} is not one of {', '.join(TAGGERS)}")
-    if tagger == "perceptron" and not perceptron_available():
-        raise ConfigError(f"--amber-tagger perceptron needs NLTK's tagger data, which is not installed; run "
-                          f"`{INSTALL_TAGGER}`, or use --amber-tagger noun")
-    return tagger
+    return resolve_any_tagger(tagger, "--amber-tagger", "AMBER",
+                              "taken as a noun (a verb spelled like a vocabulary noun counts)")
 
 
 def extract_nouns(text: str, vocabulary: frozenset[str], tagger: str = "noun") -> list[str]:
@@ -232,10 +217,8 @@ def extract_nouns(text: str, vocabulary: frozenset[str], tagger: str = "noun") -
     from .chair_original import word_tokenize
 
     tokens = word_tokenize(text)
-    if tagger == "perceptron" and tokens:
-        import nltk
-
-        tokens = [token for token, tag in nltk.pos_tag(tokens) if tag.startswith("NN")]
+    if tagger == "perceptron":
+        tokens = [token for token, tag in zip(tokens, pos_tags(tokens)) if tag.startswith("NN")]
     lemmas = (wordnet.lemmatize(token, "n", repeat_rules=True) for token in tokens)
     return [lemma for lemma in lemmas if lemma in vocabulary]
 

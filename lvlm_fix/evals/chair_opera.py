@@ -44,7 +44,7 @@ import warnings
 from importlib import metadata
 from typing import Any
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, LvlmFixWarning
 from .chair_original import SYNONYMS_FILE, double_words, synonym_table, synonyms_text, word_tokenize
 
 TAGGERS = ("perceptron", "noun")
@@ -83,6 +83,29 @@ def perceptron_available() -> bool:
     return True
 
 
+def resolve_tagger(tagger: str | None, flag: str, who: str, fallback: str) -> str:
+    """``tagger`` checked: ``perceptron`` (needs NLTK's data) or ``noun``; None takes the perceptron where its
+    data is installed, else the noun fallback with a warning (``who``: NLTK's perceptron tagger is not
+    installed, so every token is ``fallback``). ``flag`` is the option that sets it, for the messages."""
+    if tagger is None:
+        if perceptron_available():
+            return "perceptron"
+        warnings.warn(f"{who}: NLTK's perceptron tagger is not installed, so every token is {fallback}; install it "
+                      f"with `{INSTALL_TAGGER}`, or pass {flag} noun to silence this", LvlmFixWarning, stacklevel=3)
+        return "noun"
+    if tagger not in TAGGERS:
+        raise ConfigError(f"{flag} {tagger!r} is not one of {', '.join(TAGGERS)}")
+    if tagger == "perceptron" and not perceptron_available():
+        raise ConfigError(f"{flag} perceptron needs NLTK's tagger data, which is not installed; run "
+                          f"`{INSTALL_TAGGER}`, or use {flag} noun")
+    return tagger
+
+
+def pos_tags(tokens: list[str]) -> list[str]:
+    """Penn Treebank tags of ``tokens`` from NLTK's perceptron tagger, as ``nltk.pos_tag`` gives them."""
+    return [tag for _, tag in _perceptron().tag(tokens)] if tokens else []
+
+
 @functools.cache
 def _wordnet() -> Any:
     from . import wordnet
@@ -115,18 +138,8 @@ class OperaExtractor:
         Raises:
             ConfigError: For an unknown tagger, or ``"perceptron"`` without its data.
         """
-        if tagger is None:
-            tagger = "perceptron" if perceptron_available() else "noun"
-            if tagger == "noun":
-                warnings.warn(f"CHAIR opera mode: NLTK's perceptron tagger is not installed, so every token is tagged "
-                              f"a noun (same hallucinated objects, lower recall than OPERA's; install it with "
-                              f"`{INSTALL_TAGGER}`, or pass --chair-tagger noun to silence this)", UserWarning,
-                              stacklevel=2)
-        elif tagger not in TAGGERS:
-            raise ConfigError(f"--chair-tagger {tagger!r} is not one of {', '.join(TAGGERS)}")
-        elif tagger == "perceptron" and not perceptron_available():
-            raise ConfigError(f"--chair-tagger perceptron needs NLTK's tagger data, which is not installed; run "
-                              f"`{INSTALL_TAGGER}`, or use --chair-tagger noun")
+        tagger = resolve_tagger(tagger, "--chair-tagger", "CHAIR opera mode", "tagged a noun (same hallucinated "
+                                "objects, lower recall than OPERA's)")
         self.tagger = tagger
         self.node_of, self.nodes = synonym_table()
         self._double = double_words()
@@ -152,9 +165,7 @@ class OperaExtractor:
 
     def tags(self, tokens: list[str]) -> list[str]:
         """Penn Treebank tags of the tokens (all ``NN`` with the noun fallback)."""
-        if self.tagger == "noun" or not tokens:
-            return ["NN"] * len(tokens)
-        return [tag for _, tag in _perceptron().tag(tokens)]
+        return ["NN"] * len(tokens) if self.tagger == "noun" else pos_tags(tokens)
 
     def lemmas(self, caption: str) -> list[str]:
         """Steps 1-3 of the module docstring: the caption's tokens, lemmatised by tag."""
