@@ -73,7 +73,7 @@ def test_family(model_type, matrix):
         assert len(result.detail) > 20, f"{model_type} is {result.status} without saying why"
         assert not result.touched and not result.path
         if result.status == "unbuildable":
-            pytest.skip(f"no tiny {model_type} can be built offline here: {result.detail}")
+            pytest.skip(f"{model_type} cannot be checked here: {result.detail}")  # the build or its own forward failed
         return
     assert result.path in ("processor", "model-only")
     assert set(result.touched) == {"vhr", "var", "act"}
