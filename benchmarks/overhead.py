@@ -169,7 +169,7 @@ def testbed_subject(dtype: str, device: str | None, workdir: Path) -> Subject:
 
 
 def sized_llava_subject(dtype: str, device: str | None, workdir: Path) -> Subject:
-    from lvlm_fix.tiny import build_llava_sized
+    from lvlm_fix.testing.tiny import build_llava_sized
 
     path = build_llava_sized(workdir / "llava-sized", **SIZED_LLAVA)
     s = load_subject(str(path), "llava-118M (random)", SIZED_LLAVA["image_size"], dtype, device)
@@ -179,7 +179,7 @@ def sized_llava_subject(dtype: str, device: str | None, workdir: Path) -> Subjec
 
 def long_subject(name: str, dtype: str, device: str | None, workdir: Path) -> Subject:
     """One of :data:`LONG_SUBJECTS`, built once into ``workdir``."""
-    from lvlm_fix.tiny import build_llava_sized, build_qwen2_vl_sized
+    from lvlm_fix.testing.tiny import build_llava_sized, build_qwen2_vl_sized
 
     family, side = LONG_SUBJECTS[name]
     out = workdir / name
@@ -195,7 +195,7 @@ def long_subject(name: str, dtype: str, device: str | None, workdir: Path) -> Su
 
 
 def tiny_subject(workdir: Path) -> Subject:
-    from lvlm_fix.tiny import IMAGE_SIZE, build_tiny
+    from lvlm_fix.testing.tiny import IMAGE_SIZE, build_tiny
 
     s = load_subject(str(build_tiny("llava", workdir / "tiny-llava")), "tiny-llava (random)", IMAGE_SIZE,
                      "float32", None)
@@ -217,7 +217,7 @@ def real_size_config(name: str, *, shrink: bool = False) -> tuple[Any, Any, int]
     from transformers import CLIPImageProcessorPil, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
     from lvlm_fix.processors import image_only_processor
-    from lvlm_fix.tiny import _LLAVA_TOKENS, _QWEN_TOKENS, _llava, _token_ids, _tokenizer
+    from lvlm_fix.testing.tiny import _LLAVA_TOKENS, _QWEN_TOKENS, _llava, _token_ids, _tokenizer
 
     side = 336
     if name == "llava-1.5-7b":
@@ -414,7 +414,7 @@ class Config:
 
 def inputs(s: Subject, batch_size: int) -> tuple[list[Any], list[str], Any]:
     """``batch_size`` random images (seeds 0..b-1) with the same prompt, and their encoded batch."""
-    from lvlm_fix.tiny import build_image
+    from lvlm_fix.testing.tiny import build_image
 
     images = [build_image(seed, s.image_size) for seed in range(batch_size)]
     prompts = [PROMPT] * batch_size

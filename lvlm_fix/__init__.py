@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
            "head_statistics", "list_methods", "load", "load_image", "param", "register_method", "wrap"]

@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 
     from .model import LVLM
 
-__all__ = ["Generation", "apply", "check_length", "eos_token_ids", "fit_new_tokens", "generate", "generated_lengths",
-           "run_methods"]
+__all__ = ["Generation", "apply", "check_length", "fit_new_tokens", "generate", "run_methods"]
 
 MethodArg = str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None
 
@@ -138,25 +137,10 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
     # return_dict_in_generate=True gives generate()'s output object (scores, logits, ...): kept whole.
     sequences, output = (out.sequences, out) if hasattr(out, "sequences") else (out, None)
     prompt_len = batch["input_ids"].shape[1]
+    from .model import eos_token_ids, generated_lengths  # here: the module imports torch, and api is imported early
+
     return Generation(texts=lvlm.decode(sequences, prompt_len), report=plan.report(), output=output,
                       tokens=generated_lengths(sequences, prompt_len, eos_token_ids(lvlm)).tolist())
-
-
-def eos_token_ids(lvlm: LVLM) -> set[int]:
-    """The ids that end a generation (the generation config's, else the tokenizer's)."""
-    eos = lvlm.model.generation_config.eos_token_id
-    if eos is None:
-        eos = lvlm.tokenizer.eos_token_id
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-
-
-def generated_lengths(sequences: Any, prompt_len: int, eos: set[int]) -> Any:
-    """``[rows]`` generated tokens per row, up to and including the first EOS (padding after it excluded)."""
-    gen = sequences[:, prompt_len:]
-    n = gen.shape[1]
-    is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=gen.dtype, device=gen.device))
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((gen.shape[0],), n, device=gen.device))
-    return first.cpu()
 
 
 def check_length(lvlm: LVLM, prompt_len: int, new_tokens: int = 0) -> None:

@@ -297,8 +297,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path, image: Image.Image | No
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 
-    from .evals.store import atomic_write
-    from .report import save_figure
+    from .files import atomic_write, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "stats.json"]

@@ -571,3 +571,21 @@ def wrap(
                 name=name or str(getattr(config, "name_or_path", "") or type(model).__name__), revision=revision)
     model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
     return lvlm
+
+
+# -- what a generation produced -----------------------------------------------------------------
+def eos_token_ids(lvlm: LVLM) -> set[int]:
+    """The ids that end a generation (the generation config's, else the tokenizer's)."""
+    eos = lvlm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = lvlm.tokenizer.eos_token_id
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+
+
+def generated_lengths(sequences: Any, prompt_len: int, eos: set[int]) -> Any:
+    """``[rows]`` generated tokens per row, up to and including the first EOS (padding after it excluded)."""
+    gen = sequences[:, prompt_len:]
+    n = gen.shape[1]
+    is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=gen.dtype, device=gen.device))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((gen.shape[0],), n, device=gen.device))
+    return first.cpu()

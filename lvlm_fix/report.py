@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .files import atomic_write, save_figure
 
 FIGURES = "figures"
 _SECTION = "## Figures"
@@ -122,19 +123,6 @@ def _check_summary(summary: dict[str, Any], path: Path, frontiers: Any) -> None:
             raise bad(f"cost.{m}.time_ratio", ratio)
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Save a figure whole or not at all (a full disk leaves the earlier figure as it was)."""
-    import os
-
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _interval(row: dict[str, Any], key: str) -> tuple[float, float, float]:
     """(value, low, high) in %, the interval collapsing to the value where there is no CI."""
     ci = row.get("ci", {}).get(key)
@@ -217,7 +205,6 @@ def _link(results_md: Path, figures: list[Path], root: Path) -> None:
         raise InputError(f"{results_md} is not UTF-8 text; move it away (lvlm-fix eval writes it again)") from None
     text = re.sub(rf"\n{re.escape(_SECTION)}\n.*", "", text, flags=re.S).rstrip("\n")
     links = [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in figures]
-    from .evals.store import atomic_write  # whole or not at all: a full disk keeps the old results.md
 
     atomic_write(results_md, (text + f"\n\n{_SECTION}\n\nWritten by `lvlm-fix report`.\n\n" + "\n\n".join(links)
                                + "\n").encode())

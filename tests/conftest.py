@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from lvlm_fix.tiny import FAMILIES, build_image, build_tiny  # noqa: E402
+from lvlm_fix.testing.tiny import FAMILIES, build_image, build_tiny  # noqa: E402
 
 PROMPTS = ["Is there a cat in the image?", "Describe the image.", "What colour is the large object on the left side?"]
 

@@ -71,7 +71,7 @@ def test_eval_throughput_smoke_has_a_rate_for_every_batch():
 def test_gpu_configs_build_shrunk_on_cpu(name, n_image_tokens):
     """The --gpu-configs code path, at toy widths: same image side, same image-token count."""
     overhead = _load("overhead")
-    from lvlm_fix.tiny import build_image
+    from lvlm_fix.testing.tiny import build_image
 
     s = overhead.real_size_subject(name, "cpu", "float32", shrink=True)
     batch = s.lvlm.encode([build_image(0, s.image_size)], ["Describe the image."])

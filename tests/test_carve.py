@@ -98,7 +98,7 @@ def test_fusion_weights_and_ratio():
 
 def test_generated_lengths_stop_at_each_rows_eos():
     seq = torch.tensor([[9, 9, 5, 2, 0, 0], [9, 9, 5, 5, 5, 5], [9, 9, 2, 2, 2, 2]])
-    from lvlm_fix.api import generated_lengths
+    from lvlm_fix.model import generated_lengths
 
     assert generated_lengths(seq, 2, {2}).tolist() == [2, 4, 1]  # the step that produced EOS counts
 

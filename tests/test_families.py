@@ -1,6 +1,6 @@
 """Every family of the installed transformers' image-text-to-text mapping, through the seam.
 
-Each family is built tiny once per session (:func:`lvlm_fix.families.verify`) and gets one verdict,
+Each family is built tiny once per session (:func:`lvlm_fix.testing.families.verify`) and gets one verdict,
 decided by that build on the installed transformers: *works* (no-plan parity with stock sdpa bit for
 bit, the eager path against stock eager, the seam's image tokens where the model puts image
 features, every method's noop bit-identical through ``generate()``, VHR, VAR and ACT changing the
@@ -20,9 +20,9 @@ import pytest
 import torch
 import transformers
 
-from lvlm_fix import families
+from lvlm_fix.testing import families
 from lvlm_fix.errors import LvlmFixError
-from lvlm_fix.families import (
+from lvlm_fix.testing.families import (
     DOCS,
     README,
     FamilyResult,
@@ -92,7 +92,7 @@ def test_families_once_marked_unbuildable_are_built_and_work(model_type, matrix)
 
 
 def test_a_family_whose_own_forward_fails_is_unbuildable_not_a_seam_failure(tiny, images, monkeypatch):
-    from lvlm_fix import families
+    from lvlm_fix.testing import families
 
     lvlm = tiny("llava")
     batch = lvlm.encode(images[:2], ["Is there a cat?", "Describe it."])
@@ -184,16 +184,16 @@ def test_the_committed_support_table_is_current_for_its_transformers(matrix):
     version, _, _ = table_headline(DOCS.read_text())
     if version != transformers.__version__:
         pytest.skip(f"{DOCS.name} is the table of transformers {version}, this is {transformers.__version__}: "
-                    "`python -m lvlm_fix.families` gives this version's verdicts")
+                    "`python -m lvlm_fix.testing.families` gives this version's verdicts")
     results = [matrix(t) for t in FAMILY_TYPES]
     assert DOCS.read_text() == support_table(results), (
-        f"{DOCS} is out of date; run `python -m lvlm_fix.families --write-docs`")
+        f"{DOCS} is out of date; run `python -m lvlm_fix.testing.families --write-docs`")
 
 
 def test_the_readme_states_the_count_of_the_support_table():
     assert readme_claim(DOCS.read_text()) in README.read_text(), (
         "the README's family count is not the one docs/supported-models.md states; "
-        "run `python -m lvlm_fix.families --write-docs`")
+        "run `python -m lvlm_fix.testing.families --write-docs`")
 
 
 def test_sync_readme_rewrites_the_count_and_nothing_else(tmp_path):

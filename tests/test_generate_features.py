@@ -1,7 +1,7 @@
-"""generate()'s features with every method: the matrix (lvlm_fix.generate_features) and its table.
+"""generate()'s features with every method: the matrix (lvlm_fix.testing.generate_features) and its table.
 
 The matrix test runs every cell CI runs (all but most compiled ones and CARVE's compositions beyond
-two columns: :func:`~lvlm_fix.generate_features.ci_cells`) and checks each against
+two columns: :func:`~lvlm_fix.testing.generate_features.ci_cells`) and checks each against
 docs/generate-features.md. The other tests pin what the matrix rests on: static caches with the
 attention-editing methods (the two-row case of issue 30), their empty slots, the masks of sliding
 windows, attentions of every layer, refusals before any forward, and compiled decoding.
@@ -15,11 +15,11 @@ import torch
 import lvlm_fix
 from conftest import no_plan_left
 from lvlm_fix.errors import ConfigError, LvlmFixError
-from lvlm_fix.generate_features import (DOCS, FEATURES, PROMPTS, TOL, Cell, Matrix, cell_text, ci_cells, parse_table,
+from lvlm_fix.testing.generate_features import (DOCS, FEATURES, PROMPTS, TOL, Cell, Matrix, cell_text, ci_cells, parse_table,
                                         render, subjects)
 from lvlm_fix.hooks import Participant, Plan
 from lvlm_fix.hooks.attention import key_padding
-from lvlm_fix.tiny import build_image
+from lvlm_fix.testing.tiny import build_image
 
 GEN = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
@@ -170,7 +170,7 @@ def test_every_cell_of_the_matrix_is_served_or_refused_as_the_table_says(matrix)
     table = DOCS.read_text(encoding="utf-8")
     documented = parse_table(table)
     order = subjects()
-    assert {s for s, _ in documented} == set(order), "run `python -m lvlm_fix.generate_features --write-docs`"
+    assert {s for s, _ in documented} == set(order), "run `python -m lvlm_fix.testing.generate_features --write-docs`"
     got = matrix.run(ci_cells(order))
     wrong = {cell: (cell_text(c), documented[cell]) for cell, c in got.items() if cell_text(c) != documented[cell]}
     assert not wrong, f"cells that are not the table's (got, table): {wrong}"

@@ -87,7 +87,7 @@ def test_eval_and_testbed_images_go_through_the_one_loader(tmp_path):
 
     from lvlm_fix.evals.amber import AmberItem
     from lvlm_fix.evals.data import CocoImageSample, _open_rgb, load_pope_jsonl
-    from lvlm_fix.testbed.quality import _images
+    from lvlm_fix.testbed.dev.quality import _images
 
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")

@@ -37,7 +37,7 @@ def test_llava_next_anyres_draws_the_base_view_and_counts_the_tiles(tiny, images
 
 
 def test_pixtral_grid_comes_from_image_sizes_not_a_square_guess():
-    from lvlm_fix.families import image_token_count, tiny_batch, tiny_model
+    from lvlm_fix.testing.families import image_token_count, tiny_batch, tiny_model
     from lvlm_fix.model import wrap
 
     model = tiny_model("mistral3")
@@ -55,7 +55,7 @@ def test_pixtral_grid_comes_from_image_sizes_not_a_square_guess():
 
 
 def test_a_family_whose_image_tokens_are_not_patches_says_so():
-    from lvlm_fix.families import tiny_batch, tiny_model
+    from lvlm_fix.testing.families import tiny_batch, tiny_model
     from lvlm_fix.model import wrap
 
     model = tiny_model("aria")

@@ -26,7 +26,7 @@ from lvlm_fix.interventions.mvp import (
     normalize_answer,
     yes_no_token,
 )
-from lvlm_fix.tiny import build_image
+from lvlm_fix.testing.tiny import build_image
 
 SHORT = dict(caption_max_new_tokens=3, path_max_new_tokens=3, top_k=1)  # fast: short texts, one path per view
 

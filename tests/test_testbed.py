@@ -24,7 +24,7 @@ from lvlm_fix.testbed.model import (
     encode_pair,
     format_prompt,
 )
-from lvlm_fix.testbed.train import Batcher, Example, TrainConfig, train
+from lvlm_fix.testbed.dev.train import Batcher, Example, TrainConfig, train
 from lvlm_fix.testbed.world import CATEGORY_INDEX, THEME_MEMBERS, World
 
 
@@ -130,7 +130,7 @@ def test_image_attention_profile_matches_eager_attention_weights(tmp_path):
     """The quality report's per-head image-attention profile, read through lvlm-fix's hook, equals
     what transformers' eager attention returns (the reference here; the product never asks for it)."""
     from lvlm_fix.testbed.model import load_testbed
-    from lvlm_fix.testbed.quality import _images, image_attention
+    from lvlm_fix.testbed.dev.quality import _images, image_attention
 
     bench = write_benchmark(tmp_path, seed=1, n_images=6)
     got = image_attention(CHECKPOINT_DIR, bench, n=5)
@@ -400,7 +400,7 @@ def test_system_message_is_rendered_as_the_chat_template_does():
 
 
 def test_amber_metrics_use_no_as_the_positive_class_and_exact_answers():
-    from lvlm_fix.testbed.quality import amber_metrics, zoom
+    from lvlm_fix.testbed.dev.quality import amber_metrics, zoom
 
     m = amber_metrics(["No", "No", "Yes", "no", "Yes"], ["no", "yes", "no", "no", "yes"])
     # tp = 1 (first), fp = 1 (second), fn = 2 ("Yes" and the inexact "no"); correct = 2

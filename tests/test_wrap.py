@@ -69,7 +69,7 @@ def test_wrap_rejects_what_is_not_a_transformers_model():
 
 
 def test_an_unsupported_family_is_refused_with_why():
-    from lvlm_fix.families import tiny_model
+    from lvlm_fix.testing.families import tiny_model
 
     with pytest.raises(UnsupportedModelError) as e:
         lvlm_fix.wrap(tiny_model("mllama"))
@@ -85,7 +85,7 @@ def test_load_refuses_from_the_config_before_any_weight(tmp_path, capsys):
     with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
         lvlm_fix.load(tmp_path)
     image = tmp_path / "i.png"
-    from lvlm_fix.tiny import build_image
+    from lvlm_fix.testing.tiny import build_image
 
     build_image(0).save(image)
     line = cli_error(capsys, "run", "--model", str(tmp_path), "--image", str(image), "--prompt", "Hi")

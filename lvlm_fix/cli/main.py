@@ -641,7 +641,7 @@ def _bench_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _system_prompt(value: str | None) -> str | None:
     if value == "vicuna":
-        from ..evals.pope import VICUNA_SYSTEM_PROMPT
+        from ..prompts import VICUNA_SYSTEM_PROMPT
 
         return VICUNA_SYSTEM_PROMPT
     return value
@@ -842,7 +842,7 @@ def testbed_group() -> None:
 @click.option("--device", default="cpu", show_default=True)
 def testbed_train_cmd(out, steps, seed, device) -> None:
     """Train the testbed LVLM from scratch (the recipe of the shipped checkpoint)."""
-    from ..testbed.train import train
+    from ..testbed.dev.train import train
 
     path = train(out, steps=steps, seed=seed, device=device)
     click.echo(f"wrote {path}")

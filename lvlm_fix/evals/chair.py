@@ -65,6 +65,8 @@ import numpy as np
 
 from lvlm_fix.errors import DataError, UnknownNameError
 
+from .inflection import inflect_singular
+
 DEFAULT_PROMPT = "Please describe this image in detail."
 """The VHR-protocol caption prompt (OPERA / PAI use "Please help me describe the image in detail.")."""
 
@@ -123,20 +125,6 @@ def _package_version(name: str) -> str:
 
 SINGULARIZER = f"inflect {_package_version('inflect')}"
 """Name and version of the singulariser; store it with every CHAIR result."""
-
-
-@functools.cache
-def _inflect_engine() -> Any:
-    # Imported on first use: inflect takes seconds to import (typeguard re-compiles its
-    # functions at import time) and only CHAIR needs it.
-    import inflect
-
-    return inflect.engine()
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _inflect_singular(word: str) -> str:
-    return _inflect_engine().singular_noun(word) or word
 
 
 # ---- vocabulary ------------------------------------------------------------------------------
@@ -252,7 +240,7 @@ class ObjectExtractor:
 
     def singularize(self, word: str) -> str:
         """Singular form of one lower-case word (vocabulary words are returned unchanged)."""
-        return word if word in self._keep else _inflect_singular(word)
+        return word if word in self._keep else inflect_singular(word)
 
     def extract(self, caption: str) -> tuple[list[tuple[str, str]], list[str]]:
         """``([(matched words, category), ...] in caption order, merged words)``."""

@@ -50,6 +50,7 @@ from importlib import metadata, resources
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .inflection import inflect_singular
 from .pattern_singular import VERSION as PATTERN_VERSION
 from .pattern_singular import singularize as pattern_singularize
 
@@ -140,7 +141,7 @@ class OriginalExtractor:
         if singularizer == "pattern":
             self._singular = pattern_singularize
         else:
-            self._singular = _inflect_singular
+            self._singular = inflect_singular
 
     def describe(self) -> dict[str, str]:
         """What a result must name: mode, singulariser and version, synonym file and sha256."""
@@ -173,13 +174,3 @@ class OriginalExtractor:
         if "toilet" in kept and "seat" in kept:
             kept = [w for w in kept if w != "seat"]
         return [(w, self.node_of[w]) for w in kept if w in self.node_of], merged
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _inflect_singular(word: str) -> str:
-    from .chair import _inflect_engine
-
-    try:
-        return _inflect_engine().singular_noun(word) or word
-    except Exception:  # inflect type-checks its input and rejects e.g. the empty string
-        return word

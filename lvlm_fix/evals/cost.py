@@ -81,7 +81,7 @@ class CostMeter:
         merged.update(peak_memory_mb=max(peaks) if peaks else None, memory=self.memory or previous.get("memory"),
                       invocations=previous.get("invocations", 0) + (1 if self.totals["samples"] else 0))
         if folder is not None and self.totals["samples"]:
-            from .store import atomic_write
+            from ..files import atomic_write
 
             atomic_write(folder / COST_FILE, json.dumps(merged, indent=1).encode())  # whole or not at all
         return merged

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lvlm_fix.errors import ConfigError, InputError, UnknownNameError
+from lvlm_fix.prompts import LLAVA_V1_SYSTEM_PROMPT, VICUNA_SYSTEM_PROMPT
 
 Answer = Literal["yes", "no"]
 
@@ -31,21 +32,6 @@ DEFAULT_QUESTION_TEMPLATE = "{question}"
 
 LLAVA_QUESTION_TEMPLATE = "{question}\nAnswer the question using a single word or phrase."
 """LLaVA-1.5's ``llava_pope_test.jsonl`` prompt (also lmms-eval's and CARVE's)."""
-
-VICUNA_SYSTEM_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-"""LLaVA-1.5's ``vicuna_v1`` system message (llava/conversation.py L242-252; llava-hf's chat template has none by
-default). LLaVA's POPE script runs it (scripts/v1_5/eval/pope.sh ``--conv-mode vicuna_v1``), OPERA too."""
-
-LLAVA_V1_SYSTEM_PROMPT = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-"""LLaVA's ``llava_v1`` system message (llava/conversation.py L325-335): "human" where vicuna_v1 says "user". The
-default ``--conv-mode`` of VCD's POPE script (object_hallucination_vqa_llava.py L108; its shell script passes none)."""
-
 
 # ---- prompt templates -------------------------------------------------------------------------
 

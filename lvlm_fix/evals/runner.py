@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..files import atomic_write
 from . import store
 from .bench import Bench, Prompting, Sample, make_bench, registry
 from .data import dataset_fingerprint
@@ -502,7 +503,7 @@ def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[s
     summary["provenance"] = provenance
     if root is not None:
         store.write_json(root / "summary.json", summary)
-        store.atomic_write(root / "results.md", comparison_table(b, summary).encode())
+        atomic_write(root / "results.md", comparison_table(b, summary).encode())
     return summary
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, LvlmFixWarning, RunFolderBusyError
+from ..files import atomic_write
 
 LOCK_NAME = ".lock"
 
@@ -117,20 +118,6 @@ def merge_shards(folder: Path, ids: Sequence[str], valid: Callable[[dict[str, An
     for path in shards:  # the shards stay until the merged file is complete
         path.unlink()
     return merged
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader never sees half a file
-    except OSError:  # a full disk: the old file stays as it was, and no half-written copy is left
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def write_json(path: Path, data: Any) -> None:

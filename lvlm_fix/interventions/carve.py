@@ -374,7 +374,7 @@ class Carve(Intervention):
         if seq is None:
             lengths = torch.ones(2 * n, dtype=torch.long)
         else:
-            from ..api import eos_token_ids, generated_lengths
+            from ..model import eos_token_ids, generated_lengths
 
             lengths = generated_lengths(seq, prompt_len, eos_token_ids(lvlm)).clamp(max=maps.shape[1])
         t_q, t_g = lengths[:n], lengths[n:]

@@ -334,7 +334,9 @@ def _run(lvlm: LVLM, inner: Inner, images: list[Any], prompts: list[str], *, max
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1,
            "logits_processor": LogitsProcessorList(processors)}
     out = inner(images, prompts, gen)
-    eos = _eos_ids(lvlm)
+    from ..model import eos_token_ids  # at run time: lvlm_fix.model imports torch
+
+    eos = eos_token_ids(lvlm)
     ids = torch.stack(chosen.steps, 1).tolist() if chosen.steps else [[] for _ in prompts]
     tokens = []
     for row in ids:
@@ -345,13 +347,6 @@ def _run(lvlm: LVLM, inner: Inner, images: list[Any], prompts: list[str], *, max
     cost = {"rows": len(prompts), "forward_passes": len(chosen.steps), "prompt_tokens": prompt_tokens,
             "generated_tokens": sum(len(t) for t in tokens)}
     return _Run(out.texts, out.report, out.artifacts, tokens, raw.values, raw.ids, warped.values, cost)
-
-
-def _eos_ids(lvlm: LVLM) -> set[int]:
-    eos = lvlm.model.generation_config.eos_token_id
-    if eos is None:
-        eos = lvlm.tokenizer.eos_token_id
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
 
 
 # generate() arguments MVP reads (the answer budget) or replaces by its stages' own sampling; and
@@ -522,7 +517,9 @@ class MVP(Intervention):
             step = next((i for i, n in enumerate(prefix_len) if n > start), len(tokens) - 1)
             view_scores[word] = view_scores.get(word, 0.0) + path.prob * sure[step]
             return
-        eos = _eos_ids(lvlm)
+        from ..model import eos_token_ids
+
+        eos = eos_token_ids(lvlm)
         n = max(1, sum(1 for t in tokens if t not in eos))
         answer = normalize_answer(path.text)
         view_scores[answer] = view_scores.get(answer, 0.0) + path.prob * sum(sure[:n]) / n

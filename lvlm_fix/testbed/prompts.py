@@ -34,7 +34,7 @@ number word), ``{colour}``, ``{a}`` / ``{b}`` (two object names) and ``{caption}
 
 from __future__ import annotations
 
-from ..evals.pope import VICUNA_SYSTEM_PROMPT
+from ..prompts import VICUNA_SYSTEM_PROMPT
 from ..interventions.icd import DISTURBANCES
 from .world import CAPTION_PROMPT, CATEGORIES, COLOUR_NAMES, NUMBER_WORDS, THEMES, article
 

@@ -128,7 +128,7 @@ def calibrate_act(
         (``samples``, ``baseline_acc``, ``per_head_acc`` and ``per_head_gain`` keyed ``"layer:head"``,
         ``selected``, ``combined_acc`` and ``combined_gain`` of ACT with all selected heads, ...).
     """
-    from ... import __version__
+    from ..._version import __version__
 
     ActConfig(beta=beta, thres=thres)  # validates the ranges
     if "{question}" not in template:
@@ -222,7 +222,7 @@ def calibrate_act(
 
 def write_head_file(result: dict[str, Any], path: str | Path) -> Path:
     """Write a :func:`calibrate_act` result as the JSON head list ``ActConfig(heads_file=...)`` reads."""
-    from ...evals.store import atomic_write
+    from ...files import atomic_write
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

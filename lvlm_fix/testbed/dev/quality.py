@@ -1,6 +1,6 @@
 """Measure a testbed checkpoint on the synthetic benchmark: POPE, CHAIR, AMBER, region task.
 
-Run ``python -m lvlm_fix.testbed.quality --checkpoint DIR`` to print a markdown report:
+Run ``python -m lvlm_fix.testbed.dev.quality --checkpoint DIR`` to print a markdown report:
 
 * POPE (random / popular / adversarial) under every answer-format preset the product sends
   (:data:`POPE_PRESETS`), parsed with the canonical rule (:func:`lvlm_fix.evals.pope.parse_answer`),
@@ -37,17 +37,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..diagnostics import entropy, image_mass
-from ..evals.amber import block_metrics, read_answer
-from ..evals.chair import ChairEvaluator
-from ..evals.pope import PRESETS, score
-from ..hooks.plan import AttnContext, Participant, Plan
-from ..images import load_image
-from ..interventions.carve import ANSWER_SUFFIX
-from . import prompts as P
-from .benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
-from .model import CHECKPOINT_DIR, format_prompt, load_testbed
-from .world import CAPTION_PROMPT, CATEGORY_NAMES, COLOUR_NAMES, THEMES
+from ...diagnostics import entropy, image_mass
+from ...evals.amber import block_metrics, read_answer
+from ...evals.chair import ChairEvaluator
+from ...evals.pope import PRESETS, score
+from ...hooks.plan import AttnContext, Participant, Plan
+from ...images import load_image
+from ...interventions.carve import ANSWER_SUFFIX
+from .. import prompts as P
+from ..benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
+from ..model import CHECKPOINT_DIR, format_prompt, load_testbed
+from ..world import CAPTION_PROMPT, CATEGORY_NAMES, COLOUR_NAMES, THEMES
 
 # The POPE prompt formats the product sends: the eval presets' templates (raw: VHR-family
 # evaluations; llava: LLaVA-1.5 and lmms-eval; vcd: VCD's scripts), CARVE's answer suffix after a
@@ -322,7 +322,7 @@ def image_attention(checkpoint: str | Path, bench: SyntheticBenchmark, n: int = 
     Returns:
         One dict per (layer, head): layer, head, image_mass, effective_tokens, top1_share.
     """
-    from ..model import load
+    from ...model import load
 
     lvlm = load(checkpoint, dtype="float32")
     rows = read_jsonl(bench.pope_file("random"))[:n]
@@ -462,7 +462,7 @@ def report(result: dict[str, Any], checkpoint: str | Path, argv: Sequence[str] |
         model = cfg.get("model", {})
         lines += [
             "Trained with `lvlm-fix testbed train --out DIR` (the defaults of "
-            "`lvlm_fix.testbed.train.TrainConfig`, seed 0, one torch thread): "
+            "`lvlm_fix.testbed.dev.train.TrainConfig`, seed 0, one torch thread): "
             f"{cfg.get('vision_steps')} vision warm-up steps + {cfg.get('steps')} joint steps "
             f"(the first {cfg.get('warm_steps')} plain, then a {cfg.get('ramp_steps')}-step ramp to the full task mix), "
             f"existence negatives that go with the scene drawn at weight {cfg.get('cooccurring_negative_weight', 1.0)}, "
@@ -476,7 +476,7 @@ def report(result: dict[str, Any], checkpoint: str | Path, argv: Sequence[str] |
             "",
         ]
     lines += ["Measured with", "",
-              "    python -m lvlm_fix.testbed.quality " + " ".join(shlex.quote(a) for a in args), "",
+              "    python -m lvlm_fix.testbed.dev.quality " + " ".join(shlex.quote(a) for a in args), "",
               "on the cached synthetic benchmark (`ensure_benchmark()`: seed 0, 500 held-out scenes, 3,000 POPE "
               "questions per split; 500 region-task images; 500 AMBER-format images), greedy decoding, the "
               f"canonical POPE parse and the COCO CHAIR code path ({result.get('seconds', 0) / 60:.0f} min).", "",
@@ -485,7 +485,7 @@ def report(result: dict[str, Any], checkpoint: str | Path, argv: Sequence[str] |
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``python -m lvlm_fix.testbed.quality --checkpoint DIR``."""
+    """CLI: ``python -m lvlm_fix.testbed.dev.quality --checkpoint DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
     parser.add_argument("--bench", default=None, help="benchmark dir (default: the cached synthetic benchmark)")

@@ -11,7 +11,7 @@ Example::
 
     from transformers import AutoModelForImageTextToText
     from lvlm_fix.processors import load_processor
-    from lvlm_fix.tiny import build_tiny
+    from lvlm_fix.testing.tiny import build_tiny
 
     path = build_tiny("qwen2_vl", tmp_path / "qwen2_vl")
     model = AutoModelForImageTextToText.from_pretrained(path)

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m lvlm_fix.generate_features                # run the whole matrix, print the table
-    python -m lvlm_fix.generate_features --write-docs   # and write docs/generate-features.md
+    python -m lvlm_fix.testing.generate_features                # run the whole matrix, print the table
+    python -m lvlm_fix.testing.generate_features --write-docs   # and write docs/generate-features.md
 
 A row is a subject: the vanilla model under lvlm-fix's seam (``none``), every built-in method, and
 one composition per pair of stages. A column is one ``generate()`` feature. Each cell runs the
@@ -56,8 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._lazy import torch
-from .errors import LvlmFixError
+from .._lazy import torch
+from ..errors import LvlmFixError
 
 __all__ = ["CI_COMPILED", "COMPOSITIONS", "FEATURES", "MAX_NEW", "PROMPTS", "TOL", "Cell", "CellFailure", "Feature",
            "Matrix", "cell_text", "ci_cells", "load_models", "main", "parse_table", "render", "subjects"]
@@ -75,7 +75,7 @@ COMPOSITIONS = ("mvp+carve", "mvp+vhr", "mvp+paint", "mvp+var", "mvp+vcd",
                 "pai+act", "paint+vcd", "var+m3id")
 
 
-# What CI leaves to the full run (python -m lvlm_fix.generate_features): compiling takes seconds per
+# What CI leaves to the full run (python -m lvlm_fix.testing.generate_features): compiling takes seconds per
 # cell (dynamo traces the whole model), so CI compiles the vanilla model and VAR (and sees every
 # refusal of the column, which costs nothing); CARVE's statistics pass costs a generate() of its
 # own per cell, so CI runs CARVE's compositions with a static cache and sampling only.
@@ -98,8 +98,8 @@ def ci_cells(order: Sequence[str]) -> list[tuple[str, str]]:
 
 def _refuses_static(subject: str) -> bool:
     """MVP and the contrast streams refuse a static cache, hence compiling, before any work."""
-    from .hooks.contrast import ContrastStream
-    from .interventions import build_methods
+    from ..hooks.contrast import ContrastStream
+    from ..interventions import build_methods
 
     methods = build_methods(None if subject == "none" else subject)
     return any(m.name == "mvp" or isinstance(m, ContrastStream) for m in methods)
@@ -107,7 +107,7 @@ def _refuses_static(subject: str) -> bool:
 
 def subjects() -> list[str]:
     """``none``, every registered method (by stage, then name), then :data:`COMPOSITIONS`."""
-    from .interventions import METHODS, build_methods
+    from ..interventions import METHODS, build_methods
 
     return ["none", *sorted(METHODS.names(), key=lambda n: (build_methods(n)[0].stage, n)), *COMPOSITIONS]
 
@@ -318,7 +318,7 @@ def _generated(run: Any) -> Any:
 
 
 def _until_end(lvlm: Any, row: Any) -> list[int]:
-    from .api import eos_token_ids
+    from ..model import eos_token_ids
 
     eos, out = eos_token_ids(lvlm), []
     for tok in row.tolist():
@@ -329,7 +329,7 @@ def _until_end(lvlm: Any, row: Any) -> list[int]:
 
 
 def _lengths(lvlm: Any, run: Any) -> Any:
-    from .api import eos_token_ids, generated_lengths
+    from ..model import eos_token_ids, generated_lengths
 
     return generated_lengths(_sequences(run), run.prompt_len, eos_token_ids(lvlm))
 
@@ -435,7 +435,7 @@ class Matrix:
     def _run(self, lvlm: Any, subject: str, kwargs: dict[str, Any], wraps: bool,
              rows: int = 1, force: Any = None) -> Any:
         """One ``generate()`` of the batch (each row ``rows`` times), greedy unless ``kwargs`` say otherwise."""
-        from .api import apply, generate
+        from ..api import apply, generate
         from .tiny import build_image
 
         images = [build_image(r) for r in range(len(PROMPTS)) for _ in range(rows)]
@@ -579,14 +579,14 @@ class _Tokens:
 
 def _bind(lvlm: Any, subject: str) -> None:
     """Bind the subject's methods that act inside ``generate()`` to ``lvlm`` (a model they refuse raises)."""
-    from .hooks.plan import Plan
-    from .interventions import build_methods
+    from ..hooks.plan import Plan
+    from ..interventions import build_methods
 
     Plan(lvlm, [m for m in build_methods(None if subject == "none" else subject) if not m.stage.wraps_generate])
 
 
 def _wraps(subject: str) -> bool:
-    from .interventions import build_methods
+    from ..interventions import build_methods
 
     methods = build_methods(None if subject == "none" else subject)
     return bool(methods) and methods[0].stage.wraps_generate
@@ -602,7 +602,7 @@ def _breaks(breaks: int, graphs: int) -> str:
 
 def load_models(root: str | Path | None = None) -> dict[str, Any]:
     """The testbed, the tiny Gemma-3 and LLaVA (built under ``root``, a temporary folder by default)."""
-    from .model import load
+    from ..model import load
     from .tiny import build_tiny
 
     root = Path(root or tempfile.mkdtemp(prefix="lvlm-fix-features-"))
@@ -645,7 +645,7 @@ def render(results: dict[tuple[str, str], Cell], subject_order: Sequence[str]) -
 
 _HEADER = """# generate() features, per method
 
-<!-- generated by `python -m lvlm_fix.generate_features --write-docs` from the matrix that
+<!-- generated by `python -m lvlm_fix.testing.generate_features --write-docs` from the matrix that
 tests/test_generate_features.py runs; the test checks every cell it runs against this table -->
 
 Which of `generate()`'s features each method serves when it is applied around the real `generate()`
@@ -678,7 +678,7 @@ five decode steps. The one break is the plan reading the cache's length (a tenso
 cache) as each forward starts. The plan's per-step counters are traced as symbols, so a method adds
 one graph (the recompile when they first change), not one per step: they were specialised as
 constants, and a 64-token answer hit dynamo's recompile limit (8) and ran uncompiled after it.
-With inductor, the code a CPU runs (`python -m lvlm_fix.generate_features --backend inductor
+With inductor, the code a CPU runs (`python -m lvlm_fix.testing.generate_features --backend inductor
 --features compile --subjects none,vhr,paint,act,var,carve+act,vhr+var`, 3 minutes on 2 cores),
 those cells are the same: tokens equal, logits within 1e-5, one graph break. Decode times compiled
 against eager are for a machine with a GPU.
@@ -706,7 +706,7 @@ def parse_table(text: str) -> dict[tuple[str, str], str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lvlm_fix.generate_features", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lvlm_fix.testing.generate_features", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-docs", action="store_true", help=f"write {DOCS.relative_to(DOCS.parent.parent)}")
     parser.add_argument("--backend", default="eager", help="torch.compile backend of the compile column (eager)")
     parser.add_argument("--subjects", help="comma-separated rows to run (default: all)")

@@ -36,7 +36,7 @@ clutter, :meth:`World.region_scene`), drawn at twice the input side and downsamp
 processor's own filter, exactly as the region benchmark's images reach the model.
 
 Example:
-    >>> from lvlm_fix.testbed.train import TrainConfig, train
+    >>> from lvlm_fix.testbed.dev.train import TrainConfig, train
     >>> train("/tmp/testbed-ckpt", steps=2000, seed=0)
 """
 
@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import prompts as P
-from .model import ModelConfig, build_model, build_processor, build_tokenizer, encode_pair, save_testbed
-from .world import (
+from .. import prompts as P
+from ..model import ModelConfig, build_model, build_processor, build_tokenizer, encode_pair, save_testbed
+from ..world import (
     CATEGORIES,
     CATEGORY_INDEX,
     CATEGORY_NAMES,
