@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 import lvlm_fix  # noqa: E402
 from lvlm_fix.errors import ConfigError, InputError, UnknownNameError  # noqa: E402
 from lvlm_fix.integrations.lmms_eval import LvlmFixLMMS, method_spec  # noqa: E402
+from lvlm_fix.interventions import format_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "lvlm_fix" / "integrations" / "lmms_tasks"  # pope_local, shipped: reads ./pope_local_data
@@ -99,7 +100,8 @@ def cli_runs(workdir):
         assert proc.returncode == 0 and results and samples, log[-8000:]
         runs[method] = {"results": json.loads(results[0].read_text()), "model_args": model_args,
                         "samples": [json.loads(line) for line in samples[0].read_text().splitlines()],
-                        "report": [json.loads(line) for line in (workdir / f"report-{method}.jsonl").open()]}
+                        "report": [json.loads(line) for line in (workdir / f"report-{method}.jsonl").open()],
+                        "log": log}
     return runs
 
 
@@ -112,6 +114,12 @@ def test_cli_runs_pope_local_with_a_method(cli_runs, pope_rows, testbed, method)
     assert all(0.0 <= scores[f"{m},none"] <= 1.0 for m in METRICS), scores
     assert results["n-samples"]["pope_local"] == {"original": 12, "effective": 12}
     assert results["config"]["model_args"] == run["model_args"]
+    # The printed output names the method with every parameter it ran with, defaults included.
+    resolved = format_spec(list((method_spec(method, {"alpha": "8"} if method == "vhr" else {})
+                                 or {}).items()))
+    assert f"lvlm_fix: {testbed.name}, method {resolved}\n" in run["log"]
+    if method == "vhr":
+        assert "alpha=8" in resolved and "layers=" in resolved  # a default (the layers) is there too
     # Every answer is what lvlm_fix.generate gives for the same prompt and method.
     by_doc = {s["doc_id"]: s for s in samples}
     assert sorted(by_doc) == list(range(12))

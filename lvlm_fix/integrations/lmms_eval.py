@@ -154,6 +154,15 @@ class LvlmFixLMMS(lmms):
             device = "cuda"
         self.lvlm = lvlm_fix.load(pretrained or None, dtype=dtype, device=device, device_map=device_map,
                                   revision=revision, trust_remote_code=trust_remote_code)
+        if self.rank == 0:
+            # lmms-eval prints --model_args as typed; this line names every parameter the method runs with
+            # (the defaults filled in), so the printed results can be read without the method's docs.
+            print(f"lvlm_fix: {self.lvlm.name}, method {self.resolved_method}", flush=True)
+
+    @property
+    def resolved_method(self) -> str:
+        """The method with every parameter, defaults included (``"vhr:alpha=2.0:..."``; ``"none"``)."""
+        return format_spec(list((self.spec or {}).items()))
 
     @property
     def device(self) -> torch.device:
