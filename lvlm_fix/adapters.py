@@ -1,4 +1,4 @@
-"""Architecture knowledge: derived from the model where possible, a table of overrides where not.
+"""Architecture knowledge: derived from the model where possible, tables and the user's overrides where not.
 
 lvlm-fix serves any model whose text decoder is a stack of self-attention layers reading the image
 as image tokens in ``input_ids``. What the hooks need is read from the model itself
@@ -7,21 +7,29 @@ output projection (VHR's per-head outputs are that projection's input), and the 
 Head counts come from the text config; prompts from the processor's chat template.
 
 Only facts that cannot be read from a model are written down, keyed by ``config.model_type``:
-:data:`OVERRIDES` (a prompt template for processors without a chat template, whether the
-processor wants nested image lists, known massive-activation dimensions) and :data:`REFUSED` (why
-a family the seam cannot serve is refused, where its config does not already say so).
+:data:`OVERRIDES` (any :class:`Adapter` field: a prompt template for processors without a chat
+template, whether the processor wants nested image lists, known massive-activation dimensions, and
+the layer paths of a family that derivation misreads) and :data:`REFUSED` (why a family the seam
+cannot serve is refused, where its config does not already say so).
+
+A user serves a model that derivation cannot read, without editing the package, through the same
+fields: ``load(..., adapter={...})`` / ``wrap(model, processor, adapter={...})`` take an
+:class:`Adapter` or a mapping of some of its fields (:data:`HATCH_FIELDS`). What is given is checked
+against the model before anything else happens and used as given; what is left out is derived.
+The order is: derived, then :data:`OVERRIDES`, then the user's adapter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from .errors import UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 
-__all__ = ["OVERRIDES", "REFUSED", "Adapter", "derive_adapter", "unsupported_reason"]
+__all__ = ["HATCH_FIELDS", "OVERRIDES", "REFUSED", "Adapter", "check_overrides", "derive_adapter",
+           "unsupported_reason"]
 
 
 @dataclass(frozen=True)
@@ -31,15 +39,19 @@ class Adapter:
     Attributes:
         model_type: ``config.model_type`` of the top-level model.
         text_layers: dotted path, from the top-level model, to the text decoder's layer list.
-        attention: attribute of a decoder layer holding its self-attention module.
-        out_proj: attribute of that attention module holding its output projection.
-        image_token_ids: the token id(s) standing for image features in ``input_ids``.
+        attention: dotted path, from a decoder layer, to its self-attention module.
+        out_proj: dotted path, from that attention module, to its output projection.
+        image_token_ids: the token id(s) standing for image features in ``input_ids``; in an
+            override also one id or the token's text (read through the processor's tokenizer).
         prompt_template: a one-image user turn, with the processor's image placeholder written
             out and ``{prompt}`` for the text; used only when the processor has no chat template.
         image_placeholder: the image placeholder written in ``prompt_template``.
         nested_images: the processor wants ``[[img], [img]]`` for a batch (Idefics3, SmolVLM, Gemma3).
         sink_dims: known sink dimensions of the text backbone, keyed by its hidden size
             (found offline on BOS and sink tokens by the VAR authors). Missing -> discovered.
+        token_grid: ``(rows, cols, offset)`` of each row's image among its image tokens, for a
+            family whose layout :mod:`lvlm_fix.layout` cannot read (CARVE's masks, the heads
+            figure); None -> read by the layout rules.
     """
 
     model_type: str
@@ -51,14 +63,22 @@ class Adapter:
     image_placeholder: str = "<image>"
     nested_images: bool = False
     sink_dims: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    token_grid: tuple[int, int, int] | None = None
 
+
+# What OVERRIDES and a user's adapter may set: every field but the model type, which the config names.
+HATCH_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Adapter) if f.name != "model_type")
+_PATH_FIELDS = ("text_layers", "attention", "out_proj")
+_HATCH_HINT = ("; if it has them under other names, name them: lvlm_fix.wrap(model, processor, adapter={'text_layers': "
+               "..., 'attention': ..., 'out_proj': ...}) (docs: adding a model family)")
 
 _LLAMA_SINK_DIMS = {4096: (2533, 1415), 5120: (2100, 4743)}  # LLaVA-1.5-7B / -13B (VAR repo constants)
 _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one vision span per image
 _QWEN = "<|im_start|>user\n" + _QWEN_IMAGE + "{prompt}<|im_end|>\n<|im_start|>assistant\n"
 _IDEFICS = "User:<image>{prompt}<end_of_utterance>\nAssistant:"
 
-# Facts a model cannot tell about itself. Every key is a field of Adapter.
+# Facts a model cannot tell about itself, keyed by config.model_type. Every key is one of HATCH_FIELDS; each
+# replaces what derivation would find (a user's adapter replaces these in turn).
 OVERRIDES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "llava": {"prompt_template": "USER: <image>\n{prompt} ASSISTANT:", "sink_dims": _LLAMA_SINK_DIMS},
     "llava_next": {"prompt_template": "[INST] <image>\n{prompt} [/INST]"},
@@ -97,10 +117,11 @@ _IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
 _NOT_ATTENTION = frozenset({"linear_attention", "conv", "mamba", "mlp", "moe"})
 
 
-def unsupported_reason(config: Any) -> str | None:
+def unsupported_reason(config: Any, image_token_given: bool = False) -> str | None:
     """Why the seam cannot serve a model with this config, or None; read from the config alone.
 
     Called before any weight is loaded. The model-level checks of :func:`derive_adapter` come on top.
+    ``image_token_given``: the image token comes from an override, so a config naming none is no reason.
     """
     if config.model_type in REFUSED:
         return REFUSED[config.model_type]
@@ -113,8 +134,9 @@ def unsupported_reason(config: Any) -> str | None:
     if others:
         return (f"some of its text decoder layers are {' / '.join(others)} blocks, not self-attention; lvlm-fix's "
                 "methods act on attention layers only (hybrid models are not supported yet)")
-    if not any(hasattr(config, key) for key in (*_IMAGE_TOKEN_KEYS, "vocabulary_map")):
-        return "its config names no image token (image_token_id), so its image features are not placed at image tokens"
+    if not image_token_given and not any(hasattr(config, key) for key in (*_IMAGE_TOKEN_KEYS, "vocabulary_map")):
+        return ("its config names no image token (image_token_id), so its image features are not placed at image "
+                "tokens; if they are, name the token: adapter={'image_token_ids': ...}")
     return None
 
 
@@ -130,29 +152,135 @@ def _config_image_token_ids(config: Any) -> tuple[int, ...]:
     return ()
 
 
-def derive_adapter(model: Any, processor: Any = None) -> Adapter:
+def check_overrides(adapter: Adapter | Mapping[str, Any] | None, model_type: str | None = None) -> dict[str, Any]:
+    """The fields an escape-hatch ``adapter`` sets, checked for names and types (the model is not needed).
+
+    ``adapter`` is an :class:`Adapter` (every field counts as given; its ``model_type`` must be
+    ``model_type`` when that is known) or a mapping of some of :data:`HATCH_FIELDS`.
+
+    Raises:
+        InputError: not an Adapter or a mapping, a key that is no field, or a value of the wrong type;
+            one line naming it and the fix.
+    """
+    if adapter is None:
+        return {}
+    if isinstance(adapter, Adapter):
+        if model_type is not None and adapter.model_type != model_type:
+            raise InputError(f"adapter.model_type={adapter.model_type!r} is not this model's {model_type!r}; pass "
+                             "a mapping of the fields to set instead (adapter={'text_layers': ...})")
+        given = {name: getattr(adapter, name) for name in HATCH_FIELDS}
+        if not given["image_token_ids"]:  # the dataclass default: nothing said, so derived
+            del given["image_token_ids"]
+    elif isinstance(adapter, Mapping):
+        given = dict(adapter)
+    else:
+        raise InputError(f"adapter must be a lvlm_fix.adapters.Adapter or a dict of its fields, got "
+                         f"{type(adapter).__name__}; e.g. adapter={{'text_layers': 'model.decoder.blocks'}}")
+    for key, value in given.items():
+        if key not in HATCH_FIELDS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), HATCH_FIELDS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InputError(f"adapter key {key!r} is not an adapter field; {hint}use one of {', '.join(HATCH_FIELDS)}")
+        _check_field(key, value)
+    return given
+
+
+def _check_field(key: str, value: Any) -> None:
+    """One overridden field's type; paths are checked against the model later (:func:`derive_adapter`)."""
+    def wrong(expected: str) -> InputError:
+        return InputError(f"adapter {key}={value!r} is not {expected}")
+
+    if key in _PATH_FIELDS and not (isinstance(value, str) and value.strip(".") and " " not in value):
+        raise wrong("a dotted module path; write it as named_modules() names it, e.g. 'model.language_model.layers'")
+    if key == "image_token_ids":
+        ids = (value,) if isinstance(value, (int, str)) else value
+        if not (isinstance(ids, (list, tuple)) and ids and all(
+                isinstance(i, str) and i or isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+            raise wrong("a token id, a list of them, or the image token's text (e.g. '<image>')")
+    if key == "prompt_template" and value is not None and not (isinstance(value, str) and "{prompt}" in value):
+        raise wrong("a template with {prompt}; write the user text as {prompt}")
+    if key == "image_placeholder" and not (isinstance(value, str) and value):
+        raise wrong("the image placeholder text of the prompt template")
+    if key == "nested_images" and not isinstance(value, bool):
+        raise wrong("True or False")
+    if key == "sink_dims" and not (isinstance(value, Mapping) and all(
+            isinstance(k, int) and isinstance(v, (list, tuple)) and all(isinstance(d, int) for d in v)
+            for k, v in value.items())):
+        raise wrong("a mapping {hidden_size: (dim, ...)}")
+    if key == "token_grid" and value is not None and not (
+            isinstance(value, (list, tuple)) and len(value) in (2, 3)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and value[0] > 0 and value[1] > 0 and (len(value) == 2 or value[2] >= 0)):
+        raise wrong("(rows, cols) or (rows, cols, offset) with rows, cols >= 1 and offset >= 0")
+
+
+def derive_adapter(model: Any, processor: Any = None, adapter: Adapter | Mapping[str, Any] | None = None) -> Adapter:
     """Read the :class:`Adapter` of a loaded model (any image-text-to-text family).
+
+    Args:
+        model: the loaded model.
+        processor: its processor, for the image token when the config names none.
+        adapter: the escape hatch: an :class:`Adapter`, or a mapping of some of its fields, set on
+            top of what is derived and of the family's :data:`OVERRIDES`. A given path is used as
+            given (derivation does not second-guess it) after it is checked against the model.
 
     Raises:
         UnsupportedModelError: the model is not a stack of self-attention layers over image tokens
             that lvlm-fix's attention function can serve; the message says which part is missing.
+        InputError: an override that does not fit the model (a path it does not have, a layer list
+            of another length than ``num_hidden_layers``); one line naming the path and the fix.
     """
     config = model.config
     model_type = config.model_type
-    reason = unsupported_reason(config)
+    wanted = {**OVERRIDES.get(model_type, {}), **check_overrides(adapter, model_type)}
+    reason = unsupported_reason(config, image_token_given="image_token_ids" in wanted)
     if reason is None:
         reason = _attention_backend_reason(model)
     if reason is not None:
         raise UnsupportedModelError(model_type, reason)
-    text_layers, attention, out_proj, reason = _find_layers(model)
+    text_layers, attention, out_proj, reason = _find_layers(
+        model, wanted.get("text_layers"), wanted.get("attention"), wanted.get("out_proj"))
     if reason is not None:
         raise UnsupportedModelError(model_type, reason)
-    image_token_ids = _config_image_token_ids(config) or _processor_image_token_ids(processor)
+    if "image_token_ids" in wanted:
+        image_token_ids = _given_image_token_ids(model, processor, wanted["image_token_ids"])
+    else:
+        image_token_ids = _config_image_token_ids(config) or _processor_image_token_ids(processor)
     if not image_token_ids:
         raise UnsupportedModelError(model_type, "neither its config (image_token_id) nor its processor (image_token) "
-                                                "names its image token; set model.config.image_token_id")
+                                                "names its image token; set model.config.image_token_id or pass "
+                                                "adapter={'image_token_ids': ...}")
+    rest = {k: v for k, v in wanted.items() if k not in (*_PATH_FIELDS, "image_token_ids")}
+    if rest.get("token_grid") is not None:
+        rest["token_grid"] = (*rest["token_grid"], 0)[:3]  # (rows, cols) starts at the first image token
     return Adapter(model_type=model_type, text_layers=text_layers, attention=attention, out_proj=out_proj,
-                   image_token_ids=image_token_ids, **OVERRIDES.get(model_type, {}))
+                   image_token_ids=image_token_ids, **rest)
+
+
+def _given_image_token_ids(model: Any, processor: Any, value: Any) -> tuple[int, ...]:
+    """An overridden image token (an id, ids, or token text) as ids inside the model's vocabulary."""
+    ids = []
+    for item in (value,) if isinstance(value, (int, str)) else value:
+        if isinstance(item, str):
+            tokenizer = getattr(processor, "tokenizer", processor)
+            if tokenizer is None or not hasattr(tokenizer, "convert_tokens_to_ids"):
+                raise InputError(f"adapter image_token_ids={item!r} is token text, which needs the processor; pass "
+                                 "it (wrap(model, processor, ...)) or give the token id")
+            token_id = tokenizer.convert_tokens_to_ids(item)
+            if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+                raise InputError(f"adapter image_token_ids={item!r} is not a token of this tokenizer; give the "
+                                 "image token exactly as the processor writes it, or its id")
+            item = token_id
+        ids.append(item)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for token_id in ids:
+        if vocab is not None and token_id >= vocab:
+            raise InputError(f"adapter image_token_ids: {token_id} is outside this model's vocabulary of {vocab} "
+                             "tokens; give the id of the token the processor puts where the image features go")
+    return tuple(dict.fromkeys(ids))
 
 
 def _processor_image_token_ids(processor: Any) -> tuple[int, ...]:
@@ -184,40 +312,99 @@ def _attention_backend_reason(model: Any) -> str | None:
     return None
 
 
-def _find_layers(model: Any) -> tuple[str, str, str, str | None]:
-    """``(layers path, attention attribute, output projection attribute, reason)`` of the text decoder.
+def _module_at(root: Any, path: str) -> Any:
+    """The module at dotted ``path`` under ``root``, or None."""
+    import torch
 
-    The layer list is the ``ModuleList`` of ``num_hidden_layers`` items inside the text decoder
-    (``get_decoder()``) whose items hold a self-attention module with an output projection.
+    try:
+        found = root.get_submodule(path)
+    except AttributeError:
+        return None
+    return found if isinstance(found, torch.nn.Module) else None
+
+
+def _paths_ending(root: Any, names: tuple[str, ...]) -> list[str]:
+    """Paths of ``root``'s submodules whose last name is one of ``names`` (for a "did you mean")."""
+    return [path for path, _ in root.named_modules() if path and path.rsplit(".", 1)[-1] in names][:3]
+
+
+def _given_layers(model: Any, path: str, n: int) -> Any:
+    """The layer list at a given ``text_layers`` path, or one line on what is there instead."""
+    import torch
+
+    lists = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    hint = (f" (lists of {n} modules here: {', '.join(lists[:4])})" if lists else "")
+    layers = _module_at(model, path)
+    if layers is None:
+        raise InputError(f"adapter text_layers={path!r} is not a module of this {type(model).__name__}; pass the "
+                         f"dotted path, from the model, of its text decoder's layer list{hint}")
+    if not isinstance(layers, (torch.nn.ModuleList, torch.nn.Sequential)):
+        raise InputError(f"adapter text_layers={path!r} is a {type(layers).__name__}, not a list of decoder layers; "
+                         f"pass the path of the ModuleList of its text decoder's layers{hint}")
+    if len(layers) != n:
+        raise InputError(f"adapter text_layers={path!r} holds {len(layers)} modules, but the text config has "
+                         f"num_hidden_layers={n}: it is not the text decoder's layer list; pass that list's path{hint}")
+    return layers
+
+
+def _find_layers(model: Any, layers_path: str | None = None, attention: str | None = None,
+                 out_proj: str | None = None) -> tuple[str, str, str, str | None]:
+    """``(layers path, attention path, output projection path, reason)`` of the text decoder.
+
+    Derived, each part not given: the layer list is the ``ModuleList`` of ``num_hidden_layers``
+    items inside the text decoder (``get_decoder()``) whose items hold a self-attention module
+    with an output projection. A given part is the only candidate, and one that is not in the
+    model raises :class:`InputError` naming it.
     """
     import torch
 
     text_config = model.config.get_text_config()
     n = text_config.num_hidden_layers
-    decoder = _text_model(model)
-    prefix = next((name for name, m in model.named_modules() if m is decoder), "")
-    lists = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and len(m) == n and name.startswith(prefix)]
+    if layers_path is not None:
+        lists = [(layers_path, _given_layers(model, layers_path, n))]
+    else:
+        decoder = _text_model(model)
+        prefix = next((name for name, m in model.named_modules() if m is decoder), "")
+        lists = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == n and name.startswith(prefix)]
     if not lists:
-        return "", "", "", f"no list of {n} decoder layers (num_hidden_layers) was found in its text decoder"
+        return "", "", "", (f"no list of {n} decoder layers (num_hidden_layers) was found in its text decoder"
+                            f"{_HATCH_HINT}")
     best: tuple[str, str, str, int] | None = None
     for name, layers in lists:
-        for attn in _ATTENTION_NAMES:
-            modules = [getattr(layer, attn, None) for layer in layers]
-            found = [m for m in modules if isinstance(m, torch.nn.Module)]
+        for attn in (attention,) if attention else _ATTENTION_NAMES:
+            found = [m for m in (_module_at(layer, attn) for layer in layers) if m is not None]
             if not found:
                 continue
-            out = next((o for o in _OUT_PROJ_NAMES if all(hasattr(m, o) for m in found)), None)
+            out = next((o for o in ((out_proj,) if out_proj else _OUT_PROJ_NAMES)
+                        if all(_module_at(m, o) is not None for m in found)), None)
             if out is not None and (best is None or len(found) > best[3]):
                 best = (name, attn, out, len(found))
     if best is None:
-        return "", "", "", "its text decoder layers have no self-attention module with an output projection"
+        first = lists[0][1][0]
+        if attention and _module_at(first, attention) is None:
+            near = _paths_ending(first, _ATTENTION_NAMES)
+            raise InputError(f"adapter attention={attention!r} is not a module of decoder layer 0 "
+                             f"({type(first).__name__}); pass the dotted path, from a decoder layer, of its "
+                             f"self-attention module{', e.g. ' + repr(near[0]) if near else ''}")
+        attn_module = _module_at(first, attention) if attention else next(
+            (m for a in _ATTENTION_NAMES if (m := _module_at(first, a)) is not None), None)
+        if out_proj and attn_module is not None:
+            near = _paths_ending(attn_module, _OUT_PROJ_NAMES)
+            raise InputError(f"adapter out_proj={out_proj!r} is not a module of the attention module of decoder "
+                             f"layer 0 ({type(attn_module).__name__}); pass the dotted path, from the attention "
+                             f"module, of its output projection{', e.g. ' + repr(near[0]) if near else ''}")
+        near = _paths_ending(first, _ATTENTION_NAMES)  # nested one level down, say: the user confirms it
+        hint = (f"; if {near[0]!r} of each layer is its self-attention, name it: lvlm_fix.wrap(model, processor, "
+                f"adapter={{'attention': {near[0]!r}}}) (docs: adding a model family)" if near and not attention
+                else _HATCH_HINT)
+        return "", "", "", f"its text decoder layers have no self-attention module with an output projection{hint}"
     name, attn, out, n_attn = best
     if n_attn < n:
         return name, attn, out, (f"{n - n_attn} of its {n} text decoder layers have no self-attention module; "
                                  "lvlm-fix's methods act on attention layers only (hybrid models are not supported yet)")
     heads = text_config.num_attention_heads
-    width = getattr(getattr(getattr(model.get_submodule(name)[0], attn), out), "in_features", None)
+    width = getattr(_module_at(_module_at(model.get_submodule(name)[0], attn), out), "in_features", None)
     if width is not None and width % heads:
         return name, attn, out, f"its attention output projection takes {width} features, not a multiple of {heads} heads"
     return name, attn, out, None

@@ -7,6 +7,8 @@ processor produced for *this* batch and from the model config, never guessed fro
 alone when the processor says more. The first rule that applies wins (one image per row; the grid
 describes the row's first image):
 
+* ``token_grid`` of the adapter (``wrap(..., adapter={"token_grid": (rows, cols, offset)})``): a
+  grid the user declares for a family the rules below do not know; the same for every row.
 * ``image_grid_thw`` in the batch (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V, PaddleOCR-VL, ... any
   family whose processor returns it): ``(h / merge, w / merge)`` with the vision config's merge
   size, all of the image's tokens. The processor keeps the aspect ratio, so portrait and landscape
@@ -83,6 +85,11 @@ def image_token_grids(lvlm: LVLM, batch: Any) -> list[TokenGrid]:
 
 
 # -- rules, in order ------------------------------------------------------------------------------
+def _declared(lvlm: LVLM, batch: Any, counts: list[int]) -> list[TokenGrid] | None:
+    grid = lvlm.adapter.token_grid
+    return None if grid is None else [TokenGrid(*grid) for _ in counts]
+
+
 def _vision(lvlm: LVLM) -> Any:
     return getattr(lvlm.model.config, "vision_config", None) or lvlm.model.config
 
@@ -202,6 +209,6 @@ _NOT_SPATIAL = {
 }
 
 _RULES: tuple[Callable[[Any, Any, list[int]], list[TokenGrid] | None], ...] = (
-    _from_grid_thw, _from_image_sizes, _anyres_base_view, _idefics_global_view, _tokens_per_image, _not_spatial,
+    _declared, _from_grid_thw, _from_image_sizes, _anyres_base_view, _idefics_global_view, _tokens_per_image, _not_spatial,
     _square,
 )

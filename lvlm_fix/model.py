@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
-from .adapters import Adapter, derive_adapter, unsupported_reason
+from .adapters import Adapter, check_overrides, derive_adapter, unsupported_reason
 from .devices import DEVICE_MAP_STRATEGIES, check_torch_device
 from .errors import InputError, LvlmFixError, UnsupportedModelError, strict_bool
 from .hooks import attention
@@ -37,7 +37,8 @@ class LVLM:
         processor: its processor (tokenizer + image processor), or None when wrapped without one:
             then the calls that build inputs from images and prompts (``encode``, CARVE, the evals)
             say so, and batches come from the caller.
-        adapter: the architecture knowledge, derived from the model (:func:`~lvlm_fix.adapters.derive_adapter`).
+        adapter: the architecture knowledge, derived from the model and the caller's overrides
+            (:func:`~lvlm_fix.adapters.derive_adapter`).
         name: the id or path it was loaded from; ``revision``: the hub revision asked for.
     """
 
@@ -65,12 +66,12 @@ class LVLM:
     def attention_modules(self) -> list[Any]:
         """Each decoder layer's self-attention module, in layer order."""
         if self._attention is None:
-            self._attention = [getattr(layer, self.adapter.attention) for layer in self.text_layers]
+            self._attention = [layer.get_submodule(self.adapter.attention) for layer in self.text_layers]
         return self._attention
 
     def out_proj(self, layer: int) -> Any:
         """The output projection of ``layer``'s attention: its input is the per-head outputs."""
-        return getattr(self.attention_modules[layer], self.adapter.out_proj)
+        return self.attention_modules[layer].get_submodule(self.adapter.out_proj)
 
     @property
     def num_layers(self) -> int:
@@ -435,6 +436,19 @@ def _check_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> None:
                              f"({type(processor).__name__}), which would ignore it; check its spelling or drop it")
 
 
+def _with_template(adapter: Adapter | dict[str, Any] | None, prompt_template: str | None,
+                   model_type: str | None = None) -> dict[str, Any]:
+    """The adapter fields to set, ``prompt_template=`` (load()'s and wrap()'s own argument) among them."""
+    given = check_overrides(adapter, model_type)
+    if prompt_template is None:
+        return given
+    if "{prompt}" not in str(prompt_template):
+        raise InputError(f"prompt_template={prompt_template!r} has no {{prompt}}; write the user text as {{prompt}}")
+    if given.get("prompt_template") not in (None, prompt_template):
+        raise InputError("prompt_template= and adapter['prompt_template'] differ; pass the template once")
+    return {**given, "prompt_template": prompt_template}
+
+
 def load(
     name_or_path: str | Path | None = None,
     *,
@@ -445,6 +459,7 @@ def load(
     trust_remote_code: bool = False,
     prompt_template: str | None = None,
     processor_kwargs: dict[str, Any] | None = None,
+    adapter: Adapter | dict[str, Any] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LVLM:
     """Load a Hugging Face LVLM (hub id or local directory) ready for lvlm-fix.
@@ -462,6 +477,9 @@ def load(
         trust_remote_code: off unless asked.
         prompt_template: a one-image user turn (``"<image>"`` and ``{prompt}`` written out), for a
             processor without a chat template; see :func:`wrap`.
+        adapter: what derivation cannot read from this model (its layer list, attention module, output
+            projection, image token, ...): see :func:`wrap`. Its names and types are checked before
+            any file is read, its paths once the model is built, before anything else.
         processor_kwargs: passed to the processor's ``from_pretrained`` (e.g. Qwen's ``max_pixels``).
         **from_pretrained_kwargs: passed to the model's ``from_pretrained`` (e.g. ``attn_implementation``,
             ``quantization_config``).
@@ -487,6 +505,7 @@ def load(
     from_pretrained_kwargs = check_kwargs(from_pretrained_kwargs, "model keyword argument")
     processor_kwargs = check_kwargs(processor_kwargs, "processor keyword argument")
     _check_model_kwargs(from_pretrained_kwargs)
+    _with_template(adapter, prompt_template)  # a misspelt adapter field: one line before any file is read
     name = str(name_or_path) if name_or_path not in (None, DEFAULT_MODEL) else str(testbed_path())
     if name_or_path in (None, DEFAULT_MODEL) and not (Path(name) / "config.json").exists():
         raise LvlmFixError(f"the embedded testbed checkpoint is missing at {name}; reinstall lvlm-fix or pass --model")
@@ -504,7 +523,8 @@ def load(
         where, fix = (("directory", "; fix config.json or save the model again (save_pretrained)") if local.exists()
                       else ("hub id (offline? pass a local directory)", ""))
         raise LvlmFixError(f"cannot load model {name!r} as a {where}: {_first_line(e)}{fix}") from None
-    reason = unsupported_reason(config)
+    overrides = _with_template(adapter, prompt_template, config.model_type)  # an Adapter of another model type
+    reason = unsupported_reason(config, image_token_given="image_token_ids" in overrides)
     if reason is not None:
         raise UnsupportedModelError(config.model_type, reason)
     from_pretrained_kwargs = _check_against_config(from_pretrained_kwargs, config)
@@ -525,8 +545,7 @@ def load(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    return wrap(model, processor, name=name if name_or_path else DEFAULT_MODEL, revision=revision,
-                prompt_template=prompt_template)
+    return wrap(model, processor, name=name if name_or_path else DEFAULT_MODEL, revision=revision, adapter=overrides)
 
 
 def wrap(
@@ -536,6 +555,7 @@ def wrap(
     name: str | None = None,
     revision: str | None = None,
     prompt_template: str | None = None,
+    adapter: Adapter | dict[str, Any] | None = None,
 ) -> LVLM:
     """The :class:`LVLM` handle of a model already loaded: quantised, sharded with ``device_map``, fine-tuned.
 
@@ -553,21 +573,27 @@ def wrap(
         revision: recorded in provenance.
         prompt_template: a one-image user turn with the image placeholder and ``{prompt}`` written
             out (e.g. ``"USER: <image>\n{prompt} ASSISTANT:"``), used when the processor has no chat template.
+        adapter: the escape hatch for a model that derivation cannot read: a
+            :class:`~lvlm_fix.adapters.Adapter`, or a dict of some of its fields, e.g.
+            ``{"text_layers": "model.decoder.blocks", "attention": "mixer", "out_proj": "proj",
+            "image_token_ids": "<image>"}`` (paths dotted, as ``named_modules()`` writes them; the
+            attention path from a decoder layer, the projection's from the attention module). What is
+            given is used as given, what is left out is derived. Checked against the model before
+            anything else happens.
 
     Raises:
-        UnsupportedModelError: the model cannot be served; the message says why.
+        UnsupportedModelError: the model cannot be served; the message says why (and, where an
+            adapter would help, which field to pass).
+        InputError: an ``adapter`` field the model does not fit (a path it does not have); one line
+            naming it and the fix.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "get_text_config"):
         raise InputError(f"wrap() takes a transformers model, got {type(model).__name__}; load it with "
                          "AutoModelForImageTextToText.from_pretrained(...) first")
-    adapter = derive_adapter(model, processor)
-    if prompt_template is not None:
-        if "{prompt}" not in prompt_template:
-            raise InputError(f"prompt_template={prompt_template!r} has no {{prompt}}; write the user text as {{prompt}}")
-        adapter = replace(adapter, prompt_template=prompt_template)
+    resolved = derive_adapter(model, processor, _with_template(adapter, prompt_template, config.model_type))
     attention.register()
-    lvlm = LVLM(model=model, processor=processor, adapter=adapter,
+    lvlm = LVLM(model=model, processor=processor, adapter=resolved,
                 name=name or str(getattr(config, "name_or_path", "") or type(model).__name__), revision=revision)
     model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
     return lvlm
