@@ -30,6 +30,7 @@ def _statuses(results) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_builtin_passes_check_method(name):
+    assert name in ACTIVE, f"add {name!r} to ACTIVE (the settings under which it acts on the tiny LLaVA)"
     results = check_method(METHODS.get(name), params=ACTIVE.get(name), identity_params=ACTIVE.get(name))
     assert [r.check for r in results] == list(CHECKS)
     want = {c: "passed" for c in CHECKS} | ({} if name in CHUNKED else {"chunked": "skipped"})
@@ -126,6 +127,29 @@ class LeavesAnAttribute(Rescale):
             lvlm.text_layers[1].self_attn.__dict__["_test_rescale_state"] = 1
 
 
+class SwitchesAttention(Rescale):
+    """Switches the text decoder to eager attention and leaves it so."""
+
+    name = "test_switches_attention"
+
+    def bind(self, lvlm):
+        super().bind(lvlm)
+        if self.eager_layers:
+            lvlm.model.set_attn_implementation("eager")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmptyIdentityConfig(RescaleConfig):
+    @classmethod
+    def math_identity(cls):
+        return cls(layers=())  # an identity, but with no math in the path
+
+
+class EmptyIdentity(Rescale):
+    name = "test_empty_identity"
+    config_cls = EmptyIdentityConfig
+
+
 class NotIdentityAtOne(Rescale):
     """An off-by-one: the weights on image tokens are scaled by factor + 0.5, so 1 is not the identity."""
 
@@ -187,6 +211,8 @@ class SwallowsInterrupts(Intervention):
 @pytest.mark.parametrize("cls, check, needle", [
     (LeavesAHook, "hygiene", "module '<model>' has 1 forward hook(s) more than before"),
     (LeavesAnAttribute, "hygiene", "gained attribute(s) ['_test_rescale_state']"),
+    (SwitchesAttention, "hygiene", "attention implementation"),
+    (EmptyIdentity, "math_identity", "no callback of the method ran"),
     (NotIdentityAtOne, "math_identity", "at math_identity() (factor=1.0, layers=(1, 2)): answers"),
     (InstallsAtNoop, "noop", "at noop() the method still binds layers {'eager_layers': [0, 1, 2, 3]}"),
     (MixesRows, "batched", "row 0 alone against row 0 of the batch"),
