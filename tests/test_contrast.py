@@ -8,6 +8,7 @@ are shorter and have no image).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -17,8 +18,15 @@ import lvlm_fix
 from conftest import PROMPTS, cli_error, no_plan_left
 from lvlm_fix.errors import ConfigError, LvlmFixError
 from lvlm_fix.hooks import hooks_on
-from lvlm_fix.hooks.contrast import ContrastStream, insert_tokens, linear_contrast, text_positions
-from lvlm_fix.interventions import METHODS
+from lvlm_fix.hooks.contrast import (
+    ContrastStream,
+    insert_tokens,
+    linear_contrast,
+    plausibility_cut,
+    rows_without_images,
+    text_positions,
+)
+from lvlm_fix.interventions import METHODS, ContrastConfig, ContrastiveMethod, build_methods, register_method
 
 CONTRAST = ["vcd", "icd", "m3id", "pai"]
 # The stream fed the main rows' own input, no cut: every decoding mode must equal vanilla generate().
@@ -214,6 +222,64 @@ def test_two_contrast_streams_are_refused_before_any_work(capsys):
     lvlm_fix.interventions.build_methods("pai:gamma=1+vcd")  # PAI without guidance has no stream
     line = cli_error(capsys, "run", "--model", "/nonexistent-model-dir", "--method", "m3id+pai")
     assert "at most one contrastive method" in line
+
+
+def test_the_one_stream_rule_asks_each_method_not_its_class(monkeypatch):
+    """Any method that says it decodes a contrast stream counts, whatever its class."""
+    monkeypatch.setattr(METHODS.get("vhr"), "contrast_active", lambda self: True, raising=False)
+    with pytest.raises(ConfigError, match="'vhr' and 'vcd' each decode a contrast stream"):
+        build_methods("vhr+vcd")
+
+
+# -- the contrastive base: what a method of one's own writes -----------------------------------------
+class _WithoutImage(ContrastiveMethod):
+    """A plugin's contrastive method: its contrast input and its formula, nothing else."""
+
+    name = "test_without_image"
+    contrast_kind = "no image"
+
+    def contrast_rows(self, lvlm, inputs):
+        return rows_without_images(lvlm, inputs)
+
+    def combine(self, main, contrast, step):
+        return plausibility_cut(main + self.config.alpha * (main - contrast), main, self.config.beta)
+
+
+@pytest.fixture()
+def without_image():
+    register_method(_WithoutImage)
+    yield _WithoutImage
+    METHODS._items.pop(_WithoutImage.name, None)
+
+
+def test_a_contrastive_method_of_ones_own_works_through_generate(without_image, tiny, images):
+    lvlm = tiny("llava")
+    name = without_image.name
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    with torch.inference_mode():
+        main = lvlm.model(**batch).logits[:, -1].float()
+        text = lvlm.model(**rows_without_images(lvlm, dict(batch))).logits[:, -1].float()
+        with lvlm_fix.apply(lvlm, {name: {"alpha": 0.5, "beta": 0.0}}) as plan:
+            combined = lvlm.model(**batch).logits[:, -1]
+    assert torch.allclose(combined, main + 0.5 * (main - text), atol=1e-4)
+    assert plan.report()[name] == {"alpha": 0.5, "beta": 0.0, "contrast": "no image", "stream_ran": True, "rows": 2,
+                                   "contrast_prompt_tokens": plan.report()[name]["contrast_prompt_tokens"], "steps": 1}
+    # Through generate(), with the base's config (alpha, beta, null_contrast), identities and one-stream rule.
+    out = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], name, max_new_tokens=3)
+    assert out.report[name]["steps"] == 3 and out.report[name]["contrast"] == "no image"
+    vanilla = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], "none", max_new_tokens=3)
+    for config in (without_image.config_cls.noop(), without_image.config_cls.math_identity()):
+        same = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], {name: config.to_dict()}, max_new_tokens=3)
+        assert same.tokens == vanilla.tokens
+    with pytest.raises(ConfigError, match="each decode a contrast stream"):
+        build_methods(f"{name}+m3id")
+
+
+@pytest.mark.parametrize("name", CONTRAST)
+def test_the_contrastive_builtins_share_one_base(name):
+    cls = METHODS.get(name)
+    assert issubclass(cls, ContrastiveMethod) and issubclass(cls.config_cls, ContrastConfig)
+    assert "null_contrast" not in inspect.get_annotations(cls.config_cls)  # the base's field, written once
 
 
 def test_cli_runs_an_attention_method_with_a_contrast_method(capsys, tiny_dirs, images, tmp_path):

@@ -212,6 +212,69 @@ def test_composition_applies_each_method_in_stage_order(tiny, images):
     assert not torch.equal(both, vhr_only)
 
 
+# Today's composition order of the built-ins (it was stage, then name): a method declaring where it acts
+# (stage) and where it composes (order) separately must keep it.
+TODAY = ["mvp", "carve", "vhr", "pai", "paint", "act", "var", "icd", "m3id", "vcd"]
+
+
+def test_every_pair_of_builtins_composes_in_todays_order():
+    from lvlm_fix.interventions import parse_spec
+
+    assert sorted(TODAY) == NAMES
+    for i, a in enumerate(TODAY):
+        for b in TODAY[i + 1:]:
+            for spec in (f"{a}+{b}", f"{b}+{a}"):
+                assert [n for n, _ in parse_spec(spec)] == [a, b], spec
+
+
+def test_stage_says_where_a_method_acts_and_order_where_it_composes():
+    from dataclasses import dataclass
+
+    from lvlm_fix.interventions import DEFAULT_ORDER, Intervention, MethodConfig, Stage, param, parse_spec
+    from lvlm_fix.interventions import register_method
+
+    with pytest.raises(TypeError):
+        Stage.INPUT < Stage.LOGITS  # noqa: B015 (a stage is no place in a composition)
+    assert {METHODS.get(n).composition_key()[1] for n in NAMES} <= set(DEFAULT_ORDER.values())
+
+    @dataclass(frozen=True, kw_only=True)
+    class Cfg(MethodConfig):
+        k: float = param(1.0, "k. Default 1 (source: test).")
+
+        @classmethod
+        def noop(cls):
+            return cls()
+
+    class Early(Intervention):  # edits the weights, yet composes before VHR's head outputs
+        name, stage, config_cls, order = "test_early_weights", Stage.ATTENTION_WEIGHTS, Cfg, 15
+
+    class LateInput(Intervention):  # its order is last, but it runs generate(): it goes around the plan
+        name, stage, config_cls, order = "test_late_input", Stage.INPUT, Cfg, 99
+
+    class BadOrder(Intervention):
+        name, stage, config_cls, order = "test_bad_order", Stage.LOGITS, Cfg, "first"
+
+    with pytest.raises(TypeError, match="order='first' is not an int"):
+        register_method(BadOrder)
+    try:
+        register_method(Early)
+        register_method(LateInput)
+        assert [n for n, _ in parse_spec("var+vhr+test_early_weights")] == ["test_early_weights", "vhr", "var"]
+        assert [n for n, _ in parse_spec("vcd+test_late_input+mvp")] == ["mvp", "test_late_input", "vcd"]
+    finally:
+        METHODS._items.pop(Early.name, None)
+        METHODS._items.pop(LateInput.name, None)
+
+
+def test_one_list_of_layer_roles(tiny):
+    """The plan's depth check and a method's layers_on read one list: ACT's column statistics were missing."""
+    from lvlm_fix.hooks.plan import LAYER_ROLES, Participant
+
+    assert set(LAYER_ROLES) == {n for n in vars(Participant) if n.endswith("_layers")}
+    on = METHODS.get("act")().layers_on(tiny("llava"))
+    assert on["column_stats_layers"] == on["eager_layers"] != []
+
+
 def test_composed_methods_take_their_own_layers(tiny, images):
     """Two composed methods with different layers in one run, each reported under its own name."""
     lvlm = tiny("llava")

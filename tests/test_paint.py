@@ -13,17 +13,24 @@ import lvlm_fix
 from conftest import PROMPTS, cli_error
 from lvlm_fix.errors import ConfigError, LvlmFixError
 from lvlm_fix.hooks import hooks_on
-from lvlm_fix.hooks.capture import cls_attention_row, vision_cls_attention
 from lvlm_fix.hooks.plan import AttnContext, TokenState
 from lvlm_fix.interventions.paint import (
     Paint,
     PaintConfig,
+    cls_attention_row,
     default_layers,
     iqr_outliers,
     margin_edit,
     select_tokens,
     spatial_scores,
+    vision_cls_attention,
 )
+
+
+def test_the_cls_attention_code_is_paints_not_the_hooks_packages():
+    import lvlm_fix.hooks.capture as capture
+
+    assert not {"ClsAttention", "cls_attention_row", "vision_cls_attention"} & set(vars(capture))
 
 
 # -- the math, by hand ------------------------------------------------------------------------------

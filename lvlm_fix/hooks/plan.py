@@ -102,6 +102,11 @@ class AttnContext:
         return self.chunk is None or self.q_len is None or self.chunk.stop == self.q_len
 
 
+# The layer sets a participant declares in ``bind`` (its roles), each a ``frozenset[int]`` attribute of
+# :class:`Participant`: the one list that the plan's depth check and a method's ``layers_on`` read.
+LAYER_ROLES = ("eager_layers", "column_stats_layers", "observed_layers", "head_output_layers", "residual_layers")
+
+
 class Participant:
     """Base class for anything that reads or rewrites the model during a Plan.
 
@@ -142,6 +147,12 @@ class Participant:
 
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
+
+    def contrast_active(self) -> bool:
+        """Whether this participant decodes a contrast stream beside ``generate()`` with its settings
+        (:class:`~lvlm_fix.hooks.contrast.ContrastStream`). A call runs at most one: a second would
+        combine the first one's already combined logits."""
+        return False
 
     def begin(self, tokens: TokenState) -> None:
         """A new sequence starts (prefill): reset per-row state."""
@@ -245,8 +256,7 @@ class Plan:
         self.eager_layers = frozenset().union(*(p.eager_layers for p in self.participants), self.column_stats_layers)
         self.observed_layers = frozenset().union(*(p.observed_layers for p in self.participants))
         n = lvlm.num_layers
-        for name in ("eager_layers", "column_stats_layers", "observed_layers", "head_output_layers",
-                     "residual_layers"):
+        for name in LAYER_ROLES:
             for p in self.participants:
                 bad = sorted(i for i in getattr(p, name) if not 0 <= i < n)
                 if bad:

@@ -3,9 +3,12 @@
 A method subclasses :class:`Intervention` and declares three class attributes:
 
 * ``name``: its registered name, used on the command line and as its results folder;
-* ``stage``: where it acts (:class:`Stage`); composition order follows the stages;
+* ``stage``: where it acts (:class:`Stage`);
 * ``config_cls``: a frozen :class:`MethodConfig` dataclass whose fields are its parameters, each
   declared with :func:`param` (default, help text naming the source, valid range).
+
+and may declare ``order``, its place in a composition (:meth:`Intervention.composition_key`; by
+default :data:`DEFAULT_ORDER` of its stage).
 
 Methods that act inside ``generate()`` (head outputs, attention, logits) are
 :class:`~lvlm_fix.hooks.Participant`\\ s: ``bind`` declares the layers they need and the callbacks
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 from ..errors import ConfigError
-from ..hooks.plan import Participant
+from ..hooks.plan import LAYER_ROLES, Participant
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,20 +42,29 @@ if TYPE_CHECKING:
     from ..model import LVLM
 
 
-class Stage(enum.IntEnum):
-    """Where a method acts. Composed methods are applied in this order; within a stage, by name."""
+class Stage(enum.Enum):
+    """Where a method acts: what it reads or rewrites. Where it goes in a composition is its own
+    declaration, :attr:`Intervention.order` (by default :data:`DEFAULT_ORDER` of its stage)."""
 
-    PIPELINE = 0  # runs several generate() calls of its own and combines them (e.g. MVP)
-    INPUT = 1  # rewrites the input image or prompt, then generates once (e.g. CARVE)
-    HEAD_OUTPUTS = 2  # scales per-head attention outputs, the input of o_proj (e.g. VHR)
-    ATTENTION_SCORES = 3  # edits pre-softmax attention logits (e.g. PAI)
-    ATTENTION_WEIGHTS = 4  # edits post-softmax attention weights (e.g. VAR, ACT)
-    LOGITS = 5  # combines the next-token logits with a contrast stream (e.g. VCD)
+    PIPELINE = "pipeline"  # runs several generate() calls of its own and combines them (e.g. MVP)
+    INPUT = "input"  # rewrites the input image or prompt, then generates once (e.g. CARVE)
+    HEAD_OUTPUTS = "head_outputs"  # scales per-head attention outputs, the input of o_proj (e.g. VHR)
+    ATTENTION_SCORES = "attention_scores"  # edits pre-softmax attention logits (e.g. PAI)
+    ATTENTION_WEIGHTS = "attention_weights"  # edits post-softmax attention weights (e.g. VAR, ACT)
+    LOGITS = "logits"  # combines the next-token logits with a contrast stream (e.g. VCD)
 
     @property
     def wraps_generate(self) -> bool:
         """The method calls ``generate()`` itself, so it cannot wrap a caller's ``generate()``."""
         return self in (Stage.PIPELINE, Stage.INPUT)
+
+
+# The composition order of a method that declares none, by stage (lower first; the gaps leave room for
+# a plugin's own order between two built-ins). In a plan, only methods that edit the same tensor see each
+# other's edit, in this order (PAI's then PAINT's scores; ACT's then VAR's weights); a method that runs
+# generate() itself goes around every later one (MVP calls CARVE, which calls the plan).
+DEFAULT_ORDER = {Stage.PIPELINE: 0, Stage.INPUT: 10, Stage.HEAD_OUTPUTS: 20, Stage.ATTENTION_SCORES: 30,
+                 Stage.ATTENTION_WEIGHTS: 40, Stage.LOGITS: 50}
 
 
 def param(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
@@ -202,18 +214,6 @@ def _first_sentence(text: str) -> str:
     return text.rstrip(".") + "."
 
 
-@dataclass(frozen=True, kw_only=True)
-class ContrastConfig(MethodConfig):
-    """Base of the configs of methods that decode a contrast stream: the field they all share."""
-
-    null_contrast: bool = param(False, (
-        "Give the contrast stream the main rows' own input instead of the method's contrast (noised image, "
-        "disturbed instruction, no image). The stream still runs beside generate() with its own cache; with the "
-        "plausibility cut off the combination then returns the main logits, i.e. vanilla decoding through the "
-        "whole two-stream machinery: a check of the mechanism on a new model. Default False (source: lvlm-fix; not part "
-        "of the method)."))
-
-
 def _checked(name: str, value: Any, typ: Any, meta: Any) -> Any:
     """``value`` converted to the field type ``typ`` (int -> float, list -> tuple), or ConfigError."""
     args = get_args(typ)
@@ -281,7 +281,7 @@ class Generation:
 
 
 # What a method that wraps generate() calls to generate: ``inner(images, prompts, gen)`` applies the
-# composed methods of the later stages around the model's own generate() and returns their Generation.
+# methods composed after it (composition_key) around the model's own generate() and returns their Generation.
 Inner = Callable[[Sequence[Any], Sequence[str], dict[str, Any]], Generation]
 
 
@@ -291,6 +291,15 @@ class Intervention(Participant):
     name: ClassVar[str]
     stage: ClassVar[Stage]
     config_cls: ClassVar[type[MethodConfig]]
+    order: ClassVar[int | None] = None  # place in a composition, lower first; None: DEFAULT_ORDER[stage]
+
+    @classmethod
+    def composition_key(cls) -> tuple[bool, int, str]:
+        """Where the method goes among composed methods, first to last: the methods that run
+        ``generate()`` themselves first (each calls the later ones through ``inner``), then by
+        ``order``, then by name."""
+        order = DEFAULT_ORDER[cls.stage] if cls.order is None else cls.order
+        return (not cls.stage.wraps_generate, order, cls.name)
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -298,7 +307,7 @@ class Intervention(Participant):
     def describe(self, lvlm: LVLM | None = None) -> dict[str, Any]:
         """The method, its stage and its config (written to every result's provenance); with a model,
         also what it acts on there (:meth:`layers_on`), e.g. the default layers resolved to its depth."""
-        out = {"method": self.name, "stage": self.stage.name.lower(), "config": self.config.to_dict()}
+        out = {"method": self.name, "stage": self.stage.value, "config": self.config.to_dict()}
         if lvlm is not None:
             out["on_model"] = self.layers_on(lvlm)
         return out
@@ -306,15 +315,14 @@ class Intervention(Participant):
     def layers_on(self, lvlm: LVLM) -> dict[str, list[int]]:
         """The layers this method uses on ``lvlm``, by role (the layer sets ``bind`` declares)."""
         self.bind(lvlm)
-        roles = ("eager_layers", "observed_layers", "head_output_layers", "residual_layers")
-        return {role: sorted(getattr(self, role)) for role in roles if getattr(self, role)}
+        return {role: sorted(getattr(self, role)) for role in LAYER_ROLES if getattr(self, role)}
 
     def generate(self, lvlm: LVLM, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str],
                  gen: dict[str, Any], inner: Inner, *, system_prompt: str | None = None) -> Generation:
         """For ``PIPELINE`` and ``INPUT`` stages: produce the answers, calling ``inner`` for each generation.
 
-        ``gen`` holds the ``generate()`` arguments of the call; ``inner`` applies the composed
-        methods of later stages (with the call's ``system_prompt``, which the method's own encodes
+        ``gen`` holds the ``generate()`` arguments of the call; ``inner`` applies the methods
+        composed after this one (with the call's ``system_prompt``, which the method's own encodes
         should pass to ``lvlm.encode`` too). Return the Generation with this method's report (and
         artifacts) added under its name.
         """

@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
-from ..hooks.contrast import ContrastStream, insert_tokens, linear_contrast
-from .base import ContrastConfig, Intervention, Stage, param
+from ..hooks.contrast import insert_tokens
+from .base import param
+from .contrastive import ContrastiveMethod, LinearContrastConfig, cut_param, strength_param
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -242,16 +243,12 @@ def apply_edit(edit: DisturbanceEdit, inputs: dict[str, Any], image_token_id: in
 
 
 @dataclass(frozen=True, kw_only=True)
-class ICDConfig(ContrastConfig):
-    """ICD's parameters."""
+class ICDConfig(LinearContrastConfig):
+    """ICD's parameters (``noop``: ``alpha = beta = 0``; ``math_identity``: the undisturbed prompt against itself)."""
 
-    alpha: float = param(1.0, (
-        "Contrast strength: logits = (1 + alpha) l(prompt) - alpha l(disturbed prompt). 0 with beta 0 installs "
-        "nothing. Default 1.0 (source: ICD release, icd_llava_pope.py cd_alpha)."), lo=0.0)
-    beta: float = param(0.1, (
-        "Adaptive plausibility: tokens with normal-stream probability below beta times the top one's get -inf, "
-        "before temperature/top-k/top-p. 0 cuts nothing. Default 0.1 (source: ICD release, icd_llava_pope.py "
-        "cd_beta)."), lo=0.0, hi=1.0)
+    alpha: float = strength_param(1.0, main="prompt", contrast="disturbed prompt",
+                                  source="ICD release, icd_llava_pope.py cd_alpha")
+    beta: float = cut_param(0.1, stream="normal-stream", source="ICD release, icd_llava_pope.py cd_beta")
     disturbance: str = param(DISTURBANCES[3], (
         "The disturbance instruction of the contrast prompt. Default: the fourth of the five the release loops over "
         f"({DISTURBANCES[3]!r}; source: ICD release, icd_llava_pope.py; the five are ICD.prompts())."))
@@ -266,23 +263,12 @@ class ICDConfig(ContrastConfig):
             raise ConfigError("icd: disturbance is empty; give an instruction (null_contrast=true contrasts the "
                               "prompt with itself)")
 
-    @classmethod
-    def noop(cls) -> ICDConfig:
-        """``alpha = beta = 0``: no contrast stream is installed."""
-        return cls(alpha=0.0, beta=0.0)
-
-    @classmethod
-    def math_identity(cls) -> ICDConfig:
-        """The stream runs on the undisturbed prompt itself, no cut: ``2 l - l = l`` exactly."""
-        return cls(alpha=1.0, beta=0.0, null_contrast=True)
-
 
 @register_method
-class ICD(Intervention, ContrastStream):
+class ICD(ContrastiveMethod):
     """ICD: next-token logits contrasted with those under a disturbance instruction."""
 
     name = "icd"
-    stage = Stage.LOGITS
     config_cls = ICDConfig
     config: ICDConfig
     contrast_kind = "disturbed instruction"
@@ -291,11 +277,7 @@ class ICD(Intervention, ContrastStream):
     def prompts(cls) -> list[str]:
         return list(DISTURBANCES)
 
-    def contrast_active(self) -> bool:
-        return self.config.alpha != 0 or self.config.beta != 0
-
     def bind(self, lvlm: LVLM) -> None:
-        self.null_contrast = self.config.null_contrast
         self._lvlm = lvlm
         self.edit = None
         super().bind(lvlm)
@@ -305,12 +287,9 @@ class ICD(Intervention, ContrastStream):
     def contrast_rows(self, lvlm: LVLM, inputs: dict[str, Any]) -> dict[str, Any]:
         return apply_edit(self.edit, inputs, lvlm.image_token_id)
 
-    def combine(self, main: Tensor, contrast: Tensor, step: int) -> Tensor:
-        return linear_contrast(main, contrast, self.config.alpha, self.config.beta)
-
     def report(self) -> dict[str, Any]:
-        out = {"alpha": self.config.alpha, "beta": self.config.beta, "disturbance": self.config.disturbance,
-               "placement": None if self.edit is None else self.edit.placement, **self.stream_report()}
+        out = {**super().report(), "disturbance": self.config.disturbance,
+               "placement": None if self.edit is None else self.edit.placement}
         if self._rows is not None and self.edit is not None:
             ids, image = self._rows.first_ids, self._lvlm.image_token_id
             shown = [t for i, t in enumerate(ids) if t != image or i == 0 or ids[i - 1] != image]  # one per image

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..hooks.contrast import ContrastStream, rows_without_images
-from .base import ContrastConfig, Intervention, Stage, param
+from ..hooks.contrast import rows_without_images
+from .base import param
+from .contrastive import ContrastConfig, ContrastiveMethod
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -86,11 +87,10 @@ class M3IDConfig(ContrastConfig):
 
 
 @register_method
-class M3ID(Intervention, ContrastStream):
+class M3ID(ContrastiveMethod):
     """M3ID: a growing, gated mutual-information bonus against the rows without the image."""
 
     name = "m3id"
-    stage = Stage.LOGITS
     config_cls = M3IDConfig
     config: M3IDConfig
     contrast_kind = "no image"
@@ -99,7 +99,6 @@ class M3ID(Intervention, ContrastStream):
         return self.config.lam != 0
 
     def bind(self, lvlm: LVLM) -> None:
-        self.null_contrast = self.config.null_contrast
         self.gate_open = None  # [n] steps at which each row's gate was open
         super().bind(lvlm)
 

@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..hooks.contrast import ContrastStream, plausibility_cut, rows_without_images
-from .base import ContrastConfig, Intervention, Stage, param, resolve_layers
+from ..hooks.contrast import plausibility_cut, rows_without_images
+from .base import Stage, param, resolve_layers
+from .contrastive import ContrastConfig, ContrastiveMethod
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -128,11 +129,11 @@ class PAIConfig(ContrastConfig):
 
 
 @register_method
-class PAI(Intervention, ContrastStream):
+class PAI(ContrastiveMethod):
     """PAI: image-attention amplification and guidance against the rows without the image."""
 
     name = "pai"
-    stage = Stage.ATTENTION_SCORES
+    stage = Stage.ATTENTION_SCORES  # its guidance is a contrastive method's, at the logits
     config_cls = PAIConfig
     config: PAIConfig
     contrast_kind = "no image"
@@ -145,7 +146,6 @@ class PAI(Intervention, ContrastStream):
         n = lvlm.num_layers
         layers = resolve_layers(self.config.layers, default_layers(n), n)
         self.eager_layers = layers if self.config.alpha > 0 else frozenset()
-        self.null_contrast = self.config.null_contrast
         super().bind(lvlm)
         # The release's bug 1: guidance on leaves the prefill unamplified.
         self.skip_prefill = self.config.release_compat and self.contrast_on

@@ -61,7 +61,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
-from ..hooks.capture import cls_attention_row, vision_cls_attention
 from ..hooks.plan import AttnContext, TokenState
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
@@ -69,12 +68,12 @@ from .registry import register_method
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ..hooks.capture import ClsAttention, HookSet
+    from ..hooks.capture import HookSet
     from ..hooks.plan import Plan
     from ..model import LVLM
 
-__all__ = ["IQR_WHISKER", "Paint", "PaintConfig", "default_layers", "iqr_outliers", "margin_edit", "select_tokens",
-           "spatial_scores"]
+__all__ = ["IQR_WHISKER", "ClsAttention", "Paint", "PaintConfig", "cls_attention_row", "default_layers", "iqr_outliers",
+           "margin_edit", "select_tokens", "spatial_scores", "vision_cls_attention"]
 
 IQR_WHISKER = 1.5  # Tukey's rule: outliers lie above Q3 + 1.5 IQR (clip_encoder.py get_top_ratio)
 
@@ -209,6 +208,78 @@ class PaintConfig(MethodConfig):
     def math_identity(cls) -> PaintConfig:
         """``alpha = beta = 0``: tokens are selected from the tower's CLS attention and every edit adds 0."""
         return cls(alpha=0.0, beta=0.0)
+
+
+# -- the vision tower's CLS attention (where PAINT reads its token sets) ---------------------------
+@dataclass(frozen=True)
+class ClsAttention:
+    """Where a vision tower's CLS query attends, found from the model's structure.
+
+    Attributes:
+        attentions: per ViT layer, its attention module (with ``q_proj``, ``k_proj``, ``head_dim``
+            and ``scale``), in layer order.
+        num_patches: patch tokens per image; the tower's sequence is the CLS token (position 0)
+            then the patches in row-major order.
+    """
+
+    attentions: tuple[Any, ...]
+    num_patches: int
+
+
+_CLS_PARAMETERS = ("class_embedding", "cls_token")  # CLIP, ViT / DINO naming of the learned CLS token
+
+
+def vision_cls_attention(model: torch.nn.Module) -> ClsAttention:
+    """The vision tower of ``model`` and its per-layer attention modules, if it has a CLS token.
+
+    Derived, not looked up by model name: the tower is the outermost module whose ``config`` is
+    the model's ``vision_config``; it has a CLS token when it owns a learned class embedding; its
+    layers are its module list of ``vision_config.num_hidden_layers`` entries; each layer's
+    attention is the first submodule with ``q_proj`` and ``k_proj``.
+
+    Raises:
+        LvlmFixError: no vision tower, no CLS token, or no readable attention projections.
+    """
+    kind = getattr(model.config, "model_type", "?")
+    vision_config = getattr(model.config, "vision_config", None)
+    tower = next((m for m in model.modules() if vision_config is not None
+                  and getattr(m, "config", None) is vision_config), None)
+    if tower is None:
+        raise LvlmFixError(f"cannot find the vision tower of this {kind!r} model (no module carries its vision_config)")
+    if not any(name.rsplit(".", 1)[-1] in _CLS_PARAMETERS for name, _ in tower.named_parameters()):
+        raise LvlmFixError(f"the vision tower of this {kind!r} model has no CLS token "
+                           f"({type(tower).__name__}); CLS attention cannot be read from it")
+    depth = getattr(vision_config, "num_hidden_layers", None)
+    layers = next((m for m in tower.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth), None)
+    attentions = []
+    for layer in layers if layers is not None else ():
+        attn = next((m for m in layer.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")
+                     and hasattr(m, "head_dim") and hasattr(m, "scale")), None)
+        attentions.append(attn)
+    if not attentions or any(a is None for a in attentions):
+        raise LvlmFixError(f"cannot read the q/k projections of the vision tower of this {kind!r} model "
+                           f"({type(tower).__name__})")
+    side = vision_config.image_size // vision_config.patch_size
+    return ClsAttention(tuple(attentions), side * side)
+
+
+def cls_attention_row(attention: Any, queries: Tensor, keys: Tensor) -> Tensor:
+    """The CLS query's attention row of one ViT layer, recomputed from its projections' outputs.
+
+    Args:
+        attention: the layer's attention module (for ``head_dim`` and ``scale``).
+        queries: the output of its ``q_proj`` (``[b, n, d]``; only position 0, CLS, is used).
+        keys: the output of its ``k_proj`` (``[b, n, d]``).
+
+    Returns:
+        ``softmax(q_cls k^T * scale)`` in fp32, ``[b, heads, n]`` (a ViT's attention is
+        bidirectional and unmasked, so the row is exactly what the layer computed).
+    """
+    b, n, _ = keys.shape
+    hd = attention.head_dim
+    q = queries[:, :1].float().view(b, 1, -1, hd).transpose(1, 2)  # [b, h, 1, hd]
+    k = keys.float().view(b, n, -1, hd).transpose(1, 2)  # [b, h, n, hd]
+    return (q @ k.transpose(-1, -2) * attention.scale).softmax(-1)[:, :, 0]
 
 
 # -- the intervention ----------------------------------------------------------------------------

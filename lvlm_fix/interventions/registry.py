@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, LvlmFixError, UnknownNameError
-from ..hooks.contrast import ContrastStream
 from ..registry import Registry
 from .base import Intervention, MethodConfig, Stage
 
@@ -46,7 +45,7 @@ __all__ = ["ENTRY_POINT_GROUP", "METHODS", "NONE", "PLUGINS_ENV", "MethodSpec", 
 NONE = "none"  # the baseline: no method
 ENTRY_POINT_GROUP = "lvlm_fix.methods"
 PLUGINS_ENV = "LVLM_FIX_PLUGINS"
-_NOT_METHODS = {"base", "registry"}  # modules of this package that define no method
+_NOT_METHODS = {"base", "contrastive", "registry"}  # modules of this package that define no method
 
 # One composed method setting: (method name, its parameters), in composition order.
 MethodSpec = list[tuple[str, dict[str, Any]]]
@@ -98,8 +97,8 @@ def register_method(cls: type[Intervention]) -> type[Intervention]:
 
     The class must subclass :class:`Intervention` and declare ``name`` (lowercase letters, digits
     and ``_``), ``stage`` (a :class:`Stage`) and ``config_cls`` (a :class:`MethodConfig` subclass
-    with a ``noop()``). Registering the same class twice is a no-op; another class under a taken
-    name is an error.
+    with a ``noop()``), and may declare ``order`` (an int, its place in a composition). Registering
+    the same class twice is a no-op; another class under a taken name is an error.
 
     Raises:
         TypeError: a missing or wrong declaration, named in the message.
@@ -114,6 +113,9 @@ def register_method(cls: type[Intervention]) -> type[Intervention]:
                             "and config_cls (see docs/adding-a-method.md)")
     if not isinstance(cls.stage, Stage):
         raise TypeError(f"method {cls.name!r}: stage={cls.stage!r} is not a lvlm_fix.interventions.Stage")
+    if cls.order is not None and (isinstance(cls.order, bool) or not isinstance(cls.order, int)):
+        raise TypeError(f"method {cls.name!r}: order={cls.order!r} is not an int; declare an int (lower composes "
+                        "first) or leave it out for its stage's default")
     if not (isinstance(cls.config_cls, type) and issubclass(cls.config_cls, MethodConfig)
             and dataclasses.is_dataclass(cls.config_cls)):
         raise TypeError(f"method {cls.name!r}: config_cls must be a dataclass subclassing MethodConfig")
@@ -193,7 +195,8 @@ def split_specs(text: str) -> list[str]:
 
 
 def parse_spec(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None) -> MethodSpec:
-    """Read a method spec into ``[(name, params), ...]`` in composition order (see the module docstring).
+    """Read a method spec into ``[(name, params), ...]`` in composition order
+    (:meth:`Intervention.composition_key`; see the module docstring).
 
     Raises:
         ConfigError: an empty spec or part, a malformed ``key=value``, a method named twice, or
@@ -221,7 +224,7 @@ def parse_spec(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | Non
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"method spec {text!r} names {twice[0]!r} twice; list each method once, e.g. 'vhr+var'")
-    return sorted(items, key=lambda item: (METHODS.get(item[0]).stage, item[0]))
+    return sorted(items, key=lambda item: METHODS.get(item[0]).composition_key())
 
 
 def _parse_part(part: str, whole: str) -> tuple[str, dict[str, Any]]:
@@ -249,7 +252,7 @@ def format_spec(items: MethodSpec) -> str:
 
 def build_methods(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | None,
                   params: Mapping[str, Mapping[str, Any]] | None = None, **flat: Any) -> list[Intervention]:
-    """Instantiate the methods of ``spec``, in composition order (by stage, then name).
+    """Instantiate the methods of ``spec``, in composition order (:meth:`Intervention.composition_key`).
 
     Args:
         spec: a method spec (see the module docstring), a list of names, a dict of per-method
@@ -295,7 +298,7 @@ def build_methods(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | 
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
     # One contrast stream per generation: two would each combine the other's already combined logits.
-    streams = [m.name for m in methods if isinstance(m, ContrastStream) and m.contrast_active()]
+    streams = [m.name for m in methods if m.contrast_active()]
     if len(streams) > 1:
         raise ConfigError(f"{streams[0]!r} and {streams[1]!r} each decode a contrast stream; compose at most one "
                           "contrastive method per run (attention and head methods compose with it, e.g. 'vhr+vcd')")

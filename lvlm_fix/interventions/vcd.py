@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
-from ..hooks.contrast import ContrastStream, linear_contrast
-from .base import ContrastConfig, Intervention, Stage, param
+from .base import param
+from .contrastive import ContrastiveMethod, LinearContrastConfig, cut_param, strength_param
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -100,16 +100,13 @@ def add_diffusion_noise(pixel_values: Tensor, t: int, noise_seed: int = 0, image
 
 
 @dataclass(frozen=True, kw_only=True)
-class VCDConfig(ContrastConfig):
-    """VCD's parameters."""
+class VCDConfig(LinearContrastConfig):
+    """VCD's parameters (``noop``: ``alpha = beta = 0``; ``math_identity``: the clean image against itself)."""
 
-    alpha: float = param(1.0, (
-        "Contrast strength: logits = (1 + alpha) l(image) - alpha l(noised image). 0 with beta 0 installs "
-        "nothing. Default 1.0 (source: VCD release, llava1.5_pope.bash cd_alpha=1)."), lo=0.0)
-    beta: float = param(0.1, (
-        "Adaptive plausibility: tokens with clean-stream probability below beta times the top one's get -inf, "
-        "before temperature/top-k/top-p. 0 cuts nothing. Default 0.1 (source: VCD release, parser and sampler "
-        "default cd_beta; its LLaVA POPE script passes 0.2)."), lo=0.0, hi=1.0)
+    alpha: float = strength_param(1.0, main="image", contrast="noised image",
+                                  source="VCD release, llava1.5_pope.bash cd_alpha=1")
+    beta: float = cut_param(0.1, stream="clean-stream", source=(
+        "VCD release, parser and sampler default cd_beta; its LLaVA POPE script passes 0.2"))
     noise_step: int = param(500, (
         "Diffusion step t of the noise (0..999): v' = sqrt(abar_t) v + sqrt(1 - abar_t) eps; 500 gives "
         "0.863 v + 0.505 eps, 999 gives 0.285 v + 0.959 eps. Default 500 (source: VCD release, "
@@ -118,33 +115,18 @@ class VCDConfig(ContrastConfig):
         "Seed of the noise, combined with each image's pixels (the same image always gets the same noise, in "
         "any batch). Default 0 (source: lvlm-fix; the release draws the noise from the global RNG)."))
 
-    @classmethod
-    def noop(cls) -> VCDConfig:
-        """``alpha = beta = 0``: no contrast stream is installed."""
-        return cls(alpha=0.0, beta=0.0)
-
-    @classmethod
-    def math_identity(cls) -> VCDConfig:
-        """The stream runs on the clean image itself, no cut: ``2 l - l = l`` exactly."""
-        return cls(alpha=1.0, beta=0.0, null_contrast=True)
-
 
 @register_method
-class VCD(Intervention, ContrastStream):
+class VCD(ContrastiveMethod):
     """VCD: next-token logits contrasted with those of the diffusion-noised image."""
 
     name = "vcd"
-    stage = Stage.LOGITS
     config_cls = VCDConfig
     config: VCDConfig
     contrast_kind = "noised image"
     changes_images = True
 
-    def contrast_active(self) -> bool:
-        return self.config.alpha != 0 or self.config.beta != 0
-
     def bind(self, lvlm: LVLM) -> None:
-        self.null_contrast = self.config.null_contrast
         self.kept: list[int] = []  # tokens surviving the plausibility cut at the first step, per row
         super().bind(lvlm)
 
@@ -153,12 +135,11 @@ class VCD(Intervention, ContrastStream):
                                    image_inputs.get("image_grid_thw"))
 
     def combine(self, main: Tensor, contrast: Tensor, step: int) -> Tensor:
-        out = linear_contrast(main, contrast, self.config.alpha, self.config.beta)
+        out = super().combine(main, contrast, step)
         if step == 1:
             self.kept = torch.isfinite(out).sum(-1).tolist()
         return out
 
     def report(self) -> dict[str, Any]:
         a, s = noise_coefficients(self.config.noise_step)
-        return {"alpha": self.config.alpha, "beta": self.config.beta, "noise": f"{a:.3f} v + {s:.3f} eps",
-                **self.stream_report(), "plausible_tokens_first_step": self.kept}
+        return {**super().report(), "noise": f"{a:.3f} v + {s:.3f} eps", "plausible_tokens_first_step": self.kept}
