@@ -150,6 +150,17 @@ class EmptyIdentity(Rescale):
     config_cls = EmptyIdentityConfig
 
 
+class BindsAnUnusedLayer(Rescale):
+    """Declares layer 3 observed (it is then computed on the eager path) but has no observe() to run there."""
+
+    name = "test_unused_layer"
+
+    def bind(self, lvlm):
+        super().bind(lvlm)
+        if self.eager_layers:
+            self.observed_layers = frozenset({3})
+
+
 class NotIdentityAtOne(Rescale):
     """An off-by-one: the weights on image tokens are scaled by factor + 0.5, so 1 is not the identity."""
 
@@ -213,6 +224,7 @@ class SwallowsInterrupts(Intervention):
     (LeavesAnAttribute, "hygiene", "gained attribute(s) ['_test_rescale_state']"),
     (SwitchesAttention, "hygiene", "attention implementation"),
     (EmptyIdentity, "math_identity", "no callback of the method ran"),
+    (BindsAnUnusedLayer, "math_identity", "no callback ran at layer(s) [3] that the method binds"),
     (NotIdentityAtOne, "math_identity", "at math_identity() (factor=1.0, layers=(1, 2)): answers"),
     (InstallsAtNoop, "noop", "at noop() the method still binds layers {'eager_layers': [0, 1, 2, 3]}"),
     (MixesRows, "batched", "row 0 alone against row 0 of the batch"),

@@ -7,8 +7,9 @@ Each check runs the method through the same path as :func:`lvlm_fix.generate` (t
 * ``noop``: at ``config_cls.noop()`` the answers are vanilla ``generate()``'s, tokens and scores
   bit for bit (``torch.equal``), and a method that acts inside ``generate()`` installs nothing (no
   layer, hook or attribute beyond those of an empty plan);
-* ``math_identity``: at ``config_cls.math_identity()`` the method's callbacks run and the tokens
-  are vanilla's, the scores within ``atol`` (eager fp32 math is not bit-identical to sdpa);
+* ``math_identity``: at ``config_cls.math_identity()`` the method's callbacks run, at every layer
+  it binds, and the tokens are vanilla's, the scores within ``atol`` (eager fp32 math is not
+  bit-identical to sdpa);
 * ``batched``: each row of the batch gets the answer it gets alone (scores within ``atol`` too);
 * ``hygiene``: after every exit, normal or by an interrupt raised inside ``generate()``, every
   module of the model has the hooks, attributes and attention implementation it had before, and
@@ -240,11 +241,16 @@ class _Case:
             return CheckResult("math_identity", "skipped",
                                f"{self.cls.config_cls.__name__}.math_identity() gives no setting")
         method = self.cls(config)
-        calls = _count_callbacks(method) if self.in_plan else None
+        calls, seen = _count_callbacks(method) if self.in_plan else (None, set())
         got = self.generate(method)
-        if calls is not None and not sum(calls.values()):
-            raise self.fail("math_identity", f"at math_identity() {_short(config)} no callback of the method ran "
-                                             f"({', '.join(CALLBACKS)}): the math is not in the path")
+        if calls is not None:
+            if not sum(calls.values()):
+                raise self.fail("math_identity", f"at math_identity() {_short(config)} no callback of the method ran "
+                                                 f"({', '.join(CALLBACKS)}): the math is not in the path")
+            declared = set().union(*(getattr(method, k) for k in _LAYER_SETS))  # bound by the run's plan
+            if declared - seen:
+                raise self.fail("math_identity", f"at math_identity() {_short(config)} no callback ran at layer(s) "
+                                                 f"{sorted(declared - seen)} that the method binds")
         self.same("math_identity", got, self.vanilla, exact=False, what=f"at math_identity() {_short(config)}")
         return CheckResult("math_identity", "passed")
 
@@ -322,9 +328,11 @@ def _short(config: MethodConfig) -> str:
     return "(" + ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items()) + ")"
 
 
-def _count_callbacks(method: Participant) -> dict[str, int]:
-    """Count the calls of the method's own callbacks (those it overrides), through instance attributes."""
+def _count_callbacks(method: Participant) -> tuple[dict[str, int], set[int]]:
+    """Count the calls of the method's own callbacks (those it overrides), through instance attributes;
+    and collect the layers they were called for (from their ``ctx``)."""
     calls: dict[str, int] = {}
+    layers: set[int] = set()
     for name in CALLBACKS:
         own = getattr(type(method), name, None)
         if own is None or own is getattr(Participant, name, None):
@@ -333,10 +341,13 @@ def _count_callbacks(method: Participant) -> dict[str, int]:
 
         def counted(*args: Any, _name: str = name, _fn: Callable = getattr(method, name), **kwargs: Any) -> Any:
             calls[_name] += 1
+            ctx = args[-1] if args else None
+            if isinstance(getattr(ctx, "layer", None), int):
+                layers.add(ctx.layer)
             return _fn(*args, **kwargs)
 
         setattr(method, name, counted)
-    return calls
+    return calls, layers
 
 
 # -- the model's state, for hygiene ----------------------------------------------------------------
