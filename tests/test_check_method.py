@@ -246,6 +246,9 @@ def test_bad_input_is_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="factor=-1.0 is out of range"):
         check_method(Rescale, params={"factor": -1.0})
+    with pytest.raises(ConfigError, match=r"identity_params=...\): 'facter' is not a field of RescaleConfig; "
+                                          "its fields are factor, layers"):
+        check_method(Rescale, identity_params={"facter": 2.0})
 
 
 def test_a_given_model_and_rows_are_used(tmp_path):

@@ -126,10 +126,17 @@ def check_method(cls: type[Intervention], *, params: Mapping[str, Any] | None = 
 
     Raises:
         AssertionError: ``check_method(NAME) CHECK: what differs``.
-        ConfigError: ``cls`` is not a method class, or ``params`` is not a valid config.
+        ConfigError: ``cls`` is not a method class, or ``params`` / ``identity_params`` name a field its
+            config does not have or a value it refuses.
     """
     if not (isinstance(cls, type) and issubclass(cls, Intervention)):
         raise ConfigError(f"check_method({cls!r}): give a method class, a subclass of lvlm_fix.interventions.Intervention")
+    fields = [f.name for f in dataclasses.fields(cls.config_cls)]
+    for arg, given in (("params", params), ("identity_params", identity_params)):
+        unknown = sorted(set(given or {}) - set(fields))
+        if unknown:
+            raise ConfigError(f"check_method({cls.__name__}, {arg}=...): {unknown[0]!r} is not a field of "
+                              f"{cls.config_cls.__name__}; its fields are {', '.join(fields)}")
     case = _Case(cls, dict(params or {}), dict(identity_params or {}), model or tiny_model(), atol,
                  list(images) if images is not None else _images(), list(prompts or PROMPTS))
     with _env(attention.BLOCK_ENV, None):  # "unchunked" means unchunked, whatever the caller's environment
