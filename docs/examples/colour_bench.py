@@ -1,8 +1,10 @@
 """A benchmark of one's own: does the answer name the object's colour? (docs: Adding a benchmark)
 
 Reads JSON lines ``{"question_id", "image", "text", "label"}`` (``label``: the colour word) and an image
-folder; without them, the testbed's region colour questions ("What color is the cup?"). Import this file,
-then ``lvlm_fix.evaluate(handle, bench="colour", methods=["none", "vhr"])``. tests/test_docs.py runs it.
+folder; without them, the testbed's region colour questions ("What color is the cup?"). Import this file
+(or name it in ``LVLM_FIX_PLUGINS``, or in an entry point of the ``lvlm_fix.benches`` group), then
+``lvlm-fix eval --bench colour`` or ``lvlm_fix.evaluate(handle, bench="colour", methods=["none", "vhr"])``.
+tests/test_docs.py and tests/test_bench_plugins.py run it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from lvlm_fix.errors import DataError
-from lvlm_fix.evals.bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, register
+from lvlm_fix.evals.bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, register_bench
 from lvlm_fix.evals.data import dataset_fingerprint
 
 
@@ -32,8 +34,9 @@ def _accuracy(v: np.ndarray) -> np.ndarray:
     return v[..., 0].mean(-1)  # v: (..., n, 1), 1 where the answer names the colour
 
 
-@register("colour")
+@register_bench
 class ColourBench(Bench):
+    name = "colour"
     description = "colour questions: does the answer name the object's colour"
     options = (
         Option("colour_file", "colour: JSON lines {question_id, image, text, label} (default: the testbed's)."),

@@ -603,12 +603,11 @@ def _data_options(f: Any) -> Any:
 # -- bench flags generated from the eval registry ------------------------------------------------------
 def _bench_option_defs() -> dict[str, tuple[Any, str]]:
     """option name -> (an Option, help joined over the benches that take it)."""
-    from ..evals.bench import registry
+    from ..evals.bench import BENCHES
 
-    reg = registry()
     defs: dict[str, tuple[Any, str]] = {}
-    for name in reg.names():
-        for opt in reg.get(name).options:
+    for name in BENCHES.names():
+        for opt in BENCHES.get(name).options:
             first, help_ = defs.get(opt.name, (opt, ""))
             if opt.help not in help_:
                 help_ = help_ + (" " if help_ else "") + opt.help
@@ -617,8 +616,9 @@ def _bench_option_defs() -> dict[str, tuple[Any, str]]:
 
 
 def bench_options(command: click.Command) -> click.Command:
-    """Add every bench's own flags (``--prompt-preset``, ``--chair-mode``, ...) and the --bench choices."""
-    from ..evals.bench import registry
+    """Add every bench's own flags (``--prompt-preset``, ``--chair-mode``, ...) and the --bench choices: the
+    built-ins' and the plugins' (an entry point in ``lvlm_fix.benches``, or ``$LVLM_FIX_PLUGINS``)."""
+    from ..evals.bench import BENCHES
 
     for name, (opt, help_) in sorted(_bench_option_defs().items()):
         if opt.flag:
@@ -629,7 +629,7 @@ def bench_options(command: click.Command) -> click.Command:
         command.params.append(param)
     for param in command.params:
         if param.name == "bench":
-            param.type = click.Choice(registry().names())
+            param.type = click.Choice(BENCHES.names())
     return command
 
 

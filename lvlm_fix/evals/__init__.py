@@ -1,7 +1,8 @@
 """Model-free evaluation code: POPE, CHAIR and AMBER scoring, bootstrap statistics, dataset loaders.
 
-The benchmarks themselves (data, prompts, records, metrics, tables) are registered classes in
-:mod:`lvlm_fix.evals.benches`; :mod:`lvlm_fix.evals.runner` runs any of them.
+The benchmarks themselves (data, prompts, records, metrics, tables) are :class:`Bench` classes in
+:data:`BENCHES`: the built-ins of :mod:`lvlm_fix.evals.benches` and any plugin's (``register_bench``, the
+``lvlm_fix.benches`` entry points, ``$LVLM_FIX_PLUGINS``); :mod:`lvlm_fix.evals.runner` runs any of them.
 
 Names are re-exported lazily, so ``import lvlm_fix.evals`` imports nothing heavy (not even numpy)
 until one of them is used.
@@ -42,6 +43,7 @@ _EXPORTS = {
     ),
     "amber": ("AmberData", "extract_nouns", "generative_metrics", "discriminative_metrics", "amber_score"),
     "runner": ("evaluate", "score_outputs", "list_benches"),
+    "bench": ("BENCHES", "Bench", "Option", "Prompting", "Sample", "make_bench", "register_bench"),
     "stats": (
         "BootstrapCI",
         "PairedBootstrap",
@@ -66,6 +68,7 @@ __all__ = sorted(_MODULE_OF)
 if TYPE_CHECKING:
     from lvlm_fix.errors import DataError
     from lvlm_fix.evals.amber import AmberData, amber_score, discriminative_metrics, extract_nouns, generative_metrics
+    from lvlm_fix.evals.bench import BENCHES, Bench, Option, Prompting, Sample, make_bench, register_bench
     from lvlm_fix.evals.chair import (
         DEFAULT_MODE,
         MODES,

@@ -1,14 +1,21 @@
-"""The eval registry: a benchmark is one registered :class:`Bench` subclass.
+"""The bench registry: a benchmark is one registered :class:`Bench` subclass.
 
 A bench says where its samples come from (its data options), what each split asks and how it
 decodes (:class:`Prompting`), how one answer becomes a stored record (with its scores), how
 records of one split aggregate into metrics (with the per-sample arrays the bootstrap resamples),
 and how the comparison table looks. The runner (:mod:`.runner`) and the CLI are generic over it:
-``--bench`` choices, ``lvlm-fix list`` and the bench's own flags all come from here.
+``--bench`` choices, ``lvlm-fix list`` and the bench's own flags all come from :data:`BENCHES`.
 
-Adding a benchmark is one file in ``lvlm_fix/evals/benches/`` that subclasses :class:`Bench` and
-registers it with ``@register("name")``; every module of that package is imported when
-the registry is first used.
+Where benches come from, all registered through :func:`register_bench` (as methods are through
+``register_method``):
+
+* built-ins: every module of ``lvlm_fix.evals.benches`` is imported on the first lookup, and its
+  bench class registers itself; a new built-in is one new file;
+* installed plugins: the entry-point group ``lvlm_fix.benches`` (each entry point names a bench
+  class, or a module that registers its benches when imported);
+* ad-hoc modules: ``LVLM_FIX_PLUGINS=mypkg.mybench,path/to/file.py`` imports them first (the same
+  variable as the methods', so one file may bring both);
+* any code that calls ``register_bench(MyBench)`` before using the name.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,30 +31,73 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from ..registry import Registry
+from ..errors import ConfigError, DataError, UnknownNameError
+from ..registry import Registry, entry_point_objects, import_plugins
 
-BENCHES: Registry[type[Bench]] = Registry("eval")
-_LOADED = False
+__all__ = ["BENCHES", "ENTRY_POINT_GROUP", "Bench", "Option", "Prompting", "Sample", "ci_cell", "make_bench",
+           "p_cell", "pick_key", "read_rows", "register_bench", "registry", "row_id"]
+
+ENTRY_POINT_GROUP = "lvlm_fix.benches"
+_BUILTINS = "lvlm_fix.evals.benches"
 
 
-def register(name: str) -> Callable[[type[Bench]], type[Bench]]:
-    """Class decorator: ``@register("pope")`` names the bench and adds it to the registry."""
-    def add(cls: type[Bench]) -> type[Bench]:
-        cls.name = name
-        return BENCHES.register(name)(cls)
+def _load_benches() -> None:
+    """Import the built-in bench modules, then the plugins (entry points, then $LVLM_FIX_PLUGINS)."""
+    package = importlib.import_module(_BUILTINS)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{_BUILTINS}.{info.name}")
+    for obj in entry_point_objects(ENTRY_POINT_GROUP, "bench"):
+        if isinstance(obj, type) and obj not in BENCHES._items.values():
+            register_bench(obj)
+    import_plugins()
 
-    return add
+
+BENCHES: Registry[type[Bench]] = Registry("eval", loader=_load_benches)
+
+# What a bench must implement itself: the base's versions raise NotImplementedError.
+_REQUIRED = ("load", "record", "aggregate", "table")
+
+
+def register_bench(cls: type[Bench]) -> type[Bench]:
+    """Register a bench class under ``cls.name`` (usable as a class decorator).
+
+    The class must subclass :class:`Bench`, declare ``name`` (lowercase letters, digits and ``_``:
+    the ``--bench`` value and the results' name) and ``description`` (its line in ``lvlm-fix list``),
+    and implement ``load``, ``record``, ``aggregate`` and ``table``; ``values`` too when it declares
+    ``stats``. Registering the same class twice is a no-op; another class under a taken name is an
+    error.
+
+    Raises:
+        TypeError: a missing or wrong declaration, named in the message.
+        ValueError: the name is taken.
+    """
+    where = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
+    if not (isinstance(cls, type) and issubclass(cls, Bench)):
+        raise TypeError(f"{where} is not a subclass of lvlm_fix.evals.bench.Bench")
+    for attr in ("name", "description"):
+        if not isinstance(getattr(cls, attr), str) or not getattr(cls, attr):
+            raise TypeError(f"bench class {where} does not declare {attr!r}; every bench declares name and "
+                            "description (see docs/guides/adding-a-benchmark.md)")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", cls.name):
+        raise TypeError(f"bench class {where}: name={cls.name!r} must be lowercase letters, digits and '_'")
+    required = [*_REQUIRED, *(("values",) if cls.stats is not Bench.stats else ())]
+    missing = [m for m in required if getattr(cls, m) is getattr(Bench, m)]
+    if missing:
+        raise TypeError(f"bench {cls.name!r} does not implement {', '.join(missing)} (see the Bench docstrings)")
+    existing = BENCHES._items.get(cls.name)
+    if existing is cls:
+        return cls
+    if existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__):
+        return existing  # the same plugin file run again by another loader: its first run's class stays
+    if existing is not None:
+        raise ValueError(f"bench name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}; "
+                         f"rename {where}")
+    return BENCHES.register(cls.name)(cls)
 
 
 def registry() -> Registry[type[Bench]]:
-    """The registry, with every built-in bench module imported."""
-    global _LOADED
-    if not _LOADED:
-        package = importlib.import_module(f"{__package__}.benches")
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{info.name}")
-        _LOADED = True
+    """:data:`BENCHES` (kept for the callers written before it loaded itself on first lookup)."""
     return BENCHES
 
 
@@ -99,6 +150,7 @@ class Bench:
     that raise ``NotImplementedError``; ``self.split`` and ``self.opts`` hold the validated settings.
 
     Class attributes:
+        name: the registry key: the ``--bench`` value, and the name results record.
         description: one line for ``lvlm-fix list``.
         splits: accepted ``--split`` values; with more than one, ``all`` means every one.
             Empty: the bench takes no split.
@@ -194,7 +246,7 @@ def make_bench(name: str, split: str | None = None, **options: Any) -> Bench:
         UnknownNameError: For an unknown bench.
         ConfigError: For a split or option the bench does not take, or a value outside its choices.
     """
-    cls = registry().get(name)
+    cls = BENCHES.get(name)
     known = {o.name: o for o in cls.options}
     given = {k: v for k, v in options.items() if v is not None}
     for key in given:
@@ -209,8 +261,6 @@ def make_bench(name: str, split: str | None = None, **options: Any) -> Bench:
         if not allowed:
             raise ConfigError(f"--bench {name} takes no --split (got {split!r}); leave it out")
         if split not in allowed:
-            from ..errors import UnknownNameError
-
             raise UnknownNameError(f"{name} split", split, allowed)
     return cls(split, **given)
 

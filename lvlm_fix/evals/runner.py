@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import ConfigError, InputError
 from ..files import atomic_write
 from . import store
-from .bench import Bench, Prompting, Sample, make_bench, registry
+from .bench import BENCHES, Bench, Prompting, Sample, make_bench
 from .data import dataset_fingerprint
 from .pope import check_template
 from .stats import bootstrap_ci, paired_bootstrap
@@ -47,9 +47,8 @@ BASELINE = "none"
 
 
 def list_benches() -> dict[str, str]:
-    """Registered benches: name -> one-line description."""
-    reg = registry()
-    return {name: reg.get(name).description for name in reg.names()}
+    """Registered benches (built-ins and plugins): name -> one-line description."""
+    return {name: BENCHES.get(name).description for name in BENCHES.names()}
 
 
 # -- the method seam: the only place the runner touches the method kit ------------------------------
@@ -356,7 +355,7 @@ def evaluate(lvlm: Any, bench: str = "pope", split: str | None = None, methods: 
 
     Args:
         lvlm: the handle from :func:`lvlm_fix.load`.
-        bench: a registered bench (``lvlm-fix list``): ``"pope"``, ``"chair"``, ``"amber"``.
+        bench: a registered bench (``lvlm-fix list``): ``"pope"``, ``"chair"``, ``"amber"``, or a plugin's.
         split: a split of the bench, ``"all"``, or None for its default (CHAIR takes none).
         methods: method specs, e.g. ``["none", "vhr", "vhr+var"]``.
         **kwargs: ``limit`` (per split; CHAIR: images, default 500), ``batch_size``, ``out_dir``

@@ -11,7 +11,8 @@ import numpy as np
 
 from ...errors import ConfigError, DataError
 from .. import amber
-from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register, row_id
+from ..bench import (Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register_bench,
+                     row_id)
 from ..data import dataset_fingerprint
 
 _GEN_KEYS = ("nouns", "hallucinated", "covered", "named_targets", "truth", "hallu")
@@ -30,10 +31,11 @@ def synthetic_amber_dir() -> Path:
     return Path(path)
 
 
-@register("amber")
+@register_bench
 class AmberBench(Bench):
     """AMBER: generative description hallucination and discriminative yes/no questions."""
 
+    name = "amber"
     description = "AMBER: generative (CHAIR, Cover, Hal, Cog) and discriminative (existence, attribute, relation)"
     splits = (amber.GENERATIVE, amber.DISCRIMINATIVE)
     default_split = "all"

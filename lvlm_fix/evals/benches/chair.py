@@ -12,7 +12,8 @@ import numpy as np
 
 from ...errors import ConfigError, DataError
 from .. import chair, chair_opera
-from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register, row_id
+from ..bench import (Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register_bench,
+                     row_id)
 from ..data import dataset_fingerprint, load_coco_captions_for_chair
 
 
@@ -24,10 +25,11 @@ class _ScoredImage:
         raise DataError("scored captions carry no image")
 
 
-@register("chair")
+@register_bench
 class ChairBench(Bench):
     """CHAIR caption hallucination on COCO-format instances + captions."""
 
+    name = "chair"
     description = "CHAIR caption hallucination on COCO-format instances + captions (modes: opera, original, lvlm-fix)"
     options = (
         Option("coco_annotations", "CHAIR: folder with instances_val2014.json and captions_val2014.json "

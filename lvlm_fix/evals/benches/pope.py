@@ -11,7 +11,8 @@ import numpy as np
 
 from ...errors import ConfigError, DataError
 from .. import pope
-from ..bench import Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register, row_id
+from ..bench import (Bench, Option, Prompting, Sample, ci_cell, p_cell, pick_key, read_rows, register_bench,
+                     row_id)
 from ..data import PopeSample, dataset_fingerprint, load_pope_hf, load_pope_jsonl
 
 _SYNTHETIC = "lvlm-fix synthetic POPE"
@@ -32,10 +33,11 @@ def _no_image() -> Any:
     raise DataError("scored answers carry no image")
 
 
-@register("pope")
+@register_bench
 class PopeBench(Bench):
     """POPE object probing (yes/no): random / popular / adversarial splits."""
 
+    name = "pope"
     description = "POPE object probing (yes/no): random / popular / adversarial splits"
     splits = pope.SPLITS
     default_split = "adversarial"
