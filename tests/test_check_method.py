@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from lvlm_fix.errors import ConfigError
-from lvlm_fix.interventions import METHODS, Generation, Intervention, MethodConfig, Stage, param, resolve_layers
+from lvlm_fix.interventions import METHODS, ContrastiveMethod, Generation, Intervention, MethodConfig, Stage, param, resolve_layers
 from lvlm_fix.testing import CHECKS, build_image, build_tiny, check_method
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "scale_image_attention.py"
@@ -73,6 +74,23 @@ class Rescale(Intervention):
 def test_a_plugin_passes_in_one_call():
     results = check_method(Rescale, params={"factor": 3.0})
     assert _statuses(results) == {c: "passed" for c in CHECKS}
+
+
+class BlankImageContrast(ContrastiveMethod):
+    """A contrastive plugin: next-token logits contrasted with those of a blank (all-zero) image."""
+
+    name = "test_blank_contrast"
+    contrast_kind = "blank image"
+    changes_images = True
+
+    def contrast_pixels(self, pixel_values, image_inputs):
+        return torch.zeros_like(pixel_values)
+
+
+def test_a_contrastive_plugin_passes_in_one_call():
+    results = check_method(BlankImageContrast)  # the linear contrast at its defaults, alpha 1 and beta 0.1
+    assert _statuses(results) == {c: "passed" for c in CHECKS} | {"chunked": "skipped"}
+    assert "no edited attention layer" in results[CHECKS.index("chunked")].reason
 
 
 def test_the_docs_example_passes():

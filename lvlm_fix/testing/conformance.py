@@ -57,6 +57,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from lvlm_fix.api import run_methods
 from lvlm_fix.errors import ConfigError
 from lvlm_fix.hooks import Participant, Plan, attention
+from lvlm_fix.hooks.plan import LAYER_ROLES
 from lvlm_fix.interventions import Intervention, MethodConfig
 from lvlm_fix.model import LVLM
 
@@ -234,7 +235,7 @@ class _Case:
         with Plan(self.lvlm, []).active():
             empty = _state(self.lvlm.model, by_identity=False)
         with Plan(self.lvlm, [method]).active():
-            layers = {k: sorted(getattr(method, k)) for k in _LAYER_SETS if getattr(method, k)}
+            layers = {k: sorted(getattr(method, k)) for k in LAYER_ROLES if getattr(method, k)}
             diff = _diff(empty, _state(self.lvlm.model, by_identity=False))
         self.clean("a noop() plan")
         if layers:
@@ -254,7 +255,7 @@ class _Case:
             if not sum(calls.values()):
                 raise self.fail("math_identity", f"at math_identity() {_short(config)} no callback of the method ran "
                                                  f"({', '.join(CALLBACKS)}): the math is not in the path")
-            declared = set().union(*(getattr(method, k) for k in _LAYER_SETS))  # bound by the run's plan
+            declared = set().union(*(getattr(method, k) for k in LAYER_ROLES))  # bound by the run's plan
             if declared - seen:
                 raise self.fail("math_identity", f"at math_identity() {_short(config)} no callback ran at layer(s) "
                                                  f"{sorted(declared - seen)} that the method binds")
@@ -326,9 +327,6 @@ class _Case:
                                                      "settings, so there is no query chunk to compare")
         self.same("chunked", got, self.active, exact=False, what=f"in query chunks of {CHUNK_QUERIES} rows")
         return CheckResult("chunked", "passed")
-
-
-_LAYER_SETS = ("eager_layers", "column_stats_layers", "observed_layers", "head_output_layers", "residual_layers")
 
 
 def _short(config: MethodConfig) -> str:
