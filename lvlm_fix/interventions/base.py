@@ -13,7 +13,9 @@ default :data:`DEFAULT_ORDER` of its stage).
 Methods that act inside ``generate()`` (head outputs, attention, logits) are
 :class:`~lvlm_fix.hooks.Participant`\\ s: ``bind`` declares the layers they need and the callbacks
 do the math, on tensors of the whole batch, row by row. Methods that act around ``generate()``
-(input refinement, pipelines) override :meth:`Intervention.generate`. A method file holds the
+(input refinement, pipelines) override :meth:`Intervention.generate`. Contrastive decoding methods
+derive from :class:`~lvlm_fix.interventions.contrastive.ContrastiveMethod`, which holds what they
+share (config fields, ``bind``, the linear contrast). A method file holds the
 method's math and nothing about module paths or model names: layers, heads and image positions
 arrive through ``bind`` (the model handle) and the callbacks' ``ctx``.
 
