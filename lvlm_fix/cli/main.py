@@ -761,54 +761,72 @@ def report_cmd(results_dir) -> None:
 @cli.command("calibrate")
 @_model_options
 @_data_options
-@click.option("--method", default="act", show_default=True, type=click.Choice(["act"]))
-@click.option("--bench", default="pope", show_default=True, type=click.Choice(["pope"]))
-@click.option("--split", default="random", show_default=True, help="POPE split used as the calibration set.")
+@click.option("--method", default="act", show_default=True,
+              help="a method that declares a calibration (listed here when the command starts).")
+@click.option("--bench", default=None, help="the bench whose questions calibrate (default: the method's; act: pope).")
+@click.option("--split", default=None, help="the split used as the calibration set (default: the method's; act: "
+                                            "POPE random).")
 @click.option("--limit", default=100, show_default=True, type=int, help="calibration samples.")
-@click.option("--out", required=True, help="head-list JSON file to write (pass it as --heads-file).")
+@click.option("--out", required=True, help="file to write (pass it to the method's flag, e.g. --heads-file).")
 @click.option("--force", is_flag=True, help="replace an existing --out file.")
 def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, out, force,
                   **kwargs) -> None:
-    """ACT's per-head search on a calibration split; writes the head-list file.
+    """A method's offline calibration on a split; writes the file the method reads back.
 
-    Without data flags it calibrates on the testbed's second synthetic benchmark (seed 1, other scenes), not on
-    the one `eval` scores; with your own data, give questions whose images your evaluation does not use."""
+    The methods that declare one (today ACT, whose per-head search writes the head list of --heads-file) are
+    the choices of --method. Without data flags it calibrates on the testbed's second synthetic benchmark (seed 1,
+    other scenes), not on the one `eval` scores; with your own data, give questions whose images your evaluation
+    does not use."""
     from ..errors import UnknownNameError
     from ..evals.bench import make_bench
-    from ..interventions.act import calibrate_act, write_head_file
+    from ..interventions.calibration import calibrations
 
     model_opts = _model_params(kwargs)
+    declared = calibrations()
+    if method not in declared:
+        raise ConfigError(f"--method {method!r} declares no calibration; the methods that do: {', '.join(declared)}")
+    cal = declared[method]
+    bench = bench or cal.bench
+    if bench != cal.bench:
+        raise ConfigError(f"--method {method} calibrates on --bench {cal.bench}, not {bench!r}; leave --bench out")
+    split = split or cal.split
     if limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number")
     _out_file(out, "--out", force)  # before the search: a file it would replace, a full disk
-    if pope_questions is None and hf_dataset is None:
+    data = {k: v for k, v in (("pope_questions", pope_questions), ("image_dir", image_dir),
+                              ("hf_dataset", hf_dataset), ("coco_annotations", coco_annotations)) if v is not None}
+    if bench == "pope" and pope_questions is None and hf_dataset is None:
         from ..evals.pope import SPLITS
 
         if split not in SPLITS:
             raise UnknownNameError("POPE split", split, SPLITS)
-        # Heads chosen on the questions eval then scores would inflate ACT's score there: other scenes instead.
+        # Data chosen on the questions eval then scores would inflate the method's score there: other scenes instead.
         from ..testbed.benchmark import SyntheticBenchmark, ensure_benchmark
 
         calibration = SyntheticBenchmark(ensure_benchmark(seed=CALIBRATION_SEED))
-        pope_questions, image_dir = str(calibration.pope_file(split)), str(calibration.images_dir)
-    pope = make_bench(bench, split, pope_questions=pope_questions, image_dir=image_dir, hf_dataset=hf_dataset)
-    samples, dataset = pope.load(limit, seed=0)
-    click.echo(f"calibration data: {len(samples)} questions of POPE {split} from {dataset['id']}"
+        data.update(pope_questions=str(calibration.pope_file(split)), image_dir=str(calibration.images_dir))
+    b = make_bench(bench, split, **data)
+    samples, dataset = b.load(limit, seed=0)
+    click.echo(f"calibration data: {len(samples)} questions of {bench.upper()} {split} from {dataset['id']}"
                + (f" (images: {dataset['image_dir']})" if dataset.get("image_dir") else ""), err=True)
     lvlm = _load(model_opts)
-    result = calibrate_act(lvlm, [s.data for s in samples], limit=limit)
-    cal = result.setdefault("calibration", {})
-    cal["dataset"] = dataset
-    write_head_file(result, out)
-    if not result["heads"]:
-        warnings.warn(f"no head raised yes/no accuracy above the baseline's {cal['baseline_acc']:.3f} on these "
-                      f"{cal['samples']} questions, so {out} lists no head and `--heads-file {out}` makes ACT change "
-                      "nothing; calibrate on more questions (--limit) or run ACT without --heads-file (all heads of "
-                      "its layers)", LvlmFixWarning, stacklevel=1)
-    else:
-        click.echo(f"{cal['selected']} heads raise yes/no accuracy over the baseline's {cal['baseline_acc']:.3f}; "
-                   f"with all of them ACT gives {cal['combined_acc']:.3f}", err=True)
-    click.echo(f"wrote {out}")
+    result = cal.run(lvlm, [s.data for s in samples], limit=limit, dataset=dataset)
+    cal.write(result, out)
+    line = cal.summary(result, out) if cal.summary is not None else ""
+    if line:
+        click.echo(line, err=True)
+    click.echo(f"wrote {out} (use it as --method {method} {cal.flag} {out})")
+
+
+def calibrate_options(command: click.Command) -> click.Command:
+    """The --method help of `calibrate`: each method that declares a calibration, what it picks and its flag."""
+    from ..interventions.calibration import calibrations
+
+    listed = "; ".join(f"{name}: {cal.what}, read back with {cal.flag}" for name, cal in calibrations().items())
+    for param in command.params:
+        if param.name == "method":
+            param.help = f"a method that declares a calibration ({listed})."
+    return command
 
 
 @cli.command("lmms-data")
@@ -898,6 +916,7 @@ def main(argv: list[str] | None = None) -> None:
             method_options(eval_cmd)
             bench_options(eval_cmd)
             bench_options(score_cmd)
+            calibrate_options(calibrate_cmd)
             warnings.showwarning = _one_line_warning
             _METHOD_FLAGS_ADDED = True
         cli.main(args=argv, prog_name="lvlm-fix", standalone_mode=False)

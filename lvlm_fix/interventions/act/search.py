@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..._lazy import torch
-from ...errors import InputError
+from ...errors import InputError, LvlmFixWarning
 from ...hooks.plan import Plan
 from ..base import resolve_layers
+from ..calibration import Calibration
 from .method import HEAD_FILE_FORMAT, Act, ActConfig, default_act_layers
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from ...model import LVLM
 
-__all__ = ["answer_token_ids", "calibrate_act", "write_head_file"]
+__all__ = ["CALIBRATION", "answer_token_ids", "calibrate_act", "summarize_head_file", "write_head_file"]
 
 
 def answer_token_ids(tokenizer: Any, word: str) -> list[int]:
@@ -106,6 +107,7 @@ def calibrate_act(
     batch_size: int = 8,
     template: str = "{question}",
     bench: str = "pope",
+    dataset: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """ACT's per-head search: which heads, damped alone, raise yes/no accuracy over the vanilla model.
@@ -120,6 +122,7 @@ def calibrate_act(
         batch_size: rows per forward.
         template: the user text, with a ``{question}`` field.
         bench: name recorded in the result.
+        dataset: the description of the samples' data (id, sha256, size), recorded in the result.
         progress: show a progress bar on stderr.
 
     Returns:
@@ -216,6 +219,7 @@ def calibrate_act(
             "combined_acc": combined,
             "combined_gain": round(combined - baseline, 6),
             "lvlm_fix_version": __version__,
+            **({"dataset": dataset} if dataset is not None else {}),
         },
     }
 
@@ -228,3 +232,25 @@ def write_head_file(result: dict[str, Any], path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(p, (json.dumps(result, indent=1) + "\n").encode())  # whole or not at all (a full disk)
     return p
+
+
+def summarize_head_file(result: dict[str, Any], path: str | Path) -> str:
+    """The line to print after :func:`write_head_file`; a warning instead when the file lists no head."""
+    import warnings
+
+    cal = result.get("calibration", {})
+    if not result["heads"]:
+        warnings.warn(f"no head raised yes/no accuracy above the baseline's {cal['baseline_acc']:.3f} on these "
+                      f"{cal['samples']} questions, so {path} lists no head and `--heads-file {path}` makes ACT change "
+                      "nothing; calibrate on more questions (--limit) or run ACT without --heads-file (all heads of "
+                      "its layers)", LvlmFixWarning, stacklevel=2)
+        return ""
+    return (f"{cal['selected']} heads raise yes/no accuracy over the baseline's {cal['baseline_acc']:.3f}; "
+            f"with all of them ACT gives {cal['combined_acc']:.3f}")
+
+
+CALIBRATION = Calibration(
+    what="the heads ACT damps: each (layer, head) alone against the vanilla model's yes/no accuracy",
+    run=calibrate_act, write=write_head_file, reads_back="heads_file", bench="pope", split="random",
+    summary=summarize_head_file)
+"""ACT's declaration (``Act.calibration``), which ``lvlm-fix calibrate --method act`` runs."""
