@@ -175,9 +175,10 @@ def find_examples(lvlm: Any, method: str, task: str = "yes-no", n: int = 2, scan
     return found, read
 
 
-def _p_text(p: float) -> str:
-    # 1,000 bootstrap replicates cannot resolve a p-value below 1/1001: printed as "< 0.001"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+def _p_sentence(vs: dict[str, Any]) -> str:
+    from .evals.stats import p_text
+
+    return p_text(vs["p_value"], vs.get("n_boot", 1000)).replace("<", "< ")  # in a sentence: "p < 0.001"
 
 
 def _effects(bench: str) -> dict[str, Any]:
@@ -211,7 +212,7 @@ def effect_line(method: str, task: str = "yes-no") -> str:
             f"  {_METRIC_NAMES.get(metric, metric)} {bci['value'] * 100:.1f}% [{bci['low'] * 100:.1f}, "
             f"{bci['high'] * 100:.1f}] without a method -> {ci['value'] * 100:.1f}% [{ci['low'] * 100:.1f}, "
             f"{ci['high'] * 100:.1f}] with {method}\n"
-            f"  {change:+.1f} points, paired bootstrap p {_p_text(vs['p_value'])} ({verdict}). "
+            f"  {change:+.1f} points, paired bootstrap p {_p_sentence(vs)} ({verdict}). "
             "One example is not evidence.")
 
 

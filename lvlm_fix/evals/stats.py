@@ -74,6 +74,19 @@ class PairedBootstrap:
         return asdict(self)
 
 
+def p_text(p: float, n_boot: int = 1000) -> str:
+    """A bootstrap p-value as printed: ``<0.001`` below what ``n_boot`` replicates resolve, else 3 decimals.
+
+    The smallest p :func:`paired_bootstrap` returns is ``1 / (n_boot + 1)`` (0.000999 for 1,000), which
+    means "smaller than the replicates can tell", not 0.000999: anything under ``1 / n_boot`` prints as
+    ``<1/n_boot`` (``<0.001`` for 1,000, ``<0.0001`` for 10,000).
+    """
+    bound = 1 / max(int(n_boot), 1)
+    if p < bound:
+        return f"<{bound:g}"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.2g}"  # under 0.001 only with more than 1,000 replicates
+
+
 def _as_samples(values: ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim == 0 or len(array) == 0:
