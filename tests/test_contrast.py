@@ -275,6 +275,14 @@ def test_a_contrastive_method_of_ones_own_works_through_generate(without_image, 
         build_methods(f"{name}+m3id")
 
 
+def test_a_contrastive_method_of_ones_own_passes_check_method(without_image):
+    from lvlm_fix.testing import check_method
+
+    results = {r.check: r.status for r in check_method(without_image)}
+    assert {k: v for k, v in results.items() if k != "chunked"} == dict.fromkeys(
+        ["noop", "math_identity", "batched", "hygiene"], "passed")  # no attention edit: no chunk to compare
+
+
 @pytest.mark.parametrize("name", CONTRAST)
 def test_the_contrastive_builtins_share_one_base(name):
     cls = METHODS.get(name)
