@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._lazy import torch
 from .errors import InputError, LvlmFixError
+from .extras import require
 from .hooks.plan import AttnContext, Participant, Plan, TokenState
 from .interventions.var import SINK_TAU, dims_from_votes, normalized_activations, sink_scores, sink_votes
 from .interventions.vhr import default_layers, head_divergence, outlier_filter
@@ -227,15 +228,18 @@ def record_head_statistics(lvlm: LVLM, batch: Any, *, tau: float = SINK_TAU) -> 
     return recorder
 
 
+_FIGURES = "the head figures (lvlm-fix heads)"  # what needs matplotlib, for its missing-package message
+
+
 def _integer_ticks(ax: Any, labels: list[int] | None = None) -> None:
     """Whole-number ticks on both axes (layers, heads, patches are counted, never fractional);
     ``labels``: the layer each heat-map row stands for."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ticker = require("matplotlib.ticker", _FIGURES)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     if labels is not None:
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: str(labels[int(v)]) if 0 <= v < len(labels) else ""))
+        label = ticker.FuncFormatter(lambda v, _: str(labels[int(v)]) if 0 <= v < len(labels) else "")
+        ax.yaxis.set_major_formatter(label)
 
 
 def grid_matches_image(grid: tuple[int, int], image: Image.Image, tolerance: float = 0.05) -> bool:
@@ -290,12 +294,10 @@ def write_outputs(report: dict[str, Any], out_dir: Path, image: Image.Image | No
 
     With ``image`` (the one the statistics were recorded on), the visual-sink map is also drawn over it, where
     the patch grid has the image's aspect ratio (:func:`grid_matches_image`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-    from matplotlib.ticker import MaxNLocator
+    require("matplotlib", _FIGURES).use("Agg")  # files only, no window
+    plt = require("matplotlib.pyplot", _FIGURES)
+    Rectangle = require("matplotlib.patches", _FIGURES).Rectangle
+    MaxNLocator = require("matplotlib.ticker", _FIGURES).MaxNLocator
 
     from .files import atomic_write, save_figure
 

@@ -65,7 +65,7 @@ import numpy as np
 
 from lvlm_fix.errors import DataError, UnknownNameError
 
-from .inflection import inflect_singular
+from .inflection import engine, inflect_singular
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 """The VHR-protocol caption prompt (OPERA / PAI use "Please help me describe the image in detail.")."""
@@ -216,6 +216,7 @@ class ObjectExtractor:
         self._longest = max(len(key) for key in phrases)
         # Vocabulary words are already in the table's form; singularising them only does harm.
         self._keep = frozenset(word for key in phrases for word in key)
+        engine()  # inflect checked now, not at the first caption of a run
 
     @property
     def nodes(self) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ from importlib import metadata
 from typing import Any
 
 from ..errors import ConfigError, DataError, LvlmFixWarning
+from ..extras import require
 from .chair_original import SYNONYMS_FILE, double_words, synonym_table, synonyms_text, word_tokenize
 
 TAGGERS = ("perceptron", "noun")
@@ -68,9 +69,7 @@ def _nltk_version() -> str:
 def _perceptron() -> Any:
     """NLTK's English perceptron tagger, loaded once: what ``nltk.pos_tag(tokens)`` tags with (nltk
     < 3.9 reloads the model on every call)."""
-    from nltk.tag import PerceptronTagger
-
-    return PerceptronTagger()
+    return require("nltk.tag", "NLTK's perceptron tagger").PerceptronTagger()
 
 
 @functools.cache
@@ -86,7 +85,13 @@ def perceptron_available() -> bool:
 def resolve_tagger(tagger: str | None, flag: str, who: str, fallback: str) -> str:
     """``tagger`` checked: ``perceptron`` (needs NLTK's data) or ``noun``; None takes the perceptron where its
     data is installed, else the noun fallback with a warning (``who``: NLTK's perceptron tagger is not
-    installed, so every token is ``fallback``). ``flag`` is the option that sets it, for the messages."""
+    installed, so every token is ``fallback``). ``flag`` is the option that sets it, for the messages.
+
+    Raises:
+        MissingExtraError: nltk is not installed (``who`` tokenises with it whatever the tagger).
+    """
+    # Before the tagger's own check, which would read a missing nltk as missing tagger data.
+    require("nltk", who)
     if tagger is None:
         if perceptron_available():
             return "perceptron"

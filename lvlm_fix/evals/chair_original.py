@@ -50,7 +50,8 @@ from importlib import metadata, resources
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .inflection import inflect_singular
+from ..extras import require
+from .inflection import engine, inflect_singular
 from .pattern_singular import VERSION as PATTERN_VERSION
 from .pattern_singular import singularize as pattern_singularize
 
@@ -81,11 +82,12 @@ def double_words() -> dict[str, str]:
 
 
 @functools.cache
-def _tokenizers() -> tuple[Any, Any]:
-    from nltk.tokenize import NLTKWordTokenizer
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
-
-    return PunktSentenceTokenizer(), NLTKWordTokenizer()
+def tokenizers() -> tuple[Any, Any]:
+    """NLTK's untrained punkt sentence splitter and its word tokenizer. The extractors that tokenise
+    with them call this when they are made, so that a missing nltk is refused before a run starts."""
+    why = "CHAIR's and AMBER's word tokenizer"
+    punkt, words = require("nltk.tokenize.punkt", why), require("nltk.tokenize", why)
+    return punkt.PunktSentenceTokenizer(), words.NLTKWordTokenizer()
 
 
 def tokenizer_description() -> str:
@@ -96,7 +98,7 @@ def tokenizer_description() -> str:
 def word_tokenize(text: str) -> list[str]:
     """``nltk.word_tokenize`` without downloaded data: untrained punkt sentences, then NLTK's
     word tokenizer on each (see the module docstring for the abbreviation divergence)."""
-    sentences, words = _tokenizers()
+    sentences, words = tokenizers()
     return [token for sentence in sentences.tokenize(text) for token in words.tokenize(sentence)]
 
 
@@ -138,9 +140,12 @@ class OriginalExtractor:
         self.singularizer = singularizer
         self.node_of, self.nodes = synonym_table()
         self._double = double_words()
+        # nltk (and inflect) checked now, not at the first caption of a run
+        tokenizers()
         if singularizer == "pattern":
             self._singular = pattern_singularize
         else:
+            engine()
             self._singular = inflect_singular
 
     def describe(self) -> dict[str, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from lvlm_fix.errors import ConfigError, DataError, UnknownNameError
+from lvlm_fix.extras import require
 from lvlm_fix.evals.pope import SPLITS
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ def load_pope_jsonl(questions_path: StrPath, image_dir: StrPath, split: str) -> 
 
 def _load_hf_table(dataset_id: str, data_dir: str | None, cache_dir: str | None) -> Any:
     """Load a hub dataset or a local copy (save_to_disk folder, data folder, or one file)."""
-    import datasets  # deferred: heavy, and only the HF loader needs it
+    datasets = require("datasets", "--hf-dataset")  # deferred: heavy, and only the HF loader needs it
 
     local = Path(dataset_id).expanduser()
     looks_local = local.is_absolute() or dataset_id.startswith((".", "~")) or dataset_id.count("/") > 1

@@ -39,9 +39,10 @@ def write_lmms_pope(out: str | Path, split: str = "all", pope_questions: str | N
     Rows follow lmms-lab/POPE: ``question_id`` ``"<split>-<id>"``, ``category`` the split, ``image_source`` the
     image's file stem; ``limit`` questions per split, in file order. Returns ``out``.
     """
-    import datasets
-
     from ..evals.bench import make_bench
+    from ..extras import require
+
+    datasets = require("datasets", "the pope_local task's data")
 
     out = Path(out)
     data = out / DATA_NAME

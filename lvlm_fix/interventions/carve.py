@@ -49,6 +49,7 @@ from PIL import Image
 
 from .._lazy import torch
 from ..errors import InputError
+from ..extras import require
 from ..hooks.plan import AttnContext, Participant, Plan, StopForward, TokenState
 from .base import Generation, Inner, Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
@@ -155,8 +156,7 @@ def carve_mask(saliency: np.ndarray, top_percent: float, min_regions: int) -> tu
         ``(mask, info)``: a ``uint8`` 0/1 array of ``saliency``'s shape, and
         ``{"components": n, "kept": k, "tau": threshold}``.
     """
-    from scipy import ndimage
-
+    ndimage = require("scipy.ndimage", "CARVE")
     tau = np.percentile(saliency, (1.0 - top_percent) * 100)
     above = (saliency >= tau).astype(np.uint8)
     labeled, num = ndimage.label(above)
@@ -290,6 +290,7 @@ class Carve(Intervention):
 
     def __init__(self, config: CarveConfig | None = None) -> None:
         super().__init__(config)
+        require("scipy.ndimage", "CARVE")  # now, so that building the method refuses before a model loads
         self._report: dict[str, Any] = {}
 
     @classmethod

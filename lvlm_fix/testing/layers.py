@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # errors, the name registry, lazy torch, device names, whole-file writes, the papers' system prompts
-    ("foundation", ("_lazy", "_version", "errors", "registry", "devices", "files", "prompts")),
+    ("foundation", ("_lazy", "_version", "errors", "extras", "registry", "devices", "files", "prompts")),
     # what goes into a model: images, processors, and the per-family facts derived from a config
     ("inputs", ("images", "processors", "adapters")),
     # the attention seam, plans and hooks; they act on whatever model holds them
