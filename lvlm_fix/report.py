@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .extras import require
 from .files import atomic_write, save_figure
 
 FIGURES = "figures"
@@ -27,9 +28,7 @@ _SECTION = "## Figures"
 
 def write_report(results_dir: str | Path) -> list[Path]:
     """Draw the figures of ``results_dir`` and link them from its results.md; return the written files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "lvlm-fix report").use("Agg")  # files only, no window
     root = Path(results_dir)
     summary_path = root / "summary.json"
     if not summary_path.is_file():
@@ -132,7 +131,7 @@ def _interval(row: dict[str, Any], key: str) -> tuple[float, float, float]:
 
 def _metric_panels(rows: dict[str, dict[str, Any]], metrics: list[str], baseline: str | None, title: str,
                    path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "lvlm-fix report")
 
     names = list(rows)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 0.45 * len(names) + 1.6),
@@ -156,7 +155,7 @@ def _metric_panels(rows: dict[str, dict[str, Any]], metrics: list[str], baseline
 
 
 def _frontier(rows: dict[str, dict[str, Any]], x: str, y: str, baseline: str | None, title: str, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "lvlm-fix report")
 
     fig, ax = plt.subplots(figsize=(6.2, 4.6))
     for i, (name, row) in enumerate(rows.items()):
@@ -176,7 +175,7 @@ def _frontier(rows: dict[str, dict[str, Any]], x: str, y: str, baseline: str | N
 
 
 def _cost(cost: dict[str, dict[str, Any]], baseline: str | None, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "lvlm-fix report")
 
     names = list(cost)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.6), sharey=True)
