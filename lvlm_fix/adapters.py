@@ -135,8 +135,7 @@ def unsupported_reason(config: Any, image_token_given: bool = False) -> str | No
         return (f"some of its text decoder layers are {' / '.join(others)} blocks, not self-attention; lvlm-fix's "
                 "methods act on attention layers only (hybrid models are not supported yet)")
     if not image_token_given and not any(hasattr(config, key) for key in (*_IMAGE_TOKEN_KEYS, "vocabulary_map")):
-        return ("its config names no image token (image_token_id), so its image features are not placed at image "
-                "tokens; if they are, name the token: adapter={'image_token_ids': ...}")
+        return "its config names no image token (image_token_id), so its image features are not placed at image tokens"
     return None
 
 

@@ -591,12 +591,36 @@ def wrap(
     if config is None or not hasattr(config, "get_text_config"):
         raise InputError(f"wrap() takes a transformers model, got {type(model).__name__}; load it with "
                          "AutoModelForImageTextToText.from_pretrained(...) first")
-    resolved = derive_adapter(model, processor, _with_template(adapter, prompt_template, config.model_type))
+    overrides = _with_template(adapter, prompt_template, config.model_type)
+    resolved = derive_adapter(model, processor, overrides)
     attention.register()
     lvlm = LVLM(model=model, processor=processor, adapter=resolved,
                 name=name or str(getattr(config, "name_or_path", "") or type(model).__name__), revision=revision)
+    before = lvlm.text_config._attn_implementation
     model.set_attn_implementation(lvlm._attn_setting(attention.ATTN_NAME))
+    _check_switched(lvlm, before, given=bool({"text_layers", "attention"} & set(overrides)))
     return lvlm
+
+
+def _check_switched(lvlm: LVLM, before: str, given: bool) -> None:
+    """Every attention module reads the switched implementation; else the switch is undone and one line says why.
+
+    An attention module that reads a config of its own (a copy, or another sub-config) is not reached
+    by ``set_attn_implementation`` on the text config: lvlm-fix's attention function would never run
+    there, and every method acting through it would silently change nothing.
+    """
+    for i, module in enumerate(lvlm.attention_modules):
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", attention.ATTN_NAME)
+        if impl == attention.ATTN_NAME:
+            continue
+        lvlm.model.set_attn_implementation(lvlm._attn_setting(before))
+        why = (f"the attention module of text decoder layer {i} ({type(module).__name__}) reads a config of its own "
+               f"(attention implementation {impl!r}), which switching the text config does not reach, so lvlm-fix's "
+               "methods would not act on it")
+        if given:
+            raise InputError(f"adapter attention={lvlm.adapter.attention!r} of text_layers={lvlm.adapter.text_layers!r}: "
+                             f"{why}; pass the self-attention modules of the text decoder")
+        raise UnsupportedModelError(lvlm.adapter.model_type, why)
 
 
 # -- what a generation produced -----------------------------------------------------------------

@@ -199,5 +199,24 @@ def test_a_config_naming_no_image_token_is_refused_unless_the_adapter_names_one(
     from transformers import LlamaConfig
 
     config = LlamaConfig(num_hidden_layers=2)  # no image_token_id / image_token_index at all
-    assert "adapter={'image_token_ids': ...}" in adapters.unsupported_reason(config)
+    assert "names no image token" in adapters.unsupported_reason(config)  # (blip, git, kosmos-2: none to name)
     assert adapters.unsupported_reason(config, image_token_given=True) is None
+
+
+def test_attention_modules_the_switch_does_not_reach_are_refused_not_served_silently(example, tiny_dirs):
+    """A remote-code attention that keeps its own copy of the config is not switched by set_attn_implementation:
+    served, every method acting through the attention function would change nothing."""
+    import copy
+
+    model = example.nested_model(tiny_dirs("llava"))
+    layer = model.model.language_model.layers[2].block
+    layer.self_attn.config = copy.deepcopy(layer.self_attn.config)
+    with pytest.raises(InputError, match=r"adapter attention='block.self_attn' of text_layers='model.language_model."
+                                         r"layers': the attention module of text decoder layer 2 \(LlamaAttention\) "
+                                         r"reads a config of its own \(attention implementation 'sdpa'\)"):
+        lvlm_fix.wrap(model, load_processor(tiny_dirs("llava")), adapter=example.ADAPTER)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"  # the switch undone
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_dirs("llava"), dtype=torch.float32).eval()
+    plain.model.language_model.layers[0].self_attn.config = copy.deepcopy(plain.config.get_text_config())
+    with pytest.raises(UnsupportedModelError, match="layer 0 .* reads a config of its own"):
+        lvlm_fix.wrap(plain)
