@@ -583,7 +583,8 @@ def wrap(
 
     Raises:
         UnsupportedModelError: the model cannot be served; the message says why (and, where an
-            adapter would help, which field to pass).
+            adapter would help, which field to pass). Among the reasons: an attention module that
+            reads a config of its own, which switching the text decoder's attention does not reach.
         InputError: an ``adapter`` field the model does not fit (a path it does not have); one line
             naming it and the fix.
     """
