@@ -4,6 +4,7 @@ Public API::
 
     handle = lvlm_fix.load("llava-hf/llava-1.5-7b-hf")        # or a local dir; None = embedded testbed
     handle = lvlm_fix.wrap(model, processor)                  # a model you loaded yourself (quantised, sharded)
+    handle = lvlm_fix.wrap(model, processor, adapter={"text_layers": "..."})  # where derivation cannot read it
     with lvlm_fix.apply(handle, "vhr", alpha=2.0):            # around the real generate()
         ids = handle.model.generate(**handle.encode([image], [prompt]), max_new_tokens=64)
     out = lvlm_fix.generate(handle, [image], [prompt], method="vhr+var")   # one call
@@ -17,7 +18,7 @@ from typing import Any
 
 from ._version import __version__
 
-__all__ = ["Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
+__all__ = ["Adapter", "Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
            "head_statistics", "list_methods", "load", "load_image", "param", "register_method", "wrap"]
 
 
@@ -27,6 +28,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "Adapter":  # load(..., adapter=) / wrap(..., adapter=): the escape hatch for a family derivation misses
+        from .adapters import Adapter
+
+        return Adapter
     if name in ("load", "wrap"):
         from . import model
 
