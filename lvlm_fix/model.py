@@ -246,7 +246,10 @@ class LVLM:
 
 
 def _what(value: Any) -> str:
-    text = repr(value)
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, Image.Image):  # an array's repr spans lines: name its shape
+        return f"{type(value).__name__} of shape {tuple(shape)}"
+    text = " ".join(repr(value).split())  # one line, whatever the repr
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 

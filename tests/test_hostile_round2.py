@@ -874,3 +874,12 @@ def test_a_malformed_amber_annotations_file_is_blamed_not_the_responses(capsys, 
     line = cli_error(capsys, "score", "--bench", "amber", "--split", "generative", "--amber-dir", str(folder),
                      "--responses", str(path), "--out", str(tmp_path / "o"))
     assert needle in line and "r.json" not in line
+
+
+def test_an_array_given_as_the_image_list_is_named_on_one_line(tiny):
+    """An array's repr spans lines; the error names its type and shape instead (hypothesis found a 2x1 uint8 array)."""
+    import numpy as np
+
+    with pytest.raises(LvlmFixError) as e:
+        lvlm_fix.generate(tiny("llava"), np.zeros((2, 1), dtype=np.uint8), [], max_new_tokens=1)
+    assert "\n" not in str(e.value) and "ndarray of shape (2, 1)" in str(e.value)
