@@ -331,6 +331,8 @@ def ci_cell(row: dict[str, Any], key: str, digits: int = 1) -> str:
 
 
 def p_cell(row: dict[str, Any], key: str) -> str:
-    """The paired-bootstrap p-value vs the baseline, or a dash."""
+    """The paired-bootstrap p-value vs the baseline (``<0.001`` at 1,000 replicates' floor), or a dash."""
+    from .stats import p_text
+
     vs = row.get("vs_baseline", {})
-    return f"{vs[key]['p_value']:.3g}" if key in vs else "—"
+    return p_text(vs[key]["p_value"], vs[key].get("n_boot", 1000)) if key in vs else "—"
