@@ -5,8 +5,8 @@ Layout of a run folder (``--out``)::
     run.json                  what the run is (bench and its settings, model, data hash, prompts); fixed
     <method>/config.json      the method's resolved config (or, for ``score``, the scored file); fixed
     <method>/samples.jsonl    append-only, one scored record per sample, flushed and fsynced per batch
-    summary.json              metrics with bootstrap CIs, paired tests vs the baseline, provenance
-    results.md                the comparison table
+    summary.json              metrics with bootstrap CIs, paired tests vs the baseline, n per split, provenance
+    results.md                what was run (model, dataset, n per split, settings, date) and the comparison table
     .lock                     while a run writes: its pid and host (a second run is refused)
 
 Resuming: the same command again reads each ``samples.jsonl`` (unreadable lines are set aside, every
@@ -223,50 +223,61 @@ class EvalJob:
         answers: dict[str, dict[str, dict[str, Any]]] = {}
         costs: dict[str, dict[str, Any]] = {}
         self._warm_up(lvlm, root)
-        for method in self.methods:
-            mdir = setting_folder(root, method) if root is not None else None
-            meter = CostMeter(lvlm.model)
-            done: dict[str, dict[str, Any]] = {}
-            store_path = None
-            config = {"method": method, "config": self.seam.configs[method]}
-            digest = store.settings_digest(run, config)  # every record names the settings that made it
-            if mdir is not None:
-                had_config = True
-                if state.is_main_process:
-                    mdir.mkdir(exist_ok=True)
-                    had_config = store.fixed_json(mdir / "config.json", config, f"{method} config")
+        # One bar over every sample of every setting, for the ETA of the whole run (the per-setting bars
+        # below it say where it is); its total drops by each setting's stored records as they are found.
+        share = sum(1 for i in range(len(self.samples)) if i % world == rank)
+        overall = tqdm(total=share * len(self.methods), desc=f"{b.name} all {len(self.methods)} settings",
+                       unit="sample", position=0, disable=not self.progress or len(self.methods) < 2)
+        with overall:  # its line ended also when a setting fails
+            for method in self.methods:
+                mdir = setting_folder(root, method) if root is not None else None
+                meter = CostMeter(lvlm.model)
+                done: dict[str, dict[str, Any]] = {}
+                store_path = None
+                config = {"method": method, "config": self.seam.configs[method]}
+                digest = store.settings_digest(run, config)  # every record names the settings that made it
+                if mdir is not None:
+                    had_config = True
+                    if state.is_main_process:
+                        mdir.mkdir(exist_ok=True)
+                        had_config = store.fixed_json(mdir / "config.json", config, f"{method} config")
+                    state.wait_for_everyone()
+                    store_path = mdir / ("samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
+                    for shard in [mdir / "samples.jsonl", *sorted(mdir.glob("samples.rank*.jsonl"))]:
+                        records = store.read_records(shard, b.valid)
+                        store.check_settings(shard, records, digest, legacy_ok and had_config)
+                        for k, v in records.items():
+                            done.setdefault(k, v)
+                mine = [s for i, s in enumerate(self.samples) if i % world == rank and s.id not in done]
+                overall.total -= share - len(mine)
+                overall.refresh()
+                bar = tqdm(total=len(mine), desc=f"{b.name} {method}", unit="sample",
+                           disable=not self.progress or not mine, position=1 if not overall.disable else None,
+                           leave=overall.disable)
+                with bar, meter.setting():  # the bar closed (its line ended) also when a batch fails
+                    for split, p in self.prompting.items():
+                        todo = [s for s in mine if s.split == split]
+                        gen = dict(p.generation)
+                        stops = gen.pop("stop", [])
+                        for start in range(0, len(todo), self.batch_size):
+                            batch = todo[start : start + self.batch_size]
+                            images = [s.load_image() for s in batch]
+                            with meter.batch(len(batch)) as counted:
+                                out = self.seam.generate(lvlm, images, [p.template.format(question=s.question) for s in batch],
+                                                         method, gen, p.seed, p.system_prompt)
+                                counted["generated_tokens"] = sum(out.tokens)
+                            recs = [{**b.record(s, _cut(t, stops)), store.SETTINGS_KEY: digest}
+                                    for s, t in zip(batch, out.texts)]
+                            done.update((r["id"], r) for r in recs)
+                            if store_path is not None:
+                                store.append_records(store_path, recs)
+                            bar.update(len(batch))
+                            overall.update(len(batch))
+                costs[method] = meter.save(mdir if state.is_main_process and world == 1 else None)
                 state.wait_for_everyone()
-                store_path = mdir / ("samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
-                for shard in [mdir / "samples.jsonl", *sorted(mdir.glob("samples.rank*.jsonl"))]:
-                    records = store.read_records(shard, b.valid)
-                    store.check_settings(shard, records, digest, legacy_ok and had_config)
-                    for k, v in records.items():
-                        done.setdefault(k, v)
-            mine = [s for i, s in enumerate(self.samples) if i % world == rank and s.id not in done]
-            bar = tqdm(total=len(mine), desc=f"{b.name} {method}", unit="sample", disable=not self.progress or not mine)
-            with bar, meter.setting():  # the bar closed (its line ended) also when a batch fails
-                for split, p in self.prompting.items():
-                    todo = [s for s in mine if s.split == split]
-                    gen = dict(p.generation)
-                    stops = gen.pop("stop", [])
-                    for start in range(0, len(todo), self.batch_size):
-                        batch = todo[start : start + self.batch_size]
-                        images = [s.load_image() for s in batch]
-                        with meter.batch(len(batch)) as counted:
-                            out = self.seam.generate(lvlm, images, [p.template.format(question=s.question) for s in batch],
-                                                     method, gen, p.seed, p.system_prompt)
-                            counted["generated_tokens"] = sum(out.tokens)
-                        recs = [{**b.record(s, _cut(t, stops)), store.SETTINGS_KEY: digest}
-                                for s, t in zip(batch, out.texts)]
-                        done.update((r["id"], r) for r in recs)
-                        if store_path is not None:
-                            store.append_records(store_path, recs)
-                        bar.update(len(batch))
-            costs[method] = meter.save(mdir if state.is_main_process and world == 1 else None)
-            state.wait_for_everyone()
-            if mdir is not None and world > 1 and state.is_main_process:
-                done = store.merge_shards(mdir, ids, b.valid)
-            answers[method] = done
+                if mdir is not None and world > 1 and state.is_main_process:
+                    done = store.merge_shards(mdir, ids, b.valid)
+                answers[method] = done
 
         if not state.is_main_process:
             return {}
@@ -480,7 +491,8 @@ def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[s
         raise InputError(f"no method has all {len(ids)} samples; rerun the same command to resume")
     baseline = BASELINE if BASELINE in complete else complete[0]
     splits = {sp: [s.id for s in samples if s.split == sp] for sp in dict.fromkeys(s.split for s in samples)}
-    summary: dict[str, Any] = {"bench": b.name, "settings": b.settings(), "baseline": baseline, "methods": {}}
+    summary: dict[str, Any] = {"bench": b.name, "settings": b.settings(), "baseline": baseline,
+                               "n": {sp: len(sp_ids) for sp, sp_ids in splits.items()}, "methods": {}}
     for m in complete:
         rows = {}
         for sp, sp_ids in splits.items():
@@ -507,8 +519,12 @@ def _finish(b: Bench, samples: list[Sample], answers: dict[str, dict[str, dict[s
 
 
 def comparison_table(b: Bench, summary: dict[str, Any]) -> str:
-    """results.md: what was measured and how, the bench's table, and how to read it."""
-    lines = [f"# {b.name} results", ""]
+    """results.md: what was run (:func:`run_facts`: model, dataset, n per split, every setting with its
+    parameters, date), what was measured and how, the bench's table, and how to read it."""
+    facts = run_facts(summary)
+    lines = [f"# {b.name} results", "", *(f"- **{k}:** {v}" for k, v in facts.items() if k != "Methods"),
+             "- **Methods** (every parameter, defaults included):",
+             *(f"  - `{setting_text(summary, m)}`" for m in summary["methods"]), ""]
     if b.caveat():
         lines += [f"**Note:** {b.caveat()}", ""]
     settings = ", ".join(f"{k}={v}" for k, v in summary["settings"].items() if len(str(v)) <= 80)
@@ -523,3 +539,65 @@ def comparison_table(b: Bench, summary: dict[str, Any]) -> str:
 
     lines += cost_table(summary.get("cost", {}), summary["baseline"])
     return "\n".join(lines) + "\n"
+
+
+# -- what a result needs to stand alone ------------------------------------------------------------
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _provenance(summary: dict[str, Any]) -> dict[str, Any]:
+    prov = summary.get("provenance")
+    return prov if isinstance(prov, dict) else {}  # a summary edited by hand is read as far as it goes
+
+
+def described_settings(summary: dict[str, Any]) -> dict[str, Any]:
+    """Each setting's methods as run (``describe()``: method, config, on_model), from the provenance of an
+    ``eval`` run; empty for scored outputs, which were generated elsewhere."""
+    described = _provenance(summary).get("methods")
+    return described if isinstance(described, dict) else {}
+
+
+def setting_text(summary: dict[str, Any], name: str) -> str:
+    """A setting with every parameter it ran with (defaults included): ``vhr:alpha=2 = vhr(alpha=2, layers=null,
+    ...)``; the name alone where the summary has no resolved config (``score``: answers made elsewhere)."""
+    described = described_settings(summary).get(name)
+    if not isinstance(described, list):
+        return name
+    if not described:
+        return f"{name} (no method)"
+    parts = [f"{d.get('method', '?')}(" + ", ".join(f"{k}={_short(v)}" for k, v in d["config"].items()) + ")"
+             for d in described if isinstance(d, dict) and isinstance(d.get("config"), dict)]
+    return f"{name} = {' + '.join(parts)}"
+
+
+def run_facts(summary: dict[str, Any]) -> dict[str, str]:
+    """What places a result: model, dataset (id and sha256 short form), n per split, methods with their
+    parameters, date; read from the summary (its provenance), so results.md, the figures and the combined
+    table of several runs say the same. A fact the run did not record says so."""
+    prov = _provenance(summary)
+    model = prov.get("model")
+    if model:
+        extra = [f"revision {prov['revision']}" if prov.get("revision") else "", prov.get("model_type") or "",
+                 str(prov.get("dtype") or "")]
+        model = f"`{model}`" + (f" ({', '.join(x for x in extra if x)})" if any(extra) else "")
+    elif prov.get("command") == "score":
+        model = "not recorded (answers generated elsewhere, scored with `lvlm-fix score`)"
+    else:
+        model = "not recorded"
+    data = prov.get("dataset") if isinstance(prov.get("dataset"), dict) else {}
+    sha = str(data.get("sha256") or "")
+    dataset = str(data.get("id") or data.get("labels") or "not recorded") + (f" ({sha[:19]})" if sha else "")
+    n = summary.get("n")
+    if not isinstance(n, dict):  # a summary of an older lvlm-fix: the bench's own count, where it has one
+        base = summary["methods"].get(summary.get("baseline"), {})
+        n = {sp: row.get("n") for sp, row in base.get("splits", {}).items()}
+    started, finished = prov.get("started"), prov.get("finished")
+    return {
+        "Model": model,
+        "Dataset": dataset,
+        "n per split": ", ".join(f"{sp} {k if k is not None else '?'}" for sp, k in n.items()) or "not recorded",
+        "Methods": "; ".join(setting_text(summary, m) for m in summary["methods"]),
+        "Date": (f"{started} to {finished}" if started and finished else str(finished or "not recorded")),
+    }
