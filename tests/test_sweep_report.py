@@ -64,7 +64,8 @@ def test_report_draws_the_figures_and_links_them(capsys, sweep):
     code, out, err = _run(capsys, "report", str(sweep))
     assert code == 0, err
     figures = sorted(p.name for p in (sweep / "figures").iterdir())
-    assert figures == ["cost.png", "metrics_random.png", "precision_vs_recall_random.png"]
+    # vhr at two alphas is a sweep: its metrics against alpha too
+    assert figures == ["cost.png", "metrics_random.png", "precision_vs_recall_random.png", "sweep_vhr_alpha.png"]
     md = (sweep / "results.md").read_text()
     assert md.count("## Figures") == 1 and "(figures/precision_vs_recall_random.png)" in md
     _run(capsys, "report", str(sweep))  # again: the section is replaced, not added twice

@@ -749,13 +749,26 @@ def score_cmd(bench, input_file, split, name, id_key, text_key, label_key, n_boo
 
 
 @cli.command("report")
-@click.argument("results_dir")
-def report_cmd(results_dir) -> None:
-    """Figures of a results folder (metrics with CIs, trade-offs, cost), linked from its results.md."""
-    from ..report import write_report
+@click.argument("results_dirs", nargs=-1, required=True, metavar="RESULTS_DIR...")
+@click.option("--out", default=None, help="with several folders: the file of their combined table (default: "
+                                          "combined.md in the first folder).")
+def report_cmd(results_dirs, out) -> None:
+    """Figures of a results folder (metrics with CIs, trade-offs, sweeps, cost), linked from its results.md.
 
-    for path in write_report(results_dir):
-        click.echo(f"wrote {path}")
+    With several folders (runs of one bench: other models, other dates), prints one table of them all instead,
+    a row per run, setting and split, and writes it to --out (default: combined.md in the first folder)."""
+    from ..report import write_combined, write_report
+
+    if len(results_dirs) == 1:
+        if out is not None:
+            raise ConfigError(f"--out {out} is for the table of several folders; with one, the figures go to "
+                              f"{Path(results_dirs[0]) / 'figures'} (leave --out out)")
+        for path in write_report(results_dirs[0]):
+            click.echo(f"wrote {path}")
+        return
+    text, path = write_combined(list(results_dirs), out)
+    click.echo(text)
+    click.echo(f"wrote {path}")
 
 
 @cli.command("calibrate")
