@@ -10,6 +10,7 @@ Public API::
     out = lvlm_fix.generate(handle, [image], [prompt], method="vhr+var")   # one call
     stats = lvlm_fix.head_statistics(handle, image, prompt)    # VHD, sinks, entropy, image mass
     lvlm_fix.register_method(MyMethod)                         # a method of your own (docs/adding-a-method.md)
+    lvlm_fix.register_bench(MyBench)                           # a benchmark of your own (docs: adding a benchmark)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from ._version import __version__
 
 __all__ = ["Adapter", "Generation", "Intervention", "MethodConfig", "Stage", "__version__", "apply", "evaluate", "generate",
-           "head_statistics", "list_methods", "load", "load_image", "param", "register_method", "wrap"]
+           "head_statistics", "list_methods", "load", "load_image", "param", "register_bench", "register_method", "wrap"]
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +45,10 @@ def __getattr__(name: str) -> Any:
         from .diagnostics import head_statistics
 
         return head_statistics
+    if name == "register_bench":
+        from .evals.bench import register_bench
+
+        return register_bench
     if name == "evaluate":
         from .evals.runner import evaluate
 

@@ -385,6 +385,9 @@ def demo_cmd(method: str, task: str, examples: int) -> None:
     from ..interventions import build_methods
 
     build_methods(method)  # checked before the model loads
+    from ..extras import check_installed
+
+    check_installed("lvlm-fix demo", "nltk", "inflect")  # it reads answers with CHAIR's and POPE's scorers
     from ..demo import run_demo
     from ..model import load
 
@@ -485,6 +488,14 @@ def run_cmd(image, prompt, system_prompt, jsonl, method, sets, compare, batch_si
     from ..demo import MARK_LEGEND, mark_against_scene
     from ..images import load_image
 
+    if truth is not None:  # marking reads the answers with CHAIR's extractor (inflect): without it, plain answers
+        from ..extras import MissingExtraError, check_installed
+
+        try:
+            check_installed("marking what contradicts the scene", "inflect")
+        except MissingExtraError as e:
+            click.echo(f"note: {e}", err=True)
+            truth = None
     lvlm = _load(model_opts)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, seed=seed,
                generate_kwargs=extra or None, system_prompt=system_prompt)
@@ -580,7 +591,9 @@ def heads_cmd(image, prompt, tau, out, **kwargs) -> None:
     out_dir = _out_dir(out, "--out", ("stats.json",))
 
     from ..diagnostics import head_statistics, write_outputs
+    from ..extras import check_installed
 
+    check_installed("lvlm-fix heads", "matplotlib")  # its figures; refused before the model loads
     lvlm = _load(model_opts)
     report = head_statistics(lvlm, img, text, tau=tau)
     for path in write_outputs(report, out_dir, image=img):

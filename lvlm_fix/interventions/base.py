@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..model import LVLM
+    from .calibration import Calibration
 
 
 class Stage(enum.Enum):
@@ -294,6 +295,7 @@ class Intervention(Participant):
     stage: ClassVar[Stage]
     config_cls: ClassVar[type[MethodConfig]]
     order: ClassVar[int | None] = None  # place in a composition, lower first; None: DEFAULT_ORDER[stage]
+    calibration: ClassVar[Calibration | None] = None  # an offline fit `lvlm-fix calibrate` runs (ACT's heads)
 
     @classmethod
     def composition_key(cls) -> tuple[bool, int, str]:

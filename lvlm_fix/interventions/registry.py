@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import json
-import os
 import pkgutil
 import sys
 from collections.abc import Mapping, Sequence
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, LvlmFixError, UnknownNameError
-from ..registry import Registry
+from ..errors import ConfigError, UnknownNameError
+from ..registry import PLUGINS_ENV, Registry, entry_point_objects, import_plugins
 from .base import Intervention, MethodConfig, Stage
 
 __all__ = ["ENTRY_POINT_GROUP", "METHODS", "NONE", "PLUGINS_ENV", "MethodSpec", "build_methods", "format_spec",
@@ -44,8 +40,7 @@ __all__ = ["ENTRY_POINT_GROUP", "METHODS", "NONE", "PLUGINS_ENV", "MethodSpec", 
 
 NONE = "none"  # the baseline: no method
 ENTRY_POINT_GROUP = "lvlm_fix.methods"
-PLUGINS_ENV = "LVLM_FIX_PLUGINS"
-_NOT_METHODS = {"base", "contrastive", "registry"}  # modules of this package that define no method
+_NOT_METHODS = {"base", "calibration", "contrastive", "registry"}  # modules of this package that define no method
 
 # One composed method setting: (method name, its parameters), in composition order.
 MethodSpec = list[tuple[str, dict[str, Any]]]
@@ -57,36 +52,10 @@ def _load_methods() -> None:
     for mod in pkgutil.iter_modules(package.__path__):
         if mod.name not in _NOT_METHODS and not mod.name.startswith("_"):
             importlib.import_module(f"{__package__}.{mod.name}")
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as e:
-            raise LvlmFixError(f"cannot load method plugin {ep.name!r} ({ep.value}): {type(e).__name__}: {e}; "
-                               f"fix or uninstall the package that declares it") from None
+    for obj in entry_point_objects(ENTRY_POINT_GROUP, "method"):
         if isinstance(obj, type) and obj not in METHODS._items.values():
             register_method(obj)
-    for item in filter(None, (x.strip() for x in os.environ.get(PLUGINS_ENV, "").split(","))):
-        _import_plugin(item)
-
-
-def _import_plugin(item: str) -> None:
-    """Import one $LVLM_FIX_PLUGINS entry: a module name, or the path of a ``.py`` file."""
-    try:
-        if item.endswith(".py"):
-            path = Path(item).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"no such file {path}")
-            spec = importlib.util.spec_from_file_location(f"lvlm_fix_plugin_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-        else:
-            importlib.import_module(item)
-    except LvlmFixError:
-        raise
-    except Exception as e:
-        raise LvlmFixError(f"cannot import method plugin {item!r} from ${PLUGINS_ENV}: {type(e).__name__}: {e}; "
-                           "give importable module names or .py files, comma-separated") from None
+    import_plugins()  # shared with the bench registry: a file that brings both is run once
 
 
 METHODS: Registry[type[Intervention]] = Registry("method", loader=_load_methods)
