@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,9 +23,8 @@ import transformers
 
 from lvlm_fix.testing import families
 from lvlm_fix.errors import LvlmFixError
+from lvlm_fix.testing.families import build, checks, command
 from lvlm_fix.testing.families import (
-    DOCS,
-    README,
     FamilyResult,
     family_types,
     readme_claim,
@@ -37,6 +37,9 @@ from lvlm_fix.testing.families import (
     verify,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "supported-models.md"  # the repository's, wherever the package is installed
+README = ROOT / "README.md"
 FAMILY_TYPES = family_types()
 MIN_WORKING = 50  # on every transformers the pin admits; a regression in the builder shows up here first
 # Built as transformers' own testers build them, and driven through every check (issue 23).
@@ -92,8 +95,6 @@ def test_families_once_marked_unbuildable_are_built_and_work(model_type, matrix)
 
 
 def test_a_family_whose_own_forward_fails_is_unbuildable_not_a_seam_failure(tiny, images, monkeypatch):
-    from lvlm_fix.testing import families
-
     lvlm = tiny("llava")
     batch = lvlm.encode(images[:2], ["Is there a cat?", "Describe it."])
 
@@ -101,13 +102,13 @@ def test_a_family_whose_own_forward_fails_is_unbuildable_not_a_seam_failure(tiny
         raise AttributeError("'CausalLMOutputWithPast' object has no attribute 'image_outputs'")
 
     monkeypatch.setattr(lvlm.model, "forward", broken)
-    result = families._checked(lvlm, batch, lambda r: batch)
+    result = checks._checked(lvlm, batch, lambda r: batch)
     assert result["status"] == "unbuildable", result
     assert result["detail"].startswith(f"its stock forward fails in transformers {transformers.__version__}: ")
     assert "image_outputs" in result["detail"]
     monkeypatch.undo()  # the seam's own failure stays a failure
-    monkeypatch.setattr(families, "check", lambda *a: (_ for _ in ()).throw(AssertionError("seam bug")))
-    assert families._checked(lvlm, batch, lambda r: batch)["status"] == "fails"
+    monkeypatch.setattr(checks, "check", lambda *a: (_ for _ in ()).throw(AssertionError("seam bug")))
+    assert checks._checked(lvlm, batch, lambda r: batch)["status"] == "fails"
 
 
 def test_vq_families_map_their_codes_into_the_vocabulary():
@@ -115,8 +116,8 @@ def test_vq_families_map_their_codes_into_the_vocabulary():
         config = tiny_config(model_type)
         vocab = config.vocabulary_map
         assert vocab["<image>"] == config.image_token_id
-        codes = [vocab[families.VQ_CODE_NAMES[model_type](c)] for c in range(getattr(config.vq_config, codebook))]
-        assert len(set(codes)) == len(codes) and max(codes) < families._SPECIAL_FROM <= config.image_token_id
+        codes = [vocab[build.VQ_CODE_NAMES[model_type](c)] for c in range(getattr(config.vq_config, codebook))]
+        assert len(set(codes)) == len(codes) and max(codes) < build._SPECIAL_FROM <= config.image_token_id
     model = tiny_model("chameleon")  # the VQ tokenizer's codes come back as the mapped ids
     with torch.inference_mode():
         ids = model.model.get_image_tokens(torch.randn(1, 3, 64, 64))
@@ -151,11 +152,11 @@ def test_the_span_check_fails_when_the_seam_reads_the_wrong_tokens():
     model = tiny_model("llava")
     lvlm = wrap(model)
     batch = tiny_batch(model)
-    families._check_image_span(lvlm, batch)
+    checks._check_image_span(lvlm, batch)
     text_id = int(batch["input_ids"][1, 0])  # an ordinary text token of row 1
     lvlm.adapter = dataclasses.replace(lvlm.adapter, image_token_ids=(text_id,))
     with pytest.raises(AssertionError, match="the seam sees"):
-        families._check_image_span(lvlm, batch)
+        checks._check_image_span(lvlm, batch)
 
 
 def test_row_differences_count_scores_and_tokens():
@@ -164,7 +165,7 @@ def test_row_differences_count_scores_and_tokens():
     batch = SimpleNamespace(sequences=torch.tensor([[9, 5, 1], [5, 5, 2]]), scores=scores)
     alone = [(SimpleNamespace(sequences=torch.tensor([[5, 1]]), scores=(torch.tensor([[0.0, masked]]),)), 1),
              (SimpleNamespace(sequences=torch.tensor([[5, 5, 3]]), scores=(torch.tensor([[1.5, masked]]),)), 2)]
-    worst, same = families._row_difference(batch, 2, alone)
+    worst, same = checks._row_difference(batch, 2, alone)
     assert worst == 0.5 and not same  # row 1 generated 3 where the batch row generated 2
 
 
@@ -187,13 +188,13 @@ def test_the_committed_support_table_is_current_for_its_transformers(matrix):
                     "`python -m lvlm_fix.testing.families` gives this version's verdicts")
     results = [matrix(t) for t in FAMILY_TYPES]
     assert DOCS.read_text() == support_table(results), (
-        f"{DOCS} is out of date; run `python -m lvlm_fix.testing.families --write-docs`")
+        f"{DOCS} is out of date; run `python -m lvlm_fix.testing.families --write-docs` from the repository root")
 
 
 def test_the_readme_states_the_count_of_the_support_table():
     assert readme_claim(DOCS.read_text()) in README.read_text(), (
         "the README's family count is not the one docs/supported-models.md states; "
-        "run `python -m lvlm_fix.testing.families --write-docs`")
+        "run `python -m lvlm_fix.testing.families --write-docs` from the repository root")
 
 
 def test_sync_readme_rewrites_the_count_and_nothing_else(tmp_path):
@@ -228,8 +229,49 @@ def test_the_shrinker_keeps_coupled_dimensions_consistent():
     assert all(0 <= i < sam.num_hidden_layers for i in sam.global_attn_indexes)
     gemma = families.tiny_config("gemma3").text_config  # sliding and full layers both kept
     assert set(gemma.layer_types) == {"sliding_attention", "full_attention"} and len(gemma.layer_types) == 4
-    assert families._mrope_section([16, 24, 24], {"head_dim": 16}) == [2, 3, 3]
-    assert sum(families._mrope_section([16, 24, 24], {"head_dim": 16, "partial_rotary_factor": 0.5})) == 4
+    assert build._mrope_section([16, 24, 24], {"head_dim": 16}) == [2, 3, 3]
+    assert sum(build._mrope_section([16, 24, 24], {"head_dim": 16, "partial_rotary_factor": 0.5})) == 4
+
+
+def test_write_docs_writes_the_table_and_the_count_where_it_is_told(tmp_path, monkeypatch, capsys):
+    """--write-docs PATH and --readme PATH: relative paths from the current directory, nothing written into
+    the package (it wrote to a path computed from the package's location, lvlm_fix/docs/ once it moved)."""
+    monkeypatch.setattr(command, "family_types", lambda: ["llava", "mllama"])  # the whole mapping takes minutes
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "R.md").write_text("models: **54 of the 100 image-text-to-text families of transformers 5.24 verified**\n")
+    assert families.main(["--write-docs", "out/table.md", "--readme", "R.md"]) == 0
+    assert table_headline((tmp_path / "out" / "table.md").read_text()) == (transformers.__version__, 1, 2)
+    assert (tmp_path / "R.md").read_text() == (f"models: **1 of the 2 image-text-to-text families of transformers "
+                                               f"{transformers.__version__} verified**\n")
+    assert "wrote out/table.md and the family count in R.md" in capsys.readouterr().out
+    (tmp_path / "docs").mkdir()  # the defaults: docs/supported-models.md and README.md, from here
+    (tmp_path / "R.md").rename(tmp_path / "README.md")
+    assert families.main(["--write-docs"]) == 0
+    assert (tmp_path / "docs" / "supported-models.md").read_text().startswith("# Supported models")
+
+
+def test_write_docs_refuses_a_place_that_is_not_there_before_any_check(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(command, "verify", lambda t: pytest.fail("a family was checked"))
+    monkeypatch.chdir(tmp_path)  # no docs/ folder and no README here
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            families.main(list(argv))
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "--write-docs docs/supported-models.md: there is no folder docs here" in refused("--write-docs")
+    assert "--write-docs a/b.md: there is no folder a here" in refused("--write-docs", "a/b.md")
+    (tmp_path / "docs").mkdir()
+    assert "--readme README.md is not a file" in refused("--write-docs")
+    (tmp_path / "README.md").write_text("models: many\n")
+    assert "--readme README.md states the family count 0 times" in refused("--write-docs")
+    assert "--readme goes with --write-docs" in refused("--readme", "README.md")
+    table = support_table([FamilyResult("llava", "works")], "9.9.9")
+    with pytest.raises(LvlmFixError, match="states the family count 0 times"):  # the README first: nothing written
+        families.write_docs(table, tmp_path / "docs" / "t.md", tmp_path / "README.md")
+    assert not (tmp_path / "docs" / "t.md").exists()
 
 
 def test_the_command_line_checks_some_families_and_rejects_unknown_ones(capsys):

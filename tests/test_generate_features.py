@@ -9,18 +9,23 @@ windows, attentions of every layer, refusals before any forward, and compiled de
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import lvlm_fix
 from conftest import no_plan_left
 from lvlm_fix.errors import ConfigError, LvlmFixError
-from lvlm_fix.testing.generate_features import (DOCS, FEATURES, PROMPTS, TOL, Cell, Matrix, cell_text, ci_cells, parse_table,
-                                        render, subjects)
+from lvlm_fix.testing import generate_features
+from lvlm_fix.testing.generate_features import (FEATURES, PROMPTS, TOL, Cell, Matrix, cell_text, ci_cells, parse_table,
+                                                render, subjects)
 from lvlm_fix.hooks import Participant, Plan
 from lvlm_fix.hooks.attention import key_padding
 from lvlm_fix.testing.tiny import build_image
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "generate-features.md"  # the repository's, wherever lvlm_fix lives
 GEN = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
@@ -170,7 +175,8 @@ def test_every_cell_of_the_matrix_is_served_or_refused_as_the_table_says(matrix)
     table = DOCS.read_text(encoding="utf-8")
     documented = parse_table(table)
     order = subjects()
-    assert {s for s, _ in documented} == set(order), "run `python -m lvlm_fix.testing.generate_features --write-docs`"
+    assert {s for s, _ in documented} == set(order), ("run `python -m lvlm_fix.testing.generate_features --write-docs` "
+                                                      "from the repository root")
     got = matrix.run(ci_cells(order))
     wrong = {cell: (cell_text(c), documented[cell]) for cell, c in got.items() if cell_text(c) != documented[cell]}
     assert not wrong, f"cells that are not the table's (got, table): {wrong}"
@@ -187,6 +193,25 @@ def test_the_table_is_rendered_from_cells():
     text = render(cells, order)
     assert parse_table(text) == {cell: cell_text(c) for cell, c in cells.items()}
     assert "yes (1 graph break, 3 graphs)" in text and "vcd does not support static caches" in text
+
+
+def test_write_docs_writes_where_it_is_told_and_refuses_a_missing_folder_before_running(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """--write-docs PATH (default docs/generate-features.md, from the current directory): never a path derived
+    from where the package lives (it wrote lvlm_fix/docs/ once the module moved to lvlm_fix/testing/)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(generate_features, "load_models", lambda: pytest.fail("the matrix ran"))
+    for argv, folder in ((["--write-docs"], "docs"), (["--write-docs", "out/table.md"], "out")):
+        with pytest.raises(SystemExit) as e:
+            generate_features.main(argv)
+        assert e.value.code == 2
+        assert f"there is no folder {folder} here; run from the repository root" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(generate_features, "load_models", lambda: {})
+    monkeypatch.setattr(generate_features, "Matrix", lambda models, compile_backend: SimpleNamespace(run=lambda cells: {}))
+    monkeypatch.setattr(generate_features, "render", lambda cells, order: "the table\n")
+    assert generate_features.main(["--write-docs", "out/table.md"]) == 0
+    assert (tmp_path / "out" / "table.md").read_text() == "the table\n"
 
 
 def test_dynamos_int_setting_comes_back_when_plans_leave_out_of_order(tiny):

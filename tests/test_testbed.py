@@ -399,12 +399,58 @@ def test_system_message_is_rendered_as_the_chat_template_does():
     assert format_prompt("Describe this image.", system).split() == rendered.split()
 
 
-def test_amber_metrics_use_no_as_the_positive_class_and_exact_answers():
-    from lvlm_fix.testbed.dev.quality import amber_metrics, zoom
+def test_the_quality_report_takes_every_bench_number_from_the_runner(tmp_path, monkeypatch):
+    """POPE, CHAIR and AMBER in the quality report come from the runner's benches (what `lvlm-fix eval`
+    measures), and equal what a plain greedy loop over the same questions gives (the report's own
+    eval loop, before issue 26: same prompts, 4 new tokens, the llava parse, exact AMBER answers)."""
+    from lvlm_fix.evals import runner
+    from lvlm_fix.evals.amber import read_answer
+    from lvlm_fix.evals.pope import score
+    from lvlm_fix.testbed import benchmark
+    from lvlm_fix.testbed.dev import quality
+    from lvlm_fix.testbed.model import load_testbed
 
-    m = amber_metrics(["No", "No", "Yes", "no", "Yes"], ["no", "yes", "no", "no", "yes"])
-    # tp = 1 (first), fp = 1 (second), fn = 2 ("Yes" and the inexact "no"); correct = 2
-    assert m["accuracy"] == 2 / 5 and m["precision"] == 0.5 and m["recall"] == 1 / 3 and m["exact"] == 4 / 5
+    small = write_benchmark(tmp_path / "bench", seed=1, n_images=6)
+    for module in (benchmark, quality):  # the benches' default data, small
+        monkeypatch.setattr(module, "ensure_benchmark", lambda *a, **k: small.root)
+    called, run = [], runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda lvlm, bench, **kw: called.append(bench) or run(lvlm, bench, **kw))
+    result = quality.evaluate(pope_limit=5, chair_limit=4, amber_limit=6, region_limit=2, prompts_n=0,
+                              attention=False, presets=["plain", "icd"], runs=tmp_path / "runs")
+    assert called == ["pope", "pope", "chair", "amber"]
+    assert (tmp_path / "runs" / "pope-icd" / "results.md").is_file()  # the runs, kept where asked
+
+    model, processor = load_testbed(CHECKPOINT_DIR)
+
+    def answers(names, prompts, root=None):
+        return quality.generate(model, processor, quality._images(small, names, root), prompts, 4)
+
+    keys = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
+    for preset, splits in result["pope"].items():
+        assert list(splits) == list(POPE_SPLITS)
+        for split, got in splits.items():
+            rows = read_jsonl(small.pope_file(split))[:5]
+            said = answers([r["image"] for r in rows], [quality.POPE_PRESETS[preset].format(question=r["text"])
+                                                        for r in rows])
+            want = score(said, [r["label"] for r in rows]).as_dict()
+            assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, (preset, split)
+            assert got["exact"] == quality._exact_rate(said)
+            assert got["false_yes"] == want["fp"] / max(1, want["fp"] + want["tn"])
+    queries = json.loads((small.amber_dir / "query" / "query_discriminative.json").read_text())[:6]
+    truth = {a["id"]: a["truth"] for a in json.loads((small.amber_dir / "annotations.json").read_text())}
+    said = answers([q["image"] for q in queries], [q["query"] for q in queries], small.amber_dir / "images")
+    amber = result["amber"]["all"]
+    assert amber["n"] == 6 and amber["exact"] == quality._exact_rate(said)
+    assert amber["accuracy"] == sum(read_answer(a) == truth[q["id"]] for a, q in zip(said, queries)) / 6
+    assert result["chair"]["n"] == 4 and len(result["chair"]["examples"]) == 4
+
+
+def test_the_quality_report_refuses_an_unknown_preset():
+    from lvlm_fix.errors import ConfigError
+    from lvlm_fix.testbed.dev.quality import evaluate, zoom
+
+    with pytest.raises(ConfigError, match="--presets names 'plian'; choose from plain, llava"):
+        evaluate(presets=["plian"])
     im = Image.new("RGB", (192, 192))
     assert zoom(im, [180, 180, 10, 10]).size == (192, 192)
 

@@ -1,23 +1,41 @@
 """Measure a testbed checkpoint on the synthetic benchmark: POPE, CHAIR, AMBER, region task.
 
-Run ``python -m lvlm_fix.testbed.dev.quality --checkpoint DIR`` to print a markdown report:
+Run ``python -m lvlm_fix.testbed.dev.quality --checkpoint DIR`` to print a markdown report.
+
+Every number a bench computes comes from the runner (:func:`lvlm_fix.evals.runner.evaluate` over
+the registered benches, ``lvlm-fix list``), on the benches' default data, the cached
+synthetic benchmark (:func:`~lvlm_fix.testbed.benchmark.ensure_benchmark`), one run of the
+vanilla checkpoint per setting, so the report measures what ``lvlm-fix eval`` measures:
 
 * POPE (random / popular / adversarial) under every answer-format preset the product sends
-  (:data:`POPE_PRESETS`), parsed with the canonical rule (:func:`lvlm_fix.evals.pope.parse_answer`),
-  plus how often the answer is *exactly* ``Yes`` / ``No``;
-* CHAIR of greedy captions through the COCO CHAIR code path
-  (:class:`lvlm_fix.evals.chair.ChairEvaluator`), for the default caption prompt on every image
-  and for each caption prompt the product sends on a subset;
-* AMBER discriminative (the benchmark's ``amber/`` set): accuracy, precision, recall and F1
-  with **"no" as the positive class**, as AMBER computes them, counting only the exact answers
-  ``Yes`` / ``No`` (anything else is wrong);
-* the region task (small object among clutter): existence and colour accuracy on the image
-  as given, and with an *oracle zoom* (the image cropped around the target and magnified),
-  which bounds what looking closer can gain;
+  (:data:`POPE_PRESETS`): the ``pope`` bench with the preset's template, no system prompt, 4 new
+  tokens and the ``llava`` parser (:func:`lvlm_fix.evals.pope.parse_answer`'s canonical rule);
+* CHAIR of greedy captions: the ``chair`` bench in ``original`` mode (the COCO CHAIR code
+  path), its caption prompt, 64 new tokens;
+* AMBER discriminative: the ``amber`` bench's ``discriminative`` split with exact answers
+  (accuracy, precision, recall and F1 with **"no" as the positive class**, as AMBER computes
+  them), per question type and overall, 4 new tokens.
+
+Two shares no bench reports are read from the runs' stored records (``samples.jsonl``): how often
+an answer is *exactly* ``Yes`` / ``No``, and for AMBER the share of exact "Yes"; POPE's false-yes
+rate (FP / negatives) comes from the bench's confusion counts.
+
+What no bench measures keeps its own greedy loop (:func:`generate`), because no bench poses it:
+
+* the region task (small object among clutter): existence and colour accuracy on the image as
+  given, and with an *oracle zoom* (the image cropped around the target and magnified), which
+  bounds what looking closer can gain;
 * prompt following: for every prompt family the product sends (suffixes, system prefixes,
-  MVP's caption-in-context prompt, CARVE's one-word general description), how often the
-  answer has the intended form, and its accuracy where one is defined;
+  MVP's caption-in-context prompt, CARVE's one-word general description, a reworded question),
+  how often the answer has the intended form, and its accuracy where one is defined, on the
+  first ``n`` images (it reuses the benches' scorers, :func:`lvlm_fix.evals.pope.score` and
+  :class:`lvlm_fix.evals.chair.ChairEvaluator`);
 * the per-head image-attention profile of the decoder.
+
+Limits follow the benches' rules: ``--pope-limit`` takes the first questions of each split,
+``--chair-limit`` the chair bench's seeded sample of images (``random.Random(0).sample``; the
+default, all 500, is every image), ``--amber-limit`` the first questions of the discriminative
+set in file order (not per type).
 
 Decoding is greedy everywhere. Every scene is held out: the benchmark draws from the world's
 "val", "amber" and "region" streams; training uses "train".
@@ -27,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,15 +57,18 @@ from PIL import Image
 from torch import Tensor
 
 from ...diagnostics import entropy, image_mass
-from ...evals.amber import block_metrics, read_answer
+from ...errors import ConfigError
+from ...evals import runner, store
+from ...evals.amber import DIMENSION_OF_TYPE
 from ...evals.chair import ChairEvaluator
 from ...evals.pope import PRESETS, score
 from ...hooks.plan import AttnContext, Participant, Plan
 from ...images import load_image
 from ...interventions.carve import ANSWER_SUFFIX
+from ...model import load
 from .. import prompts as P
-from ..benchmark import POPE_SPLITS, SyntheticBenchmark, ensure_benchmark, read_jsonl
-from ..model import CHECKPOINT_DIR, format_prompt, load_testbed
+from ..benchmark import SyntheticBenchmark, ensure_benchmark, read_jsonl
+from ..model import CHECKPOINT_DIR, format_prompt
 from ..world import CAPTION_PROMPT, CATEGORY_NAMES, COLOUR_NAMES, THEMES
 
 # The POPE prompt formats the product sends: the eval presets' templates (raw: VHR-family
@@ -60,7 +82,10 @@ POPE_PRESETS: dict[str, str] = {
     "icd": "{question} Please only answer yes or no.",
 }
 AMBER_TYPES: tuple[str, ...] = ("discriminative-hallucination", "discriminative-attribute-state",
-                                "discriminative-attribute-number", "discriminative-relation")
+                                "discriminative-attribute-number", "discriminative-attribute-action",
+                                "discriminative-relation")
+# Greedy whatever the bench's default (the vcd preset samples): every number here is of greedy answers.
+GREEDY = {"do_sample": False, "num_beams": 1}
 
 
 @torch.no_grad()
@@ -102,88 +127,84 @@ def _exact_rate(answers: Sequence[str]) -> float:
     return sum(a in ("Yes", "No") for a in answers) / max(1, len(answers))
 
 
-def evaluate_pope(model: Any, processor: Any, bench: SyntheticBenchmark, split: str,
-                  limit: int | None = None, batch_size: int = 64, template: str = "{question}",
-                  system: str | None = None) -> dict[str, float]:
-    """POPE metrics of one split (first ``limit`` questions, in file order).
+def bench_run(lvlm: Any, runs: Path, name: str, bench: str, limit: int | None, batch_size: int,
+              **settings: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """One runner evaluation of the vanilla model: the bench's metrics per split and its stored records.
 
     Args:
-        template: the user text, with a ``{question}`` field (see :data:`POPE_PRESETS`).
-        system: an optional system message.
+        runs: the folder of the run folders; this run is ``runs/name``.
+        bench: a registered bench; ``limit`` and ``batch_size`` as for the runner.
+        **settings: the runner's and the bench's settings (split, template, options).
 
     Returns:
-        accuracy, precision, recall, f1, yes_ratio, false_yes (FP / negatives), exact (share
-        of answers that are exactly "Yes" or "No"), n, ...
+        ``({split: metrics}, records in sample order)``.
     """
-    rows = read_jsonl(bench.pope_file(split))[:limit]
-    answers = generate(model, processor, _images(bench, [r["image"] for r in rows]),
-                       [template.format(question=r["text"]) for r in rows], max_new_tokens=4,
-                       batch_size=batch_size, system=system)
-    report = score(answers, [r["label"] for r in rows]).as_dict()
-    report["false_yes"] = report["fp"] / max(1, report["fp"] + report["tn"])
-    report["exact"] = _exact_rate(answers)
-    return report
+    out = runs / name
+    # n_boot=1: the report prints point estimates only; the bootstrap's intervals would go unread.
+    summary = runner.evaluate(lvlm, bench, methods=[runner.BASELINE], limit=limit, batch_size=batch_size,
+                              out_dir=out, n_boot=1, progress=False, **settings)
+    records = store.read_records(runner.setting_folder(out, runner.BASELINE) / "samples.jsonl")
+    return summary["methods"][runner.BASELINE]["splits"], list(records.values())
 
 
-def evaluate_chair(model: Any, processor: Any, bench: SyntheticBenchmark, limit: int | None = None,
-                   max_new_tokens: int = 64, batch_size: int = 64, prompt: str = CAPTION_PROMPT,
-                   evaluator: ChairEvaluator | None = None) -> dict[str, Any]:
-    """CHAIR of greedy captions for ``prompt`` (default "Please describe this image in detail.").
+def evaluate_pope(lvlm: Any, runs: Path, preset: str, limit: int | None = None,
+                  batch_size: int = 64) -> dict[str, dict[str, Any]]:
+    """POPE metrics of every split (first ``limit`` questions of each) under one of :data:`POPE_PRESETS`.
 
     Returns:
-        chair_s, chair_i, recall (object coverage), mean_length, n, and example captions.
+        ``{split: metrics}``: the pope bench's accuracy, precision, recall, f1, yes_ratio, n and
+        confusion counts, plus false_yes (FP / negatives) and exact (share of answers that are
+        exactly "Yes" or "No").
     """
-    images_meta = json.loads(bench.captions_file.read_text())["images"][:limit]
-    captions = generate(model, processor, _images(bench, [m["file_name"] for m in images_meta]),
-                        [prompt] * len(images_meta), max_new_tokens, batch_size)
-    # original mode: the mode the shipped quality report (and the README's testbed numbers) were measured in
-    evaluator = evaluator or ChairEvaluator.from_coco(bench.instances_file, bench.captions_file, mode="original")
-    result = evaluator.evaluate([{"image_id": m["id"], "caption": c}
-                                 for m, c in zip(images_meta, captions)])
-    return dict(chair_s=result.chair_s, chair_i=result.chair_i, recall=result.recall,
-                mean_length=result.mean_length, n=result.n, n_mentions=result.n_mentions,
-                n_hallucinated=result.n_hallucinated, examples=captions[:5])
+    rows, records = bench_run(lvlm, runs, f"pope-{preset}", "pope", limit, batch_size, split="all",
+                              prompt_template=POPE_PRESETS[preset], system_prompt="", max_new_tokens=4,
+                              generation=GREEDY, pope_parser="llava")
+    return {split: {**row, "false_yes": row["fp"] / max(1, row["fp"] + row["tn"]),
+                    "exact": _exact_rate([r["answer"] for r in records if r["split"] == split])}
+            for split, row in rows.items()}
 
 
-def amber_metrics(answers: Sequence[str], truths: Sequence[str]) -> dict[str, float]:
-    """AMBER's discriminative metrics (:func:`lvlm_fix.evals.amber.block_metrics`: "no" is the positive
-    class, only an exact ``Yes``/``No`` counts), with undefined ratios as 0, plus ``exact`` and ``yes_ratio``.
+def evaluate_chair(lvlm: Any, runs: Path, limit: int | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """CHAIR (original mode) of greedy captions for the chair bench's prompt, 64 new tokens.
 
     Returns:
-        accuracy, precision, recall, f1, n, exact (share of exact answers), yes_ratio.
+        The chair bench's chair_s, chair_i, recall (object coverage), mean_length, n, ..., and the
+        captions of the first five images of the captions file that were captioned (examples).
     """
-    pred = [read_answer(a) for a in answers]
-    out = {k: 0.0 if v is None else v
-           for k, v in block_metrics([{"answer": p, "label": t} for p, t in zip(pred, truths)]).items()}
-    out.update(exact=_exact_rate(answers), yes_ratio=sum(p == "yes" for p in pred) / max(1, len(pred)))
-    return out
+    rows, records = bench_run(lvlm, runs, "chair", "chair", limit, batch_size, chair_mode="original",
+                              max_new_tokens=64, generation=GREEDY)
+    captions = {r["image_id"]: r["caption"] for r in records}
+    order = [m["id"] for m in json.loads(SyntheticBenchmark(ensure_benchmark()).captions_file.read_text())["images"]]
+    return {**rows["val"], "examples": [captions[i] for i in order if i in captions][:5]}
 
 
-def evaluate_amber(model: Any, processor: Any, bench: SyntheticBenchmark, limit: int | None = None,
+def _amber_row(block: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """One AMBER block's metrics with undefined ratios as 0, plus the shares of exact and of "Yes" answers."""
+    answers = [r["answer"] for r in records]  # "yes" / "no" for an exact Yes / No, else None
+    return {**{k: 0.0 if v is None else v for k, v in block.items()},
+            "exact": sum(a is not None for a in answers) / max(1, len(answers)),
+            "yes_ratio": sum(a == "yes" for a in answers) / max(1, len(answers))}
+
+
+def evaluate_amber(lvlm: Any, runs: Path, limit: int | None = None,
                    batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """AMBER discriminative metrics of the ``amber/`` set, per question type and overall.
-
-    Args:
-        limit: at most this many questions of each type (in file order).
+    """AMBER discriminative metrics of the amber bench's set (first ``limit`` questions), per type and overall.
 
     Returns:
-        ``{type: metrics, ..., "all": metrics}`` (see :func:`amber_metrics`).
+        ``{type: metrics, ..., "all": metrics}``: accuracy, precision, recall, f1 and n of the
+        bench's block, plus exact and yes_ratio (see :func:`_amber_row`).
     """
-    root = bench.amber_dir
-    truth = {a["id"]: a for a in json.loads((root / "annotations.json").read_text())}
-    queries = json.loads((root / "query" / "query_discriminative.json").read_text())
-    by_type: dict[str, list[dict[str, Any]]] = {}
-    for q in queries:
-        by_type.setdefault(truth[q["id"]]["type"], []).append(q)
-    rows = [q for t in AMBER_TYPES for q in by_type.get(t, [])[:limit]]
-    answers = generate(model, processor, _images(bench, [q["image"] for q in rows], root / "images"),
-                       [q["query"] for q in rows], max_new_tokens=4, batch_size=batch_size)
+    rows, records = bench_run(lvlm, runs, "amber", "amber", limit, batch_size, split="discriminative",
+                              max_new_tokens=4, generation=GREEDY, amber_answers="exact",
+                              amber_tagger="noun")  # the tagger reads generative answers only: none here
+    blocks = rows["discriminative"]["blocks"]
     out: dict[str, dict[str, float]] = {}
     for t in AMBER_TYPES:
-        pairs = [(a, truth[q["id"]]["truth"]) for q, a in zip(rows, answers) if truth[q["id"]]["type"] == t]
-        if pairs:
-            out[t] = amber_metrics([a for a, _ in pairs], [x for _, x in pairs])
-    out["all"] = amber_metrics(answers, [truth[q["id"]]["truth"] for q in rows])
+        dim = DIMENSION_OF_TYPE[t]
+        mine = [r for r in records if r["dimension"] == dim]
+        if mine:
+            out[t] = _amber_row(blocks[dim], mine)
+    out["all"] = _amber_row(blocks["overall"], records)
     return out
 
 
@@ -322,8 +343,6 @@ def image_attention(checkpoint: str | Path, bench: SyntheticBenchmark, n: int = 
     Returns:
         One dict per (layer, head): layer, head, image_mass, effective_tokens, top1_share.
     """
-    from ...model import load
-
     lvlm = load(checkpoint, dtype="float32")
     rows = read_jsonl(bench.pope_file("random"))[:n]
     lvlm.tokenizer.padding_side = "left"  # the last position is every row's last prompt token
@@ -343,44 +362,50 @@ def image_attention(checkpoint: str | Path, bench: SyntheticBenchmark, n: int = 
 
 
 
-def evaluate(checkpoint: str | Path | None = None, bench_dir: str | Path | None = None,
-             pope_limit: int | None = None, chair_limit: int | None = None,
+def evaluate(checkpoint: str | Path | None = None, pope_limit: int | None = None, chair_limit: int | None = None,
              attention: bool = True, batch_size: int = 64, amber_limit: int | None = None,
              region_limit: int | None = None, prompts_n: int = 60, presets: Sequence[str] | None = None,
-             ) -> dict[str, Any]:
-    """All quality numbers of a checkpoint on the (cached) synthetic benchmark.
+             runs: str | Path | None = None) -> dict[str, Any]:
+    """All quality numbers of a checkpoint on the cached synthetic benchmark.
 
     Args:
         checkpoint: checkpoint directory (default: the shipped one).
-        bench_dir: benchmark directory (default: :func:`ensure_benchmark`'s cache).
         pope_limit: questions per POPE split and preset (default all 3,000).
-        chair_limit: images to caption (default all 500).
+        chair_limit: images to caption (default all 500; fewer: the chair bench's seeded sample).
         attention: also compute the per-head image-attention profile.
         batch_size: generation batch size.
-        amber_limit: AMBER questions per type (default all).
+        amber_limit: AMBER discriminative questions, in file order (default all).
         region_limit: region questions per task (default all).
         prompts_n: images per prompt family in the prompt-following table (0: skip it).
         presets: POPE presets to run (default all of :data:`POPE_PRESETS`).
+        runs: keep the runner's run folders (``run.json``, ``samples.jsonl``, ``results.md``) here
+            (the runner's rules: a folder of the same settings is resumed, one of other settings
+            refused); None writes them to a temporary folder that is removed.
 
     Returns:
         ``{"pope": {preset: {split: metrics}}, "chair": {...}, "amber": {...}, "region": {...},
         "prompts": [...], "attention": [...], "seconds": ...}``.
     """
+    unknown = sorted(set(presets or ()) - set(POPE_PRESETS))
+    if unknown:  # before the model loads
+        raise ConfigError(f"--presets names {unknown[0]!r}; choose from {', '.join(POPE_PRESETS)}")
     start = time.time()
     torch.manual_seed(0)
-    model, processor = load_testbed(checkpoint or CHECKPOINT_DIR)
-    bench = SyntheticBenchmark(Path(bench_dir) if bench_dir else ensure_benchmark())
-    result: dict[str, Any] = {
-        "pope": {p: {s: evaluate_pope(model, processor, bench, s, pope_limit, batch_size, POPE_PRESETS[p])
-                     for s in POPE_SPLITS} for p in (presets or POPE_PRESETS)},
-        "chair": evaluate_chair(model, processor, bench, chair_limit, batch_size=batch_size),
-        "amber": evaluate_amber(model, processor, bench, amber_limit, batch_size),
-        "region": {
-            "as given": evaluate_region(model, processor, bench, region_limit, batch_size),
-            "as given + CARVE suffix": evaluate_region(model, processor, bench, region_limit, batch_size,
-                                                       suffix=POPE_PRESETS["carve"][len("{question}"):]),
-            "oracle zoom": evaluate_region(model, processor, bench, region_limit, batch_size, oracle_zoom=True),
-        },
+    lvlm = load(checkpoint or CHECKPOINT_DIR, dtype="float32")
+    model, processor = lvlm.model, lvlm.processor
+    bench = SyntheticBenchmark(ensure_benchmark())  # the data the benches default to
+    with tempfile.TemporaryDirectory(prefix="lvlm-fix-quality-") as tmp:
+        root = Path(runs) if runs is not None else Path(tmp)
+        result: dict[str, Any] = {
+            "pope": {p: evaluate_pope(lvlm, root, p, pope_limit, batch_size) for p in (presets or POPE_PRESETS)},
+            "chair": evaluate_chair(lvlm, root, chair_limit, batch_size),
+            "amber": evaluate_amber(lvlm, root, amber_limit, batch_size),
+        }
+    result["region"] = {
+        "as given": evaluate_region(model, processor, bench, region_limit, batch_size),
+        "as given + CARVE suffix": evaluate_region(model, processor, bench, region_limit, batch_size,
+                                                   suffix=POPE_PRESETS["carve"][len("{question}"):]),
+        "oracle zoom": evaluate_region(model, processor, bench, region_limit, batch_size, oracle_zoom=True),
     }
     if prompts_n:
         result["prompts"] = evaluate_prompts(model, processor, bench, prompts_n, batch_size)
@@ -478,8 +503,9 @@ def report(result: dict[str, Any], checkpoint: str | Path, argv: Sequence[str] |
     lines += ["Measured with", "",
               "    python -m lvlm_fix.testbed.dev.quality " + " ".join(shlex.quote(a) for a in args), "",
               "on the cached synthetic benchmark (`ensure_benchmark()`: seed 0, 500 held-out scenes, 3,000 POPE "
-              "questions per split; 500 region-task images; 500 AMBER-format images), greedy decoding, the "
-              f"canonical POPE parse and the COCO CHAIR code path ({result.get('seconds', 0) / 60:.0f} min).", "",
+              "questions per split; 500 region-task images; 500 AMBER-format images), greedy decoding; POPE, CHAIR "
+              "(original mode) and AMBER through the runner's benches, as `lvlm-fix eval` scores them "
+              f"({result.get('seconds', 0) / 60:.0f} min).", "",
               markdown(result), ""]
     return "\n".join(lines)
 
@@ -488,14 +514,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m lvlm_fix.testbed.dev.quality --checkpoint DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
-    parser.add_argument("--bench", default=None, help="benchmark dir (default: the cached synthetic benchmark)")
     parser.add_argument("--pope-limit", type=int, default=None, help="questions per split and preset")
-    parser.add_argument("--chair-limit", type=int, default=None, help="images to caption")
-    parser.add_argument("--amber-limit", type=int, default=None, help="AMBER questions per type")
+    parser.add_argument("--chair-limit", type=int, default=None, help="images to caption (the chair bench's sample)")
+    parser.add_argument("--amber-limit", type=int, default=None, help="AMBER discriminative questions, in file order")
     parser.add_argument("--region-limit", type=int, default=None, help="region questions per task")
     parser.add_argument("--prompts-n", type=int, default=60, help="images per prompt family (0: skip)")
     parser.add_argument("--presets", default=None, help=f"comma-separated POPE presets of {list(POPE_PRESETS)}")
     parser.add_argument("--no-attention", action="store_true")
+    parser.add_argument("--runs", default=None,
+                        help="keep the runner's run folders here, resumed by the same settings "
+                             "(default: a temporary folder, removed)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     parser.add_argument("--markdown", default=None,
                         help="also write a report (recipe, commands, tables) to this file, e.g. CHECKPOINT/quality.md")
@@ -504,10 +532,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = evaluate(args.checkpoint, args.bench, args.pope_limit, args.chair_limit,
-                      attention=not args.no_attention, amber_limit=args.amber_limit,
-                      region_limit=args.region_limit, prompts_n=args.prompts_n,
-                      presets=args.presets.split(",") if args.presets else None)
+    result = evaluate(args.checkpoint, args.pope_limit, args.chair_limit, attention=not args.no_attention,
+                      amber_limit=args.amber_limit, region_limit=args.region_limit, prompts_n=args.prompts_n,
+                      presets=args.presets.split(",") if args.presets else None, runs=args.runs)
     print(markdown(result))
     if args.markdown:
         Path(args.markdown).write_text(report(result, args.checkpoint, argv), encoding="utf-8")
