@@ -109,10 +109,10 @@ def _refuses_static(subject: str) -> bool:
 
 
 def subjects() -> list[str]:
-    """``none``, every registered method (by stage, then name), then :data:`COMPOSITIONS`."""
-    from ..interventions import METHODS, build_methods
+    """``none``, every registered method (in composition order), then :data:`COMPOSITIONS`."""
+    from ..interventions import METHODS
 
-    return ["none", *sorted(METHODS.names(), key=lambda n: (build_methods(n)[0].stage, n)), *COMPOSITIONS]
+    return ["none", *sorted(METHODS.names(), key=lambda n: METHODS.get(n).composition_key()), *COMPOSITIONS]
 
 
 @dataclass(frozen=True)
