@@ -16,6 +16,7 @@ or between modules.
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -80,6 +81,11 @@ def _runtime_imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
 def module_edges(root: Path = ROOT) -> dict[str, set[str]]:
     """Module -> the package modules it imports (a name imported *from* a module counts as the module,
     or as the submodule when it is one). ``root`` is the package folder (another for the checker's tests)."""
+    return {name: set(targets) for name, targets in _module_edges(root).items()}  # a copy: the parse is cached
+
+
+@functools.cache
+def _module_edges(root: Path) -> dict[str, frozenset[str]]:
     package_name = root.name
     modules = _modules(root)
 
@@ -105,7 +111,7 @@ def module_edges(root: Path = ROOT) -> dict[str, set[str]]:
                     found = resolve(target)
                     if found and found != name:
                         edges[name].add(found)
-    return dict(edges)
+    return {name: frozenset(targets) for name, targets in edges.items()}
 
 
 def unit_of(module: str) -> str:
