@@ -8,6 +8,7 @@ configurations still build (shrunk to toy widths, on the CPU).
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -86,3 +87,62 @@ def test_gpu_configs_without_cuda_fail_clearly():
     overhead = _load("overhead")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         overhead.main(["--gpu-configs", "llava-1.5-7b"])
+
+
+def _tiny_doc(tmp_path: Path) -> Path:
+    gpu = _load("gpu")
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# B\n\n## GPU\n\n{gpu.MARK_START}\nnot measured\n{gpu.MARK_END}\n\n## Reproduce\n")
+    return doc
+
+
+def test_gpu_script_tiny_times_every_method_at_every_cell_and_fills_the_doc(tmp_path):
+    """benchmarks/gpu.py --tiny: the GPU script's whole path on the CPU (toy widths, 2 tokens)."""
+    gpu = _load("gpu")
+    doc = _tiny_doc(tmp_path)
+    res = gpu.main(["--tiny", "--out", str(tmp_path / "out"), "--update-doc", str(doc)])
+    rows = {(r["prompt_text_tokens"], r["batch"], r["config"]): r for r in res["rows"]}
+    lengths = {r["prompt_text_tokens"]: r["prompt_len"] for r in res["rows"]}
+    assert lengths[40] > lengths[8] > 576  # the filler lengthens the prompt beside the 576 image tokens
+    for text_tokens in gpu.TINY["prompt_tokens"]:
+        for batch in gpu.TINY["batch_sizes"]:
+            for method in ("vanilla", *gpu.METHODS):
+                row = rows[(text_tokens, batch, method)]
+                assert row["status"] == "ok", row
+                assert _positive_finite(row["time_ratio"]) and row["time_s"] > 0
+                assert "peak_bytes" not in row  # CUDA's counter only: no CPU stand-in
+            assert rows[(text_tokens, batch, "carve")]["baseline"] == "api"
+            assert rows[(text_tokens, batch, "mvp")]["baseline"] == "yes_no"
+    assert [r["batch"] for r in res["pope"]] == [1, 16] and res["skipped"] == []
+    saved = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert len(saved["rows"]) == len(res["rows"])
+    markdown = (tmp_path / "out" / "gpu.md").read_text()
+    assert "| mvp | yes_no |" in markdown and "POPE throughput" in markdown
+    text = doc.read_text()
+    assert "not measured" not in text and "| vcd | vanilla |" in text and text.endswith("## Reproduce\n")
+    # --render redoes the markdown from the JSON alone (results fetched from a lent machine).
+    gpu.main(["--render", str(tmp_path / "out" / "gpu.json"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "gpu.md").read_text() == markdown
+
+
+def test_gpu_script_skips_what_the_budget_cannot_hold_and_still_writes(tmp_path):
+    gpu = _load("gpu")
+    res = gpu.main(["--tiny", "--budget-s", "0", "--prompt-tokens", "8", "--batch-sizes", "1",
+                    "--out", str(tmp_path)])
+    assert {r["status"] for r in res["rows"]} == {"skipped (budget)"} and res["pope"] == []
+    assert any("vanilla and after" in s for s in res["skipped"]) and any("POPE" in s for s in res["skipped"])
+    assert "skipped (budget)" in (tmp_path / "gpu.md").read_text()
+
+
+def test_gpu_script_refuses_a_doc_without_the_markers(tmp_path):
+    gpu = _load("gpu")
+    doc = tmp_path / "B.md"
+    doc.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="gpu-table:start"):
+        gpu.update_doc(doc, "table")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_script_without_cuda_points_to_tiny():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU.*--tiny"):
+        _load("gpu").main([])

@@ -1,0 +1,340 @@
+"""The GPU table of BENCHMARKS.md in one command: a 7B-sized LLaVA, every method, within ten minutes.
+
+The model is LLaVA-1.5-7B's shape built from its config in code (``overhead.real_size_config``:
+Vicuna-7B text 32 x 4096, CLIP ViT-L/14 at 336 px -> 576 image tokens), random weights, bf16, on
+``cuda``, nothing downloaded. For each prompt length (256 and 3,072 text tokens beside the image's
+576: a filler text before the instruction) and batch size (1, 8, 16), every method is timed as
+``benchmarks/overhead.py`` times it (the same configurations: ``apply()`` around ``generate()``,
+CARVE against ``lvlm_fix.generate(method=None)``, MVP against a plain answer to the same question),
+greedy with ``min_new_tokens = max_new_tokens``: one warm-up call of each, then interleaved rounds
+(the order rotates), median of the per-round ratios. Peak memory is ``torch.cuda.max_memory_allocated``
+of the timed calls (reset before each; no ``empty_cache``, which would slow the next call), as a
+ratio to the baseline's. Then POPE throughput (``eval_throughput.measure``, synthetic POPE) at
+batch 16 vs 1. A cell that runs out of GPU memory is recorded as ``OOM`` and the run goes on.
+
+Time budget: the run (model build included) must end within ten minutes on an H100 or H200, so
+before every call the script checks that the elapsed time plus that call's estimate (its own
+warm-up time; for a cell's first call, the previous cell's vanilla call scaled by rows x tokens)
+stays within ``--budget-s``; whatever does not fit is skipped with a note in the results.
+
+Results: ``gpu.json`` (everything) and ``gpu.md`` (the tables) in ``--out`` (default
+``benchmarks/results/``); ``--update-doc BENCHMARKS.md`` also replaces the block between the
+``gpu-table`` markers there. ``--render gpu.json`` redoes the markdown (and the doc) from a saved
+JSON without running anything: results from a lent machine are rendered here.
+
+Usage::
+
+    python benchmarks/gpu.py --update-doc BENCHMARKS.md          # on a GPU (H100 80GB / H200)
+    python benchmarks/gpu.py --render benchmarks/results/gpu.json --update-doc BENCHMARKS.md
+    python benchmarks/gpu.py --tiny --out /tmp/gpu-tiny           # CPU, toy widths, 2 tokens (the test)
+
+``main(argv)`` returns the results dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers in overhead.py
+
+import eval_throughput  # noqa: E402
+import overhead  # noqa: E402
+import torch  # noqa: E402
+
+MODEL = "llava-1.5-7b"
+# The issue's method list; "none" is left out (it is a no-op plan, measured on the CPU).
+METHODS = ("vhr", "var", "act", "carve", "paint", "pai", "vcd", "icd", "m3id", "mvp")
+FILLER = "The room has a table, two chairs and a lamp. "  # text before the instruction, repeated
+MARK_START, MARK_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
+POPE_TARGET = 8.0  # POPE samples/s at batch 16 / batch 1 on a GPU (the issue)
+FULL = dict(prompt_tokens=[256, 3072], batch_sizes=[1, 8, 16], new_tokens=32, reps=2, pope_limit=64,
+            pope_new_tokens=8, budget_s=520.0)
+TINY = dict(prompt_tokens=[8, 40], batch_sizes=[1, 2], new_tokens=2, reps=1, pope_limit=2,
+            pope_new_tokens=2, budget_s=600.0)
+
+
+# -- prompts --------------------------------------------------------------------------------------
+def padded_prompts(lvlm: Any, image: Any, text_tokens: int) -> tuple[str, str, int]:
+    """``(description prompt, yes/no question, prompt length)``: filler before each, so the
+    description prompt has about ``text_tokens`` tokens besides the image's."""
+
+    def text_len(prompt: str) -> int:
+        ids = lvlm.encode([image], [prompt])["input_ids"][0]
+        return int((ids != lvlm.image_token_id).sum())
+
+    base, one = text_len(overhead.PROMPT), text_len(FILLER + overhead.PROMPT)
+    per = max(one - base, 1)
+    filler = FILLER * max(round((text_tokens - base) / per), 0)
+    prompt = filler + overhead.PROMPT
+    return prompt, filler + overhead.YES_NO_PROMPT, int(lvlm.encode([image], [prompt])["input_ids"].shape[1])
+
+
+@contextlib.contextmanager
+def prompts_of(prompt: str, question: str):
+    """overhead's configurations read its module prompts when built and run; swap them for a cell."""
+    before = overhead.PROMPT, overhead.YES_NO_PROMPT
+    overhead.PROMPT, overhead.YES_NO_PROMPT = prompt, question
+    try:
+        yield
+    finally:
+        overhead.PROMPT, overhead.YES_NO_PROMPT = before
+
+
+# -- the clock ------------------------------------------------------------------------------------
+class Budget:
+    """Seconds left of the run's budget; ``fits(estimate)`` says whether a call may start."""
+
+    def __init__(self, seconds: float, start: float | None = None) -> None:
+        self.seconds, self.start = seconds, time.perf_counter() if start is None else start
+        self.skipped: list[str] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def fits(self, estimate: float) -> bool:
+        return self.elapsed() + estimate <= self.seconds
+
+    def skip(self, what: str) -> None:
+        self.skipped.append(f"{what} (at {self.elapsed():.0f} s of {self.seconds:.0f})")
+
+
+def _cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def timed_call(c: overhead.Config, device: torch.device) -> tuple[float | None, int | None, int | None]:
+    """``(seconds, peak bytes, peak bytes minus those allocated before)`` of one call; None on OOM."""
+    if _cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    try:
+        t = overhead.time_call(c.fn, device, c.context)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()  # give the failed call's blocks back before the next configuration
+        return None, None, None
+    if not _cuda(device):
+        return t, None, None
+    peak = torch.cuda.max_memory_allocated(device)
+    return t, peak, peak - before
+
+
+# -- one cell: a prompt length x a batch size ------------------------------------------------------
+def measure_cell(s: overhead.Subject, batch: int, text_tokens: int, prompt: str, question: str, prompt_len: int,
+                 new_tokens: int, reps: int, budget: Budget, first_estimate: float, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Warm up every configuration, then up to ``reps`` interleaved rounds, within the budget."""
+    device = s.lvlm.device
+    where = f"{prompt_len} tokens, b={batch}"
+    with prompts_of(prompt, question):
+        configs = overhead.build_configs(s, batch, new_tokens, METHODS)
+        warm: dict[str, float] = {}
+        failed: set[str] = set()
+        for c in configs:  # warm-up: also each call's cost estimate
+            estimate = warm.get("vanilla", first_estimate) * (4 if c.name == "mvp" else 3 if c.name == "carve" else 2)
+            if not budget.fits(estimate if c.name != "vanilla" else first_estimate):
+                budget.skip(f"{where}: {c.name} and after")
+                break
+            t, _, _ = timed_call(c, device)
+            if t is None:
+                failed.add(c.name)
+                log(f"  {where} {c.name}: out of GPU memory")
+                continue
+            warm[c.name] = t
+        ready = [c for c in configs if c.name in warm]
+        times: dict[str, list[float]] = {c.name: [] for c in ready}
+        peaks: dict[str, tuple[int, int]] = {}
+        for r in range(reps):
+            if not budget.fits(sum(warm[c.name] for c in ready)):
+                budget.skip(f"{where}: rounds {r + 1}-{reps}")
+                break
+            k = r % max(len(ready), 1)
+            for c in ready[k:] + ready[:k]:
+                t, peak, extra = timed_call(c, device)
+                if t is None:
+                    failed.add(c.name)
+                    continue
+                times[c.name].append(t)
+                if peak is not None:
+                    peaks[c.name] = max(peaks.get(c.name, (0, 0)), (peak, extra))
+            log(f"  {where} round {r + 1}/{reps} at {budget.elapsed():.0f} s: "
+                + ", ".join(f"{n} {v[-1]:.3f}s" for n, v in times.items() if v))
+    rows = []
+    for c in configs:
+        mine, base = times.get(c.name, []), times.get(c.baseline, [])
+        status = ("OOM" if c.name in failed else "baseline OOM" if c.baseline in failed
+                  else "skipped (budget)" if not (mine and base) else "ok")
+        row: dict[str, Any] = {"prompt_text_tokens": text_tokens, "prompt_len": prompt_len, "batch": batch,
+                               "config": c.name, "baseline": c.baseline, "times_s": mine, "status": status}
+        if status == "ok":
+            ratios = [t / b for t, b in zip(mine, base)]
+            row.update(time_s=statistics.median(mine), time_ratio=statistics.median(ratios),
+                       time_ratio_min=min(ratios), time_ratio_max=max(ratios))
+            if c.name in peaks and c.baseline in peaks:
+                row.update(peak_bytes=peaks[c.name][0], peak_extra_bytes=peaks[c.name][1],
+                           mem_ratio=peaks[c.name][0] / peaks[c.baseline][0])
+        rows.append(row)
+    return rows
+
+
+def measure_pope(s: overhead.Subject, limit: int, new_tokens: int, reps: int, budget: Budget, estimate: float,
+                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """POPE samples/s at batch 1 and 16 (eval_throughput's protocol), if ``estimate`` fits the budget."""
+    if not budget.fits(estimate):
+        budget.skip("POPE throughput")
+        return []
+    return eval_throughput.measure(s, [1, 16], limit, reps, new_tokens, log)
+
+
+# -- output ---------------------------------------------------------------------------------------
+def _commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or None
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def format_markdown(res: dict[str, Any]) -> str:
+    m, st = res["machine"], res["settings"]
+    lines = [
+        f"Measured by `python benchmarks/gpu.py{' ' + ' '.join(st['argv']) if st['argv'] else ''}` on "
+        f"{m.get('gpu', 'no GPU (CPU)')}, torch {m['torch']}, transformers {m['transformers']}, commit "
+        f"`{res.get('commit') or '?'}`, in {res['elapsed_s']:.0f} s. Model: {res['model']['label']}, "
+        f"{res['model']['params'] / 1e9:.2f}B parameters, {res['model']['dtype']}. Greedy, "
+        f"{st['new_tokens']} new tokens forced, {st['reps']} timed rounds after a warm-up; ratio = median of the "
+        "per-round ratios to the baseline (`vs`); peak = `torch.cuda.max_memory_allocated` (weights included).",
+        "",
+        "| prompt tokens (text) | batch | method | vs | time (s) | time ratio (min-max) | peak GiB | peak ratio |",
+        "|---:|---:|---|---|---:|---|---:|---:|",
+    ]
+    for r in res["rows"]:
+        tokens = f"{r['prompt_len']} ({r['prompt_text_tokens']})"
+        if r["status"] != "ok":
+            lines.append(f"| {tokens} | {r['batch']} | {r['config']} | {r['baseline']} | {r['status']} | | | |")
+            continue
+        ratio = "1 (baseline)" if r["config"] == r["baseline"] else \
+            f"{r['time_ratio']:.3f} ({r['time_ratio_min']:.3f}-{r['time_ratio_max']:.3f})"
+        peak = _gib(r["peak_bytes"]) if "peak_bytes" in r else "-"
+        mem = f"{r['mem_ratio']:.3f}" if "mem_ratio" in r else "-"
+        lines.append(f"| {tokens} | {r['batch']} | {r['config']} | {r['baseline']} | {r['time_s']:.3f} "
+                     f"| {ratio} | {peak} | {mem} |")
+    if res["pope"]:
+        lines += ["", f"POPE throughput (synthetic POPE, {st['pope_limit']} questions, answers capped at "
+                  f"{st['pope_new_tokens']} tokens):", "", eval_throughput.format_table(res["pope"])]
+    lines += ["", "Skipped to stay within the time budget: " + ("; ".join(res["skipped"]) or "nothing") + "."]
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, markdown: str) -> None:
+    """Replace the block between the gpu-table markers of ``doc`` with ``markdown``."""
+    text = doc.read_text()
+    if MARK_START not in text or MARK_END not in text:
+        raise SystemExit(f"{doc} has no {MARK_START} ... {MARK_END} block; add the two markers where the table goes")
+    head, rest = text.split(MARK_START, 1)
+    _, tail = rest.split(MARK_END, 1)
+    doc.write_text(f"{head}{MARK_START}\n{markdown}\n{MARK_END}{tail}")
+
+
+def write(res: dict[str, Any], out: Path, doc: Path | None) -> str:
+    markdown = format_markdown(res)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "gpu.md").write_text(markdown + "\n")
+    if doc is not None:
+        update_doc(doc, markdown)
+    return markdown
+
+
+# -- main -----------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU, the same shape at toy widths (2 layers), 2 new tokens, batch 1 and 2: the CI check")
+    p.add_argument("--prompt-tokens", type=int, nargs="+", help="text tokens beside the image (default 256 3072)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 16")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per call (default 32)")
+    p.add_argument("--reps", type=int, help="timed rounds after the warm-up (default 2)")
+    p.add_argument("--pope-limit", type=int, help="POPE questions per batch size (default 64)")
+    p.add_argument("--pope-new-tokens", type=int, help="POPE answer cap (default 8: random weights never stop)")
+    p.add_argument("--budget-s", type=float, help="seconds the run may take, model build included (default 520)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="folder for gpu.json and gpu.md (default benchmarks/results)")
+    p.add_argument("--update-doc", default=None, help="also fill the gpu-table block of this file (BENCHMARKS.md)")
+    p.add_argument("--render", default=None, help="a saved gpu.json: redo gpu.md (and --update-doc) without running")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    doc = Path(args.update_doc) if args.update_doc else None
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        print(write(res, Path(args.out), doc))
+        return res
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "--tiny runs the same script at toy sizes on the CPU")
+    preset = TINY if args.tiny else FULL
+    opt = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
+    budget = Budget(opt["budget_s"])
+    log = (lambda _msg: None) if args.tiny else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    with overhead.torch_threads(1 if args.tiny else None):
+        res = _run(args, argv, opt, budget, log)
+    markdown = write(res, Path(args.out), doc)
+    if not args.tiny:
+        print(markdown)
+    return res
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None, opt: dict[str, Any], budget: Budget,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    from lvlm_fix.testing.tiny import build_image
+
+    if args.tiny:
+        s = overhead.real_size_subject(MODEL, "cpu", "float32", shrink=True)
+    else:
+        s = overhead.real_size_subject(MODEL, "cuda", "bfloat16")
+    log(f"{s.label} built at {budget.elapsed():.0f} s: {s.info}")
+    image = build_image(0, s.image_size)
+    rows: list[dict[str, Any]] = []
+    pope: list[dict[str, Any]] = []
+    last: tuple[float, int] | None = None  # (vanilla seconds, rows x tokens) of the last cell measured
+    pope_estimate = math.inf  # until the short prompt's vanilla b=1 is timed
+    for i, text_tokens in enumerate(opt["prompt_tokens"]):
+        prompt, question, prompt_len = padded_prompts(s.lvlm, image, text_tokens)
+        for b in opt["batch_sizes"]:
+            # A cell's first call: the last vanilla scaled by rows x tokens (prefill-bound, so an upper bound).
+            first = 0.0 if last is None else last[0] * max(b * (prompt_len + opt["new_tokens"]) / last[1], 1.0)
+            cell = measure_cell(s, b, text_tokens, prompt, question, prompt_len, opt["new_tokens"], opt["reps"],
+                                budget, first, log)
+            rows += cell
+            van = next((r for r in cell if r["config"] == "vanilla" and r["status"] == "ok"), None)
+            if van is not None:
+                last = (van["time_s"], b * (prompt_len + opt["new_tokens"]))
+                if i == 0 and b == 1:  # batch 1 dominates POPE: a prefill and a few steps per question, one by one
+                    per = van["time_s"] * (1 + opt["pope_new_tokens"]) / (1 + opt["new_tokens"])
+                    pope_estimate = 1.5 * per * opt["pope_limit"]  # 1.5: the warm-up calls and batch 16
+        if i == 0:  # POPE after the short cells: the issue's throughput target, before the long prompts
+            pope = measure_pope(s, opt["pope_limit"], opt["pope_new_tokens"], 1, budget, pope_estimate, log)
+    return {
+        "machine": overhead.machine_info(), "commit": _commit(), "model": {"label": s.label, **s.info},
+        "settings": {**opt, "methods": list(METHODS), "argv": list(argv if argv is not None else sys.argv[1:])},
+        "rows": rows, "pope": pope, "skipped": budget.skipped, "elapsed_s": budget.elapsed(),
+    }
+
+
+if __name__ == "__main__":
+    main()
