@@ -245,3 +245,84 @@ def test_cli_run_compare_and_eval_on_the_testbed(capsys, tmp_path):
           "--methods", "none,paint,mvp:caption_max_new_tokens=6", "--out", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert set(summary["methods"]) == {"none", "paint", "mvp:caption_max_new_tokens=6"}
+
+
+# -- captions kept beyond one call: an eval run's cache, in memory and in the run folder ----------------
+def _count_captions(monkeypatch) -> list[str]:
+    """The caption prompts MVP generates from now on (one per caption made)."""
+    import lvlm_fix.interventions.mvp as mvp
+
+    made: list[str] = []
+    real = mvp._run
+
+    def counting(lvlm, inner, images, prompts, **kw):
+        made.extend(p for p in prompts if p in VIEW_PROMPTS.values())
+        return real(lvlm, inner, images, prompts, **kw)
+
+    monkeypatch.setattr(mvp, "_run", counting)
+    return made
+
+
+def test_a_run_cache_gives_the_same_answers_and_never_a_stale_caption(tiny, images, monkeypatch):
+    from lvlm_fix.evals.store import RunCache
+
+    lvlm = tiny("llava")
+    qs = [f"Is there a {o} in the image?" for o in ("cat", "dog", "car", "cup", "bus")]
+    rows = [images[0], images[1], images[0], images[2], images[1]]  # shared and distinct images
+    plain = lvlm_fix.generate(lvlm, rows, qs, "mvp", **SHORT)  # no cache; captions and paths sampled, seeded
+    made = _count_captions(monkeypatch)
+    token = MVP.run_cache.set(RunCache())
+    try:
+        lvlm_fix.generate(lvlm, rows[:2], qs[:2], "mvp", **SHORT)
+        assert len(made) == 2 * 3
+        cached = lvlm_fix.generate(lvlm, rows, qs, "mvp", **SHORT)
+        assert len(made) == 3 * 3  # only the third image's views are new
+        assert cached.report["mvp"]["cost"]["captions"]["reused"] == 2 * 3
+        assert cached.texts == plain.texts and cached.artifacts["mvp"] == plain.artifacts["mvp"]
+        assert cached.report["mvp"]["rows"] == plain.report["mvp"]["rows"]
+
+        # Whatever changes a caption is in its key: a new one is made for the same image.
+        for params in ({"sample_seed": 7}, {"caption_top_p": 0.9}, {"caption_temperature": 0.5},
+                       {"caption_max_new_tokens": 4}):
+            before = len(made)
+            lvlm_fix.generate(lvlm, rows[:1], qs[:1], "mvp", **{**SHORT, **params})
+            assert len(made) == before + 3, params
+        before = len(made)
+        lvlm_fix.generate(lvlm, rows[:1], qs[:1], "mvp", **SHORT, system_prompt="Answer briefly.")
+        assert len(made) == before + 3
+        weight = next(lvlm.model.parameters())
+        kept = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(0.5)  # other weights under the same name
+        try:
+            lvlm_fix.generate(lvlm, rows[:1], qs[:1], "mvp", **SHORT)
+            assert len(made) == before + 6
+        finally:
+            with torch.no_grad():
+                weight.copy_(kept)
+        lvlm_fix.generate(lvlm, rows[:1], qs[:1], "mvp", **SHORT)  # the model as it was: its captions are kept
+        assert len(made) == before + 6
+    finally:
+        MVP.run_cache.reset(token)
+
+
+def test_an_eval_run_captions_each_image_once_per_view_and_a_resume_reads_them_back(tiny, tmp_path, monkeypatch):
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm = tiny("llava")
+    made = _count_captions(monkeypatch)
+    # 12 POPE questions, 6 per image, in batches of 4: the middle batch holds both images.
+    run = dict(bench="pope", split="random", methods=["mvp"], limit=12, batch_size=4, out_dir=tmp_path,
+               progress=False, n_boot=10, method_params={"mvp": dict(SHORT)})
+    evaluate(lvlm, **run)
+    assert len(made) == 2 * 3
+    cache = tmp_path / "mvp" / "cache" / "mvp.jsonl"
+    assert len(cache.read_text().splitlines()) == 2 * 3
+    samples = tmp_path / "mvp" / "samples.jsonl"
+    records = samples.read_text().splitlines()
+    samples.write_text("".join(line + "\n" for line in records[:4]))  # an interrupted run: 8 answers missing
+
+    made.clear()
+    evaluate(lvlm, **run)
+    assert made == []  # both images' captions read back from the folder
+    assert sorted(samples.read_text().splitlines()) == sorted(records)  # the same answers as the first run

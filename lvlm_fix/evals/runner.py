@@ -5,6 +5,7 @@ Layout of a run folder (``--out``)::
     run.json                  what the run is (bench and its settings, model, data hash, prompts); fixed
     <method>/config.json      the method's resolved config (or, for ``score``, the scored file); fixed
     <method>/samples.jsonl    append-only, one scored record per sample, flushed and fsynced per batch
+    <method>/cache/<m>.jsonl  what a method that asks for a run cache keeps between batches and resumes (MVP's captions)
     summary.json              metrics with bootstrap CIs, paired tests vs the baseline, n per split, provenance
     results.md                what was run (model, dataset, n per split, settings, date) and the comparison table
     .lock                     while a run writes: its pid and host (a second run is refused)
@@ -68,6 +69,7 @@ class MethodSeam:
         self.params = {name: params.get(m, {}) for name, m in zip(self.names, methods)}
         built = {name: build_methods(name, **self.params[name]) for name in self.names}
         self.configs = {name: [x.describe() for x in ms] for name, ms in built.items()}
+        self.classes = {name: [type(x) for x in ms] for name, ms in built.items()}
         seen: dict[str, str] = {}
         for name in self.names:
             key = json.dumps(self.configs[name], sort_keys=True, default=str)
@@ -92,6 +94,24 @@ class MethodSeam:
         return generate(lvlm, images, prompts, None if method == BASELINE else method, seed=seed,
                         system_prompt=system_prompt, generate_kwargs=extra or None, **known, **self.params[method])
 
+
+    @contextlib.contextmanager
+    def run_caches(self, method: str, folder: Path | None, shard: str = "") -> Iterator[None]:
+        """While the runner generates with setting ``method``, each of its methods that declares ``run_cache``
+        (a ``ContextVar`` class attribute) sees a :class:`~lvlm_fix.evals.store.RunCache`: in memory across
+        the setting's batches and, with a results folder, in ``<folder>/cache/<name><shard>.jsonl``, which a
+        resumed run reads back. The method builds its own keys (see its docstring)."""
+        tokens = []
+        for cls in self.classes[method]:
+            var = getattr(cls, "run_cache", None)
+            if var is not None:
+                path = None if folder is None else folder / "cache" / f"{cls.name}{shard}.jsonl"
+                tokens.append((var, var.set(store.RunCache(path))))
+        try:
+            yield
+        finally:
+            for var, token in reversed(tokens):
+                var.reset(token)
 
     def warm_up(self, lvlm: Any, image: Any, prompt: str, system_prompt: str | None) -> None:
         """A two-token vanilla generation, untimed, so the first setting's cost has no first-call overheads."""
@@ -254,7 +274,8 @@ class EvalJob:
                 bar = tqdm(total=len(mine), desc=f"{b.name} {method}", unit="sample",
                            disable=not self.progress or not mine, position=1 if not overall.disable else None,
                            leave=overall.disable)
-                with bar, meter.setting():  # the bar closed (its line ended) also when a batch fails
+                caches = self.seam.run_caches(method, mdir, "" if world == 1 else f".rank{rank}")
+                with bar, meter.setting(), caches:  # the bar closed (its line ended) also when a batch fails
                     for split, p in self.prompting.items():
                         todo = [s for s in mine if s.split == split]
                         gen = dict(p.generation)

@@ -235,3 +235,34 @@ def run_lock(root: Path) -> Iterator[None]:
         with contextlib.suppress(OSError, ValueError):
             if json.loads(path.read_text()).get("pid") == me["pid"]:
                 path.unlink()
+
+
+# -- run-scoped caches a method asks for ------------------------------------------------------------
+class RunCache:
+    """A key -> JSON value cache for one setting of one run, kept in memory and, with a folder, on disk.
+
+    A method that declares ``run_cache`` (a ``ContextVar`` class attribute, see :class:`~lvlm_fix.interventions.mvp.MVP`)
+    is given one while the runner generates with its setting: in memory across the setting's batches,
+    and in ``<setting folder>/cache/<method>.jsonl`` (one record per entry, appended and fsynced like
+    the samples) so that a resumed run reads back what an interrupted one computed. The keys are the
+    method's to choose: they must name everything that changes the value (the folder already belongs
+    to one model and one setting, but a key that forgets a setting would still be wrong elsewhere).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.entries: dict[str, Any] = {}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            valid = lambda r: "value" in r  # noqa: E731 - a torn or hand-made line is set aside, its entry redone
+            self.entries = {k: r["value"] for k, r in read_records(path, valid).items()}
+
+    def get(self, key: str) -> Any | None:
+        return self.entries.get(key)
+
+    def put(self, items: dict[str, Any]) -> None:
+        """Remember ``items`` (key -> JSON value) and, with a folder, append them to its file."""
+        new = {k: v for k, v in items.items() if k not in self.entries}
+        self.entries.update(new)
+        if self.path is not None and new:
+            append_records(self.path, [{"id": k, "value": v} for k, v in new.items()])

@@ -82,9 +82,11 @@ Differences from the release (GasolSun36/MVP ``8a96be3``), all deliberate:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .._lazy import torch
 from ..errors import ConfigError, InputError
@@ -164,6 +166,23 @@ def _seed(*parts: Any) -> int:
 
 def _image_key(image: Image.Image) -> str:
     return hashlib.sha256(image.mode.encode() + repr(image.size).encode() + image.tobytes()).hexdigest()[:16]
+
+
+def model_identity(lvlm: LVLM) -> str:
+    """A digest of what makes the model caption the way it does: its name, revision, type and dtype, its
+    image processor's settings, and every parameter's name, shape and 16 of its values (evenly spaced), so
+    that weights changed under the same name (a re-trained local folder, an edit in place) are told apart
+    without reading all of them."""
+    h = hashlib.sha256(repr((lvlm.name, lvlm.revision, lvlm.adapter.model_type, str(lvlm.model.dtype))).encode())
+    image_processor = getattr(lvlm.processor, "image_processor", None)
+    if hasattr(image_processor, "to_dict"):
+        h.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in lvlm.model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 16)][:16].double().cpu().tolist()
+            h.update(repr((name, tuple(p.shape), str(p.dtype), sample)).encode())
+    return h.hexdigest()[:16]
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -376,6 +395,10 @@ class MVP(Intervention):
     stage = Stage.PIPELINE
     config_cls = MVPConfig
     config: MVPConfig
+    # Captions kept beyond one call: the evaluation runner sets this, for the setting it runs, to a cache
+    # (``get(key)`` / ``put({key: value})``, lvlm_fix.evals.store.RunCache) held across its batches and
+    # stored in the setting's folder, so POPE's questions on one image share its captions, also on resume.
+    run_cache: ClassVar[ContextVar[Any]] = ContextVar("lvlm_fix_mvp_run_cache", default=None)
 
     def __init__(self, config: MVPConfig | None = None) -> None:
         super().__init__(config)
@@ -551,11 +574,37 @@ class MVP(Intervention):
                     cap_images.append(rows[r])
                     cap_prompts.append(VIEW_PROMPTS[view])
                     seeds.append(_seed(c.sample_seed, "caption", view, key))
+        # The budget of the whole call, as if nothing were cached: a cached caption was made with it.
         budget = self._caption_budget(lvlm, rows, prompts, names, modes, gen, system_prompt, cap_images, cap_prompts)
-        run = _run(lvlm, inner, cap_images, cap_prompts, max_new_tokens=budget, temperature=c.caption_temperature,
-                   top_p=c.caption_top_p, seeds=seeds)
-        cost["captions"] = run.cost
-        return {(r, view): run.texts[unique[(keys[r], view)]] for r in range(len(rows)) for view in caption_views}
+        texts: list[str | None] = [None] * len(cap_prompts)
+        cache, cache_keys = self.run_cache.get(), []
+        if cache is not None:
+            cache_keys = self._caption_keys(lvlm, [k for k, _ in unique], [v for _, v in unique], budget, system_prompt)
+            texts = [cache.get(k) for k in cache_keys]
+        todo = [i for i, t in enumerate(texts) if t is None]
+        cost["captions"] = {"rows": 0, "forward_passes": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        if todo:  # per-row sampling: the captions still to make come out as they would in the whole batch
+            run = _run(lvlm, inner, [cap_images[i] for i in todo], [cap_prompts[i] for i in todo],
+                       max_new_tokens=budget, temperature=c.caption_temperature, top_p=c.caption_top_p,
+                       seeds=[seeds[i] for i in todo])
+            cost["captions"] = run.cost
+            for i, text in zip(todo, run.texts):
+                texts[i] = text
+            if cache is not None:
+                cache.put({cache_keys[i]: texts[i] for i in todo})
+        cost["captions"]["reused"] = len(cap_prompts) - len(todo)
+        return {(r, view): texts[unique[(keys[r], view)]] for r in range(len(rows)) for view in caption_views}
+
+    def _caption_keys(self, lvlm: LVLM, images: list[str], views: list[str], budget: int,
+                      system_prompt: str | None) -> list[str]:
+        """One key per caption naming everything that makes it: the image's content, the view's prompt as the
+        model reads it (chat template and system prompt), the caption's sampling and length, the seed and the
+        model (:func:`model_identity`). The methods composed after MVP are the run's setting: its folder."""
+        c = self.config
+        settings = (model_identity(lvlm), c.sample_seed, c.caption_temperature, c.caption_top_p, budget)
+        built = {v: lvlm.build_prompt(VIEW_PROMPTS[v], system_prompt=system_prompt) for v in set(views)}
+        return ["caption-" + hashlib.sha256(repr((*settings, image, built[view])).encode()).hexdigest()[:24]
+                for image, view in zip(images, views)]
 
     def _caption_budget(self, lvlm: LVLM, rows: list[Any], prompts: list[str], names: list[str], modes: list[str],
                         gen: dict[str, Any], system_prompt: str | None, cap_images: list[Any],
