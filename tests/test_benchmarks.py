@@ -112,6 +112,8 @@ def test_gpu_script_tiny_times_every_method_at_every_cell_and_fills_the_doc(tmp_
                 assert _positive_finite(row["time_ratio"]) and row["time_s"] > 0
                 assert "peak_bytes" not in row  # CUDA's counter only: no CPU stand-in
             assert rows[(text_tokens, batch, "carve")]["baseline"] == "api"
+            assert rows[(text_tokens, batch, "vcd")]["target"] == "time <= 1.3"  # the GPU target, batch <= 8
+            assert isinstance(rows[(text_tokens, batch, "vcd")]["meets_target"], bool)
             assert rows[(text_tokens, batch, "mvp")]["baseline"] == "yes_no"
     assert [r["batch"] for r in res["pope"]] == [1, 16] and res["skipped"] == []
     saved = json.loads((tmp_path / "out" / "gpu.json").read_text())
@@ -146,3 +148,16 @@ def test_gpu_script_refuses_a_doc_without_the_markers(tmp_path):
 def test_gpu_script_without_cuda_points_to_tiny():
     with pytest.raises(SystemExit, match="needs a CUDA GPU.*--tiny"):
         _load("gpu").main([])
+
+
+def test_gpu_script_targets_long_prompts_and_large_batches():
+    gpu = _load("gpu")
+    act = {"config": "act", "prompt_text_tokens": 3072, "batch": 16, "time_ratio": 1.2, "mem_ratio": 1.3}
+    gpu.add_target(act)
+    assert (act["target"], act["meets_target"]) == ("time <= 1.3 and peak <= 1.25", False)  # memory over
+    vcd = {"config": "vcd", "prompt_text_tokens": 256, "batch": 16, "time_ratio": 1.5}
+    gpu.add_target(vcd)
+    assert (vcd["target"], vcd["meets_target"]) == ("time <= 2.1", True)  # above batch 8: the CPU limit
+    var = {"config": "var", "prompt_text_tokens": 3072, "batch": 1, "time_ratio": 1.1}
+    gpu.add_target(var)  # no memory measured (CPU): no verdict
+    assert var["target"] == "time <= 1.3 and peak <= 1.25" and var["meets_target"] is None
