@@ -13,12 +13,21 @@ is reported, with the throughput ratio of each batch size to batch 1.
 
 Targets (the issue): batch 16 >= 8x batch 1 on a GPU, >= 2x on a CPU.
 
+``--per-question mvp`` times a method against the plain answer instead, per POPE question, as POPE
+poses them: ``--limit`` questions of the synthetic random split (6 per image, one image after the
+other), batches of ``--batch-sizes`` questions, one ``evaluate`` call per setting and round
+(``methods=["none"]`` then ``methods=["mvp"]``, alternating which goes first), ``n_boot=10`` for both.
+MVP's captions of an image are then made once for its six questions (the runner's cache). Reported:
+each setting's time per question and their ratio (median over rounds; issue 29's target: MVP <= 2x).
+Use ``--clock cpu --threads 1`` on a shared machine.
+
 Usage::
 
     python benchmarks/eval_throughput.py                      # testbed, batch 1 4 16, 256 questions, 3 rounds
     python benchmarks/eval_throughput.py --sized-llava --model none
     python benchmarks/eval_throughput.py --gpu-configs llava-1.5-7b   # needs CUDA
     python benchmarks/eval_throughput.py --smoke              # CI: tiny model, 4 questions, batch 1 and 2
+    python benchmarks/eval_throughput.py --per-question mvp --limit 24 --batch-sizes 1 6 --clock cpu --threads 1
 
 ``main(argv)`` returns the results dict (``rows``: one per model x batch size).
 """
@@ -86,6 +95,48 @@ def measure(s: overhead.Subject, batch_sizes: Sequence[int], limit: int, reps: i
     return rows
 
 
+def per_question(s: overhead.Subject, method: str, batch_sizes: Sequence[int], limit: int, reps: int,
+                 clock: str, log: Any = print) -> list[dict[str, Any]]:
+    """Seconds per POPE question of ``method`` and of the plain answer (``none``), and their ratio."""
+    from lvlm_fix.evals.runner import evaluate
+
+    device, tick = s.lvlm.device, overhead.CLOCKS[clock]
+
+    def once(setting: str, b: int) -> float:
+        overhead._sync(device)
+        t0 = tick()
+        evaluate(s.lvlm, bench="pope", split=SPLIT, methods=[setting], limit=limit, batch_size=b, out_dir=None,
+                 progress=False, n_boot=10)
+        overhead._sync(device)
+        return tick() - t0
+
+    rows = []
+    for b in batch_sizes:
+        once("none", b), once(method, b)  # warm-up
+        times: dict[str, list[float]] = {"none": [], method: []}
+        for r in range(reps):
+            for setting in (("none", method) if r % 2 == 0 else (method, "none")):
+                times[setting].append(once(setting, b) / limit)
+            log(f"  {s.label} b={b} round {r + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.3f}s/question"
+                                                                        for k, v in times.items()))
+        ratios = [m / n for m, n in zip(times[method], times["none"])]
+        rows.append({"model": s.label, "batch": b, "questions": limit, "method": method, "clock": clock,
+                     "plain_s_per_question": statistics.median(times["none"]),
+                     "method_s_per_question": statistics.median(times[method]),
+                     "ratio": statistics.median(ratios), "ratios": ratios, "times_s": times})
+    return rows
+
+
+def format_per_question(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | batch | questions | plain (s/question) | method (s/question) | ratio (min-max) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['questions']} | {r['plain_s_per_question']:.3f} | "
+                     f"{r['method']} {r['method_s_per_question']:.3f} | **{r['ratio']:.2f}** "
+                     f"({min(r['ratios']):.2f}-{max(r['ratios']):.2f}) |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | batch | questions | time (s) | samples/s | vs batch 1 | POPE acc | target |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -105,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reps", type=int, default=None, help="timed rounds after the warm-up (default 3; smoke 1)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length cap (default: the runner's 32 for POPE; smoke 4)")
+    p.add_argument("--per-question", default=None, metavar="METHOD",
+                   help="time METHOD against the plain answer per POPE question instead (see above)")
+    p.add_argument("--clock", choices=sorted(overhead.CLOCKS), default="wall",
+                   help="wall (default) or cpu (the process's CPU time; with --threads 1 on a shared machine)")
     args = overhead.parse(argv, p)
     with overhead.torch_threads(args.threads or (1 if args.smoke else None)):
         return _run(args, argv)
@@ -124,14 +179,19 @@ def _run(args: Any, argv: Sequence[str] | None) -> dict[str, Any]:
                      "argv": list(argv or sys.argv[1:])},
         "models": {}, "rows": [],
     }
+    if args.per_question:
+        results["settings"].update(per_question=args.per_question, clock=args.clock, n_boot=10)
     with tempfile.TemporaryDirectory(prefix="lvlm-fix-bench-") as tmp:
         for s in overhead.subjects_from_args(args, Path(args.workdir or tmp)):
             results["models"][s.label] = s.info
             log(f"{s.label}: {s.info}")
-            results["rows"] += measure(s, batch_sizes, limit, reps, max_new_tokens, log)
+            if args.per_question:
+                results["rows"] += per_question(s, args.per_question, batch_sizes, limit, reps, args.clock, log)
+            else:
+                results["rows"] += measure(s, batch_sizes, limit, reps, max_new_tokens, log)
     with contextlib.suppress(OSError):
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["table"] = format_table(results["rows"])
+    results["table"] = (format_per_question if args.per_question else format_table)(results["rows"])
     if not quiet:
         print(results["table"])
         print(f"\nload average at start {results['machine'].get('loadavg_start')}, "

@@ -48,6 +48,19 @@ paths, its prompt and first token). So a row gets the same captions and paths wh
 the batch, and the same image is captioned once per view within a call (a cache by image content).
 ``path_temperature=0`` makes the paths greedy.
 
+**Captions kept across calls.** A caption depends on the image, the view and the caption settings,
+not on the question, and POPE asks six questions per image. While ``lvlm-fix eval`` (the runner)
+generates with a setting, it gives MVP a run cache (:attr:`MVP.run_cache`): captions made in one
+batch are reused by the next ones, and stored in ``<setting folder>/cache/mvp.jsonl``, so a resumed
+run reads them back. Each is keyed on everything that makes it: the image's content, the view's
+prompt as the model reads it (chat template, system prompt), ``sample_seed``, the caption
+temperature and top-p, its token budget, and the model (:func:`model_identity`: name, revision,
+dtype, image processor settings, sampled weights); the methods composed after MVP are the
+setting's, whose folder holds the file. Per-row sampling makes a reused caption the one the call
+would have drawn, so the answers are the same with and without the cache. The prompt widths that
+set the caption budget are kept the same way (``width-`` entries). Outside the runner nothing is
+kept between calls.
+
 **The caller's generate() arguments.** MVP's calls decode with its own settings; it takes the
 call's ``max_new_tokens`` (the free-form paths' budget) and accepts, unused, the sampling settings
 (``do_sample``, ``temperature``, ``top_p``, ``top_k``) that its stages replace. Any other argument
@@ -55,7 +68,8 @@ call's ``max_new_tokens`` (the free-form paths' budget) and accepts, unused, the
 calls, so it is refused in one line before any forward (docs/generate-features.md).
 
 **Cost**, reported as ``report["mvp"]["cost"]``: per stage (captions, scoring, paths) the rows,
-forward passes (batched steps of ``generate()``), prompt tokens and generated tokens.
+forward passes (batched steps of ``generate()``), prompt tokens and generated tokens; ``captions``
+also counts the captions ``reused`` from the run cache.
 
 Differences from the release (GasolSun36/MVP ``8a96be3``), all deliberate:
 
@@ -69,9 +83,9 @@ Differences from the release (GasolSun36/MVP ``8a96be3``), all deliberate:
   probabilities, "yes" in lower case is not counted, and ``prompt + token`` is re-tokenised, bug 3);
 * the first yes/no word of a continuation is taken in text order, punctuation allowed ("Yes,");
   the release looks for "yes" anywhere before "no", and only whole space-separated words;
-* captions are made per image and per view, inside the call (the release reads a fixed file of the
-  COCO *popular* split, joined to the questions by row number, and captions each question row,
-  bug 4); fusion is the weighted sum above (the release's ``eval_pope.py`` zips three weights with
+* captions are made per image and per view, inside the call, and kept across an evaluation run's
+  batches and its resumption (the release reads a fixed file of the COCO *popular* split, joined to
+  the questions by row number, and captions each question row, bug 4); fusion is the weighted sum above (the release's ``eval_pope.py`` zips three weights with
   two keys and cannot run, bug 5);
 * batched over rows, and sampling is per row (see above); the release is batch size 1 with one
   global seed (336);
@@ -84,6 +98,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -168,11 +183,25 @@ def _image_key(image: Image.Image) -> str:
     return hashlib.sha256(image.mode.encode() + repr(image.size).encode() + image.tobytes()).hexdigest()[:16]
 
 
+# model -> (what the digest was taken from: handle fields, parameters and their version counters; digest)
+_IDENTITIES: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], list[Any], list[int], str]] = (
+    weakref.WeakKeyDictionary())
+
+
 def model_identity(lvlm: LVLM) -> str:
     """A digest of what makes the model caption the way it does: its name, revision, type and dtype, its
     image processor's settings, and every parameter's name, shape and 16 of its values (evenly spaced), so
     that weights changed under the same name (a re-trained local folder, an edit in place) are told apart
-    without reading all of them."""
+    without reading all of them. Asked once per call, it is remembered per model while none of the
+    parameters it read is edited in place (``load_state_dict`` included: each tensor's version counter);
+    walking the modules again per call would cost a tenth of a testbed answer. A parameter replaced by
+    assignment (``module.weight = Parameter(...)``) is not seen: build a new handle for new weights."""
+    handle = (lvlm.name, lvlm.revision, id(lvlm.processor), str(lvlm.model.dtype))
+    known = _IDENTITIES.get(lvlm.model)
+    if known is not None and known[0] == handle and all(p._version == v for p, v in zip(known[1], known[2])):
+        return known[3]
+    params = list(lvlm.model.parameters())
+    versions = [p._version for p in params]
     h = hashlib.sha256(repr((lvlm.name, lvlm.revision, lvlm.adapter.model_type, str(lvlm.model.dtype))).encode())
     image_processor = getattr(lvlm.processor, "image_processor", None)
     if hasattr(image_processor, "to_dict"):
@@ -182,7 +211,8 @@ def model_identity(lvlm: LVLM) -> str:
             flat = p.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 16)][:16].double().cpu().tolist()
             h.update(repr((name, tuple(p.shape), str(p.dtype), sample)).encode())
-    return h.hexdigest()[:16]
+    _IDENTITIES[lvlm.model] = (handle, params, versions, h.hexdigest()[:16])
+    return _IDENTITIES[lvlm.model][3]
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -614,10 +644,9 @@ class MVP(Intervention):
         limit = getattr(lvlm.text_config, "max_position_embeddings", None)
         if not limit:
             return c.caption_max_new_tokens
-        caption_width = lvlm.encode(cap_images, cap_prompts, system_prompt=system_prompt)["input_ids"].shape[1]
-        scaffold = lvlm.encode([rows[r] for r in range(len(rows)) for _ in names],
-                               [self._asked(prompts[r], v, "") for r in range(len(rows)) for v in names],
-                               system_prompt=system_prompt)["input_ids"].shape[1]
+        caption_width = self._width(lvlm, cap_images, cap_prompts, system_prompt)
+        scaffold = self._width(lvlm, [rows[r] for r in range(len(rows)) for _ in names],
+                               [self._asked(prompts[r], v, "") for r in range(len(rows)) for v in names], system_prompt)
         answer_tokens = max(self._budget(m, gen) for m in modes)
         slack = 4  # a caption may re-tokenise a little longer inside the question's prompt
         budget = min(c.caption_max_new_tokens, limit - caption_width, limit - scaffold - answer_tokens - slack)
@@ -626,6 +655,34 @@ class MVP(Intervention):
                              f"model's {limit} positions, leaving no room for a caption; lower max_new_tokens or "
                              "path_max_new_tokens, or use a model with more positions")
         return budget
+
+    def _width(self, lvlm: LVLM, images: list[Any], prompts: list[str], system_prompt: str | None) -> int:
+        """The width ``lvlm.encode`` gives these rows (the longest row), encoding each distinct (image, prompt)
+        once, and, with a run cache, once per run: the caption views' rows are one image under three prompts,
+        and the scaffold rows of the caption views are one text."""
+        cache, identity = self.run_cache.get(), None
+        lengths: dict[tuple[str, str], int] = {}
+        todo: dict[tuple[str, str], tuple[Any, str | None]] = {}
+        for image, prompt in zip(images, prompts):
+            pair = (_image_key(image), prompt)
+            if pair in lengths or pair in todo:
+                continue
+            key = None
+            if cache is not None:
+                identity = identity or model_identity(lvlm)
+                key = "width-" + hashlib.sha256(repr((identity, *pair, system_prompt)).encode()).hexdigest()[:24]
+                if cache.get(key) is not None:
+                    lengths[pair] = cache.get(key)
+                    continue
+            todo[pair] = (image, key)
+        if todo:
+            mask = lvlm.encode([im for im, _ in todo.values()], [p for _, p in todo], system_prompt=system_prompt)[
+                "attention_mask"]
+            for (pair, (_, key)), n in zip(todo.items(), mask.sum(1).tolist()):
+                lengths[pair] = int(n)
+            if cache is not None:
+                cache.put({key: lengths[pair] for pair, (_, key) in todo.items()})
+        return max(lengths.values())
 
     def _asked(self, question: str, view: str, caption: str | None) -> str:
         if view == QUESTION_VIEW:
