@@ -294,7 +294,9 @@ class MVPConfig(MethodConfig):
 
 # -- generate() with per-row sampling, recording the distributions -----------------------------
 class _Recorder:
-    """A logits processor that records, per step, the top-``k`` probabilities and ids of the scores it sees."""
+    """A logits processor that records, per step, the top-``k`` probabilities and ids of the scores it sees
+    (with ``k=0`` only the prompt: the captions need no distribution, and a step of a small model is
+    mostly per-op dispatch, so the softmax, top-k and copies it would skip are a real share of it)."""
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -305,6 +307,8 @@ class _Recorder:
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.prompt is None:
             self.prompt = input_ids.detach().cpu()
+        if not self.k:
+            return scores
         top = scores.float().softmax(-1).topk(self.k, dim=-1)
         self.values.append(top.values.cpu())
         self.ids.append(top.indices.cpu())
@@ -348,7 +352,7 @@ class _Chosen:
         self.steps: list[Tensor] = []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        self.steps.append(scores.argmax(-1).cpu())
+        self.steps.append(scores.argmax(-1))  # on the device: copied once at the end, not per step
         return scores
 
 
@@ -366,15 +370,18 @@ class _Run:
 
 def _run(lvlm: LVLM, inner: Inner, images: list[Any], prompts: list[str], *, max_new_tokens: int,
          temperature: float, top_p: float, seeds: list[int], first: list[int] | None = None, top: int = 2) -> _Run:
-    """One ``inner`` generate() with per-row sampling, recording what the pipeline needs."""
+    """One ``inner`` generate() with per-row sampling, recording what the pipeline needs (``top=0``: the
+    texts and tokens only, no distribution)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     raw, chosen = _Recorder(top), _Chosen()
     processors: list[Any] = [raw]
     warped = raw
     if temperature > 0:
-        warped = _Recorder(2)
-        processors += [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p), warped]
+        processors += [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+        if top:
+            warped = _Recorder(2)
+            processors.append(warped)
     if first is not None:
         processors.append(_ForceFirst(first))
     if temperature > 0:
@@ -386,7 +393,7 @@ def _run(lvlm: LVLM, inner: Inner, images: list[Any], prompts: list[str], *, max
     from ..model import eos_token_ids  # at run time: lvlm_fix.model imports torch
 
     eos = eos_token_ids(lvlm)
-    ids = torch.stack(chosen.steps, 1).tolist() if chosen.steps else [[] for _ in prompts]
+    ids = torch.stack(chosen.steps, 1).tolist() if chosen.steps else [[] for _ in prompts]  # one copy
     tokens = []
     for row in ids:
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
@@ -616,7 +623,7 @@ class MVP(Intervention):
         if todo:  # per-row sampling: the captions still to make come out as they would in the whole batch
             run = _run(lvlm, inner, [cap_images[i] for i in todo], [cap_prompts[i] for i in todo],
                        max_new_tokens=budget, temperature=c.caption_temperature, top_p=c.caption_top_p,
-                       seeds=[seeds[i] for i in todo])
+                       seeds=[seeds[i] for i in todo], top=0)
             cost["captions"] = run.cost
             for i, text in zip(todo, run.texts):
                 texts[i] = text
