@@ -688,9 +688,10 @@ those cells are the same: tokens equal, logits within 1e-5, one graph break. Dec
 against eager are for a machine with a GPU.
 The methods that decode a second stream beside `generate()` (VCD, ICD, M3ID, PAI) keep it in a
 dynamic cache and refuse static caches, hence compilation; MVP decodes with its own settings and
-refuses every argument that would not reach its calls. Offloaded caches need CUDA, the quantized
-cache optimum-quanto: a machine with them runs these columns (a quantized cache is lossy after the
-prefill: its cell checks the first token and its logits, which the prefill's exact keys give).
+refuses every argument that would not reach its calls. Offloaded caches need CUDA: a machine with
+one runs that column. The quantized cache's backend, optimum-quanto, installs on a CPU torch (the
+`test` extra has it); a quantized cache is lossy after the prefill, so its cell checks the first
+token and its logits, which the prefill's exact keys give.
 
 """
 
