@@ -339,8 +339,8 @@ def _edited_attention(
     b, h, q_len, _ = query.shape
     k_len = key.shape[2]
     layer = ctx.layer
-    step = max(1, block_bytes(plan, query.device) // (4 * b * h * k_len))
-    if step >= q_len:
+    # One query (a decode step) is always one block: the block size is not even read.
+    if q_len == 1 or (step := max(1, plan.block_size(query.device) // (4 * b * h * k_len))) >= q_len:
         return _one_block(plan, ctx, module, query, key, value, attention_mask, scaling, is_causal, dropout)
 
     # Operands once per layer, fp32 and contiguous: the chunks' matmuls read them many times
@@ -383,7 +383,7 @@ def _one_block(
     """The whole map at once, the callbacks' order as in a chunk (short prompts and decode steps)."""
     q_len, k_len = query.shape[2], key.shape[2]
     mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scaling)  # [b, h, q, k]
+    scores = torch.matmul(_fp32(query), _fp32(key).transpose(-1, -2)).mul_(scaling)  # [b, h, q, k]
     if mask is not None:
         scores.add_(mask)  # in place: this runs per edited layer and step
     scores = plan.pre_softmax(scores, ctx)
@@ -396,8 +396,17 @@ def _one_block(
         plan.observe(probs[:, :, -1], ctx)
     if dropout and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout)
-    out = torch.matmul(probs, value.float()).to(query.dtype)  # [b, h, q, d]
-    return out.transpose(1, 2).contiguous(), probs.to(query.dtype)  # the weights as eager returns them
+    out = _as(torch.matmul(probs, _fp32(value)), query.dtype)  # [b, h, q, d]
+    return out.transpose(1, 2).contiguous(), _as(probs, query.dtype)  # the weights as eager returns them
+
+
+def _fp32(x: Tensor) -> Tensor:
+    return _as(x, torch.float32)
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without dispatching an op when it is that dtype already (every edited layer and step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _chunk_context(ctx: AttnContext, q0: int, q1: int, kc: int, stats_pass: bool = False) -> AttnContext:

@@ -11,7 +11,10 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
 * during: a pre-hook on the top-level model sees every forward. A forward on an empty cache
   starts a new sequence: image-token positions are read from ``input_ids`` (per row, so left
   padding and variable image-token counts are handled) and every participant's per-row state
-  is reset through ``begin``; later forwards (decode steps) extend the token bookkeeping;
+  is reset through ``begin``; later forwards (decode steps) extend the token bookkeeping. Each
+  forward's context is built once, at its first use, for every layer (:meth:`Plan.context`);
+  residual hooks that only the prefill needs (``Participant.residual_at_decode`` False) are
+  registered by each prefill and removed at its first decode step;
 * exit (normally or by exception): hooks removed, the seat given back. Nothing stays patched.
 
 A plan acts on its own model only: a forward of another model while it is active runs untouched,
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import LvlmFixError
-from .attention import ATTN_NAME, SEAT_ATTR, PlanSeat, acquire_seat, key_padding, release_seat
+from .attention import ATTN_NAME, SEAT_ATTR, PlanSeat, acquire_seat, block_bytes, key_padding, release_seat
 from .capture import HookSet
 
 if TYPE_CHECKING:
@@ -58,6 +61,10 @@ class AttnContext:
     fields cover the chunk's keys, a prefix of the forward's ``k_len`` keys (the keys after the
     last one any query of the chunk may see are left out: they would get exactly zero weight).
     The key fields always match the key axis of the tensors the callback gets.
+
+    The plan builds one context per forward (and key length) and hands it to every layer with its
+    ``layer`` set (:meth:`Plan.context`): read it during the callback; to keep it past the call, keep
+    a copy (``dataclasses.replace(ctx)``).
 
     Attributes:
         layer: text-decoder layer index.
@@ -144,6 +151,9 @@ class Participant:
     observed_layers: frozenset[int] = frozenset()  # last query's attention row read
     head_output_layers: frozenset[int] = frozenset()  # per-head outputs (input of o_proj) read/scaled
     residual_layers: frozenset[int] = frozenset()  # residual stream entering the layer read
+    # residual() reads the decode steps too; False: the prefill's only, and the plan takes the layer's
+    # hook off after the prefill (and puts it back for the next sequence's), so decode steps pay nothing.
+    residual_at_decode: bool = True
 
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
@@ -210,6 +220,14 @@ class Participant:
     def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
         return None
 
+    def head_scale(self, ctx: AttnContext) -> Tensor | None:
+        """A factor for the flat o_proj input ``[b, q, h*d]`` (e.g. ``[b, 1, h*d]``, each head's ``d`` entries
+        sharing its factor), when at this forward the participant's ``head_output`` would be exactly
+        ``heads * factor`` viewed per head; None: call ``head_output``. Free of side effects. When every
+        participant of the layer gives one, the plan multiplies the o_proj input by them, without the
+        per-head view and its reshape back (VHR's decode steps)."""
+        return None
+
     def residual(self, hidden: Tensor, ctx: AttnContext) -> None:  # [b, q, hidden]
         pass
 
@@ -267,7 +285,11 @@ class Plan:
         # the device's default, see hooks.attention.block_bytes).
         self.block_bytes: int | None = None
         self._seat: PlanSeat | None = None  # the model's seat while this plan is active
-        self._ctx_cache: dict[tuple, dict[str, Any]] = {}  # this forward's context fields, by (k_len, device)
+        # Hooks needed at the prefill only: registered by each prefill, removed at its first decode step.
+        self._prefill_hooks = HookSet()
+        self._prefill_hooks_on = False
+        self._ctx_cache: dict[tuple, AttnContext] = {}  # this forward's contexts, by (k_len, device)
+        self._block_cache: dict[torch.device, int] = {}  # this forward's block size, by device
 
     def is_current(self) -> bool:
         """Whether the forward in progress (in this thread) belongs to this plan, not to another
@@ -281,38 +303,49 @@ class Plan:
     def context(self, layer: int, *, q_len: int, k_len: int | None = None, device: torch.device | None = None) -> AttnContext:
         """The context of ``layer`` in the current forward (key fields only when ``k_len`` is given).
 
-        Its tensors depend only on the forward and ``k_len``, so they are built once per forward
-        and shared by every layer (each layer gets its own small :class:`AttnContext`).
+        Nothing in it but ``layer`` depends on the layer, so one :class:`AttnContext` is built per
+        forward (and ``k_len``, device) and handed to every layer with its ``layer`` set: a callback
+        reads it during its call and keeps none of it (copy it with ``dataclasses.replace`` to keep it).
         """
-        t = self._require_tokens()
         key = (k_len, device)
-        fields = self._ctx_cache.get(key)
-        if fields is None:
-            dev = device or t.image_mask.device
-            total = t.past + t.q_len
-            fields = {
-                "phase": "prefill" if t.q_len > 1 else "decode",
-                "step": t.step,
-                "query_positions": torch.arange(t.past, total, device=dev),
-                "image_end": t.image_end.to(dev),
-                "q_len": t.q_len,
-                "k_len": k_len,
-                "chunk": slice(0, t.q_len),
-            }
-            if k_len is not None:
-                # Keys are the most recent k_len tokens (sliding-window layers keep a suffix), except a
-                # static cache, whose k_len is its capacity: there key j is position j, and the keys at
-                # and after ``total`` are empty slots (masked; never image keys, valid keys or sinks).
-                # At k_len == total both readings agree; taking the static one keeps a static cache on
-                # one branch for its whole generation (under torch.compile, a flip is a recompile).
-                start = total - k_len if k_len < total else 0
-                pos = torch.arange(start, start + k_len, device=dev)
+        ctx = self._ctx_cache.get(key)
+        if ctx is None:
+            ctx = self._ctx_cache[key] = self._build_context(layer, k_len, device)
+        ctx.layer = layer
+        return ctx
+
+    def _build_context(self, layer: int, k_len: int | None, device: torch.device | None) -> AttnContext:
+        t = self._require_tokens()
+        dev = device or t.image_mask.device
+        total = t.past + t.q_len
+        image_mask, valid = _on(t.image_mask, dev), _on(t.valid, dev)
+        fields: dict[str, Any] = {}
+        if k_len is not None:
+            # Keys are the most recent k_len tokens (sliding-window layers keep a suffix), except a
+            # static cache, whose k_len is its capacity: there key j is position j, and the keys at
+            # and after ``total`` are empty slots (masked; never image keys, valid keys or sinks).
+            # At k_len == total both readings agree; taking the static one keeps a static cache on
+            # one branch for its whole generation (under torch.compile, a flip is a recompile).
+            start = total - k_len if k_len < total else 0
+            pos = torch.arange(start, start + k_len, device=dev)
+            if k_len == total:  # every key is a token of the sequence, in order (the usual case): plain views
+                image_keys, key_valid = _prefix(image_mask, k_len), _prefix(valid, k_len)
+            else:
                 inside = pos < total
                 idx = pos.clamp(max=total - 1)
-                fields.update(key_positions=pos, key_start=start, image_keys=t.image_mask.to(dev)[:, idx] & inside,
-                              key_valid=t.valid.to(dev)[:, idx] & inside)
-            self._ctx_cache[key] = fields
-        return AttnContext(layer=layer, **fields)
+                image_keys, key_valid = image_mask[:, idx] & inside, valid[:, idx] & inside
+            fields.update(key_positions=pos, key_start=start, image_keys=image_keys, key_valid=key_valid)
+        return AttnContext(layer=layer, phase="prefill" if t.q_len > 1 else "decode", step=t.step,
+                           query_positions=torch.arange(t.past, total, device=dev), image_end=_on(t.image_end, dev),
+                           q_len=t.q_len, k_len=k_len, chunk=slice(0, t.q_len), **fields)
+
+    def block_size(self, device: torch.device) -> int:
+        """:func:`~lvlm_fix.hooks.attention.block_bytes`, read once per forward and device (it reads the
+        environment); a decode step does not read it at all (one query is one block)."""
+        size = self._block_cache.get(device)
+        if size is None:
+            size = self._block_cache[device] = block_bytes(self, device)
+        return size
 
     def pre_softmax(self, scores: Tensor, ctx: AttnContext) -> Tensor:
         for p in self.participants:
@@ -380,7 +413,11 @@ class Plan:
         mask2d = kwargs.get("attention_mask")
         q_len = input_ids.shape[1]
         self._ctx_cache.clear()
+        self._block_cache.clear()
         if past == 0:
+            if not self._prefill_hooks_on:
+                self._prefill_hooks.__enter__()
+                self._prefill_hooks_on = True
             for p in self.participants:
                 p.before_prefill(self.lvlm, {**kwargs, "input_ids": input_ids})
             image_mask = self.lvlm.image_token_mask(input_ids)
@@ -389,6 +426,7 @@ class Plan:
             for p in self.participants:
                 p.begin(self.tokens)
             return
+        self._drop_prefill_hooks()
         t = self._require_tokens()
         t.step += 1
         t.past, t.q_len = past, q_len
@@ -400,20 +438,31 @@ class Plan:
         elif grow > 0:
             t.valid = torch.cat([t.valid, t.valid.new_ones(t.valid.shape[0], grow)], dim=1)
 
+    def _drop_prefill_hooks(self) -> None:
+        if self._prefill_hooks_on:
+            self._prefill_hooks.remove()
+            self._prefill_hooks_on = False
+
     def _head_hook(self, layer: int):
+        on_layer = [p for p in self.participants if layer in p.head_output_layers]
+
         def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
             if not self.is_current():
                 return None
             x = args[0]  # [b, q, h*d], the input of o_proj
             b, q, hd = x.shape
-            heads = x.view(b, q, self._num_heads, hd // self._num_heads)
             ctx = self.context(layer, q_len=q, device=x.device)
+            scales = [p.head_scale(ctx) for p in on_layer]
+            if all(s is not None for s in scales):  # whole-head factors only: on the flat input, in order
+                for s in scales:
+                    x = x * s
+                return (x, *args[1:])
+            heads = x.view(b, q, self._num_heads, hd // self._num_heads)
             changed = False
-            for p in self.participants:
-                if layer in p.head_output_layers:
-                    new = p.head_output(heads, ctx)
-                    if new is not None:
-                        heads, changed = new, True
+            for p in on_layer:
+                new = p.head_output(heads, ctx)
+                if new is not None:
+                    heads, changed = new, True
             return (heads.reshape(b, q, hd), *args[1:]) if changed else None
 
         return hook
@@ -446,8 +495,13 @@ class Plan:
             hooks.patch(model, "_prepare_generation_config", self._before_generate(model._prepare_generation_config))
         for i in sorted(set().union(*(p.head_output_layers for p in self.participants))):
             hooks.forward_pre(self.lvlm.out_proj(i), self._head_hook(i))
+        every_step = set().union(*(p.residual_layers for p in self.participants if p.residual_at_decode))
+        self._prefill_hooks = HookSet()
         for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
-            hooks.forward_pre(layers[i], self._residual_hook(i), with_kwargs=True)
+            # A layer whose residual readers all stop at the prefill: its hook lives from each prefill to
+            # its first decode step (_on_model_forward), so decode steps do not even call it.
+            (hooks if i in every_step else self._prefill_hooks).forward_pre(layers[i], self._residual_hook(i),
+                                                                            with_kwargs=True)
         for p in self.participants:
             p.install(self, hooks)
         seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules, inner=inner)
@@ -461,7 +515,9 @@ class Plan:
                     yield self
                 finally:
                     seat.reset(token)
+                    self._drop_prefill_hooks()
                     self._ctx_cache.clear()
+                    self._block_cache.clear()
                     for p in self.participants:
                         p.end()
         finally:
@@ -470,6 +526,16 @@ class Plan:
     def report(self) -> dict[str, Any]:
         """Each participant's report under its name (a method's registered name, e.g. ``"vhr"``)."""
         return {p.name or type(p).__name__.lower(): p.report() for p in self.participants}
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, without an op when it is there already (the context is built every forward)."""
+    return t if t.device == device else t.to(device)
+
+
+def _prefix(t: Tensor, k: int) -> Tensor:
+    """``t[:, :k]``, ``t`` itself when it has ``k`` columns (no op)."""
+    return t if t.shape[1] == k else t[:, :k]
 
 
 def static_cache(generation_config: Any, model_kwargs: dict[str, Any]) -> str | None:
