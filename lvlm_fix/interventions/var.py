@@ -29,6 +29,7 @@ Differences from the release (VisAttnSink ``98e62d6``), all on purpose:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,25 +102,34 @@ class KeySets:
     """The key sets of VAR's redistribution, as matmul operands; they depend on the keys only.
 
     ``columns`` is ``[b, 1, k, 4]``: image keys, visual sinks, all sinks, non-sink image keys
-    (which receive the freed attention), as 0/1 in the attention's dtype. Built once per layer
-    and sequence, they turn the per-step work into a few large ops instead of many tiny ones.
+    (which receive the freed attention), as 0/1 in the attention's dtype; ``spread`` is the last two
+    transposed, ``[b, 1, 2, k]``. Built once per layer and sequence, they turn the per-step work into
+    a few large ops instead of many tiny ones.
     """
 
     columns: Tensor
     image_eps: Tensor  # [b, 1, 1]: 1e-6 per image key, r_sink's denominator term
     has_visual_sink: Tensor  # [b, 1, 1] bool
+    spread: Tensor | None = None  # [b, 1, 2, k]: sinks, non-sink image keys (None: taken from columns)
+    any_visual_sink: bool = True  # some row has a visual sink (False: nothing can be selected)
+    all_visual_sink: bool = False  # every row has one (the has_visual_sink test selects nothing away)
 
     @classmethod
     def of(cls, sink_keys: Tensor, image_keys: Tensor, dtype: torch.dtype) -> KeySets:
         img, sink = image_keys.bool(), sink_keys.bool()
         visual_sink = sink & img
         columns = torch.stack([img, visual_sink, sink, img & ~sink], dim=-1).to(dtype)[:, None]
-        return cls(columns, _DENOM_EPS * img.sum(-1).to(dtype)[:, None, None], visual_sink.any(-1)[:, None, None])
+        has = visual_sink.any(-1)
+        return cls(columns, _DENOM_EPS * img.sum(-1).to(dtype)[:, None, None], has[:, None, None],
+                   columns[..., 2:].transpose(-1, -2), bool(has.any()), bool(has.all()))
 
     def prefix(self, k: int) -> KeySets:
         """The first ``k`` keys, as a query chunk sees them. ``image_eps`` and ``has_visual_sink``
         stay those of every key: a query that may be selected (past the image) sees every image key."""
-        return self if k >= self.columns.shape[2] else dataclasses.replace(self, columns=self.columns[:, :, :k])
+        if k >= self.columns.shape[2]:
+            return self
+        spread = None if self.spread is None else self.spread[..., :k]
+        return dataclasses.replace(self, columns=self.columns[:, :, :k], spread=spread)
 
 
 def redistribute(
@@ -154,22 +164,36 @@ def redistribute(
 
 
 def redistribute_over(
-    probs: Tensor, keys: KeySets, eligible: Tensor | None = None, *, rho: float, summ: float, p: float
+    probs: Tensor, keys: KeySets, eligible: Tensor | None = None, *, rho: float, summ: float, p: float,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`redistribute` with the key sets built beforehand (see :class:`KeySets`)."""
+    """:func:`redistribute` with the key sets built beforehand (see :class:`KeySets`); ``inplace``:
+    edit ``probs`` itself (a view of the caller's map) and return it."""
     dtype = probs.dtype
     # One matmul gives every row's mass on each of the four key sets.
     s_img, s_visual_sink, s_sink, s_free = torch.matmul(probs, keys.columns).unbind(-1)  # each [b, h, q]
     r_sink = s_visual_sink / (s_img + keys.image_eps)  # pitfall 10: the eps is inside the sum
-    selected = (r_sink <= rho) & (s_img >= summ) & (s_free > 0) & keys.has_visual_sink
+    selected = (r_sink <= rho) & (s_img >= summ) & (s_free > 0)
+    if not keys.all_visual_sink:  # with a visual sink in every row this test keeps every row
+        selected &= keys.has_visual_sink
     if eligible is not None:
         selected &= eligible.bool()[:, None, :]
     gain = torch.where(selected, (1 - p) * s_sink / s_free.clamp_min(torch.finfo(dtype).tiny), 0.0)
-    keep_minus_1 = torch.where(selected, p, 1.0).to(dtype) - 1  # so that 1 + it is p exactly
+    if dtype == torch.float32:  # the eager path's dtype: p - 1 computed once, as float32 computes it
+        keep_minus_1 = torch.where(selected, _keep_minus_1(p), 0.0)
+    else:
+        keep_minus_1 = torch.where(selected, p, 1.0).to(dtype) - 1  # so that 1 + it is p exactly
     # factor: p on sinks, 1 + gain on non-sink image keys, 1 elsewhere; exactly 1 in unselected rows.
     # Sinks and non-sink image keys are disjoint, so each entry of the matmul has one nonzero term.
-    factor = 1 + torch.matmul(torch.stack([keep_minus_1, gain], dim=-1), keys.columns[..., 2:].transpose(-1, -2))
-    return probs * factor, selected
+    spread = keys.columns[..., 2:].transpose(-1, -2) if keys.spread is None else keys.spread
+    factor = torch.matmul(torch.stack([keep_minus_1, gain], dim=-1), spread).add_(1)
+    return (probs.mul_(factor) if inplace else probs * factor), selected
+
+
+@functools.lru_cache(maxsize=16)
+def _keep_minus_1(p: float) -> float:
+    """``float32(p) - 1`` in float32 (so that ``1 + it`` is ``float32(p)`` exactly), as a Python float."""
+    return float(torch.tensor(p, dtype=torch.float32) - 1)
 
 
 def row_sink_dims(hidden: Tensor, valid: Tensor, tau: float, max_dims: int = _MAX_DIMS) -> tuple[Tensor, Tensor]:
@@ -261,6 +285,7 @@ class VAR(Intervention):
     stage = Stage.ATTENTION_WEIGHTS
     config_cls = VARConfig
     config: VARConfig
+    residual_at_decode = False  # sinks are found on the prompt: the plan drops the residual hooks after the prefill
 
     def __init__(self, config: VARConfig | None = None) -> None:
         super().__init__(config)
@@ -274,7 +299,7 @@ class VAR(Intervention):
         self._image: Tensor | None = None  # [b, t] image tokens of the prompt
         self._sinks: dict[int, Tensor] = {}  # layer -> [b, t] sinks among the prompt tokens
         self._dims: tuple[Tensor, Tensor] | None = None  # discovered (dims [b, m], found [b, m])
-        self._counts: dict[int, Tensor] = {}  # layer -> [b] (head, query) pairs redistributed
+        self._selected: dict[int, list[Tensor]] = {}  # layer -> [b, h, q] selected (head, query) pairs, per call
         self._keys: dict[int, KeySets] = {}  # layer -> the prompt's key sets, built at first use
 
     def bind(self, lvlm: LVLM) -> None:
@@ -325,7 +350,6 @@ class VAR(Intervention):
         if eligible is not None and not bool(eligible.any()):
             # No query of this chunk may be selected (at a long prefill, most chunks are image tokens):
             # the factor would be exactly 1.
-            self._count(ctx.layer, sinks.new_zeros(probs.shape[0], dtype=torch.long))
             return probs
         if ctx.key_start == 0:
             # Keys 0..n-1 are the prompt: its key sets are fixed for the sequence, and later keys
@@ -333,18 +357,25 @@ class VAR(Intervention):
             keys = self._keys.get(ctx.layer)
             if keys is None:
                 keys = self._keys[ctx.layer] = KeySets.of(sinks, self._image.to(sinks.device), probs.dtype)
-            out, selected = redistribute_over(probs[..., :n], keys.prefix(k), eligible, rho=c.rho, summ=c.summ, p=c.p)
-            if k > n:
-                out = torch.cat([out, probs[..., n:]], dim=-1)
+            if not keys.any_visual_sink:
+                return probs  # no row of this layer has a visual sink: nothing is selected, the factor is exactly 1
+            # In place, into the prompt's columns of the map: the attention function's own fresh tensor.
+            _, selected = redistribute_over(probs.narrow(-1, 0, n) if k > n else probs, keys.prefix(k), eligible,
+                                            rho=c.rho, summ=c.summ, p=c.p, inplace=True)
+            out = probs
         else:  # a sliding window dropped keys: map each key back to its position
             pos = ctx.key_positions
             sink_keys = sinks[:, pos.clamp(max=n - 1)] & (pos < n)
             out, selected = redistribute(probs, sink_keys, ctx.image_keys, eligible, rho=c.rho, summ=c.summ, p=c.p)
-        self._count(ctx.layer, selected.sum((1, 2)))
+        self._selected.setdefault(ctx.layer, []).append(selected)  # counted in report(): no op per step
         return out
 
-    def _count(self, layer: int, count: Tensor) -> None:
-        self._counts[layer] = count if layer not in self._counts else self._counts[layer] + count
+    def _count(self, layer: int) -> list[int]:
+        """(head, query) pairs redistributed at ``layer`` per row, over every forward of the sequence."""
+        picked = self._selected.get(layer, [])
+        if not picked:
+            return [0] * self._valid.shape[0]
+        return sum(s.sum((1, 2)) for s in picked).cpu().tolist()
 
     def summarize(self, report: dict[str, Any]) -> str:
         dims = report.get("sink_dims") or [[]]
@@ -393,8 +424,7 @@ class VAR(Intervention):
                 for r in range(b)
             ]
         # Every sink layer, 0 where no query was selected (a chunk that no query may be selected in is skipped).
-        counts = {str(layer): self._counts[layer].cpu().tolist() if layer in self._counts else [0] * b
-                  for layer in sorted(self._sinks)}
+        counts = {str(layer): self._count(layer) for layer in sorted(self._sinks)}
         total = [sum(c[r] for c in counts.values()) for r in range(b)]
         return {
             **out,

@@ -172,17 +172,20 @@ class VHR(Intervention):
         self.layers: frozenset[int] = frozenset()
         self.selected: dict[int, Tensor] = {}  # layer -> [b, h] bool, frozen from the prefill
         self.vhd: dict[int, Tensor] = {}  # layer -> [b, h] VHD after the filter
-        self._scale: dict[int, Tensor] = {}
+        self._scale: dict[int, Tensor] = {}  # layer -> [b, 1, h, 1] factor
+        self._flat: dict[int, Tensor] = {}  # layer -> the same on the flat o_proj input, [b, 1, h*d]
+        self._head_dim = 0
         self._text: SidePass | None = None  # the text-only stream, open during the prefill
         self._reply: Tensor | None = None  # the heads selected at the text stream's last pause
 
     def bind(self, lvlm: LVLM) -> None:
         n = lvlm.num_layers
         self.layers = self.head_output_layers = resolve_layers(self.config.layers, default_layers(n), n)
+        self._head_dim = lvlm.head_dim
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         self.end()
-        self.selected, self.vhd, self._scale = {}, {}, {}
+        self.selected, self.vhd, self._scale, self._flat = {}, {}, {}, {}
         if not self.head_output_layers:
             return
         inputs = text_only_inputs(lvlm, model_kwargs)
@@ -238,6 +241,17 @@ class VHR(Intervention):
         if scale.dtype != heads.dtype or scale.device != heads.device:
             scale = self._scale[ctx.layer] = scale.to(heads.device, heads.dtype)
         return heads * scale
+
+    def head_scale(self, ctx: AttnContext) -> Tensor | None:
+        """After the selection, the frozen factor on the flat o_proj input ``[b, 1, h*d]``: the same
+        products as :meth:`head_output`'s, without the per-head view (one op per layer and step)."""
+        scale = self._scale.get(ctx.layer) if self._text is None else None
+        if scale is None or scale.shape[0] != ctx.image_end.shape[0] or scale.device != ctx.image_end.device:
+            return None  # the prefill's selection, a layer not reached, another batch or device: head_output
+        flat = self._flat.get(ctx.layer)
+        if flat is None:  # [b, 1, h, 1] -> [b, 1, h*d], once per layer and sequence
+            flat = self._flat[ctx.layer] = scale.expand(-1, -1, -1, self._head_dim).flatten(2)
+        return flat
 
     def summarize(self, report: dict[str, Any]) -> str:
         heads = report.get("selected_heads", {})

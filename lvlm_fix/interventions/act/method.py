@@ -205,18 +205,30 @@ def act_redistribute(probs: Tensor, sinks: Tensor, beta: float, rows: Tensor | N
         The edited ``[b, h, q, k]``; every edited row still sums to 1. A query row that puts all
         its weight on sinks (nothing to redistribute onto) or sees no sink is returned unchanged.
     """
-    s = sinks[:, :, None, :]
     # Both masses in one matmul ([b, h, q, k] @ [b, h, k, 2]): few ops for a decode step's single row.
+    return _redistribute_by(probs, sinks[:, :, None, :], _sink_columns(sinks, probs.dtype), beta, rows)
+
+
+def _sink_columns(sinks: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[b, h, k, 2]``: 1 at the sinks, then 1 at the other keys (the two masses' matmul operand)."""
+    return torch.stack([sinks, ~sinks], dim=-1).to(dtype)
+
+
+def _redistribute_by(probs: Tensor, s: Tensor, columns: Tensor, beta: float, rows: Tensor | None) -> Tensor:
+    """:func:`act_redistribute` with the sink mask ``s`` ``[b, h, 1, k]`` and its :func:`_sink_columns` given
+    (a decode step slices both from buffers kept for the sequence)."""
     # The rest is summed, not 1 - sink_mass, so that a tiny rest is exact.
-    masses = torch.matmul(probs, torch.stack([sinks, ~sinks], dim=-1).to(probs.dtype))
-    sink_mass, rest_mass = masses[..., :1], masses[..., 1:]  # [b, h, q, 1] each
+    sink_mass, rest_mass = torch.matmul(probs, columns).split(1, dim=-1)  # [b, h, q, 1] each
     ok = rest_mass > 0
     if rows is not None:
         ok = ok & rows[:, None, :, None]
     # Per (row, head, query): sinks are scaled by beta, the other keys by 1 + freed / rest.
     grow = 1.0 + (1.0 - beta) * sink_mass / rest_mass.clamp_min(torch.finfo(probs.dtype).tiny)
-    one = torch.ones_like(grow)
-    factor = torch.where(s, torch.where(ok, beta * one, one), torch.where(ok, grow, one))
+    if probs.dtype == torch.float32:  # the same float32 values in two wheres, with scalars (fewer ops)
+        factor = torch.where(ok, torch.where(s, beta, grow), 1.0)
+    else:
+        one = torch.ones_like(grow)
+        factor = torch.where(s, torch.where(ok, beta * one, one), torch.where(ok, grow, one))
     return factor.mul_(probs)  # into the factor's fresh memory: the map is the largest tensor here
 
 
@@ -286,6 +298,7 @@ class Act(Intervention):
         self._image: dict[int, Tensor] = {}  # layer -> [b, k] image keys at the prefill (for the report)
         self._first: Tensor | None = None
         self._steps = 0
+        self._decode_bufs: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> decode steps' sink mask and columns
 
     # -- setup --
     def bind(self, lvlm: LVLM) -> None:
@@ -328,6 +341,7 @@ class Act(Intervention):
         self._image_mask = tokens.image_mask[:, : tokens.prompt_len].clone()
         self._stats.clear()
         self._sinks.clear()
+        self._decode_bufs.clear()
         self._image.clear()
         self._first = self._valid.int().argmax(1)  # position of the row's first valid token (BOS)
         self._steps = 0
@@ -397,19 +411,32 @@ class Act(Intervention):
                 raise ConfigError("ACT: the batch changed size between the prefill and a decode step; "
                                   "generate each batch with one generate() call")
             n0 = prefill_sinks.shape[-1]
+            self._steps = max(self._steps, ctx.step)
             if ctx.key_start == 0:
                 # Keys still start at position 0, so they did at the prefill too (a window only
-                # moves forward): the prefill's keys, then new keys, which are never sinks.
-                sinks = torch.nn.functional.pad(prefill_sinks, (0, k - n0), value=False)
+                # moves forward): the prefill's keys, then new keys, which are never sinks. The mask
+                # and the matmul operand are slices of buffers kept for the sequence: two ops per step.
+                s, columns = self._decode_operands(ctx.layer, prefill_sinks, k, p.dtype)
+                new = _redistribute_by(p, s, columns, self.config.beta, None)
+                return new if p is probs else probs.index_copy(1, self._heads_on(ctx.layer, probs.device), new)
             else:  # a sliding window moved: map each key back to its prefill index
                 rel = ctx.key_positions - start  # key j was key rel[j] at the prefill
                 inside = (rel >= 0) & (rel < n0)
                 sinks = prefill_sinks[..., rel.clamp(0, n0 - 1)] & inside
-            self._steps = max(self._steps, ctx.step)
         new = act_redistribute(p, sinks, self.config.beta, rows=queries)
         if p is probs:
             return new
         return probs.index_copy(1, self._heads_on(ctx.layer, probs.device), new)
+
+    def _decode_operands(self, layer: int, prefill_sinks: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The sink mask ``[b, hs, 1, k]`` and :func:`_sink_columns` ``[b, hs, k, 2]`` of a decode step with
+        ``k`` keys: slices of buffers holding the prefill's sinks, then keys that are never sinks. A buffer
+        twice the length needed is built when ``k`` outgrows it (log many times per sequence)."""
+        bufs = self._decode_bufs.get(layer)
+        if bufs is None or bufs[0].shape[-1] < k or bufs[1].dtype != dtype:
+            sinks = torch.nn.functional.pad(prefill_sinks, (0, 2 * k - prefill_sinks.shape[-1]), value=False)
+            bufs = self._decode_bufs[layer] = (sinks[:, :, None, :], _sink_columns(sinks, dtype))
+        return bufs[0].narrow(-1, 0, k), bufs[1].narrow(2, 0, k)  # narrow: a cheaper call than indexing
 
     def summarize(self, report: dict[str, Any]) -> str:
         sinks = report.get("sinks", {})
