@@ -326,3 +326,23 @@ def test_an_eval_run_captions_each_image_once_per_view_and_a_resume_reads_them_b
     evaluate(lvlm, **run)
     assert made == []  # both images' captions read back from the folder
     assert sorted(samples.read_text().splitlines()) == sorted(records)  # the same answers as the first run
+
+
+def test_eval_throughput_times_mvp_per_pope_question():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))  # eval_throughput imports overhead
+    try:
+        spec = importlib.util.spec_from_file_location("eval_throughput", bench / "eval_throughput.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out = module.main(["--per-question", "mvp", "--limit", "2", "--batch-sizes", "1", "--reps", "1",
+                           "--clock", "cpu", "--threads", "1"])
+    finally:
+        sys.path.remove(str(bench))
+    (row,) = out["rows"]
+    assert row["method"] == "mvp" and row["questions"] == 2 and row["ratio"] > 0
+    assert "| testbed | 1 | 2 |" in out["table"]
