@@ -346,3 +346,24 @@ def test_eval_throughput_times_mvp_per_pope_question():
     (row,) = out["rows"]
     assert row["method"] == "mvp" and row["questions"] == 2 and row["ratio"] > 0
     assert "| testbed | 1 | 2 |" in out["table"]
+
+
+def test_model_identity_reads_sampled_weights_and_skips_offloaded_ones():
+    from types import SimpleNamespace
+
+    from lvlm_fix.interventions.mvp import model_identity
+
+    def handle(model):
+        model.dtype = torch.float32  # as a transformers model has
+        return SimpleNamespace(name="m", revision=None, adapter=SimpleNamespace(model_type="llava"), model=model,
+                               processor=None)
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    assert model_identity(handle(a)) != model_identity(handle(b))  # same names and shapes, other weights
+    first = model_identity(handle(a))
+    with torch.no_grad():
+        a.weight[0, 0] += 1  # one of the 16 values read of 4096: the counter and the values both change
+    assert model_identity(handle(a)) != first
+    offloaded = torch.nn.Linear(64, 64, device="meta")
+    assert model_identity(handle(offloaded)) == model_identity(handle(torch.nn.Linear(64, 64, device="meta")))

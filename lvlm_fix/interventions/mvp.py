@@ -209,7 +209,8 @@ def model_identity(lvlm: LVLM) -> str:
     with torch.no_grad():
         for name, p in lvlm.model.named_parameters():
             flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 16)][:16].double().cpu().tolist()
+            # An offloaded weight (accelerate's device_map) waits on the meta device, with no values to read.
+            sample = None if p.is_meta else flat[:: max(1, flat.numel() // 16)][:16].double().cpu().tolist()
             h.update(repr((name, tuple(p.shape), str(p.dtype), sample)).encode())
     _IDENTITIES[lvlm.model] = (handle, params, versions, h.hexdigest()[:16])
     return _IDENTITIES[lvlm.model][3]
