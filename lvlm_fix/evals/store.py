@@ -241,8 +241,9 @@ def run_lock(root: Path) -> Iterator[None]:
 class RunCache:
     """A key -> JSON value cache for one setting of one run, kept in memory and, with a folder, on disk.
 
-    A method that declares ``run_cache`` (a ``ContextVar`` class attribute, see :class:`~lvlm_fix.interventions.mvp.MVP`)
-    is given one while the runner generates with its setting: in memory across the setting's batches,
+    A method that declares ``run_cache`` (a ``ContextVar`` class attribute, as
+    :class:`~lvlm_fix.interventions.mvp.MVP` does) is given one while the runner generates with its
+    setting: in memory across the setting's batches,
     and in ``<setting folder>/cache/<method>.jsonl`` (one record per entry, appended and fsynced like
     the samples) so that a resumed run reads back what an interrupted one computed. The keys are the
     method's to choose: they must name everything that changes the value (the folder already belongs

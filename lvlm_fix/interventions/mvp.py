@@ -85,8 +85,8 @@ Differences from the release (GasolSun36/MVP ``8a96be3``), all deliberate:
   the release looks for "yes" anywhere before "no", and only whole space-separated words;
 * captions are made per image and per view, inside the call, and kept across an evaluation run's
   batches and its resumption (the release reads a fixed file of the COCO *popular* split, joined to
-  the questions by row number, and captions each question row, bug 4); fusion is the weighted sum above (the release's ``eval_pope.py`` zips three weights with
-  two keys and cannot run, bug 5);
+  the questions by row number, and captions each question row, bug 4); fusion is the weighted sum
+  above (the release's ``eval_pope.py`` zips three weights with two keys and cannot run, bug 5);
 * batched over rows, and sampling is per row (see above); the release is batch size 1 with one
   global seed (336);
 * captions are kept short enough, when needed, for the caption and answer prompts to fit the model's
