@@ -103,7 +103,7 @@ class MethodSeam:
         resumed run reads back. The method builds its own keys (see its docstring)."""
         tokens = []
         for cls in self.classes[method]:
-            var = getattr(cls, "run_cache", None)
+            var = cls.run_cache
             if var is not None:
                 path = None if folder is None else folder / "cache" / f"{cls.name}{shard}.jsonl"
                 tokens.append((var, var.set(store.RunCache(path))))

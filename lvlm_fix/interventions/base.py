@@ -39,6 +39,8 @@ from ..errors import ConfigError
 from ..hooks.plan import LAYER_ROLES, Participant
 
 if TYPE_CHECKING:
+    from contextvars import ContextVar
+
     from PIL import Image
 
     from ..model import LVLM
@@ -296,6 +298,9 @@ class Intervention(Participant):
     config_cls: ClassVar[type[MethodConfig]]
     order: ClassVar[int | None] = None  # place in a composition, lower first; None: DEFAULT_ORDER[stage]
     calibration: ClassVar[Calibration | None] = None  # an offline fit `lvlm-fix calibrate` runs (ACT's heads)
+    # A ContextVar the eval runner sets to a RunCache (lvlm_fix.evals.store) of the setting's folder while it runs,
+    # for what a method computes once per run and reuses across batches and resumes (MVP's captions).
+    run_cache: ClassVar[ContextVar[Any] | None] = None
 
     @classmethod
     def composition_key(cls) -> tuple[bool, int, str]:
