@@ -12,10 +12,23 @@ of the timed calls (reset before each; no ``empty_cache``, which would slow the 
 ratio to the baseline's. Then POPE throughput (``eval_throughput.measure``, synthetic POPE) at
 batch 16 vs 1. A cell that runs out of GPU memory is recorded as ``OOM`` and the run goes on.
 
+Compiled vs eager (issue 30): vanilla, VHR, VAR, VCD, ACT and PAINT at batch 1 and 8, the 256-token
+prompt, 64 new tokens forced: decode ms per step with the default dynamic cache (eager) against
+``cache_implementation="static"`` with ``generate()``'s own compilation of the decode forward
+(``compile_config``: inductor, ``--compile-mode``, by default transformers' "reduce-overhead"; on
+the CPU, ``--tiny``, dynamo's eager backend). A step is ``(T(64) - T(1)) / 63`` (``generate()``
+never compiles the prefill); the compiling call is a warm-up, its excess reported as compile time;
+the last compiled and eager runs' tokens are compared, and a mismatch is reported (rows, first
+token). A method that refuses static caches (VCD, ICD, M3ID, PAI) gives its one line, untimed. A
+cell that fails otherwise records the error's first line and the run goes on.
+
 Time budget: the run (model build included) must end within ten minutes on an H100 or H200, so
 before every call the script checks that the elapsed time plus that call's estimate (its own
 warm-up time; for a cell's first call, the previous cell's vanilla call scaled by rows x tokens)
-stays within ``--budget-s``; whatever does not fit is skipped with a note in the results.
+stays within ``--budget-s``; whatever does not fit is skipped with a note in the results. The
+compiled-vs-eager table runs last with its own share (``--compile-share-s``, 240 s): the other
+tables stop that much before the end, and it has the rest (a compiling call is estimated at 60 s
+until one is measured, then as the last one).
 
 Results: ``gpu.json`` (everything) and ``gpu.md`` (the tables) in ``--out`` (default
 ``benchmarks/results/``); ``--update-doc BENCHMARKS.md`` also replaces the block between the
@@ -61,10 +74,15 @@ MARK_START, MARK_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
 # (their contrast rows ride in the main forward there).
 CONTRAST, GPU_CONTRAST_TARGET, GPU_CONTRAST_MAX_BATCH = ("vcd", "icd", "m3id", "pai"), 1.3, 8
 LONG_TEXT_TOKENS = 2048
+# The compiled-vs-eager table (issue 30). VCD is in it for its refusal line: the contrast methods
+# keep their second stream in a dynamic cache and refuse static caches, hence compilation.
+COMPILED_METHODS = ("vanilla", "vhr", "var", "vcd", "act", "paint")  # the issue's four first
 FULL = dict(prompt_tokens=[256, 3072], batch_sizes=[1, 8, 16], new_tokens=32, reps=2, pope_limit=64,
-            pope_new_tokens=8, budget_s=520.0)
+            pope_new_tokens=8, budget_s=520.0, compile_text_tokens=256, compile_batch_sizes=[1, 8],
+            compile_new_tokens=64, compile_reps=2, compile_share_s=240.0, compile_guess_s=60.0)
 TINY = dict(prompt_tokens=[8, 40], batch_sizes=[1, 2], new_tokens=2, reps=1, pope_limit=2,
-            pope_new_tokens=2, budget_s=600.0)
+            pope_new_tokens=2, budget_s=600.0, compile_text_tokens=8, compile_batch_sizes=[1],
+            compile_new_tokens=3, compile_reps=1, compile_share_s=300.0, compile_guess_s=0.0)
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -219,6 +237,118 @@ def measure_pope(s: overhead.Subject, limit: int, new_tokens: int, reps: int, bu
     return eval_throughput.measure(s, [1, 16], limit, reps, new_tokens, log)
 
 
+# -- compiled vs eager decode ---------------------------------------------------------------------
+def compile_config(device: torch.device, mode: str) -> Any:
+    """``generate()``'s ``compile_config``: inductor with ``mode`` on a GPU (transformers' defaults are
+    inductor and "reduce-overhead"); dynamo's ``eager`` backend on a CPU, which transformers compiles
+    only when asked (``_compile_all_devices``, as the generate() matrix's compile column does)."""
+    from transformers import CompileConfig
+
+    if _cuda(device):
+        return CompileConfig(backend="inductor", mode=mode)
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True
+    return config
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _token_mismatch(compiled: torch.Tensor, eager: torch.Tensor, prompt_len: int) -> str | None:
+    """None when the two runs' tokens are equal, else which rows differ and from which new token."""
+    if compiled.shape != eager.shape:
+        return f"shapes {tuple(compiled.shape)} vs {tuple(eager.shape)}"
+    differ = (compiled[:, prompt_len:] != eager[:, prompt_len:]).cpu()
+    rows = differ.any(dim=1).nonzero().flatten().tolist()
+    if not rows:
+        return None
+    first = int(differ[rows[0]].nonzero()[0])
+    return f"{len(rows)} of {compiled.shape[0]} rows differ (row {rows[0]} from new token {first})"
+
+
+def measure_compiled(s: overhead.Subject, method: str, batch: int, text_tokens: int, prompt: str, prompt_len: int,
+                     new_tokens: int, reps: int, config: Any, budget: Budget, compile_estimate: float,
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    """One row of the compiled-vs-eager table: ``method`` at ``batch``, decode ms per step both ways.
+
+    A step's time is ``(T(new_tokens) - T(1)) / (new_tokens - 1)`` of the same configuration: a
+    ``generate()`` of one token is the prefill alone, which ``generate()`` never compiles. The
+    compiled configuration's first call compiles (``compile_s``: that call less a timed one); dynamo
+    is reset before it, since a compiled forward keeps the plan it was traced with and each cell
+    would otherwise count against dynamo's recompile limit. One ``apply()`` holds every call of a
+    method, so the timed calls run the graphs the warm-up compiled.
+    """
+    import lvlm_fix
+    from lvlm_fix.errors import LvlmFixError
+
+    lvlm, device = s.lvlm, s.lvlm.device
+    row: dict[str, Any] = {"config": method, "batch": batch, "prompt_text_tokens": text_tokens,
+                           "prompt_len": prompt_len, "new_tokens": new_tokens}
+    if not budget.fits(compile_estimate):
+        budget.skip(f"compiled vs eager, b={batch}: {method}")
+        return {**row, "status": "skipped (budget)"}
+    with prompts_of(prompt, prompt):
+        _, _, enc = overhead.inputs(s, batch)
+    static = {"cache_implementation": "static", "compile_config": config}
+
+    def call(kwargs: dict[str, Any], n: int) -> tuple[float, torch.Tensor]:
+        overhead._sync(device)
+        t0 = time.perf_counter()
+        out = lvlm.model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, **kwargs)
+        overhead._sync(device)
+        return time.perf_counter() - t0, out
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    lvlm.model.__dict__.pop("_compiled_call", None)
+    plan = contextlib.nullcontext() if method == "vanilla" else lvlm_fix.apply(lvlm, method)
+    try:
+        with plan:  # no inference_mode: generate() as a user calls it (it runs under no_grad)
+            try:
+                first, _ = call(static, new_tokens)  # compiles; a method that refuses does it before any forward
+            except LvlmFixError as e:
+                return {**row, "status": "refused", "note": str(e).strip().splitlines()[0]}
+            row["warmup_s"] = first
+            graphs = counters["stats"]["unique_graphs"]
+            warm_eager = call({}, new_tokens)[0]
+            ones = {"eager": call({}, 1)[0], "compiled": call(static, 1)[0]}
+            times: dict[str, list[tuple[float, float]]] = {"eager": [], "compiled": []}
+            outs: dict[str, torch.Tensor] = {}
+            for r in range(reps):
+                # A round: both configurations' full and one-token calls; the eager warm-up stands in
+                # for the compiled call (whose warm-up includes the compilation).
+                if not budget.fits(2 * warm_eager + sum(ones.values())):
+                    budget.skip(f"compiled vs eager, b={batch}, {method}: rounds {r + 1}-{reps}")
+                    break
+                for mode in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):  # order alternates
+                    kwargs = static if mode == "compiled" else {}
+                    t_n, outs[mode] = call(kwargs, new_tokens)
+                    times[mode].append((t_n, call(kwargs, 1)[0]))
+            log(f"  compiled vs eager b={batch} {method} at {budget.elapsed():.0f} s: {times}")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {**row, "status": "OOM"}
+    except Exception as e:  # noqa: BLE001 -- one failed cell is a result (e.g. a backend error), not the end of the run
+        return {**row, "status": "failed", "note": _one_line(e)}
+    finally:
+        lvlm.model.__dict__.pop("_compiled_call", None)
+    row.update(graph_breaks=sum(counters["graph_break"].values()), graphs=graphs,
+               recompiled=counters["stats"]["unique_graphs"] - graphs)
+    if not (times["eager"] and times["compiled"]):
+        return {**row, "status": "skipped (budget)"}
+    steps = max(new_tokens - 1, 1)
+    for mode, pairs in times.items():
+        row[f"{mode}_ms"] = 1e3 * statistics.median((t_n - t_1) / steps for t_n, t_1 in pairs)
+        row[f"{mode}_times_s"] = [list(p) for p in pairs]
+    mismatch = _token_mismatch(outs["compiled"], outs["eager"], enc["input_ids"].shape[1])
+    row.update(status="ok", speedup=row["eager_ms"] / row["compiled_ms"],
+               compile_s=first - statistics.median(t_n for t_n, _ in times["compiled"]),
+               tokens_equal=mismatch is None, mismatch=mismatch)
+    return row
+
+
 # -- output ---------------------------------------------------------------------------------------
 def _commit() -> str | None:
     """The checkout's commit, with " + uncommitted changes" when the tree differs from it."""
@@ -266,6 +396,38 @@ def format_markdown(res: dict[str, Any]) -> str:
         lines += ["", f"POPE throughput (synthetic POPE, {st['pope_limit']} questions, answers capped at "
                   f"{st['pope_new_tokens']} tokens):", "", eval_throughput.format_table(res["pope"])]
     lines += ["", "Skipped to stay within the time budget: " + ("; ".join(res["skipped"]) or "nothing") + "."]
+    if res.get("compiled"):
+        lines += ["", format_compiled(res)]
+    return "\n".join(lines)
+
+
+def format_compiled(res: dict[str, Any]) -> str:
+    """The compiled-vs-eager table and what it skipped."""
+    st, first = res["settings"], res["compiled"][0]
+    lines = [
+        f"Compiled vs eager decode: {first['prompt_len']}-token prompt ({st['compile_text_tokens']} text tokens), "
+        f"{st['compile_new_tokens']} new tokens forced, greedy. Eager: the default dynamic cache; compiled: "
+        f"`cache_implementation=\"static\"` and `generate()`'s compile of the decode forward "
+        f"({st['compile_mode']}). ms per decode step (one token per row) = (time of {st['compile_new_tokens']} "
+        f"tokens - time of 1) / {st['compile_new_tokens'] - 1}, median of {st['compile_reps']} rounds; compile = the "
+        "first compiled call less a timed one (not in the times); tokens: the compiled run's against the eager "
+        "run's; graphs / breaks: dynamo's count over the method's calls.",
+        "",
+        "| batch | method | eager ms/step | compiled ms/step | speedup | compile (s) | tokens | graphs / breaks |",
+        "|---:|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in res["compiled"]:
+        if r["status"] != "ok":
+            note = f": {r['note']}" if r.get("note") else ""
+            lines.append(f"| {r['batch']} | {r['config']} | {r['status']}{note} | | | | | |")
+            continue
+        tokens = "equal" if r["tokens_equal"] else f"**differ**: {r['mismatch']}"
+        again = f" (+{r['recompiled']} in timed calls)" if r["recompiled"] else ""
+        lines.append(f"| {r['batch']} | {r['config']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} "
+                     f"| {r['speedup']:.2f}x | {r['compile_s']:.1f} | {tokens} | {r['graphs']}{again} / "
+                     f"{r['graph_breaks']} |")
+    lines += ["", "Skipped to stay within the compiled table's time budget: "
+              + ("; ".join(res["compiled_skipped"]) or "nothing") + "."]
     return "\n".join(lines)
 
 
@@ -303,6 +465,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float,
                    help="seconds the run may take from main() on, model build included (default 520: imports and "
                         "the last call's overrun stay inside ten minutes)")
+    p.add_argument("--compile-batch-sizes", type=int, nargs="+", help="the compiled-vs-eager table's (default 1 8)")
+    p.add_argument("--compile-new-tokens", type=int, help="its tokens per call (default 64)")
+    p.add_argument("--compile-reps", type=int, help="its timed rounds after the warm-up (default 2)")
+    p.add_argument("--compile-share-s", type=float,
+                   help="seconds of --budget-s kept for it: the other tables stop that much earlier (default 240)")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help="torch.compile mode of the compiled-vs-eager table on a GPU (default reduce-overhead, "
+                        "transformers' CompileConfig default: CUDA graphs); the CPU (--tiny) uses the eager backend")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                    help="folder for gpu.json and gpu.md (default benchmarks/results)")
     p.add_argument("--update-doc", default=None, help="also fill the gpu-table block of this file (BENCHMARKS.md)")
@@ -321,11 +491,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "--tiny runs the same script at toy sizes on the CPU")
     preset = TINY if args.tiny else FULL
-    opt = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
-    budget = Budget(opt["budget_s"])
+    opt = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in preset.items()}
+    # The compiled-vs-eager table runs last with its own share: the other tables stop that much
+    # before the end, and it may use whatever they leave.
+    budget = Budget(opt["budget_s"] - opt["compile_share_s"])
+    compile_budget = Budget(opt["budget_s"], start=budget.start)
     log = (lambda _msg: None) if args.tiny else (lambda msg: print(msg, file=sys.stderr, flush=True))
     with overhead.torch_threads(1 if args.tiny else None):
-        res = _run(args, argv, opt, budget, log)
+        res = _run(args, argv, opt, budget, compile_budget, log)
     markdown = write(res, Path(args.out), doc)
     if not args.tiny:
         print(markdown)
@@ -333,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None, opt: dict[str, Any], budget: Budget,
-         log: Callable[[str], None]) -> dict[str, Any]:
+         compile_budget: Budget, log: Callable[[str], None]) -> dict[str, Any]:
     from lvlm_fix.testing.tiny import build_image
 
     if args.tiny:
@@ -362,11 +535,34 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, opt: dict[str, An
                     pope_estimate = 1.5 * per * opt["pope_limit"]  # 1.5: the warm-up calls and batch 16
         if i == 0:  # POPE after the short cells: the issue's throughput target, before the long prompts
             pope = measure_pope(s, opt["pope_limit"], opt["pope_new_tokens"], 1, budget, pope_estimate, log)
+    compiled = measure_compiled_table(s, image, opt, args.compile_mode, compile_budget, log)
     return {
         "machine": overhead.machine_info(), "commit": _commit(), "model": {"label": s.label, **s.info},
-        "settings": {**opt, "methods": list(METHODS), "argv": list(argv if argv is not None else sys.argv[1:])},
-        "rows": rows, "pope": pope, "skipped": budget.skipped, "elapsed_s": budget.elapsed(),
+        "settings": {**opt, "methods": list(METHODS), "compiled_methods": list(COMPILED_METHODS),
+                     "compile_mode": f"inductor, mode {args.compile_mode}" if _cuda(s.lvlm.device) else "dynamo's eager "
+                                     "backend on the CPU",
+                     "argv": list(argv if argv is not None else sys.argv[1:])},
+        "rows": rows, "pope": pope, "skipped": budget.skipped, "compiled": compiled,
+        "compiled_skipped": compile_budget.skipped, "elapsed_s": budget.elapsed(),
     }
+
+
+def measure_compiled_table(s: overhead.Subject, image: Any, opt: dict[str, Any], mode: str, budget: Budget,
+                           log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every row of the compiled-vs-eager table, batch by batch, within ``budget``."""
+    prompt, _, prompt_len = padded_prompts(s.lvlm, image, opt["compile_text_tokens"])
+    config = compile_config(s.lvlm.device, mode)
+    estimate = opt["compile_guess_s"]  # a compiling call's cost until one is measured
+    rows = []
+    for b in opt["compile_batch_sizes"]:
+        for method in COMPILED_METHODS:
+            row = measure_compiled(s, method, b, opt["compile_text_tokens"], prompt, prompt_len,
+                                   opt["compile_new_tokens"], opt["compile_reps"], config, budget, estimate, log)
+            estimate = row.get("warmup_s", estimate)
+            if row["status"] != "ok":
+                log(f"  compiled vs eager b={b} {method}: {row['status']} {row.get('note', '')}")
+            rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -116,10 +116,24 @@ def test_gpu_script_tiny_times_every_method_at_every_cell_and_fills_the_doc(tmp_
             assert isinstance(rows[(text_tokens, batch, "vcd")]["meets_target"], bool)
             assert rows[(text_tokens, batch, "mvp")]["baseline"] == "yes_no"
     assert [r["batch"] for r in res["pope"]] == [1, 16] and res["skipped"] == []
+    # Compiled vs eager: a row per method and batch, timed both ways with equal tokens, or refused in one line.
+    compiled = {(r["batch"], r["config"]): r for r in res["compiled"]}
+    assert set(compiled) == {(b, m) for b in gpu.TINY["compile_batch_sizes"] for m in gpu.COMPILED_METHODS}
+    assert {"vanilla", "vhr", "var", "vcd"} <= set(gpu.COMPILED_METHODS)  # the issue's four
+    for (_, method), row in compiled.items():
+        if method == "vcd":
+            assert row["status"] == "refused" and "static" in row["note"] and "\n" not in row["note"], row
+            assert "eager_ms" not in row  # not timed
+            continue
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["eager_ms"]) and math.isfinite(row["compiled_ms"]) and row["compile_s"] > 0
+        assert row["tokens_equal"] and row["graphs"] >= 1, row
+    assert res["compiled_skipped"] == []
     saved = json.loads((tmp_path / "out" / "gpu.json").read_text())
     assert len(saved["rows"]) == len(res["rows"])
     markdown = (tmp_path / "out" / "gpu.md").read_text()
     assert "| mvp | yes_no |" in markdown and "POPE throughput" in markdown
+    assert "Compiled vs eager decode" in markdown and "| 1 | vcd | refused: vcd does not support static" in markdown
     text = doc.read_text()
     assert "not measured" not in text and "| vcd | vanilla |" in text and text.endswith("## Reproduce\n")
     # --render redoes the markdown from the JSON alone (results fetched from a lent machine).
@@ -134,6 +148,17 @@ def test_gpu_script_skips_what_the_budget_cannot_hold_and_still_writes(tmp_path)
     assert {r["status"] for r in res["rows"]} == {"skipped (budget)"} and res["pope"] == []
     assert any("vanilla and after" in s for s in res["skipped"]) and any("POPE" in s for s in res["skipped"])
     assert "skipped (budget)" in (tmp_path / "gpu.md").read_text()
+    assert {r["status"] for r in res["compiled"]} == {"skipped (budget)"}
+    assert any(s.startswith("compiled vs eager, b=1: vanilla") for s in res["compiled_skipped"])
+
+
+def test_gpu_script_keeps_the_compiled_tables_share_of_the_budget(tmp_path):
+    """The other tables stop --compile-share-s before the end; the compiled-vs-eager table still runs."""
+    gpu = _load("gpu")
+    res = gpu.main(["--tiny", "--budget-s", "300", "--compile-share-s", "300", "--prompt-tokens", "8",
+                    "--batch-sizes", "1", "--out", str(tmp_path)])
+    assert {r["status"] for r in res["rows"]} == {"skipped (budget)"} and res["pope"] == []
+    assert {r["status"] for r in res["compiled"]} == {"ok", "refused"}
 
 
 def test_gpu_script_refuses_a_doc_without_the_markers(tmp_path):
