@@ -328,7 +328,9 @@ class Plan:
             # one branch for its whole generation (under torch.compile, a flip is a recompile).
             start = total - k_len if k_len < total else 0
             pos = torch.arange(start, start + k_len, device=dev)
-            if k_len == total:  # every key is a token of the sequence, in order (the usual case): plain views
+            # Every key a token of the sequence, in order (the usual case): plain views. Not while dynamo traces
+            # (a static cache): comparing the step's length there would be one more guard, and one more graph.
+            if not torch.compiler.is_compiling() and k_len == total:
                 image_keys, key_valid = _prefix(image_mask, k_len), _prefix(valid, k_len)
             else:
                 inside = pos < total
@@ -414,8 +416,11 @@ class Plan:
         q_len = input_ids.shape[1]
         self._ctx_cache.clear()
         self._block_cache.clear()
+        # Registering or removing a hook inside a forward that dynamo traces (compiled decode steps) would
+        # break its graph: there the prefill-only hooks stay, and return at once (their readers check the step).
+        compiling = torch.compiler.is_compiling()
         if past == 0:
-            if not self._prefill_hooks_on:
+            if not self._prefill_hooks_on and not compiling:
                 self._prefill_hooks.__enter__()
                 self._prefill_hooks_on = True
             for p in self.participants:
@@ -426,7 +431,8 @@ class Plan:
             for p in self.participants:
                 p.begin(self.tokens)
             return
-        self._drop_prefill_hooks()
+        if not compiling:
+            self._drop_prefill_hooks()
         t = self._require_tokens()
         t.step += 1
         t.past, t.q_len = past, q_len
