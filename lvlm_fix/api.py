@@ -123,6 +123,7 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
     """
     if methods and methods[0].stage.wraps_generate:
         first, rest = methods[0], methods[1:]
+        refuse_early(lvlm, rest, gen)
 
         def inner(images: Sequence[Any], prompts: Sequence[str], gen: dict[str, Any]) -> Generation:
             return run_methods(lvlm, rest, list(images), list(prompts), gen, system_prompt=system_prompt)
@@ -141,6 +142,17 @@ def run_methods(lvlm: LVLM, methods: Sequence[Intervention], images: list[Any], 
 
     return Generation(texts=lvlm.decode(sequences, prompt_len), report=plan.report(), output=output,
                       tokens=generated_lengths(sequences, prompt_len, eos_token_ids(lvlm)).tolist())
+
+
+def refuse_early(lvlm: LVLM, methods: Sequence[Intervention], gen: dict[str, Any]) -> None:
+    """What the methods inside ``generate()`` would refuse of ``gen`` (a static cache for a contrast stream,
+    ...), refused now: a pipeline (CARVE's statistics passes, MVP's captions) runs forwards of its own
+    before it reaches the ``generate()`` where they would refuse it."""
+    if not methods:
+        return
+    settings = {k: v for k, v in gen.items() if k not in ("logits_processor", "stopping_criteria", "streamer")}
+    generation_config, model_kwargs = lvlm.model._prepare_generation_config(None, **settings)
+    Plan(lvlm, list(methods)).check_generate(generation_config, model_kwargs)
 
 
 def check_length(lvlm: LVLM, prompt_len: int, new_tokens: int = 0) -> None:

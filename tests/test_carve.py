@@ -13,7 +13,7 @@ from PIL import Image
 
 import lvlm_fix
 from conftest import PROMPTS
-from lvlm_fix.errors import ConfigError
+from lvlm_fix.errors import ConfigError, LvlmFixError
 from lvlm_fix.interventions.carve import (
     Carve,
     CarveConfig,
@@ -253,3 +253,19 @@ def test_layer_beyond_depth_raises_config_error(tiny, images):
     last = lvlm.num_layers - 1
     with pytest.raises(ConfigError, match=f"layers index 99 is beyond the model's depth; valid layers are 0..{last}"):
         Carve(CarveConfig(layers=(99,))).refine(lvlm, images[:1], PROMPTS[:1])
+
+
+@pytest.mark.parametrize("later", ["vcd", "m3id"])
+def test_what_a_later_method_refuses_is_refused_before_carves_passes(tiny, images, later):
+    """carve+<contrast method> with a static cache: the contrast stream refuses it, and the refusal comes before
+    CARVE's statistics passes run a single forward (it used to come after them, at the final generate())."""
+    lvlm = tiny("llava")
+    calls = []
+    hook = lvlm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(LvlmFixError, match=f"^{later} does not support static caches"):
+            lvlm_fix.generate(lvlm, images[:1], ["Describe the image."], method=f"carve+{later}", max_new_tokens=2,
+                              generate_kwargs={"cache_implementation": "static"})
+    finally:
+        hook.remove()
+    assert calls == []

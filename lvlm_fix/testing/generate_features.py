@@ -27,8 +27,8 @@ new tokens) with the feature, and is one of:
     the same tokens (the sequences forced back through ``generate()``) within :data:`TOL`.
 
 * ``refused``: one :class:`~lvlm_fix.errors.LvlmFixError` line naming the feature, raised before
-  any forward (no module of the model ran); ``refused†``: by the answer's ``generate()``, before
-  any forward of it, after the ``generate()`` calls of a method's own stage (CARVE's statistics pass).
+  any forward (no module of the model ran). A refusal that comes only after some forward ran (a
+  pipeline's own passes) shows as ``refused†``, which no table cell may be: the test fails on it.
 * ``skipped``: the feature needs what this machine lacks (a CUDA device, a package); the reason.
 * ``n/a``: the subject does not take the feature at all, e.g. a method that runs ``generate()``
   itself answers through :func:`lvlm_fix.generate`, which returns texts, not ``generate()``'s dict.
@@ -669,9 +669,9 @@ keys of a 43-token prompt; `stop_strings` and `torch.compile` on the tiny LLaVA)
   sequence forced back through `generate()`). `max_time` ends the run after its first token, whose
   logits are the default run's. For CARVE and MVP: the answer's `generate()` got the feature as
   given, the rule holds, and its tokens are the default's (`lvlm_fix.generate` keeps no logits).
-* **refused**: one line naming the feature, before any module of the model has run; **refused†**:
-  by the answer's `generate()`, before any forward of it, after CARVE's statistics pass (which takes
-  no `generate()` argument).
+* **refused**: one line naming the feature, before any module of the model has run (for a
+  composition with CARVE or MVP, before their own passes: `lvlm_fix.generate` asks the later methods
+  first).
 * **skipped**: this machine lacks what the feature needs; **n/a**: the method cannot take it.
 
 `torch.compile`: `generate()` compiles its decode steps (a static cache and a `CompileConfig`, on a
