@@ -14,7 +14,8 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
   is reset through ``begin``; later forwards (decode steps) extend the token bookkeeping. Each
   forward's context is built once, at its first use, for every layer (:meth:`Plan.context`);
   residual hooks that only the prefill needs (``Participant.residual_at_decode`` False) are
-  registered by each prefill and removed at its first decode step;
+  removed at each sequence's first decode step and put back by the next prefill (not inside a
+  forward that dynamo traces: there they stay, and return at once);
 * exit (normally or by exception): hooks removed, the seat given back. Nothing stays patched.
 
 A plan acts on its own model only: a forward of another model while it is active runs untouched,
@@ -152,7 +153,7 @@ class Participant:
     head_output_layers: frozenset[int] = frozenset()  # per-head outputs (input of o_proj) read/scaled
     residual_layers: frozenset[int] = frozenset()  # residual stream entering the layer read
     # residual() reads the decode steps too; False: the prefill's only, and the plan takes the layer's
-    # hook off after the prefill (and puts it back for the next sequence's), so decode steps pay nothing.
+    # hook off at the first decode step (and puts it back for the next prefill), so decode steps pay nothing.
     residual_at_decode: bool = True
 
     def bind(self, lvlm: LVLM) -> None:
@@ -285,7 +286,7 @@ class Plan:
         # the device's default, see hooks.attention.block_bytes).
         self.block_bytes: int | None = None
         self._seat: PlanSeat | None = None  # the model's seat while this plan is active
-        # Hooks needed at the prefill only: registered by each prefill, removed at its first decode step.
+        # Hooks needed at the prefill only: off from a sequence's first decode step to the next prefill.
         self._prefill_hooks = HookSet()
         self._prefill_hooks_on = False
         self._ctx_cache: dict[tuple, AttnContext] = {}  # this forward's contexts, by (k_len, device)
@@ -416,11 +417,8 @@ class Plan:
         q_len = input_ids.shape[1]
         self._ctx_cache.clear()
         self._block_cache.clear()
-        # Registering or removing a hook inside a forward that dynamo traces (compiled decode steps) would
-        # break its graph: there the prefill-only hooks stay, and return at once (their readers check the step).
-        compiling = torch.compiler.is_compiling()
         if past == 0:
-            if not self._prefill_hooks_on and not compiling:
+            if not self._prefill_hooks_on:  # taken off by the previous sequence's first decode step
                 self._prefill_hooks.__enter__()
                 self._prefill_hooks_on = True
             for p in self.participants:
@@ -431,7 +429,9 @@ class Plan:
             for p in self.participants:
                 p.begin(self.tokens)
             return
-        if not compiling:
+        # Removing a hook inside a forward that dynamo traces (compiled decode steps) would break its graph:
+        # there the prefill-only hooks stay, and return at once (their readers check the step).
+        if not torch.compiler.is_compiling():
             self._drop_prefill_hooks()
         t = self._require_tokens()
         t.step += 1
@@ -504,8 +504,8 @@ class Plan:
         every_step = set().union(*(p.residual_layers for p in self.participants if p.residual_at_decode))
         self._prefill_hooks = HookSet()
         for i in sorted(set().union(*(p.residual_layers for p in self.participants))):
-            # A layer whose residual readers all stop at the prefill: its hook lives from each prefill to
-            # its first decode step (_on_model_forward), so decode steps do not even call it.
+            # A layer whose residual readers all stop at the prefill: its hook is taken off at each
+            # sequence's first decode step and put back by the next prefill (_on_model_forward).
             (hooks if i in every_step else self._prefill_hooks).forward_pre(layers[i], self._residual_hook(i),
                                                                             with_kwargs=True)
         for p in self.participants:
@@ -518,6 +518,8 @@ class Plan:
             with hooks, self.lvlm.attention_implementation(ATTN_NAME), _symbolic_step_ints():
                 self._seat, token = seat, seat.set(self)
                 try:
+                    self._prefill_hooks.__enter__()  # registered with the plan's, outside any traced forward
+                    self._prefill_hooks_on = True
                     yield self
                 finally:
                     seat.reset(token)
