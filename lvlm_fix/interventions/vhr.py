@@ -174,14 +174,15 @@ class VHR(Intervention):
         self.vhd: dict[int, Tensor] = {}  # layer -> [b, h] VHD after the filter
         self._scale: dict[int, Tensor] = {}  # layer -> [b, 1, h, 1] factor
         self._flat: dict[int, Tensor] = {}  # layer -> the same on the flat o_proj input, [b, 1, h*d]
-        self._head_dim = 0
+        # layer -> d, read off the prefill's per-head outputs: the config's head_dim is not always one number
+        # (Gemma 4's differs between its sliding and global layers, and reading it raises)
+        self._head_dims: dict[int, int] = {}
         self._text: SidePass | None = None  # the text-only stream, open during the prefill
         self._reply: Tensor | None = None  # the heads selected at the text stream's last pause
 
     def bind(self, lvlm: LVLM) -> None:
         n = lvlm.num_layers
         self.layers = self.head_output_layers = resolve_layers(self.config.layers, default_layers(n), n)
-        self._head_dim = lvlm.head_dim
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         self.end()
@@ -227,6 +228,7 @@ class VHR(Intervention):
     def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
         if self._text is not None:
             if ctx.step == 0:
+                self._head_dims[ctx.layer] = heads.shape[-1]
                 return heads * self._select(heads, ctx.layer)
             self.end()
             raise LvlmFixError("vhr's prefill did not reach every reinforced layer, so no head was selected at "
@@ -250,7 +252,7 @@ class VHR(Intervention):
             return None  # the prefill's selection, a layer not reached, another batch or device: head_output
         flat = self._flat.get(ctx.layer)
         if flat is None:  # [b, 1, h, 1] -> [b, 1, h*d], once per layer and sequence
-            flat = self._flat[ctx.layer] = scale.expand(-1, -1, -1, self._head_dim).flatten(2)
+            flat = self._flat[ctx.layer] = scale.expand(-1, -1, -1, self._head_dims[ctx.layer]).flatten(2)
         return flat
 
     def summarize(self, report: dict[str, Any]) -> str:
