@@ -212,9 +212,16 @@ def test_every_generation_goes_through_the_composed_methods(tiny, images, monkey
     plans = []
     real = lvlm_fix.api.Plan
 
-    def recording(lvlm_, methods):
-        plans.append([m.name for m in methods])
-        return real(lvlm_, methods)
+    def recording(lvlm_, methods):  # the plans a generate() runs under (not the one that only checks the settings)
+        plan = real(lvlm_, methods)
+        enter = plan.active
+
+        def active(*args, **kwargs):
+            plans.append([m.name for m in methods])
+            return enter(*args, **kwargs)
+
+        plan.active = active
+        return plan
 
     monkeypatch.setattr(lvlm_fix.api, "Plan", recording)
     out = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], "mvp+vhr", max_new_tokens=3, **SHORT)
