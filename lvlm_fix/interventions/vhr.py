@@ -226,9 +226,9 @@ class VHR(Intervention):
         return self._scale[layer]
 
     def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
+        self._head_dims[ctx.layer] = heads.shape[-1]  # for head_scale: the width this layer's heads have
         if self._text is not None:
             if ctx.step == 0:
-                self._head_dims[ctx.layer] = heads.shape[-1]
                 return heads * self._select(heads, ctx.layer)
             self.end()
             raise LvlmFixError("vhr's prefill did not reach every reinforced layer, so no head was selected at "
@@ -252,7 +252,10 @@ class VHR(Intervention):
             return None  # the prefill's selection, a layer not reached, another batch or device: head_output
         flat = self._flat.get(ctx.layer)
         if flat is None:  # [b, 1, h, 1] -> [b, 1, h*d], once per layer and sequence
-            flat = self._flat[ctx.layer] = scale.expand(-1, -1, -1, self._head_dims[ctx.layer]).flatten(2)
+            width = self._head_dims.get(ctx.layer)
+            if width is None:  # head_output has not seen this layer's heads yet: it serves this step
+                return None
+            flat = self._flat[ctx.layer] = scale.expand(-1, -1, -1, width).flatten(2)
         return flat
 
     def summarize(self, report: dict[str, Any]) -> str:
