@@ -151,7 +151,8 @@ def refuse_early(lvlm: LVLM, methods: Sequence[Intervention], gen: dict[str, Any
     if not methods:
         return
     settings = {k: v for k, v in gen.items() if k not in ("logits_processor", "stopping_criteria", "streamer")}
-    generation_config, model_kwargs = lvlm.model._prepare_generation_config(None, **settings)
+    given = settings.pop("generation_config", None)  # generate()'s own first argument, when a caller passes one
+    generation_config, model_kwargs = lvlm.model._prepare_generation_config(given, **settings)
     Plan(lvlm, list(methods)).check_generate(generation_config, model_kwargs)
 
 

@@ -269,3 +269,15 @@ def test_what_a_later_method_refuses_is_refused_before_carves_passes(tiny, image
     finally:
         hook.remove()
     assert calls == []
+
+
+def test_a_generation_config_passed_to_generate_is_checked_early_too(tiny, images):
+    """generate_kwargs={"generation_config": ...} (generate()'s own first argument) reaches the early check."""
+    import copy
+
+    lvlm = tiny("llava")
+    config = copy.deepcopy(lvlm.model.generation_config)
+    config.cache_implementation = "static"
+    with pytest.raises(LvlmFixError, match="^vcd does not support static caches"):
+        lvlm_fix.generate(lvlm, images[:1], ["Describe the image."], method="carve+vcd", max_new_tokens=2,
+                          generate_kwargs={"generation_config": config})
