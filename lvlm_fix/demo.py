@@ -133,11 +133,11 @@ def find_examples(lvlm: Any, method: str, task: str = "yes-no", n: int = 2, scan
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is not a demo task; choose one of {', '.join(TASKS)}")
     bench_name, split, _ = TASKS[task]
-    from .evals.bench import registry
+    from .evals.bench import BENCHES
 
     table = _effects(bench_name)
     # the bench as the effect table ran it (POPE's preset and parser, CHAIR's mode), on the same samples, in order
-    names = {o.name for o in registry().get(bench_name).options}
+    names = {o.name for o in BENCHES.get(bench_name).options}
     b = make_bench(bench_name, split=split, **{k: v for k, v in table["settings"].items() if k in names})
     mode = table["settings"].get("chair_mode", "lvlm-fix")
     samples, _ = b.load(limit=table.get("limit"), seed=0)

@@ -80,9 +80,9 @@ def _load(root: Path) -> tuple[dict[str, Any], Any]:
         summary["methods"]  # noqa: B018 (there, or not a summary)
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{summary_path} is not an lvlm-fix summary; pass a folder written by `lvlm-fix eval`") from None
-    from .evals.bench import registry
+    from .evals.bench import BENCHES
 
-    frontiers = registry().get(bench).frontiers if isinstance(bench, str) and bench in registry() else ()
+    frontiers = BENCHES.get(bench).frontiers if isinstance(bench, str) and bench in BENCHES else ()
     _check_summary(summary, summary_path, frontiers)
     return summary, frontiers
 

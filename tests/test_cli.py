@@ -12,7 +12,7 @@ from conftest import cli_run as run
 
 
 def test_list_names_every_method_and_eval(capsys):
-    from lvlm_fix.evals.bench import registry
+    from lvlm_fix.evals.bench import BENCHES
     from lvlm_fix.interventions import METHODS
 
     code, out, _ = run(capsys, "list")
@@ -20,8 +20,8 @@ def test_list_names_every_method_and_eval(capsys):
     for name in METHODS.names():
         assert f"  {name} " in out
     evals = out.split("evals:")[1]
-    assert {"pope", "chair", "amber"} <= set(registry().names())
-    for name in registry().names():
+    assert {"pope", "chair", "amber"} <= set(BENCHES.names())
+    for name in BENCHES.names():
         assert f"  {name} " in evals
 
 

@@ -35,7 +35,7 @@ from ..errors import ConfigError, DataError, UnknownNameError
 from ..registry import Registry, entry_point_objects, import_plugins
 
 __all__ = ["BENCHES", "ENTRY_POINT_GROUP", "Bench", "Option", "Prompting", "Sample", "ci_cell", "make_bench",
-           "p_cell", "pick_key", "read_rows", "register_bench", "registry", "row_id"]
+           "p_cell", "pick_key", "read_rows", "register_bench", "row_id"]
 
 ENTRY_POINT_GROUP = "lvlm_fix.benches"
 _BUILTINS = "lvlm_fix.evals.benches"
@@ -94,11 +94,6 @@ def register_bench(cls: type[Bench]) -> type[Bench]:
         raise ValueError(f"bench name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}; "
                          f"rename {where}")
     return BENCHES.register(cls.name)(cls)
-
-
-def registry() -> Registry[type[Bench]]:
-    """:data:`BENCHES` (kept for the callers written before it loaded itself on first lookup)."""
-    return BENCHES
 
 
 @dataclass(frozen=True)
