@@ -31,6 +31,6 @@ for method in ("vhr", "var", "vcd"):
         print(f"{method}:", repr(answer(handle.model.generate(**batch, max_new_tokens=8, do_sample=False))))
 summary = lvlm_fix.evaluate(handle, "pope", "adversarial", ["none", "vhr"], limit=4, progress=False)
 print("POPE accuracy:", {m: r["splits"]["adversarial"]["accuracy"] for m, r in summary["methods"].items()})
-imported = sorted(m for m in sys.modules if m.partition(".")[0] in EXTRAS)
+imported = sorted(m for m, module in sys.modules.items() if module is not None and m.partition(".")[0] in EXTRAS)
 print("optional packages imported:", imported)
 sys.exit(1 if imported else 0)
