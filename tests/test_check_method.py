@@ -18,9 +18,18 @@ from lvlm_fix.testing import CHECKS, build_image, build_tiny, check_method
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "scale_image_attention.py"
 # Settings under which each built-in acts on the tiny LLaVA (as tests/test_methods.py's ACTIVE):
 # VAR's and ACT's thresholds lowered for its nearly uniform attention, CARVE's and MVP's passes short.
-ACTIVE = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}, "carve": {"stat_tokens": 3}, "paint": {},
-          "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
-          "vcd": {}, "icd": {}, "m3id": {}, "pai": {}}
+ACTIVE = {
+    "vhr": {},
+    "var": {"tau": 2.5},
+    "act": {"thres": 0.03},
+    "carve": {"stat_tokens": 3},
+    "paint": {},
+    "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
+    "vcd": {},
+    "icd": {},
+    "m3id": {},
+    "pai": {},
+}
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.
 CHUNKED = {"var", "act", "pai", "paint"}
 

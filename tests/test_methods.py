@@ -21,9 +21,18 @@ NAMES = METHODS.names()
 # methods act at their defaults (their plausibility cuts keep almost every token of these flat
 # distributions, and M3ID's gate is open). MVP's captions and yes/no paths are cut short (the
 # defaults are 512 and 50 tokens), one path per view.
-ACTIVE = {"vhr": {}, "var": {"tau": 2.5}, "act": {"thres": 0.03}, "carve": {}, "paint": {},
-          "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
-          "vcd": {}, "icd": {}, "m3id": {}, "pai": {}}
+ACTIVE = {
+    "vhr": {},
+    "var": {"tau": 2.5},
+    "act": {"thres": 0.03},
+    "carve": {},
+    "paint": {},
+    "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
+    "vcd": {},
+    "icd": {},
+    "m3id": {},
+    "pai": {},
+}
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
 CONTRAST = ["vcd", "icd", "m3id", "pai"]  # methods that decode a contrast stream
 # Methods that work on some families only; elsewhere they must refuse with one clear error.
@@ -43,7 +52,9 @@ def _refused(name: str, family: str, run) -> bool:
 
 
 def test_every_method_is_in_the_matrix():
-    assert set(NAMES) == set(ACTIVE) == {"vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai"}
+    assert set(NAMES) == set(ACTIVE) == {
+        "vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai",
+    }
     for name in NAMES:
         assert METHODS.get(name).config_cls.math_identity() is not None, name
 
@@ -220,7 +231,7 @@ TODAY = ["mvp", "carve", "vhr", "pai", "paint", "act", "var", "icd", "m3id", "vc
 def test_every_pair_of_builtins_composes_in_todays_order():
     from lvlm_fix.interventions import parse_spec
 
-    assert sorted(TODAY) == NAMES
+    assert set(TODAY) <= set(NAMES)  # a later method declares its own place
     for i, a in enumerate(TODAY):
         for b in TODAY[i + 1:]:
             for spec in (f"{a}+{b}", f"{b}+{a}"):
