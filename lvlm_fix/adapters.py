@@ -52,6 +52,10 @@ class Adapter:
         token_grid: ``(rows, cols, offset)`` of each row's image among its image tokens, for a
             family whose layout :mod:`lvlm_fix.layout` cannot read (CARVE's masks, the heads
             figure); None -> read by the layout rules.
+        mlp: dotted path, from a decoder layer, to its MLP (methods that edit its output: VISTA,
+            VTI, MemVR); None -> the layer's ``mlp`` / ``feed_forward`` / ``ffn``.
+        final_norm: dotted path, from the top-level model, to the text decoder's final norm
+            (early exits: DoLa, DeCo, MemVR); None -> the ``norm`` beside the layer list.
     """
 
     model_type: str
@@ -64,6 +68,8 @@ class Adapter:
     nested_images: bool = False
     sink_dims: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     token_grid: tuple[int, int, int] | None = None
+    mlp: str | None = None  # dotted path, from a decoder layer, to its MLP; None: found by its usual names
+    final_norm: str | None = None  # dotted path, from the top-level model, to the text decoder's last norm; None: found
 
 
 # What OVERRIDES and a user's adapter may set: every field but the model type, which the config names.
@@ -198,6 +204,9 @@ def _check_field(key: str, value: Any) -> None:
         if not (isinstance(ids, (list, tuple)) and ids and all(
                 isinstance(i, str) and i or isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
             raise wrong("a token id, a list of them, or the image token's text (e.g. '<image>')")
+    if key in ("mlp", "final_norm") and value is not None and not (isinstance(value, str) and value.strip(".")
+                                                                    and " " not in value):
+        raise wrong("a dotted module path, e.g. 'mlp' (from a decoder layer) or 'model.language_model.norm'")
     if key == "prompt_template" and value is not None and not (isinstance(value, str) and "{prompt}" in value):
         raise wrong("a template with {prompt}; write the user text as {prompt}")
     if key == "image_placeholder" and not (isinstance(value, str) and value):

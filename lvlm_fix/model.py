@@ -21,6 +21,11 @@ from .hooks import attention
 DEFAULT_MODEL = "testbed"  # the embedded checkpoint shipped in lvlm_fix/testbed/checkpoint
 
 
+# The usual names of a decoder layer's MLP and of the text decoder's final norm, in the families transformers ships.
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+
+
 def testbed_path() -> Path:
     """Directory of the embedded testbed checkpoint."""
     return Path(__file__).parent / "testbed" / "checkpoint"
@@ -49,6 +54,7 @@ class LVLM:
     revision: str | None = None
     _layers: Any = field(default=None, repr=False)
     _attention: Any = field(default=None, repr=False)
+    _final_norm: Any = field(default=None, repr=False)
 
     # -- architecture facts -------------------------------------------------------------------
     @property
@@ -72,6 +78,43 @@ class LVLM:
     def out_proj(self, layer: int) -> Any:
         """The output projection of ``layer``'s attention: its input is the per-head outputs."""
         return self.attention_modules[layer].get_submodule(self.adapter.out_proj)
+
+    def mlp(self, layer: int) -> Any:
+        """``layer``'s MLP (feed-forward block): the adapter's path, else the child by its usual names."""
+        block = self.text_layers[layer]
+        if self.adapter.mlp is not None:
+            return block.get_submodule(self.adapter.mlp)
+        for name in _MLP_NAMES:
+            found = getattr(block, name, None)
+            if isinstance(found, torch.nn.Module):
+                return found
+        raise LvlmFixError(f"decoder layer {layer} ({type(block).__name__}) has no child named {' / '.join(_MLP_NAMES)}; "
+                           "name its MLP: lvlm_fix.wrap(model, processor, adapter={'mlp': ...})")
+
+    @property
+    def final_norm(self) -> Any:
+        """The text decoder's final norm, applied to the last layer's output before ``lm_head``."""
+        if self._final_norm is None:
+            if self.adapter.final_norm is not None:
+                self._final_norm = self.model.get_submodule(self.adapter.final_norm)
+            else:
+                parent = self.model.get_submodule(self.adapter.text_layers.rpartition(".")[0])
+                found = [getattr(parent, n) for n in _FINAL_NORM_NAMES if isinstance(getattr(parent, n, None), torch.nn.Module)]
+                if not found:
+                    raise LvlmFixError(f"no final norm ({' / '.join(_FINAL_NORM_NAMES)}) beside the decoder layers of "
+                                       f"{type(self.model).__name__}; name it: lvlm_fix.wrap(model, processor, "
+                                       "adapter={'final_norm': ...})")
+                self._final_norm = found[0]
+        return self._final_norm
+
+    @property
+    def lm_head(self) -> Any:
+        """The unembedding (``get_output_embeddings()``): hidden states to vocabulary logits."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise LvlmFixError(f"{type(self.model).__name__} has no output embeddings (get_output_embeddings() is None); "
+                               "load it with its language-modelling head")
+        return head
 
     @property
     def num_layers(self) -> int:

@@ -112,7 +112,8 @@ class AttnContext:
 
 # The layer sets a participant declares in ``bind`` (its roles), each a ``frozenset[int]`` attribute of
 # :class:`Participant`: the one list that the plan's depth check and a method's ``layers_on`` read.
-LAYER_ROLES = ("eager_layers", "column_stats_layers", "observed_layers", "head_output_layers", "residual_layers")
+LAYER_ROLES = ("eager_layers", "column_stats_layers", "observed_layers", "head_output_layers", "residual_layers",
+               "mlp_layers", "layer_output_layers")
 
 
 class Participant:
@@ -152,6 +153,10 @@ class Participant:
     observed_layers: frozenset[int] = frozenset()  # last query's attention row read
     head_output_layers: frozenset[int] = frozenset()  # per-head outputs (input of o_proj) read/scaled
     residual_layers: frozenset[int] = frozenset()  # residual stream entering the layer read
+    mlp_layers: frozenset[int] = frozenset()  # the layer's MLP output read/replaced (mlp_output)
+    layer_output_layers: frozenset[int] = frozenset()  # residual stream leaving the layer read (layer_output)
+    # logits() replaces the next-token logits of every forward of the plan (set in bind, like the layer sets)
+    edits_logits: bool = False
     # residual() reads the decode steps too; False: the prefill's only, and the plan takes the layer's
     # hook off at the first decode step (and puts it back for the next prefill), so decode steps pay nothing.
     residual_at_decode: bool = True
@@ -232,6 +237,26 @@ class Participant:
     def residual(self, hidden: Tensor, ctx: AttnContext) -> None:  # [b, q, hidden]
         pass
 
+    def mlp_output(self, out: Tensor, x: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, hidden] each
+        """Layers in ``mlp_layers``: the MLP's output ``out`` (what the layer adds to, or norms into, its
+        residual stream) from its input ``x`` (the normed stream), every position of every forward. Return the
+        replacement (same shape and dtype) or None to keep it; participants of a layer see each other's edit in
+        composition order. ``ctx`` has no key fields (it is not an attention call)."""
+        return None
+
+    def layer_output(self, hidden: Tensor, ctx: AttnContext) -> None:  # [b, q, hidden]
+        """Layers in ``layer_output_layers``: read the residual stream leaving the layer (before the final
+        norm for the last layer), every forward. Read only; the stream entering layer ``i`` is ``residual``."""
+
+    def logits(self, last: Tensor, ctx: AttnContext) -> Tensor | None:  # [n, V] fp32, the last position
+        """With ``edits_logits``: the next-token logits of every forward of the plan, in fp32, after the
+        forward and before ``generate()``'s logits processors and warpers (so a cut made here precedes
+        temperature, top-k and top-p, and beam search takes its log-softmax). Return the replacement or
+        None; ``ctx.layer`` is the model's depth (after the last layer). Edits of several participants
+        apply in composition order. A method whose release records the edited logits as ``scores`` gets
+        that for free: ``output_scores`` records what the processors return."""
+        return None
+
     def report(self) -> dict[str, Any]:
         """What this participant saw and touched, JSON-serialisable."""
         return {}
@@ -280,6 +305,12 @@ class Plan:
                 bad = sorted(i for i in getattr(p, name) if not 0 <= i < n)
                 if bad:
                     raise LvlmFixError(f"layer index {bad[0]} is beyond the model's depth: valid layers are 0..{n - 1}")
+        editors = [p.name or type(p).__name__.lower() for p in self.participants if p.edits_logits]
+        streams = [p.name or type(p).__name__.lower() for p in self.participants if p.contrast_active()]
+        if editors and streams:
+            # The contrast rows run outside the plan: their logits would miss the edit the main rows got.
+            raise LvlmFixError(f"{editors[0]} edits the next-token logits inside the forward and {streams[0]} combines "
+                               "them with a contrast stream that does not get that edit; run them in separate calls")
         self._num_heads = lvlm.num_heads  # read once: the property walks the config on every access
         self.tokens: TokenState | None = None
         # Bytes of one [b, h, chunk, k] fp32 block at an edited layer (None: $LVLM_FIX_ATTN_BLOCK_MB or
@@ -485,6 +516,56 @@ class Plan:
 
         return hook
 
+    def _mlp_hook(self, layer: int):
+        on_layer = [p for p in self.participants if layer in p.mlp_layers]
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.is_current():
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            out = output[0] if isinstance(output, tuple) else output  # a mixture of experts adds its router logits
+            ctx = self.context(layer, q_len=out.shape[1], device=out.device)
+            changed = False
+            for p in on_layer:
+                new = p.mlp_output(out, x, ctx)
+                if new is not None:
+                    out, changed = new, True
+            if not changed:
+                return None
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return hook
+
+    def _layer_output_hook(self, layer: int):
+        on_layer = [p for p in self.participants if layer in p.layer_output_layers]
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if not self.is_current():
+                return
+            hidden = output[0] if isinstance(output, tuple) else output  # [b, q, hidden]
+            ctx = self.context(layer, q_len=hidden.shape[1], device=hidden.device)
+            for p in on_layer:
+                p.layer_output(hidden, ctx)
+
+        return hook
+
+    def _logits_hook(self, participant: Participant):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.is_current():
+                return None
+            if getattr(output, "logits", None) is None:
+                raise LvlmFixError(f"{participant.name} needs the model's logits; call the model with return_dict=True")
+            ctx = self.context(self.lvlm.num_layers, q_len=output.logits.shape[1], device=output.logits.device)
+            new = participant.logits(output.logits[:, -1].to(torch.float32, copy=True), ctx)
+            if new is None:
+                return None
+            logits = output.logits if output.logits.dtype == torch.float32 else output.logits.float()
+            logits[:, -1] = new  # fp32 even for bf16 models, as a contrast stream's combination
+            output.logits = logits
+            return output
+
+        return hook
+
     @contextmanager
     def active(self, inner: bool = False) -> Iterator[Plan]:
         """Register every hook, publish the plan, and undo both on exit (even on error).
@@ -508,7 +589,13 @@ class Plan:
             # sequence's first decode step and put back by the next prefill (_on_model_forward).
             (hooks if i in every_step else self._prefill_hooks).forward_pre(layers[i], self._residual_hook(i),
                                                                             with_kwargs=True)
-        for p in self.participants:
+        for i in sorted(set().union(*(p.mlp_layers for p in self.participants))):
+            hooks.forward(self.lvlm.mlp(i), self._mlp_hook(i), with_kwargs=True)
+        for i in sorted(set().union(*(p.layer_output_layers for p in self.participants))):
+            hooks.forward(layers[i], self._layer_output_hook(i))
+        for p in self.participants:  # in composition order: a logits edit and a method's own hooks alike
+            if p.edits_logits:
+                hooks.forward(model, self._logits_hook(p), with_kwargs=True)
             p.install(self, hooks)
         seat = acquire_seat(self.lvlm.model, self.lvlm.attention_modules, inner=inner)
         try:
