@@ -56,7 +56,8 @@ class Stage(enum.Enum):
     HEAD_OUTPUTS = "head_outputs"  # scales per-head attention outputs, the input of o_proj (e.g. VHR)
     ATTENTION_SCORES = "attention_scores"  # edits pre-softmax attention logits (e.g. PAI)
     ATTENTION_WEIGHTS = "attention_weights"  # edits post-softmax attention weights (e.g. VAR, ACT)
-    LOGITS = "logits"  # combines the next-token logits with a contrast stream (e.g. VCD)
+    MLP_OUTPUTS = "mlp_outputs"  # edits the decoder layers' MLP outputs (e.g. VISTA, VTI, MemVR)
+    LOGITS = "logits"  # edits the next-token logits: in the forward (e.g. DoLa) or against a contrast stream (e.g. VCD)
 
     @property
     def wraps_generate(self) -> bool:
@@ -69,7 +70,7 @@ class Stage(enum.Enum):
 # other's edit, in this order (PAI's then PAINT's scores; ACT's then VAR's weights); a method that runs
 # generate() itself goes around every later one (MVP calls CARVE, which calls the plan).
 DEFAULT_ORDER = {Stage.PIPELINE: 0, Stage.INPUT: 10, Stage.HEAD_OUTPUTS: 20, Stage.ATTENTION_SCORES: 30,
-                 Stage.ATTENTION_WEIGHTS: 40, Stage.LOGITS: 50}
+                 Stage.ATTENTION_WEIGHTS: 40, Stage.MLP_OUTPUTS: 45, Stage.LOGITS: 50}
 
 
 def param(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
