@@ -29,9 +29,11 @@ ACTIVE = {
     "icd": {},
     "m3id": {},
     "pai": {},
+    "clearsight": {},
+    "hgai": {},
 }
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.
-CHUNKED = {"var", "act", "pai", "paint"}
+CHUNKED = {"var", "act", "pai", "paint", "clearsight", "hgai"}
 
 
 def _statuses(results) -> dict[str, str]:

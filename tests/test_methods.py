@@ -32,6 +32,8 @@ ACTIVE = {
     "icd": {},
     "m3id": {},
     "pai": {},
+    "clearsight": {},
+    "hgai": {},
 }
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
 CONTRAST = ["vcd", "icd", "m3id", "pai"]  # methods that decode a contrast stream
@@ -54,6 +56,7 @@ def _refused(name: str, family: str, run) -> bool:
 def test_every_method_is_in_the_matrix():
     assert set(NAMES) == set(ACTIVE) == {
         "vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai",
+        "clearsight", "hgai",
     }
     for name in NAMES:
         assert METHODS.get(name).config_cls.math_identity() is not None, name
@@ -116,6 +119,8 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
              "act": lambda r: any(v["max_per_head"] > 0 for v in r["sinks"].values()),
              "paint": lambda r: r["edited_forwards"] > 0 and sum(i["local"] + i["summary"] for i in r["images"]) > 0,
              "vcd": streamed, "icd": streamed, "pai": streamed,
+             "clearsight": lambda r: r["calls"] > 0 and all(r["system_keys"]) and all(r["image_keys"]),
+             "hgai": lambda r: r["calls"] > 0 and all(r["image_keys"]),
              # the real no-image stream (not a null contrast), its gate closed
              "m3id": lambda r: streamed(r) and r["contrast_prompt_tokens"] < batch["input_ids"].shape[1]}[name]
     assert acted(report), report
