@@ -35,7 +35,9 @@ How it rides on ``generate()`` (greedy, sampling, beam search, batches; nothing 
   ``num_return_sequences``. The contrast rows get their own ``DynamicCache`` (like generate's,
   sliding-window layers included), their own attention mask, and position ids derived from the
   main rows' with the same token edit (so M-RoPE positions stay exact), left padded like the main
-  rows.
+  rows. A method that sets ``edits_contrast_embeddings`` rewrites the contrast rows' input
+  embeddings at that prefill (:meth:`~ContrastStream.contrast_embeddings`, a pre-hook on the first
+  decoder layer for that one forward; AvisC zeroes image tokens there).
 * **Decode steps.** Each later forward feeds the contrast rows the main rows' new token (the pad
   token of a finished row too, so the caches stay aligned), through the model's own
   ``prepare_inputs_for_generation`` and ``_update_model_kwargs_for_generation``: the contrast rows
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -248,6 +251,8 @@ class ContrastStream(Participant):
     # In generate(), combine where a logits processor would, after generate()'s own processors
     # (combine_scores); a forward still returns combine()'s logits (see "After the processors").
     combines_after_processors: ClassVar[bool] = False
+    # The contrast rows' input embeddings are edited at their prefill (contrast_embeddings; not with null_contrast).
+    edits_contrast_embeddings: ClassVar[bool] = False
     contrast_on: bool = False
     null_contrast: bool = False  # feed the contrast rows the main rows' own inputs (a check of the mechanism)
     _rows: _Rows | None = None
@@ -278,6 +283,12 @@ class ContrastStream(Participant):
         """:meth:`combine` of the two streams' logits ``[n, V]`` as the model gave them (any dtype): in fp32,
         with every token that either stream masks at ``-inf`` (:func:`keep_masked`)."""
         return keep_masked(self.combine(main.to(torch.float32, copy=True), contrast.float(), step), main, contrast)
+
+    def contrast_embeddings(self, embeds: Tensor) -> Tensor:
+        """``edits_contrast_embeddings`` only: the contrast rows' input embeddings ``[n, L, d]`` at their
+        prefill (the first text-decoder layer's input: token embeddings with the image features merged in),
+        returned edited; the KV cache carries the edit to every later step. Must not modify ``embeds`` in place."""
+        raise NotImplementedError
 
     def combine_scores(self, scores: Tensor, contrast: Tensor, step: int, *, log_probs: bool) -> Tensor:
         """``combines_after_processors`` only: the combination at a logits processor's place, from
@@ -376,7 +387,8 @@ class ContrastStream(Participant):
         rows.update(cache=DynamicCache(config=lvlm.model.config.get_text_config(decoder=True)), use_cache=True)
         if "logits_to_keep" in kwargs:
             rows["logits_to_keep"] = 1
-        logits, kw = self._forward(ids, rows, first=True)
+        with self._edited_embeddings():
+            logits, kw = self._forward(ids, rows, first=True)
         # The images are encoded into the cache now; do not keep them alive for the whole generation.
         kw = {k: v for k, v in kw.items() if k != "mm_encoder_outputs" and not k.startswith("pixel_")}
         first = ids[0][mask[0].bool()] if mask is not None else ids[0]
@@ -386,6 +398,24 @@ class ContrastStream(Participant):
                            first_ids=first.tolist())
         self._encoded = None
         return logits
+
+    @contextmanager
+    def _edited_embeddings(self) -> Any:
+        """During the contrast prefill: :meth:`contrast_embeddings` on the first decoder layer's input."""
+        if not self.edits_contrast_embeddings or self.null_contrast:
+            yield
+            return
+
+        def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple:
+            if args:
+                return (self.contrast_embeddings(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self.contrast_embeddings(kwargs["hidden_states"])}
+
+        handle = self._plan.lvlm.text_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _decode(self, kwargs: dict[str, Any]) -> Tensor:
         s = self._rows
