@@ -196,3 +196,17 @@ def test_a_layer_without_a_known_mlp_name_is_refused_in_one_line(tiny):
     finally:
         del layer.block_ff
         layer.add_module("mlp", mlp)
+
+
+def test_a_logits_editing_method_beside_a_contrast_stream_is_refused_before_any_model(capsys):
+    from conftest import cli_error
+    from lvlm_fix.errors import ConfigError
+    from lvlm_fix.interventions import METHODS, build_methods
+
+    editors = [n for n in METHODS.names() if METHODS.get(n).logits is not Participant.logits]
+    if not editors:
+        pytest.skip("no registered method edits the logits inside the forward")
+    with pytest.raises(ConfigError, match=f"'{editors[0]}' edits the next-token logits inside the forward and 'vcd'"):
+        build_methods(f"{editors[0]}+vcd")
+    line = cli_error(capsys, "run", "--model", "/nonexistent-model-dir", "--method", f"vcd+{editors[0]}")
+    assert "separate calls" in line

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError, UnknownNameError
+from ..hooks.plan import Participant
 from ..registry import PLUGINS_ENV, Registry, entry_point_objects, import_plugins
 from .base import Intervention, MethodConfig, Stage
 
@@ -271,6 +272,11 @@ def build_methods(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | 
     if len(streams) > 1:
         raise ConfigError(f"{streams[0]!r} and {streams[1]!r} each decode a contrast stream; compose at most one "
                           "contrastive method per run (attention and head methods compose with it, e.g. 'vhr+vcd')")
+    # The contrast rows run outside the plan: an in-forward logits edit would reach the main rows only.
+    editors = [m.name for m in methods if type(m).logits is not Participant.logits]
+    if streams and editors:
+        raise ConfigError(f"{editors[0]!r} edits the next-token logits inside the forward and {streams[0]!r} combines "
+                          "them with a contrast stream that does not get that edit; run them in separate calls")
     return methods
 
 
