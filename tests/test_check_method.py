@@ -29,6 +29,7 @@ ACTIVE = {
     "icd": {},
     "m3id": {},
     "pai": {},
+    "avisc": {},
     "clearsight": {},
     "hgai": {},
 }

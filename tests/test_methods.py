@@ -32,11 +32,12 @@ ACTIVE = {
     "icd": {},
     "m3id": {},
     "pai": {},
+    "avisc": {},
     "clearsight": {},
     "hgai": {},
 }
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
-CONTRAST = ["vcd", "icd", "m3id", "pai"]  # methods that decode a contrast stream
+CONTRAST = ["vcd", "icd", "m3id", "pai", "avisc"]  # methods that decode a contrast stream
 # Methods that work on some families only; elsewhere they must refuse with one clear error.
 ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order")}
 
@@ -56,6 +57,7 @@ def _refused(name: str, family: str, run) -> bool:
 def test_every_method_is_in_the_matrix():
     assert set(NAMES) == set(ACTIVE) == {
         "vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai",
+        "avisc",
         "clearsight", "hgai",
     }
     for name in NAMES:
@@ -119,6 +121,7 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
              "act": lambda r: any(v["max_per_head"] > 0 for v in r["sinks"].values()),
              "paint": lambda r: r["edited_forwards"] > 0 and sum(i["local"] + i["summary"] for i in r["images"]) > 0,
              "vcd": streamed, "icd": streamed, "pai": streamed,
+             "avisc": lambda r: streamed(r) and len(r["blind_tokens"]) == 3 and all(r["image_tokens"]),
              "clearsight": lambda r: r["calls"] > 0 and all(r["system_keys"]) and all(r["image_keys"]),
              "hgai": lambda r: r["calls"] > 0 and all(r["image_keys"]),
              # the real no-image stream (not a null contrast), its gate closed
