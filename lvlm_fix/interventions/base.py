@@ -58,11 +58,19 @@ class Stage(enum.Enum):
     ATTENTION_WEIGHTS = "attention_weights"  # edits post-softmax attention weights (e.g. VAR, ACT)
     MLP_OUTPUTS = "mlp_outputs"  # edits the decoder layers' MLP outputs (e.g. VISTA, VTI, MemVR)
     LOGITS = "logits"  # edits the next-token logits: in the forward (e.g. DoLa) or against a contrast stream (e.g. VCD)
+    DECODING = "decoding"  # owns generate()'s decoding loop: its own search over the plan's forwards (e.g. OPERA)
 
     @property
     def wraps_generate(self) -> bool:
         """The method calls ``generate()`` itself, so it cannot wrap a caller's ``generate()``."""
         return self in (Stage.PIPELINE, Stage.INPUT)
+
+    @property
+    def owns_decoding(self) -> bool:
+        """The method replaces ``generate()``'s decoding loop (``generate(custom_generate=...)``): generate()
+        still prepares the inputs, the cache, the processors and the stopping criteria; every forward of
+        the loop runs inside the plan. One per composition, and no contrast stream beside it."""
+        return self is Stage.DECODING
 
 
 # The composition order of a method that declares none, by stage (lower first; the gaps leave room for
@@ -70,7 +78,8 @@ class Stage(enum.Enum):
 # other's edit, in this order (PAI's then PAINT's scores; ACT's then VAR's weights); a method that runs
 # generate() itself goes around every later one (MVP calls CARVE, which calls the plan).
 DEFAULT_ORDER = {Stage.PIPELINE: 0, Stage.INPUT: 10, Stage.HEAD_OUTPUTS: 20, Stage.ATTENTION_SCORES: 30,
-                 Stage.ATTENTION_WEIGHTS: 40, Stage.MLP_OUTPUTS: 45, Stage.LOGITS: 50}
+                 Stage.ATTENTION_WEIGHTS: 40, Stage.MLP_OUTPUTS: 45, Stage.LOGITS: 50,
+                 Stage.DECODING: 60}
 
 
 def param(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,

@@ -272,6 +272,14 @@ def build_methods(spec: str | Sequence[str] | Mapping[str, Mapping[str, Any]] | 
     if len(streams) > 1:
         raise ConfigError(f"{streams[0]!r} and {streams[1]!r} each decode a contrast stream; compose at most one "
                           "contrastive method per run (attention and head methods compose with it, e.g. 'vhr+vcd')")
+    # One decoding loop per generation, and no contrast stream beside it: the stream decodes in lock step with
+    # generate()'s own rows, and a loop of its own (OPERA's candidates and rollbacks) is not that.
+    loops = [m.name for m in methods if m.stage.owns_decoding]
+    if len(loops) > 1:
+        raise ConfigError(f"{loops[0]!r} and {loops[1]!r} each own the decoding loop; compose at most one of them")
+    if loops and streams:
+        raise ConfigError(f"{loops[0]!r} owns the decoding loop and {streams[0]!r} decodes a contrast stream, which "
+                          f"cannot follow it; drop one (attention and head methods compose with {loops[0]!r})")
     # The contrast rows run outside the plan: an in-forward logits edit would reach the main rows only.
     editors = [m.name for m in methods if type(m).logits is not Participant.logits]
     if streams and editors:

@@ -1,0 +1,385 @@
+"""OPERA: beam search with an over-trust penalty and retrospection (Huang et al., CVPR 2024).
+
+OPERA owns the decoding loop (stage ``DECODING``): it is beam search whose candidates are
+re-scored by what the last decoder layer's attention says about them, with a rollback when the
+same over-trusted "summary" token keeps coming back.
+
+Each step, for every beam row:
+
+1. **Candidates.** ``Y`` = the top ``N`` tokens of the raw next-token logits ``l``. Each candidate
+   ``c`` is forwarded once after the row, on the live cache, which is cropped again afterwards.
+2. **Attention statistic.** The last layer's post-softmax row of a query, reduced by a max over
+   heads and renormalised over its keys: ``ã = max_h A_h / Σ_k max_h A_h[k]``.
+3. **Over-trust score.** In the square of the response (rows and columns from the response start
+   to the candidate, every generated token plus ``c``), scaled by ``σ``: the column score
+   ``φ_j = 1e-7 · Π_{i=j..t} σ ã_i[j]`` (the product runs down column ``j`` from the diagonal),
+   ``φ(c) = max_j φ_j`` and ``loc_c = argmax_j φ_j``. The image score ``ι_c = Σ_{image keys} ã_c``.
+4. **Penalised logits.** ``s_c = l_c + w ι_c`` while at most ``bonus_tokens`` tokens (the candidate
+   included) are in the response, else ``s_c = l_c - w φ(c)``; every other token gets ``-999``.
+   Then ``log_softmax`` (the candidates' renormalised log-probabilities), the logits processors and
+   beam search's selection (top ``2·beams`` of ``beams·V``, 4.29 ``BeamSearchScorer`` semantics:
+   :class:`~lvlm_fix.hooks.decoding.BeamScorer`).
+5. **Retrospection.** ``loc_b`` = the mode of ``loc_c`` over a row's candidates, ``loc`` = the mode of
+   ``loc_b`` over the rows; each row keeps the history of its ``loc_b``. When every row's history
+   holds ``loc`` more than ``threshold`` times and ``loc >= min_rollback_loc``, decoding rolls back
+   to response position ``loc + 1``: the beams, their scores and the scorer from just before that
+   token was chosen are restored, and the token is chosen again from the full-vocabulary logits
+   (shifted so that their minimum is ``-999``, no candidate restriction, no penalty) with every
+   (beam, token) pair chosen there before set to ``-999``. A position is a target at most ``N``
+   times; then the target moves to ``loc``; when that is exhausted too, there is no rollback.
+
+Defaults (``shikiw/OPERA`` @ 61426ef, its vendored transformers 4.29.2 ``generation/utils.py``, the
+``chair_eval.py`` / ``pope_eval.py`` scripts and the README): ``scale_factor`` 50, ``threshold`` 15,
+``num_attn_candidates`` 5, ``penalty_weights`` 1, beam 5 (the call's ``num_beams``); hard-coded there:
+the 10-token bonus regime, no rollback below position 10, ``1e-7`` and ``-999``.
+
+Deviations from the release (``release_compat=True`` restores the first four):
+
+* **fp32 penalty.** The release stores ``φ`` in an fp16 buffer (and, on the fp16 models it ran,
+  computes it in fp16): the penalty is then either below ``1e-7·65504`` or ``inf``, a step function.
+  Here it is computed and kept in fp32. Compat: ``ã`` cast to fp16, scaled and multiplied in fp16,
+  stored in fp16, as the paper's fp16 runs did.
+* **Rejections cleared at the right positions.** On a rollback the release clears the last slots of
+  its 512-long rejection list instead of the positions after the target, so stale rejections
+  survive. Here every position after the target is cleared.
+* **Location history follows the beams.** The release does not reorder a row's ``loc`` history when
+  beams move; here it is reordered with the beams (and restored with them on a rollback).
+* **Targets at the newest token.** When ``loc + 1`` is the current step or later (no token has been
+  chosen there yet), the release restores the state one step earlier and files the rejections at
+  ``loc + 1``. Here there is nothing to retract: no rollback. The release also restores the scorer
+  object kept in its history (not a copy), so a later rollback to the same step sees it mutated;
+  here each restore takes a copy.
+* **No re-prefill.** The release re-runs a full prefill (image included) on every rollback; here
+  the cache is cropped to the prompt and the restored beams' tokens are re-forwarded as one chunk
+  (the same math within float rounding). Candidates are forwarded on the live cache and cropped.
+* **Batches.** The release is batch-1 only (one rollback decision for the whole batch). Here each
+  sample is an independent search (``generate()`` is called once per sample, without its padding).
+* **Bounded memory.** Only each response row's window and image sum are kept, not full attention
+  maps; the history covers the whole response (the release's 512-state bound only matters past 512
+  tokens, where its rejection list would overflow).
+* **Image positions** come from the model's image tokens of each row (the release hard-codes the
+  576 tokens of LLaVA-1.5's image).
+* **Greedy** (``num_beams=1``) runs as a one-beam OPERA search (the release refuses it). Sampling is
+  refused: OPERA is a beam search.
+
+Composition: OPERA's forwards are the plan's, so attention, head, MLP and in-forward logits methods
+compose with it (their edits shape the attention OPERA reads and the logits it ranks). A method
+that decodes a contrast stream (VCD, ICD, M3ID, PAI's guidance) is refused: the stream decodes in
+lock step with generate()'s own rows and cannot follow candidates and rollbacks. A second method
+of the decoding stage is refused too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import torch
+from ..errors import LvlmFixError
+from ..hooks.decoding import BeamScorer, Decoder, own_decoding
+from ..hooks.plan import static_cache
+from .base import Intervention, MethodConfig, Stage, param
+from .registry import register_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..hooks.capture import HookSet
+    from ..hooks.plan import AttnContext, Plan
+    from ..model import LVLM
+
+REJECTED = -999.0  # the release's fill for non-candidates and rejected pairs (utils.py:3543, 3556)
+TINY = 1e-7  # the release's factor before the column product is stored (utils.py:3427)
+SLOTS = 512  # the release's rejection list (window_size, utils.py:3134); release_compat only
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperaConfig(MethodConfig):
+    scale_factor: float = param(50.0, "Scales the attention weights in the response window before the column "
+                                      "products (sigma). Default 50 (source: OPERA README, chair_eval.py, "
+                                      "utils.py:1159).", lo=0.0, lo_open=True)
+    threshold: int = param(15, "A rollback needs every beam's location history to hold the current location "
+                               "more than this many times (r). Default 15 (source: OPERA README, chair_eval.py, "
+                               "utils.py:1160; the README's efficient setting is 25).", lo=0)
+    num_attn_candidates: int = param(5, "Candidates per beam (N): the top-N tokens of the raw logits, each "
+                                        "forwarded once; also the most rollbacks to one position. 0 turns OPERA "
+                                        "off. Default 5 (source: OPERA README, chair_eval.py, utils.py:1161).",
+                                     lo=0)
+    penalty_weights: float = param(1.0, "Weight of the over-trust penalty and of the image-attention bonus (w). "
+                                        "Default 1 (source: OPERA README, chair_eval.py, utils.py:1162).", lo=0.0)
+    rollback: bool = param(True, "Retrospection: roll back when the over-trust location repeats. Default true "
+                                 "(source: OPERA utils.py:3459, always on there).")
+    bonus_tokens: int = param(10, "While the response (with the candidate) has at most this many tokens, the "
+                                  "candidates get the image-attention bonus instead of the penalty. Default 10 "
+                                  "(source: OPERA utils.py:3440, hard-coded there).", lo=0)
+    min_rollback_loc: int = param(10, "No rollback to a location below this response position. Default 10 "
+                                      "(source: OPERA utils.py:3460, hard-coded there).", lo=0)
+    release_compat: bool = param(False, "Reproduce the release: the fp16 penalty buffer, stale rejections, the "
+                                        "location history not reordered with the beams, and its rollback target "
+                                        "one step early at the newest token. Default false (source: this "
+                                        "port; see docs/methods/opera.md).")
+
+    @classmethod
+    def noop(cls) -> OperaConfig:
+        return cls(num_attn_candidates=0)  # no candidate: nothing installed, generate() decodes as it would
+
+    @classmethod
+    def math_identity(cls) -> OperaConfig:
+        # The candidates run and are read, nothing is penalised or rolled back. With one beam (greedy)
+        # the chosen token is the argmax, as vanilla's; with more beams the restriction to the top N
+        # renormalises each beam's log-probabilities, so only N >= vocabulary is vanilla beam search
+        # (tests/test_opera.py checks that on a small vocabulary).
+        return cls(penalty_weights=0.0, rollback=False, num_attn_candidates=2)
+
+
+@register_method
+class Opera(Intervention):
+    """OPERA: beam search with an over-trust penalty and retrospection (module docstring)."""
+
+    name = "opera"
+    stage = Stage.DECODING
+    config_cls = OperaConfig
+
+    def bind(self, lvlm: LVLM) -> None:
+        self.observed_layers = frozenset({lvlm.num_layers - 1}) if self.active else frozenset()
+        self._capture: dict[str, Any] | None = None
+        self._stats = {"samples": 0, "steps": 0, "probe_forwards": 0, "bonus_steps": 0, "rollbacks": []}
+
+    @property
+    def active(self) -> bool:
+        return self.config.num_attn_candidates > 0
+
+    def install(self, plan: Plan, hooks: HookSet) -> None:
+        if self.active:
+            own_decoding(plan, hooks, self.search)
+
+    def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        gc = generation_config
+        if gc.do_sample:
+            raise LvlmFixError("opera is a beam search: do_sample=True is not served; use do_sample=False with "
+                               "num_beams (the release uses 5)")
+        if (gc.num_return_sequences or 1) > gc.num_beams:
+            raise LvlmFixError(f"num_return_sequences={gc.num_return_sequences} exceeds num_beams={gc.num_beams}; "
+                               "ask for at most num_beams sequences")
+        if getattr(gc, "num_beam_groups", 1) and getattr(gc, "num_beam_groups", 1) > 1:
+            raise LvlmFixError(f"num_beam_groups={gc.num_beam_groups} (diverse beam search) is not served by opera; "
+                               "drop num_beam_groups")
+        if getattr(gc, "prompt_lookup_num_tokens", None):
+            raise LvlmFixError("prompt_lookup_num_tokens (assisted decoding) is not served by opera; drop it")
+        if gc.use_cache is False:
+            raise LvlmFixError("use_cache=False: opera forwards its candidates on the cache; drop use_cache=False")
+        what = static_cache(gc, model_kwargs)
+        if what:
+            raise LvlmFixError(f"{what}: opera crops the cache after each candidate, which a static cache cannot "
+                               "do; use the default dynamic cache")
+        if gc.output_attentions or gc.output_hidden_states:
+            raise LvlmFixError("output_attentions / output_hidden_states are not returned by opera's loop; drop them")
+
+    # -- the attention read ----------------------------------------------------------------------
+    def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:  # [rows, heads, keys], the last layer
+        if self._capture is None:
+            return
+        row = probs_last.amax(dim=1)  # max over heads
+        row = row / row.sum(dim=-1, keepdim=True)  # renormalised over the row's keys
+        start = self._capture["start"]
+        self._capture["window"] = row[:, start:].clone()  # the response's columns
+        self._capture["image"] = (row * ctx.image_keys.to(row.dtype)).sum(dim=-1)
+
+    def _read(self, run, start: int) -> tuple[Any, Tensor, Tensor]:
+        self._capture = {"start": start}
+        try:
+            out = run()
+            seen = self._capture
+        finally:
+            self._capture = None
+        if "window" not in seen:
+            raise LvlmFixError("opera read no attention of the last layer in this forward; is another method "
+                               "replacing that layer's attention?")
+        return out, seen["window"], seen["image"]
+
+    # -- the math --------------------------------------------------------------------------------
+    def column_scores(self, window: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
+        """``φ(c)`` and ``loc_c`` ``[rows, N]`` from the response rows ``window`` ``[rows, t, t]`` (row i: the
+        renormalised attention of response token i over the response) and the candidates' rows ``cand``
+        ``[rows, N, t+1]``."""
+        return over_trust(window, cand, self.config.scale_factor, fp16=self.config.release_compat)
+
+    def search(self, dec: Decoder, processors: Any, stopping: Any, gc: Any) -> dict[str, Any]:
+        """One sample's OPERA beam search (module docstring) on the decoder's rows, one per beam."""
+        cfg, compat = self.config, self.config.release_compat
+        rows, start = dec.input_ids.shape[0], dec.prompt_len
+        eos = [int(x) for x in gc._eos_token_tensor.flatten().tolist()] if gc._eos_token_tensor is not None else []
+        pad = int(gc._pad_token_tensor) if gc._pad_token_tensor is not None else (eos[0] if eos else 0)
+        scorer = BeamScorer(rows, gc.length_penalty, gc.early_stopping, gc.num_return_sequences or 1,
+                            stopping.max_length)
+        ids = dec.input_ids
+        beam_scores = torch.zeros(rows, device=ids.device)
+        beam_scores[1:] = -1e9  # only the first beam's continuations at the first step (identical rows)
+        hist = ids.new_zeros(0, rows)  # [steps, rows]: each row's loc_b per step
+        window = torch.zeros(rows, 0, 0, device=ids.device)  # [rows, t, t]
+        new_rows: list[Tensor] = []  # new_rows[s-1]: the row of response token s-1 (read at step s), per beam then
+        chosen: list[tuple[Tensor, Tensor]] = []  # chosen[s]: (beam_idx, tokens) picked at step s
+        states: list[dict[str, Any]] = []  # states[s]: the beams before step s's choice
+        times: dict[int, int] = {}  # rollbacks per target position
+        rejected: dict[int, list[Tensor]] | list[list[Tensor]] = [[] for _ in range(SLOTS)] if compat else {}
+        scores_out: list[Tensor] = []
+        logits_out: list[Tensor] = []
+        self._stats["samples"] += 1
+
+        logits = dec.prefill()
+        while True:
+            t = ids.shape[1] - start  # tokens generated so far
+            redo = None
+            vocab = logits.shape[-1]
+            n = min(cfg.num_attn_candidates, vocab)
+            cand_logits, cand = logits.topk(n, dim=-1)  # on the raw logits, as the release
+            cand_rows, cand_image = [], []
+            for k in range(n):
+                _, w_row, img = self._read(lambda k=k: dec.probe(ids, cand[:, k]), start)
+                cand_rows.append(w_row)
+                cand_image.append(img)
+            self._stats["probe_forwards"] += n
+            phi, loc_c = self.column_scores(window, torch.stack(cand_rows, dim=1))
+            iota = torch.stack(cand_image, dim=1)
+            if t + 1 <= cfg.bonus_tokens:
+                penalised = cand_logits + cfg.penalty_weights * iota
+                self._stats["bonus_steps"] += 1
+            else:
+                penalised = cand_logits - cfg.penalty_weights * phi
+            loc_b = loc_c.mode(dim=-1).values  # [rows]
+            loc = int(loc_b.mode().values)
+            hist = torch.cat([hist, loc_b[None]], dim=0)
+            states.append({"ids": ids, "scorer": scorer.copy(), "beam_scores": beam_scores, "hist": hist})
+            if cfg.rollback:
+                redo = self._target(hist, loc, t, times, n)
+            if redo is None:
+                step_logits = torch.full_like(logits, REJECTED).scatter_(-1, cand, penalised)
+                raw = logits
+            else:
+                target, slot = redo
+                state = states[target]
+                del states[target + 1:]
+                bad_idx, bad_tok = chosen[target]
+                del chosen[target:]
+                del new_rows[target:]
+                del scores_out[target:], logits_out[target:]
+                ids, beam_scores, hist = state["ids"], state["beam_scores"], state["hist"]
+                # compat: the scorer object kept in the history itself (utils.py:3487), later mutated
+                scorer = state["scorer"] if compat else state["scorer"].copy()
+                window = rebuild_window(new_rows, chosen, rows)
+                if compat:  # utils.py:3479-3481, 3540: the tail slots of the 512-long list, then loc + 2
+                    for j in range(max(0, t - slot - 1)):
+                        rejected[-(j + 1)] = []
+                    rejected[slot + 1] = []
+                else:
+                    for pos in [p for p in rejected if p > target]:
+                        del rejected[pos]
+                pairs = bad_idx * vocab + bad_tok
+                previous = rejected[slot] if compat else rejected.get(slot, [])
+                rejected[slot] = [*previous, pairs]
+                raw = dec.rewind(ids, start)
+                step_logits = raw - (-REJECTED + raw.min(dim=-1, keepdim=True).values)  # minimum at -999
+                flat = step_logits.view(-1)
+                flat[torch.cat(rejected[slot])] = REJECTED
+                self._stats["rollbacks"].append({"step": t, "to": target, "loc": loc})
+            log_probs = torch.log_softmax(step_logits, dim=-1)
+            processed = processors(ids, log_probs)
+            total = (processed + beam_scores[:, None]).view(-1)
+            top, flat_idx = total.topk(2 * rows)
+            beam_scores, tokens, beam_idx = scorer.process(ids, top, flat_idx % vocab, flat_idx // vocab, set(eos), pad)
+            chosen.append((beam_idx, tokens))
+            scores_out.append(processed)
+            logits_out.append(raw)
+            ids = torch.cat([ids[beam_idx], tokens[:, None]], dim=1)
+            dec.reorder(beam_idx)
+            if not compat:  # the history follows its beams (the release keeps it in place)
+                hist = hist[:, beam_idx]
+            self._stats["steps"] += 1
+            if scorer.done or bool(stopping(ids, processed).all()):
+                break
+            logits, w_row, _ = self._read(lambda: dec.step(ids), start)
+            new_rows.append(w_row)
+            window = grow_window(window, beam_idx, w_row)
+        sequences, seq_scores = scorer.finalize(ids, beam_scores, eos, pad)
+        return {"sequences": sequences, "sequences_scores": seq_scores, "scores": tuple(scores_out),
+                "logits": tuple(logits_out)}
+
+    def _target(self, hist: Tensor, loc: int, t: int, times: dict[int, int], n: int) -> tuple[int, int] | None:
+        """The step to restore and the rejection slot, or None: no rollback (module docstring, step 5)."""
+        cfg = self.config
+        if not bool(((hist == loc).sum(dim=0) > cfg.threshold).all()) or loc < cfg.min_rollback_loc:
+            return None
+        pos = loc + 1
+        if times.get(pos, 0) >= n:
+            pos -= 1
+            if times.get(pos, 0) >= n:
+                return None
+        if not cfg.release_compat and pos > t - 1:
+            return None  # no token has been chosen at pos yet: nothing to retract
+        if cfg.release_compat and pos + 1 >= SLOTS:
+            return None  # the release's rejection list overflows: its bare except means no rollback
+        times[pos] = times.get(pos, 0) + 1
+        # The release restores history_states[-2] after popping: the state of pos, or of t - 1 when pos >= t.
+        return (min(pos, t - 1), pos) if cfg.release_compat else (pos, pos)
+
+    def report(self) -> dict[str, Any]:
+        stats = getattr(self, "_stats", None)
+        if stats is None:
+            return {"active": False}
+        return {"active": self.active, **{k: v for k, v in stats.items() if k != "rollbacks"},
+                "rollbacks": len(stats["rollbacks"]), "rollback_targets": [r["to"] for r in stats["rollbacks"]]}
+
+    def summarize(self, report: dict[str, Any]) -> str:
+        if not report.get("active"):
+            return "off"
+        return (f"{report['steps']} beam steps over {report['samples']} sample(s), {report['probe_forwards']} "
+                f"candidate forwards, {report['rollbacks']} rollback(s)")
+
+
+def over_trust(window: Tensor, cand: Tensor, scale: float, fp16: bool = False) -> tuple[Tensor, Tensor]:
+    """The column scores ``φ_j = 1e-7 · Π_{i=j..t} σ ã_i[j]`` of each candidate's response square, their
+    max ``φ(c)`` and argmax ``loc_c`` ``[rows, N]``.
+
+    ``window`` ``[rows, t, t]``: the response rows before the candidate (lower triangular);
+    ``cand`` ``[rows, N, t+1]``: each candidate's row. ``fp16``: the release's fp16 path (the square
+    in fp16, scaled and multiplied in fp16, the result stored in fp16).
+    """
+    rows, n, size = cand.shape
+    t = size - 1
+    if fp16:
+        square = torch.zeros(rows, n, size, size, dtype=torch.float16, device=cand.device)
+        square[:, :, :t, :t] = window[:, None].to(torch.float16)
+        square[:, :, t, :] = cand.to(torch.float16)
+        square = scale * square
+        phi = torch.zeros(rows, n, size, dtype=torch.float16, device=cand.device)
+        for j in range(size):
+            phi[..., j] = TINY * square[..., j:, j].prod(-1)
+    else:
+        scaled = scale * window.float()  # [rows, t, t]
+        below = torch.ones(t, t, dtype=torch.bool, device=cand.device).tril()  # i >= j
+        column = torch.where(below, scaled, torch.ones_like(scaled)).prod(dim=1)  # [rows, t]: Π_{i=j..t-1}
+        last = scale * cand.float()  # [rows, N, t+1]
+        phi = torch.cat([column[:, None] * last[..., :t], last[..., t:]], dim=-1) * TINY
+    score, loc = phi.max(dim=-1)
+    return score.float(), loc
+
+
+def grow_window(window: Tensor, beam_idx: Tensor, row: Tensor) -> Tensor:
+    """The response rows after a step: the chosen beams' rows, one more column, and the new row ``[rows, t]``."""
+    rows, t, _ = window.shape
+    grown = window.new_zeros(rows, t + 1, t + 1)
+    grown[:, :t, :t] = window[beam_idx]
+    grown[:, t, :] = row
+    return grown
+
+
+def rebuild_window(new_rows: list[Tensor], chosen: list[tuple[Tensor, Tensor]], rows: int) -> Tensor:
+    """The response rows of the beams at step ``len(new_rows)``, replayed from each step's new rows and beam choices."""
+    device = new_rows[0].device if new_rows else None
+    window = torch.zeros(rows, 0, 0, device=device)
+    for s, row in enumerate(new_rows):
+        window = grow_window(window, chosen[s][0], row)
+    return window
+
