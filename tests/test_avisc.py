@@ -264,3 +264,19 @@ def test_composition_and_refusals(tiny, images):
 
 def test_conforms():
     check_method(AvisC)
+
+
+def test_query_chunks_give_the_same_selection_and_logits(tiny, images):
+    """Composed with an eager attention method (VAR at its identity, on every layer), the attention row is read
+    from the last query chunk when the plan splits the prefill into chunks: the same selection and logits."""
+    lvlm = tiny("llava")
+    inputs = dict(lvlm.encode(images[:2], PROMPTS[:2]))
+    runs = []
+    for block in (None, 1):
+        with lvlm_fix.apply(lvlm, {"var": {"p": 1.0, "tau": 2.5}, "avisc": {}}) as plan:
+            plan.block_bytes = block
+            assert plan.eager_layers  # VAR's layers run the eager path: chunked at block 1
+            runs.append((_gen(lvlm, inputs, n=2), plan.participants[-1].selection))
+    (whole, a), (chunked, b) = runs
+    assert torch.equal(a.masked, b.masked) and a.layers == b.layers and 0 < sum(a.blind) < sum(map(len, a.scores))
+    assert all(_same(x, y, atol=1e-5) for x, y in zip(whole.logits, chunked.logits))
