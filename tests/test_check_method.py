@@ -32,6 +32,7 @@ ACTIVE = {
     "avisc": {},
     "clearsight": {},
     "hgai": {},
+    "memvr": {},
 }
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.
 CHUNKED = {"var", "act", "pai", "paint", "clearsight", "hgai"}
