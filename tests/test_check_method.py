@@ -32,6 +32,8 @@ ACTIVE = {
     "avisc": {},
     "clearsight": {},
     "hgai": {},
+    "dola": {},
+    "deco": {},
     "memvr": {},
 }
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.

@@ -35,6 +35,8 @@ ACTIVE = {
     "avisc": {},
     "clearsight": {},
     "hgai": {},
+    "dola": {},
+    "deco": {},
     "memvr": {},
 }
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
@@ -60,6 +62,7 @@ def test_every_method_is_in_the_matrix():
         "vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai",
         "avisc",
         "clearsight", "hgai",
+        "dola", "deco",
         "memvr",
     }
     for name in NAMES:
@@ -126,6 +129,8 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
              "avisc": lambda r: streamed(r) and len(r["blind_tokens"]) == 3 and all(r["image_tokens"]),
              "clearsight": lambda r: r["calls"] > 0 and all(r["system_keys"]) and all(r["image_keys"]),
              "hgai": lambda r: r["calls"] > 0 and all(r["image_keys"]),
+             "dola": lambda r: r["steps"] == 5 and sum(r["premature_layer_counts"].values()) == 15,
+             "deco": lambda r: r["steps"] == 5 and sum(r["selected_layer_counts"].values()) == 15,
              "memvr": lambda r: r["forwards"] == 15 and sum(r["retraced"].values()) == 15,
              # the real no-image stream (not a null contrast), its gate closed
              "m3id": lambda r: streamed(r) and r["contrast_prompt_tokens"] < batch["input_ids"].shape[1]}[name]
