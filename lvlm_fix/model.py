@@ -24,6 +24,9 @@ DEFAULT_MODEL = "testbed"  # the embedded checkpoint shipped in lvlm_fix/testbed
 # The usual names of a decoder layer's MLP and of the text decoder's final norm, in the families transformers ships.
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+# The usual names of a pre-norm decoder layer's two norms: before the attention, and before the MLP.
+_INPUT_NORM_NAMES = ("input_layernorm", "ln_1", "attention_norm")
+_POST_ATTENTION_NORM_NAMES = ("post_attention_layernorm", "ln_2", "ffn_norm")
 
 
 def testbed_path() -> Path:
@@ -90,6 +93,24 @@ class LVLM:
                 return found
         raise LvlmFixError(f"decoder layer {layer} ({type(block).__name__}) has no child named {' / '.join(_MLP_NAMES)}; "
                            "name its MLP: lvlm_fix.wrap(model, processor, adapter={'mlp': ...})")
+
+    def pre_norms(self, layer: int) -> tuple[Any, Any]:
+        """``layer``'s two norms ``(N_in, N_post)`` when it is a pre-norm decoder layer,
+        ``h = x + attn(N_in(x))``, ``out = h + mlp(N_post(h))`` (Llama, Qwen2, ...), found by their usual names.
+
+        Raises:
+            LvlmFixError: the layer has other norms (Gemma's around the attention's and the MLP's outputs)
+                or not these two: a computation that rebuilds the layer from them would not be the layer's.
+        """
+        block = self.text_layers[layer]
+        norms = [n for n, m in block.named_children() if "norm" in n.lower() or "norm" in type(m).__name__.lower()]
+        found = [next((getattr(block, n) for n in names if isinstance(getattr(block, n, None), torch.nn.Module)), None)
+                 for names in (_INPUT_NORM_NAMES, _POST_ATTENTION_NORM_NAMES)]
+        if None in found or len(norms) != 2:
+            raise LvlmFixError(f"decoder layer {layer} ({type(block).__name__}) is not a pre-norm layer with the two "
+                               f"norms {_INPUT_NORM_NAMES[0]} and {_POST_ATTENTION_NORM_NAMES[0]} (its norms: "
+                               f"{', '.join(norms) or 'none'})")
+        return found[0], found[1]
 
     @property
     def final_norm(self) -> Any:

@@ -32,6 +32,7 @@ ACTIVE = {
     "avisc": {},
     "clearsight": {},
     "hgai": {},
+    "only": {},
     "dola": {},
     "deco": {},
     "memvr": {},

@@ -35,6 +35,7 @@ ACTIVE = {
     "avisc": {},
     "clearsight": {},
     "hgai": {},
+    "only": {},
     "dola": {},
     "deco": {},
     "memvr": {},
@@ -42,7 +43,8 @@ ACTIVE = {
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
 CONTRAST = ["vcd", "icd", "m3id", "pai", "avisc"]  # methods that decode a contrast stream
 # Methods that work on some families only; elsewhere they must refuse with one clear error.
-ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order")}
+ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order"),
+        "only": ({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"}, "not a pre-norm layer")}
 
 
 def _refused(name: str, family: str, run) -> bool:
@@ -62,6 +64,7 @@ def test_every_method_is_in_the_matrix():
         "vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai",
         "avisc",
         "clearsight", "hgai",
+        "only",
         "dola", "deco",
         "memvr",
     }
@@ -132,6 +135,7 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
              "dola": lambda r: r["steps"] == 5 and sum(r["premature_layer_counts"].values()) == 15,
              "deco": lambda r: r["steps"] == 5 and sum(r["selected_layer_counts"].values()) == 15,
              "memvr": lambda r: r["forwards"] == 15 and sum(r["retraced"].values()) == 15,
+             "only": lambda r: r["forwards"] == 5 and r["removed_heads_mean"] > 0,
              # the real no-image stream (not a null contrast), its gate closed
              "m3id": lambda r: streamed(r) and r["contrast_prompt_tokens"] < batch["input_ids"].shape[1]}[name]
     assert acted(report), report

@@ -8,7 +8,8 @@ another model that shares this function):
 * no plan, or a layer the plan neither edits nor reads: the stock sdpa function, untouched;
 * a layer the plan *reads* (``observed_layers``): sdpa for the output, plus the fp32 attention
   row of the last query, handed to the plan's ``observe`` callbacks (statistics never keep the
-  full ``[b, h, q, k]`` map);
+  full ``[b, h, q, k]`` map); at ``value_layers``, that row with the layer's values (after the
+  cache update) goes to ``observe_values``;
 * a layer the plan *edits* (``eager_layers``): eager math in fp32, with the plan's pre-softmax
   and post-softmax callbacks in between. The fp32 working set is bounded: when the ``[b, h, q, k]``
   map exceeds :func:`block_bytes` (long prefills), the queries are processed in chunks, each
@@ -288,7 +289,10 @@ def lvlm_fix_attention(
         )
         mask = additive_mask(attention_mask, q_len, k_len, is_causal, query.device, rows=(q_len - 1, q_len))
         last = _attention_probs(query[:, :, -1:], repeat_kv(key, n_rep), mask, scaling)
-        plan.observe(last[:, :, 0], ctx)
+        if layer in plan.observed_layers:
+            plan.observe(last[:, :, 0], ctx)
+        if layer in plan.value_layers:
+            plan.observe_values(last[:, :, 0], repeat_kv(value, n_rep), ctx)
         return out, None
 
     return _edited_attention(plan, ctx, module, query, repeat_kv(key, n_rep), repeat_kv(value, n_rep),
@@ -348,7 +352,7 @@ def _edited_attention(
     q32 = query.float().contiguous()
     key_t = key.float().transpose(-1, -2).contiguous()  # [b, h, d, k]: chunk keys are a prefix of columns
     v32 = value.float().contiguous()
-    observed = layer in plan.observed_layers
+    observed = layer in plan.observed_layers or layer in plan.value_layers  # the last query's row is read
     chunks = [(q0, min(q0 + step, q_len)) for q0 in range(0, q_len, step)]
     if layer in plan.column_stats_layers:  # statistics pass: every chunk seen before any is edited
         for q0, q1 in chunks:
@@ -369,6 +373,7 @@ def _edited_attention(
         probs = plan.post_softmax(probs, cctx)
         if observed and q1 == q_len:
             plan.observe(probs[:, :, -1], cctx)
+            plan.observe_values(probs[:, :, -1], value[:, :, :kc], cctx)
         if dropout and module.training:
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out[:, :, q0:q1] = torch.matmul(probs, v32[:, :, :kc])
@@ -394,6 +399,8 @@ def _one_block(
     probs = plan.post_softmax(probs, ctx)
     if ctx.layer in plan.observed_layers:
         plan.observe(probs[:, :, -1], ctx)
+    if ctx.layer in plan.value_layers:
+        plan.observe_values(probs[:, :, -1], value, ctx)
     if dropout and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     out = _as(torch.matmul(probs, _fp32(value)), query.dtype)  # [b, h, q, d]

@@ -113,7 +113,7 @@ class AttnContext:
 # The layer sets a participant declares in ``bind`` (its roles), each a ``frozenset[int]`` attribute of
 # :class:`Participant`: the one list that the plan's depth check and a method's ``layers_on`` read.
 LAYER_ROLES = ("eager_layers", "column_stats_layers", "observed_layers", "head_output_layers", "residual_layers",
-               "mlp_layers", "layer_output_layers")
+               "mlp_layers", "layer_output_layers", "value_layers")
 
 
 class Participant:
@@ -155,6 +155,7 @@ class Participant:
     residual_layers: frozenset[int] = frozenset()  # residual stream entering the layer read
     mlp_layers: frozenset[int] = frozenset()  # the layer's MLP output read/replaced (mlp_output)
     layer_output_layers: frozenset[int] = frozenset()  # residual stream leaving the layer read (layer_output)
+    value_layers: frozenset[int] = frozenset()  # last query's attention row with the layer's values read (observe_values)
     # logits() replaces the next-token logits of every forward of the plan (set in bind, like the layer sets)
     edits_logits: bool = False
     # residual() reads the decode steps too; False: the prefill's only, and the plan takes the layer's
@@ -222,6 +223,12 @@ class Participant:
 
     def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:  # [b, h, k] fp32, last query
         pass
+
+    def observe_values(self, probs_last: Tensor, values: Tensor, ctx: AttnContext) -> None:
+        """Layers in ``value_layers``: the last query's attention row ``probs_last`` ``[b, h, k]`` (fp32, what
+        ``observe`` gets) with the layer's values ``values`` ``[b, h, k, d]`` (the model's dtype, after the cache
+        update, key/value heads repeated to the query heads), once per forward. Read only: a method that builds
+        its own attention output from the row (ONLY) weights the values itself."""
 
     def head_output(self, heads: Tensor, ctx: AttnContext) -> Tensor | None:  # [b, q, h, d]
         return None
@@ -299,6 +306,7 @@ class Plan:
         # A column statistic needs every query's probabilities, which sdpa does not give: eager path.
         self.eager_layers = frozenset().union(*(p.eager_layers for p in self.participants), self.column_stats_layers)
         self.observed_layers = frozenset().union(*(p.observed_layers for p in self.participants))
+        self.value_layers = frozenset().union(*(p.value_layers for p in self.participants))
         n = lvlm.num_layers
         for name in LAYER_ROLES:
             for p in self.participants:
@@ -330,7 +338,7 @@ class Plan:
 
     # -- queried by the attention function --------------------------------------------------
     def touches(self, layer: int) -> bool:
-        return layer in self.eager_layers or layer in self.observed_layers
+        return layer in self.eager_layers or layer in self.observed_layers or layer in self.value_layers
 
     def context(self, layer: int, *, q_len: int, k_len: int | None = None, device: torch.device | None = None) -> AttnContext:
         """The context of ``layer`` in the current forward (key fields only when ``k_len`` is given).
@@ -405,6 +413,11 @@ class Plan:
         for p in self.participants:
             if ctx.layer in p.observed_layers:
                 p.observe(probs_last, ctx)
+
+    def observe_values(self, probs_last: Tensor, values: Tensor, ctx: AttnContext) -> None:
+        for p in self.participants:
+            if ctx.layer in p.value_layers:
+                p.observe_values(probs_last, values, ctx)
 
     def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
         """Refuse, before any forward, a ``generate()`` call the plan cannot serve (see

@@ -73,8 +73,8 @@ SCORES = {"output_scores": True, "return_dict_in_generate": True}
 CHUNK_QUERIES = 4  # query rows per chunk when chunking is forced: several chunks in any prompt of an image
 # The callbacks through which a method's math runs (hooks.Participant's and a contrast stream's);
 # math_identity counts their calls to show the math was in the path.
-CALLBACKS = ("pre_softmax", "accumulate", "post_softmax", "observe", "head_output", "residual", "mlp_output",
-             "layer_output", "logits", "combine", "combine_scores")
+CALLBACKS = ("pre_softmax", "accumulate", "post_softmax", "observe", "observe_values", "head_output", "residual",
+             "mlp_output", "layer_output", "logits", "combine", "combine_scores")
 
 
 @dataclass(frozen=True)

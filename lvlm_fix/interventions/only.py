@@ -1,0 +1,273 @@
+"""ONLY: one-layer intervention (Wan et al., "ONLY: One-Layer Intervention Sufficiently Mitigates
+Hallucinations in Large Vision-Language Models", ICCV 2025).
+
+One forward, no second stream: the model runs exactly as without ONLY (its own logits ``l``, its
+KV cache), and beside it a side output is built from one layer's attention, at the last position:
+
+1. **Head selection at layer l*** (default 0), from the attention row ``A`` of the forward's last
+   query. Its keys are split per row into the *image* segment (the row's image tokens) and the
+   *text* segment (every other valid key except the row's first one, the BOS, whose column is left
+   as it is). In each segment, weights above the segment's ``mean + std`` (unbiased std) are set to
+   0, without renormalising (``Ã``). Each segment's filtered weights, normalised to sum 1, give an
+   entropy ``H = -Σ p log(p + 1e-6)`` (a segment with nothing left: ``H_text = 0``,
+   ``H_image = +inf``); the head's text-to-visual entropy ratio is ``TVER = H_text / H_image``.
+   Heads whose TVER is below the mean over the heads are zeroed.
+2. ``a_cd = W_O(concat_h Ã'_h V_h)``: the layer's output projection of the filtered row, removed
+   heads contributing nothing.
+3. ``a_cd`` is carried to the last layer ``L-1``, which is rebuilt around it from that layer's own
+   modules: ``r = 0.2 h_in + N_in(a_cd)`` (``h_in`` the residual stream entering the last layer),
+   ``h_cd = r + MLP(N_post(r))``, and ``l_cd = W_U(N_f(h_cd) + 0.5 N_f(h_out))`` (``h_out`` the
+   stream leaving it, ``N_f`` the final norm, ``W_U`` the unembedding).
+4. Per row, with ``d = Σ_v |softmax(l) - softmax(l_cd)|`` (an L1 distance, twice the total variation):
+   ``l + α₁ l_cd`` if ``d < γ`` (collaborative), else ``(1 + α₂) l - α₂ l_cd`` (contrastive); then the
+   plausibility cut: tokens with ``l < max l + log β`` get ``-inf``. This replaces the forward's
+   next-token logits (``edits_logits``), before ``generate()``'s processors and warpers, as the
+   release combines before its ``logits_processor`` / ``logits_warper``.
+
+Each forward (the prefill and every decode step) selects its heads afresh from its own last query
+row; at decode steps the text segment holds the generated tokens too. Everything after layer l*'s
+attention is position-wise, so computing the side output at the last position only is exact.
+
+Defaults (official code ``zifuwan/ONLY`` at 109bffe, LLaVA-1.5 scripts): ``layers = [0]``
+(``enhance_layer_index``, pope_eval.sh / chair_eval.sh), ``alpha_pos = 3`` (``ritual_alpha_pos``),
+``alpha_neg = 1`` (``ritual_alpha_neg``), ``beta = 0.1`` (``ritual_beta``), ``gamma = 0.2``
+(``js_gamma`` of the POPE script; the CHAIR script uses 0.25, the parsers 0.6 for POPE and 0.1 for
+CHAIR: the scripts are what the paper's runs used); 0.2 and 0.5 are the release's constants
+(modeling_llama.py, llava_llama.py).
+
+Decisions against the release:
+
+* **Layout from the model.** The release hard-codes LLaVA-1.5's layout (text keys ``[1, 35)`` and
+  ``[611, k)``, image ``[35, 611)``) and the last layer as index 31. Here the image keys are each
+  row's image tokens (left padding and variable image positions), the text keys the row's valid
+  other keys minus its first one (``exclude_first_key``, the release's BOS exclusion; off for a
+  model without a BOS), and the last layer ``L-1`` at any depth. The release on fewer than 32
+  layers never runs its last-layer recipe (the side output is the attention output sent to the
+  final norm), on more it runs it mid-stack; with ``layers = [31]`` of 32 it skips it: here the
+  recipe always runs at ``L-1``, also when l* is ``L-1``.
+* **Per row.** The release sums ``d`` over the batch and, at batch > 1, takes the batch indices
+  for the removed heads' (``torch.where`` on ``[b, h]``): here the gate and the heads are per row,
+  so a batch equals each row alone (the release runs batch 1 everywhere, where both agree).
+* **Decoding.** The release patches sampling only (greedy or beam search with ONLY crash there);
+  here the combination is the forward's logits, so greedy, sampling and beam search all decode it
+  (greedy and beams are an extension). Sampling uses ``generate()``'s warpers as given (the
+  release's scripts pass ``top_k=None``: plain multinomial at temperature 1; pass ``top_k=0``).
+* **Precision.** The attention row is rounded to the model's dtype before filtering, as the
+  release does; the statistics, ``Ã'V``, and the combination are then computed in fp32 (the
+  release stays in fp16), the last-layer recipe in the model's dtype through its own modules.
+* **Families.** The recipe rebuilds a pre-norm decoder layer (``N_in`` before the attention,
+  ``N_post`` before the MLP). A layer with other norms (Gemma 3's four, which also scale the
+  embeddings and soft-cap the logits) is refused at bind with one line.
+
+Composition: ONLY reads the attention row and values that layer l* actually uses (after an
+attention method composed at that layer), the residual stream as the composed methods leave it,
+and edits the logits after the logits edits ordered before it. A contrast-stream method
+(``vcd``, ``icd``, ``m3id``, ``pai`` with guidance) is refused by the plan: its contrast rows would
+not get ONLY's edit. A forward that feeds several new tokens at a decode step (assisted decoding,
+prompt lookup) is refused with one line: only the last position is rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import torch
+from ..errors import ConfigError, LvlmFixError
+from ..hooks.contrast import keep_masked, plausibility_cut
+from .base import Intervention, MethodConfig, Stage, param, resolve_layers
+from .registry import register_method
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..hooks.plan import AttnContext
+    from ..model import LVLM
+
+__all__ = ["ONLY", "ONLYConfig", "only_combine", "select_heads", "segment_filter", "segment_entropy"]
+
+RESIDUAL_WEIGHT = 0.2  # weight of the stream entering the last layer in r (release: modeling_llama.py, hard-coded)
+FINAL_WEIGHT = 0.5  # weight of the main stream's normed last state in l_cd (release: llava_llama.py, hard-coded)
+ENTROPY_EPS = 1e-6  # log(p + eps) of the release's entropies (zeros are not renormalised away)
+
+
+def segment_filter(probs: Tensor, segment: Tensor) -> Tensor:
+    """``probs`` ``[b, h, k]`` with the weights of the ``segment`` keys (``[b, k]`` bool) above the
+    segment's ``mean + std`` (unbiased, per row and head) set to 0; other keys untouched.
+
+    A segment of one key has no std (NaN) and an empty one no mean: nothing is filtered there, as
+    ``torch.std`` gives the release.
+    """
+    seg = segment[:, None, :]
+    n = seg.sum(-1, keepdim=True).to(probs.dtype)  # [b, 1, 1]
+    mean = (probs * seg).sum(-1, keepdim=True) / n
+    var = ((probs - mean).square() * seg).sum(-1, keepdim=True) / (n - 1)
+    return probs.masked_fill(seg & (probs > mean + var.sqrt()), 0.0)
+
+
+def segment_entropy(filtered: Tensor, segment: Tensor) -> Tensor:
+    """``[b, h]``: ``-Σ p log(p + 1e-6)`` of the ``segment``'s filtered weights normalised to sum 1;
+    NaN where nothing is left in the segment (the caller maps it, as the release does per segment)."""
+    x = filtered * segment[:, None, :]
+    p = x / x.sum(-1, keepdim=True)
+    return -(p * torch.log(p + ENTROPY_EPS)).sum(-1)
+
+
+def select_heads(probs: Tensor, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """ONLY's filtered row and removed heads for the last query's row ``probs`` ``[b, h, k]``.
+
+    Args:
+        probs: the attention weights of the last query, per row and head.
+        image, text: ``[b, k]`` the row's image keys and its text keys (disjoint; a key in neither,
+            the BOS or padding, keeps its weight).
+
+    Returns:
+        ``(kept, removed)``: ``kept`` ``[b, h, k]`` the weights with each segment outlier-filtered and
+        the removed heads zeroed; ``removed`` ``[b, h]`` True where the head's TVER is below the
+        row's mean TVER.
+    """
+    filtered = segment_filter(segment_filter(probs, text), image)
+    h_text = segment_entropy(filtered, text).nan_to_num(nan=0.0)
+    h_image = segment_entropy(filtered, image).nan_to_num(nan=math.inf)
+    tver = h_text / h_image  # [b, h]
+    removed = tver < tver.mean(-1, keepdim=True)
+    return filtered.masked_fill(removed[..., None], 0.0), removed
+
+
+def only_combine(main: Tensor, side: Tensor, alpha_pos: float, alpha_neg: float, gamma: float,
+                 beta: float) -> tuple[Tensor, Tensor]:
+    """The gated combination of the next-token logits ``main`` with ONLY's ``side`` (``[n, V]`` fp32).
+
+    Returns ``(logits, collaborative)``: per row ``main + alpha_pos side`` where the L1 distance of
+    the two distributions is below ``gamma`` (``collaborative`` ``[n]`` True), else
+    ``(1 + alpha_neg) main - alpha_neg side``; tokens either input masks stay ``-inf``, then the cut
+    (``main < max main + log beta`` get ``-inf``; ``beta = 0`` cuts nothing).
+    """
+    d = (main.softmax(-1) - side.softmax(-1)).abs().sum(-1, keepdim=True)
+    collaborative = d < gamma
+    out = torch.where(collaborative, main + alpha_pos * side, (1.0 + alpha_neg) * main - alpha_neg * side)
+    return plausibility_cut(keep_masked(out, main, side), main, beta), collaborative[:, 0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ONLYConfig(MethodConfig):
+    """ONLY's parameters."""
+
+    layers: tuple[int, ...] = param((0,), (
+        "The decoder layer l* whose last attention row selects the heads, as a list of one (0-based, negative "
+        "counting from the end); [] installs nothing. Default [0] (source: ONLY release, enhance_layer_index in "
+        "pope_eval.sh and chair_eval.sh)."))
+    alpha_pos: float = param(3.0, (
+        "Collaborative weight: l + alpha_pos l_cd where the two distributions are closer than gamma. Default 3 "
+        "(source: ONLY release, ritual_alpha_pos, parsers and scripts)."), lo=0.0)
+    alpha_neg: float = param(1.0, (
+        "Contrastive weight: (1 + alpha_neg) l - alpha_neg l_cd where they are gamma or further apart. Default 1 "
+        "(source: ONLY release, ritual_alpha_neg, parsers and scripts)."), lo=0.0)
+    gamma: float = param(0.2, (
+        "Gate: the L1 distance sum|softmax(l) - softmax(l_cd)| (0..2) below which the combination is "
+        "collaborative. Default 0.2 (source: ONLY release, js_gamma of pope_eval.sh; chair_eval.sh uses 0.25, "
+        "the parsers 0.6 for POPE and 0.1 for CHAIR)."), lo=0.0, hi=2.0)
+    beta: float = param(0.1, (
+        "Plausibility cut: tokens whose main-stream probability is below beta times the top one's get -inf, "
+        "before temperature/top-k/top-p; 0 cuts nothing. Default 0.1 (source: ONLY release, ritual_beta, "
+        "parsers and scripts)."), lo=0.0, hi=1.0)
+    exclude_first_key: bool = param(True, (
+        "Leave each row's first valid key (the BOS) out of the text segment, its weight untouched. Default true "
+        "(source: ONLY release, text keys from 1 in modeling_llama.py); false for a model without a BOS."))
+
+    def validate(self) -> None:
+        if len(self.layers) > 1:
+            raise ConfigError(f"layers={list(self.layers)}: ONLY intervenes at one layer; give one, e.g. layers=[0]")
+
+    @classmethod
+    def noop(cls) -> ONLYConfig:
+        """No layer: nothing is installed."""
+        return cls(layers=())
+
+    @classmethod
+    def math_identity(cls) -> ONLYConfig:
+        """The side output is built and weighted by 0, without a cut: ``l + 0 l_cd = 1 l - 0 l_cd = l`` exactly."""
+        return cls(alpha_pos=0.0, alpha_neg=0.0, beta=0.0)
+
+
+@register_method
+class ONLY(Intervention):
+    """ONLY: a side output from one layer's low-TVER heads removed, gated against the next-token logits."""
+
+    name = "only"
+    stage = Stage.LOGITS
+    config_cls = ONLYConfig
+    config: ONLYConfig
+
+    def bind(self, lvlm: LVLM) -> None:
+        self.edits_logits = False
+        self.value_layers = self.residual_layers = self.layer_output_layers = frozenset()
+        if not self.config.layers:
+            return
+        n = lvlm.num_layers
+        (self.at,) = resolve_layers(self.config.layers, (), n)
+        self.last = n - 1
+        self.n_in, self.n_post = lvlm.pre_norms(self.last)  # refuses a layer of another shape, in one line
+        self._mlp, self.final_norm, self.lm_head = lvlm.mlp(self.last), lvlm.final_norm, lvlm.lm_head
+        self.o_proj = lvlm.out_proj(self.at)
+        self.value_layers = frozenset({self.at})
+        self.residual_layers = self.layer_output_layers = frozenset({self.last})
+        self.edits_logits = True
+        self._steps = 0
+        self._collaborative = self._removed = self._rows = None
+
+    def begin(self, tokens: Any) -> None:
+        self._a_cd = self._h_in = self._h_out = None
+
+    def observe_values(self, probs_last: Tensor, values: Tensor, ctx: AttnContext) -> None:
+        valid = ctx.key_valid
+        if self.config.exclude_first_key and ctx.key_start == 0:
+            valid = valid & (valid.cumsum(-1) != 1)  # the row's first valid key (its BOS) is in no segment
+        image = ctx.image_keys & ctx.key_valid
+        probs = probs_last.to(values.dtype).float()  # the release filters the softmax cast to the model's dtype
+        kept, removed = select_heads(probs, image, valid & ~image)
+        heads = torch.einsum("bhk,bhkd->bhd", kept, values.float())  # [b, h, d]
+        self._a_cd = self.o_proj(heads.reshape(heads.shape[0], 1, -1).to(values.dtype))  # [b, 1, D]
+        self._removed = removed.sum() if self._removed is None else self._removed + removed.sum()  # no sync here
+
+    def residual(self, hidden: Tensor, ctx: AttnContext) -> None:
+        self._h_in = hidden[:, -1:]
+
+    def layer_output(self, hidden: Tensor, ctx: AttnContext) -> None:
+        self._h_out = hidden[:, -1:]
+
+    def side_logits(self) -> Tensor:
+        """``l_cd`` ``[n, V]`` fp32 from this forward's reads: the last layer rebuilt around ``a_cd``."""
+        r = RESIDUAL_WEIGHT * self._h_in + self.n_in(self._a_cd)
+        h_cd = r + self._mlp(self.n_post(r))
+        normed = self.final_norm(torch.cat([h_cd, self._h_out]))  # one norm call for both streams
+        n = h_cd.shape[0]
+        return self.lm_head(normed[:n] + FINAL_WEIGHT * normed[n:])[:, -1].float()
+
+    def logits(self, last: Tensor, ctx: AttnContext) -> Tensor:
+        if ctx.step > 0 and ctx.q_len is not None and ctx.q_len > 1:
+            raise LvlmFixError(f"only rebuilds the last position's logits, but a decode step fed {ctx.q_len} tokens "
+                               "(assisted decoding or prompt lookup); decode one token per step")
+        if self._a_cd is None or self._h_in is None or self._h_out is None:
+            raise LvlmFixError("only's layer reads did not run in this forward; call the model with its input_ids "
+                               "inside lvlm_fix.apply()")
+        c = self.config
+        out, collaborative = only_combine(last, self.side_logits(), c.alpha_pos, c.alpha_neg, c.gamma, c.beta)
+        self._a_cd = self._h_in = self._h_out = None  # one forward's reads serve that forward only
+        self._steps += 1
+        self._rows = (self._rows or 0) + collaborative.shape[0]
+        col = collaborative.sum()
+        self._collaborative = col if self._collaborative is None else self._collaborative + col
+        return out
+
+    def report(self) -> dict[str, Any]:
+        c = self.config
+        out: dict[str, Any] = {"layers": list(c.layers), "alpha_pos": c.alpha_pos, "alpha_neg": c.alpha_neg, "gamma": c.gamma,
+                               "beta": c.beta}
+        if self.edits_logits:
+            rows = self._rows or 0
+            out.update(select_layer=self.at, last_layer=self.last, forwards=self._steps,
+                       collaborative_share=round(int(self._collaborative) / rows, 4) if rows else None,
+                       removed_heads_mean=round(int(self._removed) / rows, 3) if rows else None)
+        return out
