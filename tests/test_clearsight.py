@@ -196,3 +196,21 @@ def test_layers_beyond_depth_and_cli_errors_are_one_line(capsys, tiny, tiny_dirs
     line = cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(image),
                      "--method", "clearsight", "--enh", "-2")
     assert "enh" in line and "-2" in line
+
+
+def test_query_chunks_equal_the_whole_map(tiny, images):
+    """A prefill split into one-query chunks (the long-prompt path: chunks before the image end go to sdpa)
+    gives the unchunked generation."""
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    whole, report = _generate(lvlm, batch, STRONG, **GREEDY)
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "clearsight", **STRONG) as plan:
+        plan.block_bytes = 1
+        chunked = lvlm.model.generate(**batch, **GREEDY)
+        calls = plan.report()["clearsight"]["calls"]
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(chunked.logits, whole.logits))
+    image = batch["input_ids"] == lvlm.image_token_id
+    first_end = int((image * torch.arange(1, image.shape[1] + 1)).amax(1).min())  # the earliest image end of a row
+    after = batch["input_ids"].shape[1] - first_end  # prefill chunks with a query after some row's image
+    assert calls == report["calls"] - 2 + 2 * after  # per layer: one call per edited chunk instead of one at the prefill

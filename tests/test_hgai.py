@@ -185,3 +185,17 @@ def test_layers_beyond_depth_and_cli_errors_are_one_line(capsys, tiny, tiny_dirs
     line = cli_error(capsys, "run", "--model", str(tiny_dirs("llava")), "--image", str(image),
                      "--method", "hgai", "--alpha", "-1")
     assert "alpha" in line and "-1" in line
+
+
+def test_query_chunks_equal_the_whole_map(tiny, images):
+    """A prefill split into one-query chunks: only the chunk with the last query is edited (the others go
+    to sdpa), and the generation is the unchunked one."""
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    whole, report = _generate(lvlm, batch, {"hgai": STRONG}, **GREEDY)
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "hgai", **STRONG) as plan:
+        plan.block_bytes = 1
+        chunked = lvlm.model.generate(**batch, **GREEDY)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(chunked.logits, whole.logits))
+    assert plan.report()["hgai"]["calls"] == report["hgai"]["calls"] == 2 * 6
