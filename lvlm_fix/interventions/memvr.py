@@ -125,7 +125,7 @@ class MemVRConfig(MethodConfig):
         "and README tip; the CHAIR script's 0.31 is ignored by its loader)."), lo=0.0, hi=1.0)
     entropy_threshold: float = param(0.75, (
         "theta: a layer triggers when the normalised top-k entropy of its early-exit logits exceeds it; the entropy "
-        "lies in [0, 1], so a value below 0 triggers at the window's first layer and one of 1 or more never. "
+        "lies in [0, 1], so a value below 0 triggers at the window's first layer and one above 1 never. "
         "Default 0.75 (source: MemVR release, every eval script)."))
     starting_layer: int | None = param(None, (
         "s: trigger layers l satisfy s < l < e (0-based; layer l + 1 is edited); -1 lets layer 0 trigger. None: "
