@@ -45,7 +45,7 @@ from .plan import Participant, Plan, StopForward
 if TYPE_CHECKING:
     from ..model import LVLM
 
-__all__ = ["DEFAULT_TIMEOUT", "MODE_ENV", "TIMEOUT_ENV", "SidePass", "run_batched", "side_stream_mode"]
+__all__ = ["DEFAULT_TIMEOUT", "MODE_ENV", "TIMEOUT_ENV", "SidePass", "run_batched", "side_batch", "side_stream_mode"]
 
 _PAUSED, _ENDED, _RAISED, _GO, _STOP = "paused", "ended", "raised", "go", "stop"
 TIMEOUT_ENV = "LVLM_FIX_SIDE_TIMEOUT"  # seconds either side waits for the other before giving up
@@ -219,21 +219,16 @@ def _left_pad(t: torch.Tensor, width: int, fill: int) -> torch.Tensor:
     return t if t.shape[-1] == width else torch.cat([t.new_full((*t.shape[:-1], width - t.shape[-1]), fill), t], -1)
 
 
-def run_batched(lvlm: LVLM, main: dict[str, Any], side: dict[str, Any], layers: frozenset[int],
-                at_layer: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    """The batched fallback of a lock-step side stream on head outputs: both streams in one forward.
+def side_batch(lvlm: LVLM, main: dict[str, Any], side: dict[str, Any]) -> dict[str, Any]:
+    """One forward's arguments holding the ``n`` main rows, then the ``n`` side rows (rows ``n..2n-1``).
 
-    ``main`` is the prefill's forward arguments (as the model's pre-hook sees them: position ids
-    computed, image features possibly pre-encoded) and ``side`` the same rows' per-token tensors
-    without images. The side rows are appended to the main rows (left padded to one width, with
-    text positions; image inputs belong to the main rows) and the batch runs one forward, stopped
-    after the last of ``layers``. At each of ``layers``, in order, ``at_layer(layer, main_heads,
-    side_heads)`` gets both streams' per-head outputs at the last position (``[n, h, d]`` each) and
-    returns an ``[n, h]`` factor that scales both streams' heads there, so later layers see both
-    reinforced, as in the threaded lock step.
+    ``main`` is a prefill's forward arguments, ``side`` the same rows' per-token tensors without
+    images (:meth:`LVLM.text_only`). The side rows are left padded to the main rows' width and get
+    plain text positions; image inputs belong to the main rows. Cache and generation-internal
+    arguments are dropped: run it with ``use_cache=False``. Both halves end at their last token.
     """
     ids = main["input_ids"]
-    n, width = ids.shape
+    width = ids.shape[1]
     main_mask = main.get("attention_mask")
     if main_mask is None or main_mask.dim() != 2:
         main_mask = torch.ones_like(ids)
@@ -251,6 +246,23 @@ def run_batched(lvlm: LVLM, main: dict[str, Any], side: dict[str, Any], layers: 
     if main_pos.dim() == 3:  # multimodal RoPE: one row of positions per component, all equal for text
         side_pos = side_pos.expand(main_pos.shape[0], -1, -1)
     batch["position_ids"] = torch.cat([main_pos, side_pos.to(main_pos)], -2)
+    return batch
+
+
+def run_batched(lvlm: LVLM, main: dict[str, Any], side: dict[str, Any], layers: frozenset[int],
+                at_layer: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """The batched fallback of a lock-step side stream on head outputs: both streams in one forward.
+
+    ``main`` is the prefill's forward arguments (as the model's pre-hook sees them: position ids
+    computed, image features possibly pre-encoded) and ``side`` the same rows' per-token tensors
+    without images. The side rows are appended to the main rows (:func:`side_batch`) and the batch
+    runs one forward, stopped after the last of ``layers``. At each of ``layers``, in order,
+    ``at_layer(layer, main_heads, side_heads)`` gets both streams' per-head outputs at the last
+    position (``[n, h, d]`` each) and returns an ``[n, h]`` factor that scales both streams' heads
+    there, so later layers see both reinforced, as in the threaded lock step.
+    """
+    n = main["input_ids"].shape[0]
+    batch = side_batch(lvlm, main, side)
     try:
         with Plan(lvlm, [_LockStep(n, layers, at_layer)]).active(inner=True):
             lvlm.model(**batch, use_cache=False)
