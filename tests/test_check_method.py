@@ -32,9 +32,10 @@ ACTIVE = {
     "avisc": {},
     "clearsight": {},
     "hgai": {},
-    "only": {},
     "dola": {},
     "deco": {},
+    "vista": {},
+    "only": {},
     "memvr": {},
 }
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.

@@ -35,9 +35,10 @@ ACTIVE = {
     "avisc": {},
     "clearsight": {},
     "hgai": {},
-    "only": {},
     "dola": {},
     "deco": {},
+    "vista": {},
+    "only": {},
     "memvr": {},
 }
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
@@ -64,8 +65,9 @@ def test_every_method_is_in_the_matrix():
         "vhr", "var", "act", "carve", "paint", "mvp", "vcd", "icd", "m3id", "pai",
         "avisc",
         "clearsight", "hgai",
-        "only",
         "dola", "deco",
+        "vista",
+        "only",
         "memvr",
     }
     for name in NAMES:
@@ -134,8 +136,9 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
              "hgai": lambda r: r["calls"] > 0 and all(r["image_keys"]),
              "dola": lambda r: r["steps"] == 5 and sum(r["premature_layer_counts"].values()) == 15,
              "deco": lambda r: r["steps"] == 5 and sum(r["selected_layer_counts"].values()) == 15,
-             "memvr": lambda r: r["forwards"] == 15 and sum(r["retraced"].values()) == 15,
+             "vista": lambda r: r["steered_forwards"] == r["augmented_forwards"] == 5 and min(r["vector_norm"]) > 0,
              "only": lambda r: r["forwards"] == 5 and r["removed_heads_mean"] > 0,
+             "memvr": lambda r: r["forwards"] == 15 and sum(r["retraced"].values()) == 15,
              # the real no-image stream (not a null contrast), its gate closed
              "m3id": lambda r: streamed(r) and r["contrast_prompt_tokens"] < batch["input_ids"].shape[1]}[name]
     assert acted(report), report
