@@ -17,7 +17,7 @@ Defaults and sources (ZhangqiJiang07/middle_layers_indicating_hallucinations ``a
 ``--guide-range 5,18`` is turned into ``[5, 19)`` by its ``end += 1`` and run as ``range(5, 19)``
 (its output file names ``layers_5-19``); the README's "5-18 layers" agrees. A port that runs
 ``range(5, 18)`` (5..17) is one layer short; lvlm-fix follows the script, 5..18. Aggregation
-"mean", the only one the release implements for the default.
+"mean", the script's default (``--aggregation``; no other aggregation is offered).
 
 Decisions against the release, all on purpose:
 
