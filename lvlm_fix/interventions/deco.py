@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
-from .dola import LastPositionReader, early_exit_logits, refuse_multi_token_decoding
+from .dola import LastPositionReader, choice_counts, early_exit_logits, logits_device, refuse_multi_token_decoding
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -157,9 +157,11 @@ class DeCo(Intervention):
         self.edits_logits = bool(self.layers)
         self._probs_dtype = lvlm.model.dtype if self.config.release_compat else None
         self._reader = LastPositionReader()
-        self._counts: Tensor | None = None  # per layer, rows x forwards that chose it (kept on the device)
-        self._m_sum: Tensor | None = None
-        self._candidates: Tensor | None = None
+        # per layer, rows x forwards that chose it; the sums of m and |C| (tensors on the device from the start)
+        device = logits_device(lvlm)
+        self._counts = torch.zeros(len(self.layers), dtype=torch.long, device=device)
+        self._m_sum = torch.zeros((), device=device)
+        self._candidates = torch.zeros((), dtype=torch.long, device=device)
         self._steps = self._rows = 0
 
     def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
@@ -176,18 +178,15 @@ class DeCo(Intervention):
         early = early_exit_logits(self.lvlm, self._reader.stacked(self.layers), norm=True)
         out, pick, m, size = deco_correct(last, early, c.alpha, c.threshold_top_k, c.threshold_top_p,
                                           cut=c.candidate_cut, probs_dtype=self._probs_dtype)
-        counts, m_sum, cand = torch.bincount(pick, minlength=len(self.layers)), m.sum(), size.sum()
-        if self._counts is None:
-            self._counts, self._m_sum, self._candidates = counts, m_sum, cand
-        else:
-            self._counts, self._m_sum, self._candidates = self._counts + counts, self._m_sum + m_sum, self._candidates + cand
+        self._counts = self._counts + choice_counts(pick, len(self.layers))
+        self._m_sum, self._candidates = self._m_sum + m.sum(), self._candidates + size.sum()
         self._steps += 1
         self._rows += last.shape[0]
         return out
 
     def report(self) -> dict[str, Any]:
         c = self.config
-        counts = [] if self._counts is None else self._counts.tolist()
+        counts = self._counts.tolist()
         per_row = (lambda t: round(t.item() / self._rows, 4)) if self._rows else (lambda t: None)  # noqa: E731
         return {"layers": self.layers, "alpha": c.alpha, "threshold_top_p": c.threshold_top_p,
                 "threshold_top_k": c.threshold_top_k, "candidate_cut": c.candidate_cut,

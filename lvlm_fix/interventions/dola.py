@@ -68,8 +68,8 @@ if TYPE_CHECKING:
     from ..hooks.plan import AttnContext, TokenState
     from ..model import LVLM
 
-__all__ = ["DoLa", "DoLaConfig", "candidate_layers", "dola_contrast", "dola_divergence", "early_exit_logits",
-           "LastPositionReader"]
+__all__ = ["DoLa", "DoLaConfig", "LastPositionReader", "candidate_layers", "choice_counts", "dola_contrast",
+           "dola_divergence", "early_exit_logits", "logits_device"]
 
 
 def candidate_layers(n_layers: int, which: str = "all", *, tied: bool = False) -> list[int]:
@@ -131,13 +131,23 @@ class LastPositionReader:
 
     def stacked(self, layers: list[int]) -> Tensor:
         """``[J, n, D]`` in the order of ``layers``; each must have been read at this forward."""
-        try:
-            return torch.stack([self.last[j] for j in layers])
-        except KeyError as e:
-            raise LvlmFixError(f"layer {e.args[0]}'s residual stream was not read at this forward; the model's "
-                               "decoder layers were not all run (an early stop?)") from None
-        finally:
-            self.last = {}
+        missing = [j for j in layers if j not in self.last]
+        if missing:
+            raise LvlmFixError(f"layer {missing[0]}'s residual stream was not read at this forward; the model's "
+                               "decoder layers were not all run (an early stop?)")
+        out, self.last = torch.stack([self.last[j] for j in layers]), {}
+        return out
+
+
+def logits_device(lvlm: LVLM) -> torch.device:
+    """Where the next-token logits are: the unembedding's device."""
+    return next(lvlm.lm_head.parameters()).device
+
+
+def choice_counts(pick: Tensor, n: int) -> Tensor:
+    """``[n]``: how many rows chose each of ``n`` options (``pick`` ``[rows]``). Not ``bincount``, whose
+    output length depends on the values: a compiled decode step (static cache) would break its graph there."""
+    return (pick[:, None] == torch.arange(n, device=pick.device)).sum(0)
 
 
 def refuse_multi_token_decoding(name: str, generation_config: Any) -> None:
@@ -219,7 +229,9 @@ class DoLa(Intervention):
         self.residual_layers = frozenset(self.candidates)
         self.edits_logits = bool(self.candidates)
         self._reader = LastPositionReader()
-        self._counts: Tensor | None = None  # per candidate, rows x forwards that chose it (kept on the device)
+        # per candidate, rows x forwards that chose it, kept on the device (a tensor from the start: a compiled
+        # decode step would recompile when None became a tensor)
+        self._counts = torch.zeros(len(self.candidates), dtype=torch.long, device=logits_device(lvlm))
         self._steps = 0
 
     def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
@@ -242,14 +254,13 @@ class DoLa(Intervention):
             if c.release_compat:  # one layer for the batch, from the rows' mean divergence
                 d = d.mean(-1, keepdim=True).expand_as(d)
             pick = d.argmax(0)
-        counts = torch.bincount(pick, minlength=len(self.candidates))
-        self._counts = counts if self._counts is None else self._counts + counts
+        self._counts = self._counts + choice_counts(pick, len(self.candidates))
         self._steps += 1
         return dola_contrast(last, early[pick, rows], c.relative_top, c.contrast_scale)
 
     def report(self) -> dict[str, Any]:
         c = self.config
-        counts = [] if self._counts is None else self._counts.tolist()
+        counts = self._counts.tolist()
         return {"mode": "static" if c.premature_layer is not None else "dynamic", "candidates": self.candidates,
                 "premature_layer_counts": {str(j): k for j, k in zip(self.candidates, counts) if k},
                 "steps": self._steps, "relative_top": c.relative_top, "contrast_scale": c.contrast_scale,
