@@ -37,6 +37,7 @@ ACTIVE = {
     "vista": {},
     "only": {},
     "memvr": {},
+    "opera": {},
 }
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.
 CHUNKED = {"var", "act", "pai", "paint", "clearsight", "hgai"}

@@ -40,12 +40,17 @@ ACTIVE = {
     "vista": {},
     "only": {},
     "memvr": {},
+    "opera": {},
 }
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
+# A method that owns the decoding loop (OPERA, a beam search) acts in generate() only, not on a plain forward,
+# and its scores are beam log-probabilities: its identities are in its own test file.
+IN_FORWARD = [n for n in IN_PLAN if not METHODS.get(n).stage.owns_decoding]
 CONTRAST = ["vcd", "icd", "m3id", "pai", "avisc"]  # methods that decode a contrast stream
 # Methods that work on some families only; elsewhere they must refuse with one clear error.
 ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order"),
-        "only": ({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"}, "not a pre-norm layer")}
+        "only": ({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"}, "not a pre-norm layer"),
+        "opera": ({"llava", "llava_next", "idefics3", "smolvlm", "gemma3"}, "one row at a time")}  # splits per sample
 
 
 def _refused(name: str, family: str, run) -> bool:
@@ -69,6 +74,7 @@ def test_every_method_is_in_the_matrix():
         "vista",
         "only",
         "memvr",
+        "opera",
     }
     for name in NAMES:
         assert METHODS.get(name).config_cls.math_identity() is not None, name
@@ -112,7 +118,7 @@ def _with_scores(lvlm, batch, method=None, **params):
     return out, plan.report()[method]
 
 
-@pytest.mark.parametrize("name", IN_PLAN)
+@pytest.mark.parametrize("name", IN_FORWARD)
 def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny, images):
     """The identity with the math in the path: the method's callbacks run on every layer it edits
     (with thresholds low enough that they select rows here) and change nothing."""
@@ -179,7 +185,7 @@ def test_mvp_default_answers_yes_or_no_and_reports_its_cost(tiny, images):
     assert cost["total"]["forward_passes"] == sum(cost[s]["forward_passes"] for s in ("captions", "scoring", "paths"))
 
 
-@pytest.mark.parametrize("name", IN_PLAN)
+@pytest.mark.parametrize("name", IN_FORWARD)
 def test_default_changes_the_logits(name, family, tiny, images):
     lvlm = tiny(family)
     batch = lvlm.encode(images[:2], PROMPTS[:2])
@@ -218,6 +224,13 @@ def test_sampling_and_beam_search_run(name, family, tiny, images):
     lvlm = tiny(family)
     args = (lvlm, images[:2], PROMPTS[:2], name)
     if _refused(name, family, lambda: lvlm_fix.generate(*args, max_new_tokens=2)):
+        return
+    if METHODS.get(name).stage.owns_decoding:  # a beam search (OPERA): sampling is refused in one line
+        from lvlm_fix.errors import LvlmFixError
+
+        with pytest.raises(LvlmFixError, match="do_sample=True"):
+            lvlm_fix.generate(*args, max_new_tokens=4, do_sample=True, seed=3, **ACTIVE[name])
+        assert len(lvlm_fix.generate(*args, max_new_tokens=4, num_beams=3, **ACTIVE[name]).texts) == 2
         return
     first = lvlm_fix.generate(*args, max_new_tokens=4, do_sample=True, seed=3, **ACTIVE[name])
     again = lvlm_fix.generate(*args, max_new_tokens=4, do_sample=True, seed=3, **ACTIVE[name])

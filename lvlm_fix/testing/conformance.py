@@ -27,7 +27,9 @@ A check that does not apply is skipped, with the reason in the returned list: ``
 ``math_identity`` when the config declares no such setting, ``chunked`` when no edited attention
 layer ran (a method that acts on the logits or the input only). A method that runs ``generate()``
 itself (stage ``PIPELINE`` / ``INPUT``) may refuse ``generate()``'s score outputs (MVP does), so its
-answers are compared as texts. A failed check raises ``AssertionError`` naming the method and the
+answers are compared as texts; so are those of a method that owns the decoding loop (stage
+``DECODING``: its scores are a beam search's log-probabilities, not greedy decoding's logits). A
+failed check raises ``AssertionError`` naming the method and the
 check.
 
 Example::
@@ -182,7 +184,8 @@ class _Case:
 
     def generate(self, method: Intervention | None, rows: slice = slice(None)) -> _Run:
         """The method (None: none) through run_methods, as lvlm_fix.generate() runs it, then a hygiene check."""
-        gen = dict(GEN) if method is not None and not self.in_plan else {**GEN, **SCORES}
+        texts_only = not self.in_plan or self.cls.stage.owns_decoding  # a decoding loop scores as a beam search
+        gen = dict(GEN) if method is not None and texts_only else {**GEN, **SCORES}
         images, prompts = self.images[rows], self.prompts[rows]
         out = run_methods(self.lvlm, [method] if method is not None else [], images, prompts, gen)
         self.clean("a run that returned" if method is not None else "a run without the method")
