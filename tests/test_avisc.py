@@ -280,3 +280,17 @@ def test_query_chunks_give_the_same_selection_and_logits(tiny, images):
     (whole, a), (chunked, b) = runs
     assert torch.equal(a.masked, b.masked) and a.layers == b.layers and 0 < sum(a.blind) < sum(map(len, a.scores))
     assert all(_same(x, y, atol=1e-5) for x, y in zip(whole.logits, chunked.logits))
+
+
+def test_decode_steps_read_no_attention(tiny, images):
+    """The selection needs the prefill only: at decode steps the plan reads no layer for AvisC (its cost)."""
+    lvlm = tiny("llava")
+    inputs = dict(lvlm.encode(images[:1], PROMPTS[:1]))
+    steps = []
+    with lvlm_fix.apply(lvlm, "avisc") as plan:
+        method = plan.participants[0]
+        own = method.observe
+        method.observe = lambda probs, ctx: (steps.append(ctx.step), own(probs, ctx))
+        _gen(lvlm, inputs, n=3)
+        assert plan.observed_layers == frozenset()  # the last forward was a decode step
+    assert steps == [0] * lvlm.num_layers and method.selection is not None

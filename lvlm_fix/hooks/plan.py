@@ -15,7 +15,9 @@ Lifecycle: ``with Plan(lvlm, participants).active(): lvlm.model.generate(...)``
   forward's context is built once, at its first use, for every layer (:meth:`Plan.context`);
   residual hooks that only the prefill needs (``Participant.residual_at_decode`` False) are
   removed at each sequence's first decode step and put back by the next prefill (not inside a
-  forward that dynamo traces: there they stay, and return at once);
+  forward that dynamo traces: there they stay, and return at once); likewise the layers read only
+  by participants that observe the prefill alone (``Participant.observe_at_decode`` False) are not
+  read at decode steps;
 * exit (normally or by exception): hooks removed, the seat given back. Nothing stays patched.
 
 A plan acts on its own model only: a forward of another model while it is active runs untouched,
@@ -161,6 +163,9 @@ class Participant:
     # residual() reads the decode steps too; False: the prefill's only, and the plan takes the layer's
     # hook off at the first decode step (and puts it back for the next prefill), so decode steps pay nothing.
     residual_at_decode: bool = True
+    # observe() reads the decode steps too; False: the prefill's only, and at decode steps the plan stops
+    # recomputing the last query's row of the layers that only such participants read.
+    observe_at_decode: bool = True
 
     def bind(self, lvlm: LVLM) -> None:
         """Called once per Plan with the model handle, before any hook is registered."""
@@ -306,6 +311,10 @@ class Plan:
         # A column statistic needs every query's probabilities, which sdpa does not give: eager path.
         self.eager_layers = frozenset().union(*(p.eager_layers for p in self.participants), self.column_stats_layers)
         self.observed_layers = frozenset().union(*(p.observed_layers for p in self.participants))
+        # observed_layers is the prefill's set; _on_model_forward switches it to the decode steps' (observe_at_decode).
+        self._observed_prefill = self.observed_layers
+        decode = frozenset().union(*(p.observed_layers for p in self.participants if p.observe_at_decode))
+        self._observed_decode = self.observed_layers if decode == self.observed_layers else decode
         self.value_layers = frozenset().union(*(p.value_layers for p in self.participants))
         n = lvlm.num_layers
         for name in LAYER_ROLES:
@@ -461,6 +470,10 @@ class Plan:
         q_len = input_ids.shape[1]
         self._ctx_cache.clear()
         self._block_cache.clear()
+        # The same object unless a participant observes the prefill only: nothing is assigned in a traced forward.
+        observed = self._observed_prefill if past == 0 else self._observed_decode
+        if self.observed_layers is not observed:
+            self.observed_layers = observed
         if past == 0:
             if not self._prefill_hooks_on:  # taken off by the previous sequence's first decode step
                 self._prefill_hooks.__enter__()

@@ -167,6 +167,7 @@ class AvisC(ContrastiveMethod):
     config: AvisCConfig
     contrast_kind = "blind image tokens only"
     edits_contrast_embeddings = True
+    observe_at_decode = False  # the selection is made once, at the prefill: decode steps read no attention
 
     def bind(self, lvlm: LVLM) -> None:
         super().bind(lvlm)
@@ -183,7 +184,7 @@ class AvisC(ContrastiveMethod):
         self.selection = None
 
     def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:
-        if ctx.step != 0:  # the selection is made once, from the prefill
+        if ctx.step != 0:  # another participant reads this layer at decode steps; the selection is the prefill's
             return
         b, _, k = probs_last.shape
         mean = probs_last.mean(1)  # [b, k], mean over heads
