@@ -107,7 +107,8 @@ def release_forward(lvlm, ids, pixel_values, done, start, *, starting_layer, end
                 f, x = out[0, a:b].float(), args[0][0, a:b].float()
                 inner = x @ w1.T
                 adapter = (torch.nn.functional.silu(inner) if silu else inner) @ w2.T
-                out[0, a:b] = f * (1 - retracing_ratio) + (f.abs().mean() / adapter.abs().mean()) * adapter * retracing_ratio
+                scale = f.abs().mean() / adapter.abs().mean()
+                out[0, a:b] = f * (1 - retracing_ratio) + scale * adapter * retracing_ratio
                 if a == start:
                     st["new"] = out[0, a:b].clone()
             return out
@@ -177,7 +178,8 @@ def _triggers(seen, steps):
     return [by_step.get(k) for k in range(steps)]
 
 
-@pytest.mark.parametrize("model, params, silu", [("tiny", TINY, False), ("tiny", TINY, True), ("testbed", TESTBED, False)])
+@pytest.mark.parametrize("model, params, silu",
+                         [("tiny", TINY, False), ("tiny", TINY, True), ("testbed", TESTBED, False)])
 def test_greedy_generation_is_the_releases_forward_by_forward(model, params, silu, tiny, testbed, images, spy):
     """Prefill and 5 decode steps: the entropies of every layer the port measures (1e-5), the trigger of
     each forward (exact), the retraced MLP output of every position (1e-5), the logits (1e-5), the tokens; the
@@ -319,7 +321,7 @@ def test_composes_with_attention_and_contrast_methods(tiny, images):
 @pytest.mark.parametrize("params, needle", [
     ({"retracing_ratio": 1.5}, r"retracing_ratio=1.5 is out of range; valid range is \[0, 1\]"),
     ({"memory_activation": "relu"}, "memory_activation='relu' is not valid; choose one of 'none', 'silu'"),
-    ({"top_k": 1}, r"top_k=1 is out of range"),
+    ({"entropy_top_k": 1}, r"entropy_top_k=1 is out of range"),
     ({"entropy_threshold": float("nan")}, "entropy_threshold=nan is not a finite number"),
 ])
 def test_bad_values_are_one_line(params, needle):
@@ -334,8 +336,8 @@ def test_what_the_model_cannot_serve_is_one_line(tiny, images, capsys):
     with pytest.raises(ConfigError, match=r"ending_layer=4: .* give ending_layer <= 3"):
         with lvlm_fix.apply(lvlm, "memvr", ending_layer=4):
             pass
-    with pytest.raises(ConfigError, match="top_k=100000 is larger than the vocabulary"):
-        with lvlm_fix.apply(lvlm, "memvr", top_k=100000):
+    with pytest.raises(ConfigError, match="entropy_top_k=100000 is larger than the vocabulary"):
+        with lvlm_fix.apply(lvlm, "memvr", entropy_top_k=100000):
             pass
     with pytest.raises(LvlmFixError, match="prompt_lookup_num_tokens=2 would feed several tokens") as e:
         with torch.inference_mode(), lvlm_fix.apply(lvlm, "memvr"):

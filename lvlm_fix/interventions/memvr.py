@@ -84,7 +84,7 @@ def default_window(n_layers: int) -> tuple[int, int]:
 
 
 def top_k_entropy(logits: Tensor, k: int) -> Tensor:
-    """Normalised entropy ``-sum p log p / log k`` of the softmax over each row's top ``k`` logits, ``[n, V] -> [n]``."""
+    """Normalised entropy ``-sum p log p / log k`` of the softmax over each row's top ``k``: ``[n, V] -> [n]``."""
     p = logits.topk(k, dim=-1).values.softmax(-1)
     return -torch.special.xlogy(p, p).sum(-1) / math.log(k)
 
@@ -135,7 +135,7 @@ class MemVRConfig(MethodConfig):
         "e: trigger layers l satisfy s < l < e, so layers s + 2 .. e may be edited; at most L - 1. None: "
         "ceil(16 L / 32) of L layers. Default None, 16 on 32 layers (source: MemVR release, eval scripts, "
         "--ending-layer 16)."), lo=0)
-    top_k: int = param(10, (
+    entropy_top_k: int = param(10, (
         "How many of the early exit's largest logits the entropy is taken over (normalised by log k). Default 10 "
         "(source: MemVR release, memvr.py, hard-coded)."), lo=2)
     memory_activation: Literal["none", "silu"] = param("none", (
@@ -174,8 +174,8 @@ class MemVR(Intervention):
         n = lvlm.num_layers
         s, e = c.window(n)
         if e > n - 1 and e > s + 1:
-            raise ConfigError(f"ending_layer={e}: a trigger at layer l < {e} retraces layer l + 1, and the model's last "
-                              f"layer is {n - 1}; give ending_layer <= {n - 1}")
+            raise ConfigError(f"ending_layer={e}: a trigger at layer l < {e} retraces layer l + 1, and the model's "
+                              f"last layer is {n - 1}; give ending_layer <= {n - 1}")
         self.window = (s, e)
         self.trigger_layers = list(range(max(s + 1, 0), e))
         edited = frozenset(l + 1 for l in self.trigger_layers)
@@ -184,8 +184,9 @@ class MemVR(Intervention):
         self.residual_layers = edited | {0} if edited else frozenset()
         self._first_read = min(edited, default=None)
         vocab = lvlm.lm_head.weight.shape[0]
-        if c.top_k > vocab:
-            raise ConfigError(f"top_k={c.top_k} is larger than the vocabulary ({vocab}); give top_k <= {vocab}")
+        if c.entropy_top_k > vocab:
+            raise ConfigError(f"entropy_top_k={c.entropy_top_k} is larger than the vocabulary ({vocab}); "
+                              f"give entropy_top_k <= {vocab}")
         self._norm, self._head = lvlm.final_norm, lvlm.lm_head
         self._softcap = getattr(lvlm.text_config, "final_logit_softcapping", None)
         self._lvlm = lvlm
@@ -200,7 +201,8 @@ class MemVR(Intervention):
 
     def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
         if self.mlp_layers and getattr(generation_config, "prompt_lookup_num_tokens", None):
-            raise LvlmFixError(_MULTI_TOKEN.format(f"prompt_lookup_num_tokens={generation_config.prompt_lookup_num_tokens}"))
+            lookup = generation_config.prompt_lookup_num_tokens
+            raise LvlmFixError(_MULTI_TOKEN.format(f"prompt_lookup_num_tokens={lookup}"))
 
     def begin(self, tokens: TokenState) -> None:
         self._tokens = tokens
@@ -227,7 +229,7 @@ class MemVR(Intervention):
         logits = self._head(self._norm(h)).float()
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        fire = top_k_entropy(logits, self.config.top_k) > self.config.entropy_threshold
+        fire = top_k_entropy(logits, self.config.entropy_top_k) > self.config.entropy_threshold
         armed = rows[fire]
         if armed.numel():
             self._armed = (ctx.layer, armed)
