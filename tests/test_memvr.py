@@ -345,3 +345,18 @@ def test_what_the_model_cannot_serve_is_one_line(tiny, images, capsys):
     assert "\n" not in str(e.value)
     line = cli_error(capsys, "run", "--method", "memvr", "--set", "memvr.ending_layer=8", "--prompt", "Describe.")
     assert "ending_layer=8" in line and "ending_layer <= 7" in line
+
+
+def test_the_early_exit_takes_the_models_final_logit_cap(testbed, images, monkeypatch):
+    """A model that caps its final logits (final_logit_softcapping) has the early exit capped too: on the testbed
+    a POPE question's entropies stay under 0.75 (nothing retraced); a cap of 0.05 flattens every top-10 (H near 1)."""
+    batch = testbed.encode(images[:1], ["Is there a dog in the image?"])
+    counts = []
+    for cap in (None, 0.05):
+        if cap is not None:
+            monkeypatch.setattr(testbed.text_config, "final_logit_softcapping", cap, raising=False)
+        with torch.inference_mode(), lvlm_fix.apply(testbed, "memvr") as plan:
+            testbed.model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        report = plan.report()["memvr"]
+        counts.append((report["forwards"], sum(report["retraced"].values())))
+    assert counts == [(2, 0), (2, 2)]

@@ -45,6 +45,8 @@ Decisions against the release:
 * The release's CHAIR loader ignores its script's ``--retracing-ratio 0.31`` and runs 0.12, the
   default here; its ``range(31)`` leaves the ratio at 0 on layer 31 (an edit there changes
   nothing); here every layer of the window is edited with the same ratio.
+* ``V`` holds all of a row's image tokens (several images, or an image's crops, alike); the release
+  keeps the last image it encoded, one per row in its loaders.
 * A row without image tokens has nothing to retrace: it is never projected nor edited. The entropy
   counts a top-``k`` probability that underflows to 0 as 0 (``0 log 0 = 0``; the release's NaN
   never triggers). On a model that caps its final logits (``final_logit_softcapping``), the early
