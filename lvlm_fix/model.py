@@ -94,6 +94,38 @@ class LVLM:
         raise LvlmFixError(f"decoder layer {layer} ({type(block).__name__}) has no child named {' / '.join(_MLP_NAMES)}; "
                            "name its MLP: lvlm_fix.wrap(model, processor, adapter={'mlp': ...})")
 
+    # -- the vision tower's layers (VTI steers their MLPs) -------------------------------------
+    @property
+    def vision_tower(self) -> Any:
+        """The vision encoder: the outermost module whose ``config`` is the model's ``vision_config``."""
+        vision_config = getattr(self.model.config, "vision_config", None)
+        tower = next((m for m in self.model.modules() if vision_config is not None
+                      and getattr(m, "config", None) is vision_config), None)
+        if tower is None:
+            raise LvlmFixError(f"cannot find the vision tower of this {self.adapter.model_type!r} model "
+                               "(no module carries its vision_config)")
+        return tower
+
+    @property
+    def vision_layers(self) -> Any:
+        """The vision tower's layer list: its module list of ``vision_config.num_hidden_layers`` entries."""
+        tower = self.vision_tower
+        depth = getattr(self.model.config.vision_config, "num_hidden_layers", None)
+        found = next((m for m in tower.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth), None)
+        if found is None:
+            raise LvlmFixError(f"cannot find the {depth} layers of the vision tower of this {self.adapter.model_type!r} "
+                               f"model ({type(tower).__name__}: no module list of that length)")
+        return found
+
+    def vision_mlp(self, layer: int) -> Any:
+        """The MLP of the vision tower's ``layer`` (its child by the usual names)."""
+        block = self.vision_layers[layer]
+        for name in _MLP_NAMES:
+            found = getattr(block, name, None)
+            if isinstance(found, torch.nn.Module):
+                return found
+        raise LvlmFixError(f"vision layer {layer} ({type(block).__name__}) has no child named {' / '.join(_MLP_NAMES)}")
+
     def pre_norms(self, layer: int) -> tuple[Any, Any]:
         """``layer``'s two norms ``(N_in, N_post)`` when it is a pre-norm decoder layer,
         ``h = x + attn(N_in(x))``, ``out = h + mlp(N_post(h))`` (Llama, Qwen2, ...), found by their usual names.

@@ -44,7 +44,7 @@ def test_calibrate_refuses_an_unknown_split_in_one_line(capsys, tmp_path):
 
 
 def test_act_declares_its_calibration_and_only_methods_that_declare_one_are_listed():
-    assert set(calibrations()) == {"act"}  # no other built-in is fitted offline
+    assert set(calibrations()) == {"act", "vti"}  # no other built-in is fitted offline
     cal = calibrations()["act"]
     assert (cal.bench, cal.split, cal.flag) == ("pope", "random", "--heads-file")
 
@@ -56,7 +56,7 @@ def test_calibrate_help_lists_what_each_declared_calibration_picks(capsys):
 
 def test_calibrate_refuses_a_method_without_a_calibration_in_one_line(capsys, tmp_path):
     line = cli_error(capsys, "calibrate", "--method", "vhr", "--out", str(tmp_path / "h.json"))
-    assert "'vhr' declares no calibration" in line and line.endswith("the methods that do: act")
+    assert "'vhr' declares no calibration" in line and line.endswith("the methods that do: act, vti")
     assert "the methods that do: act" in cli_error(capsys, "calibrate", "--method", "banana", "--out",
                                                    str(tmp_path / "h.json"))
     assert not (tmp_path / "h.json").exists()
@@ -90,7 +90,7 @@ class _Counted(Act):  # ACT's stage and hooks; only the name, the config and the
 def test_a_plugin_methods_calibration_is_listed_and_run_without_the_cli_naming_it(capsys, tmp_path):
     register_method(_Counted)
     try:
-        assert "the methods that do: act, counted" in cli_error(capsys, "calibrate", "--method", "vhr", "--out",
+        assert "the methods that do: act, counted, vti" in cli_error(capsys, "calibrate", "--method", "vhr", "--out",
                                                                 str(tmp_path / "x.json"))
         out = tmp_path / "counts.json"
         code, stdout, err = cli_run(capsys, "calibrate", "--method", "counted", "--limit", "4", "--out", str(out))

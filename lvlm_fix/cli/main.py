@@ -792,15 +792,22 @@ def report_cmd(results_dirs, out) -> None:
 @click.option("--bench", default=None, help="the bench whose questions calibrate (default: the method's; act: pope).")
 @click.option("--split", default=None, help="the split used as the calibration set (default: the method's; act: "
                                             "POPE random).")
-@click.option("--limit", default=100, show_default=True, type=int, help="calibration samples.")
+@click.option("--limit", default=None, type=int, help="calibration samples (default: the method's; act: 100, "
+                                                          "vti: 70 demos).")
+@click.option("--demos", default=None, help="vti: a jsonl of caption pairs (image, question, value = faithful caption, "
+                                            "h_value = hallucinated one), its images in --image-dir.")
+@click.option("--option", "options", multiple=True, metavar="NAME=VALUE",
+              help="a setting of the method's calibration (vti: num_trials, mask_ratio, seed, alpha_image, step, "
+                   "release_compat); repeat for several.")
 @click.option("--out", required=True, help="file to write (pass it to the method's flag, e.g. --heads-file).")
 @click.option("--force", is_flag=True, help="replace an existing --out file.")
-def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, out, force,
-                  **kwargs) -> None:
+def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, method, bench, split, limit, demos, options,
+                  out, force, **kwargs) -> None:
     """A method's offline calibration on a split; writes the file the method reads back.
 
-    The methods that declare one (today ACT, whose per-head search writes the head list of --heads-file) are
-    the choices of --method. Without data flags it calibrates on the testbed's second synthetic benchmark (seed 1,
+    The methods that declare one (ACT, whose per-head search writes the head list of --heads-file; VTI, whose
+    caption pairs (--demos, --image-dir) give the directions of --directions-file) are the choices of --method.
+    Without data flags it calibrates on the testbed's second synthetic benchmark (seed 1,
     other scenes), not on the one `eval` scores; with your own data, give questions whose images your evaluation
     does not use."""
     from ..errors import UnknownNameError
@@ -816,9 +823,29 @@ def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, metho
     if bench != cal.bench:
         raise ConfigError(f"--method {method} calibrates on --bench {cal.bench}, not {bench!r}; leave --bench out")
     split = split or cal.split
+    limit = cal.limit if limit is None else limit
     if limit < 1:
         raise ConfigError(f"--limit {limit} selects no sample; pass a positive number")
+    run_options = _calibration_options(method, cal, options)
+    if demos is not None and cal.load is None:
+        raise ConfigError(f"--demos is for the methods that calibrate on caption pairs; --method {method} takes "
+                          f"{cal.bench} questions")
     _out_file(out, "--out", force)  # before the search: a file it would replace, a full disk
+    if cal.load is not None:  # the method reads its own data (caption pairs), not a bench's samples
+        if demos is None and image_dir is not None:
+            raise ConfigError("--image-dir goes with --demos (a jsonl of caption pairs); give both, or neither for "
+                              "the testbed's synthetic pairs")
+        if demos is None:  # the testbed's own pairs, from other scenes than the benchmark eval scores
+            from ..testbed.caption_pairs import caption_pairs
+
+            samples, dataset = caption_pairs(limit)
+        else:
+            samples, dataset = cal.load({"demos": demos, "image_dir": image_dir}, limit)
+        click.echo(f"calibration data: {len(samples)} samples from {dataset['id']}", err=True)
+        lvlm = _load(model_opts)
+        result = cal.run(lvlm, samples, limit=limit, dataset=dataset, **run_options)
+        _write_calibration(cal, method, result, out)
+        return
     data = {k: v for k, v in (("pope_questions", pope_questions), ("image_dir", image_dir),
                               ("hf_dataset", hf_dataset), ("coco_annotations", coco_annotations)) if v is not None}
     if bench == "pope" and pope_questions is None and hf_dataset is None:
@@ -836,7 +863,27 @@ def calibrate_cmd(pope_questions, image_dir, hf_dataset, coco_annotations, metho
     click.echo(f"calibration data: {len(samples)} questions of {bench.upper()} {split} from {dataset['id']}"
                + (f" (images: {dataset['image_dir']})" if dataset.get("image_dir") else ""), err=True)
     lvlm = _load(model_opts)
-    result = cal.run(lvlm, [s.data for s in samples], limit=limit, dataset=dataset)
+    result = cal.run(lvlm, [s.data for s in samples], limit=limit, dataset=dataset, **run_options)
+    _write_calibration(cal, method, result, out)
+
+
+def _calibration_options(method: str, cal: Any, options: tuple[str, ...]) -> dict[str, Any]:
+    """``--option NAME=VALUE`` pairs, typed by the calibration's declared options."""
+    out: dict[str, Any] = {}
+    for item in options:
+        name, sep, value = item.partition("=")
+        if not sep or name not in cal.options:
+            known = ", ".join(cal.options) or "none"
+            raise ConfigError(f"--option {item!r}: give NAME=VALUE with a setting of {method}'s calibration ({known})")
+        typ = cal.options[name]
+        try:
+            out[name] = strict_bool(f"--option {name}", value) if typ is bool else typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--option {item!r}: {value!r} is not a {typ.__name__}") from None
+    return out
+
+
+def _write_calibration(cal: Any, method: str, result: dict[str, Any], out: str) -> None:
     cal.write(result, out)
     line = cal.summary(result, out) if cal.summary is not None else ""
     if line:

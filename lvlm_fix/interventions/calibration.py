@@ -10,7 +10,7 @@ declared functions; nothing in the command names a method.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,11 @@ class Calibration:
         bench: the bench whose samples it takes; ``split``: its default split there.
         summary: ``summary(result, path) -> str``: the line printed after writing (or a warning
             when the result would change nothing, returning ``""``).
+        limit: the default number of calibration samples (``--limit``).
+        load: ``load(data, limit) -> (samples, dataset)``, for a calibration whose data is not a bench's
+            samples (VTI's caption pairs): ``data`` holds the command's data flags (``demos``,
+            ``image_dir``, ...; None where not given); ``bench`` is then only a label.
+        options: the keyword arguments of ``run`` that ``--option NAME=VALUE`` sets, with their types.
     """
 
     what: str
@@ -40,6 +45,9 @@ class Calibration:
     bench: str = "pope"
     split: str | None = None
     summary: Callable[[dict[str, Any], str | Path], str] | None = None
+    limit: int = 100
+    load: Callable[[dict[str, Any], int], tuple[list[Any], dict[str, Any]]] | None = None
+    options: dict[str, type] = field(default_factory=dict)
 
     @property
     def flag(self) -> str:
