@@ -41,6 +41,7 @@ ACTIVE = {
     "only": {},
     "memvr": {},
     "opera": {},
+    "vti": {"demos": f"{__file__.rpartition('/')[0]}/vti_demos/demos.jsonl", "alpha_image": 0.0, "num_trials": 4},
 }
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
 # A method that owns the decoding loop (OPERA, a beam search) acts in generate() only, not on a plain forward,
@@ -75,6 +76,7 @@ def test_every_method_is_in_the_matrix():
         "only",
         "memvr",
         "opera",
+        "vti",
     }
     for name in NAMES:
         assert METHODS.get(name).config_cls.math_identity() is not None, name
@@ -145,6 +147,7 @@ def test_math_identity_runs_the_callbacks_and_matches_vanilla(name, family, tiny
              "vista": lambda r: r["steered_forwards"] == r["augmented_forwards"] == 5 and min(r["vector_norm"]) > 0,
              "only": lambda r: r["forwards"] == 5 and r["removed_heads_mean"] > 0,
              "memvr": lambda r: r["forwards"] == 15 and sum(r["retraced"].values()) == 15,
+             "vti": lambda r: r["edited_forwards"]["text"] == 5 * len(r["text_layers"]) > 0,
              # the real no-image stream (not a null contrast), its gate closed
              "m3id": lambda r: streamed(r) and r["contrast_prompt_tokens"] < batch["input_ids"].shape[1]}[name]
     assert acted(report), report

@@ -213,12 +213,28 @@ def _inputs(lvlm: LVLM, image: Any, question: str, caption: str) -> Any:
 
 
 def _last_token_states(lvlm: LVLM, inputs: Any) -> Tensor:
-    out = lvlm.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True)
-    states = out.hidden_states
+    """The last token's ``hidden_states[0..L]`` as transformers returns them: the stream entering each layer,
+    then the final norm's output, read by hooks of our own (``output_hidden_states`` would leave
+    transformers' capture hooks on the model)."""
+    states: list[Tensor] = []
+
+    def entering(module: Any, args: tuple, kwargs: dict) -> None:
+        states.append((args[0] if args else kwargs["hidden_states"])[0, -1].float())
+
+    def final(module: Any, args: tuple, output: Any) -> None:
+        states.append((output[0] if isinstance(output, tuple) else output)[0, -1].float())
+
+    handles = [layer.register_forward_pre_hook(entering, with_kwargs=True) for layer in lvlm.text_layers]
+    handles.append(lvlm.final_norm.register_forward_hook(final))
+    try:
+        lvlm.model(**inputs, use_cache=False, return_dict=True)
+    finally:
+        for h in handles:
+            h.remove()
     if len(states) != lvlm.num_layers + 1:
-        raise LvlmFixError(f"vti needs the {lvlm.num_layers + 1} hidden states of the decoder; the model returned "
-                           f"{len(states)}")
-    return torch.stack([h[0, -1].float() for h in states]).cpu()  # [L + 1, D]
+        raise LvlmFixError(f"vti read {len(states)} hidden states of the decoder's {lvlm.num_layers} layers; it needs "
+                           "the stream entering each layer and the final norm's output once per forward")
+    return torch.stack(states).cpu()  # [L + 1, D]
 
 
 def calibrate_vti(lvlm: LVLM, samples: list[Any], *, limit: int, dataset: dict[str, Any] | None = None,
