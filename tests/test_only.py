@@ -13,7 +13,7 @@ import lvlm_fix
 import lvlm_fix.interventions.only as only_module
 from conftest import PROMPTS
 from lvlm_fix.errors import ConfigError, LvlmFixError
-from lvlm_fix.interventions.only import only_combine, select_heads
+from lvlm_fix.interventions.only import key_segments, only_combine, select_heads
 
 GEN = {"output_logits": True, "return_dict_in_generate": True}
 
@@ -27,14 +27,19 @@ def test_head_selection_by_hand():
     TVER = 0.533 < mean 0.767: removed (zeroed). The BOS weight is never filtered."""
     probs = torch.tensor([[[0.1, 0.2, 0.2, 0.1, 0.1, 0.3], [0.1, 0.3, 0.1, 0.2, 0.2, 0.1]]])
     image = torch.tensor([[False, False, False, True, True, True]])
-    text = torch.tensor([[False, True, True, False, False, False]])
-    kept, removed = select_heads(probs, image, text)
+    segments = key_segments(torch.ones_like(image), image, exclude_first=True)
+    assert segments[0].tolist() == [[False, True, True, False, False, False], image[0].tolist()]
+    kept, removed = select_heads(probs, segments)
     assert removed.tolist() == [[False, True]]
     assert kept[0, 0].tolist() == pytest.approx([0.1, 0.2, 0.2, 0.1, 0.1, 0.0])
     assert kept[0, 1].tolist() == [0.0] * 6
     # A row without image: H_image = +inf, every TVER is 0, none below the mean: no head removed.
-    kept, removed = select_heads(probs, torch.zeros_like(image), text | image)
+    kept, removed = select_heads(probs, key_segments(torch.ones_like(image), torch.zeros_like(image), True))
     assert not removed.any()
+    # Left padding: the first valid key is the BOS, padding is in no segment.
+    valid = torch.tensor([[False, True, True, True]])
+    assert key_segments(valid, torch.tensor([[False, False, True, False]]), True)[0].tolist() == [
+        [False, False, False, True], [False, False, True, False]]
 
 
 def test_gated_combination_by_hand():
@@ -51,6 +56,12 @@ def test_gated_combination_by_hand():
     # beta 0 cuts nothing; zero weights return main exactly
     out, _ = only_combine(main, side, alpha_pos=0.0, alpha_neg=0.0, gamma=1.0, beta=0.0)
     assert torch.equal(out, main)
+    # a token masked in either input stays -inf in both branches (not NaN, not +inf), even without a cut
+    inf = math.inf
+    main, side = torch.tensor([[1.0, -inf, 0.0]]), torch.tensor([[-inf, -inf, 0.5]])
+    for gamma in (0.0, 2.0):
+        out, _ = only_combine(main, side, alpha_pos=3.0, alpha_neg=1.0, gamma=gamma, beta=0.0)
+        assert out[0, :2].tolist() == [-inf, -inf] and out[0, 2].isfinite()
 
 
 # -- (b) the release's formulas, transcribed here, on plain forwards ---------------------------------------
@@ -140,8 +151,8 @@ def spy(monkeypatch):
     seen = {"removed": [], "main": [], "collaborative": []}
     select, combine = only_module.select_heads, only_module.only_combine
 
-    def select_spy(probs, image, text):
-        kept, removed = select(probs, image, text)
+    def select_spy(probs, segments):
+        kept, removed = select(probs, segments)
         seen["removed"].append([sorted(r.nonzero()[:, 0].tolist()) for r in removed])
         return kept, removed
 

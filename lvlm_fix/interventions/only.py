@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
-from ..hooks.contrast import keep_masked, plausibility_cut
+from ..hooks.contrast import plausibility_cut
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
 
@@ -85,54 +85,79 @@ if TYPE_CHECKING:
     from ..hooks.plan import AttnContext
     from ..model import LVLM
 
-__all__ = ["ONLY", "ONLYConfig", "only_combine", "select_heads", "segment_filter", "segment_entropy"]
+__all__ = ["ONLY", "ONLYConfig", "key_segments", "only_combine", "select_heads", "segment_entropy", "segment_filter"]
 
 RESIDUAL_WEIGHT = 0.2  # weight of the stream entering the last layer in r (release: modeling_llama.py, hard-coded)
 FINAL_WEIGHT = 0.5  # weight of the main stream's normed last state in l_cd (release: llava_llama.py, hard-coded)
 ENTROPY_EPS = 1e-6  # log(p + eps) of the release's entropies (zeros are not renormalised away)
 
 
-def segment_filter(probs: Tensor, segment: Tensor) -> Tensor:
-    """``probs`` ``[b, h, k]`` with the weights of the ``segment`` keys (``[b, k]`` bool) above the
-    segment's ``mean + std`` (unbiased, per row and head) set to 0; other keys untouched.
+def segment_filter(probs: Tensor, segments: Tensor) -> Tensor:
+    """``probs`` ``[b, h, k]`` with the weights of each segment's keys above that segment's ``mean + std``
+    (unbiased, per row and head) set to 0; keys in no segment untouched.
 
-    A segment of one key has no std (NaN) and an empty one no mean: nothing is filtered there, as
+    ``segments`` ``[b, s, k]`` (bool) holds ``s`` disjoint key sets per row, filtered each on its own in one
+    pass. A segment of one key has no std (NaN) and an empty one no mean: nothing is filtered there, as
     ``torch.std`` gives the release.
     """
-    seg = segment[:, None, :]
-    n = seg.sum(-1, keepdim=True).to(probs.dtype)  # [b, 1, 1]
-    mean = (probs * seg).sum(-1, keepdim=True) / n
-    var = ((probs - mean).square() * seg).sum(-1, keepdim=True) / (n - 1)
-    return probs.masked_fill(seg & (probs > mean + var.sqrt()), 0.0)
+    seg = segments[:, None]  # [b, 1, s, k]
+    x = probs[:, :, None]  # [b, h, 1, k]
+    n = seg.sum(-1, keepdim=True, dtype=probs.dtype)  # [b, 1, s, 1]
+    mean = (x * seg).sum(-1, keepdim=True) / n
+    var = ((x - mean).square() * seg).sum(-1, keepdim=True) / (n - 1)
+    return probs.masked_fill((seg & (x > mean + var.sqrt())).any(2), 0.0)
 
 
-def segment_entropy(filtered: Tensor, segment: Tensor) -> Tensor:
-    """``[b, h]``: ``-Σ p log(p + 1e-6)`` of the ``segment``'s filtered weights normalised to sum 1;
+def segment_entropy(filtered: Tensor, segments: Tensor) -> Tensor:
+    """``[b, h, s]``: ``-Σ p log(p + 1e-6)`` of each segment's filtered weights normalised to sum 1;
     NaN where nothing is left in the segment (the caller maps it, as the release does per segment)."""
-    x = filtered * segment[:, None, :]
+    x = filtered[:, :, None] * segments[:, None]  # [b, h, s, k]
     p = x / x.sum(-1, keepdim=True)
     return -(p * torch.log(p + ENTROPY_EPS)).sum(-1)
 
 
-def select_heads(probs: Tensor, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+def key_segments(key_valid: Tensor, image_keys: Tensor, exclude_first: bool) -> Tensor:
+    """``[b, 2, k]``: each row's text keys (its valid non-image keys, less its first valid key, the BOS,
+    when ``exclude_first``) and its image keys, the two segments of :func:`select_heads`."""
+    image = image_keys & key_valid
+    text = key_valid & ~image
+    if exclude_first:
+        text = text & (key_valid.cumsum(-1) != 1)
+    return torch.stack([text, image], 1)
+
+
+def select_heads(probs: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
     """ONLY's filtered row and removed heads for the last query's row ``probs`` ``[b, h, k]``.
 
     Args:
         probs: the attention weights of the last query, per row and head.
-        image, text: ``[b, k]`` the row's image keys and its text keys (disjoint; a key in neither,
-            the BOS or padding, keeps its weight).
+        segments: ``[b, 2, k]`` the row's text keys and its image keys (:func:`key_segments`; disjoint,
+            so filtering one never moves the other's statistics; a key in neither, the BOS or padding,
+            keeps its weight).
 
     Returns:
         ``(kept, removed)``: ``kept`` ``[b, h, k]`` the weights with each segment outlier-filtered and
         the removed heads zeroed; ``removed`` ``[b, h]`` True where the head's TVER is below the
         row's mean TVER.
     """
-    filtered = segment_filter(segment_filter(probs, text), image)
-    h_text = segment_entropy(filtered, text).nan_to_num(nan=0.0)
-    h_image = segment_entropy(filtered, image).nan_to_num(nan=math.inf)
-    tver = h_text / h_image  # [b, h]
+    filtered = segment_filter(probs, segments)
+    h = segment_entropy(filtered, segments)  # [b, h, 2]
+    # Nothing left in a segment: H_text = 0, H_image = +inf (the release's nan_to_num per segment).
+    h = torch.where(h.isnan(), _nan_fill(h.device), h)
+    tver = h[..., 0] / h[..., 1]  # [b, h]
     removed = tver < tver.mean(-1, keepdim=True)
     return filtered.masked_fill(removed[..., None], 0.0), removed
+
+
+_NAN_FILL: dict = {}
+
+
+def _nan_fill(device: Any) -> Tensor:
+    """``[0, +inf]`` on ``device``, made once (this runs at every forward)."""
+    fill = _NAN_FILL.get(device)
+    if fill is None:
+        fill = _NAN_FILL[device] = torch.tensor([0.0, math.inf], device=device)
+    return fill
 
 
 def only_combine(main: Tensor, side: Tensor, alpha_pos: float, alpha_neg: float, gamma: float,
@@ -147,7 +172,10 @@ def only_combine(main: Tensor, side: Tensor, alpha_pos: float, alpha_neg: float,
     d = (main.softmax(-1) - side.softmax(-1)).abs().sum(-1, keepdim=True)
     collaborative = d < gamma
     out = torch.where(collaborative, main + alpha_pos * side, (1.0 + alpha_neg) * main - alpha_neg * side)
-    return plausibility_cut(keep_masked(out, main, side), main, beta), collaborative[:, 0]
+    # A token masked (-inf) in main or side gives -inf, NaN or +inf above: all become -inf (one op, where the
+    # contrast methods' keep_masked takes several: this runs at every decode step).
+    out = torch.nan_to_num(out, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+    return plausibility_cut(out, main, beta), collaborative[:, 0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,17 +246,27 @@ class ONLY(Intervention):
         self._collaborative = self._removed = self._rows = None
 
     def begin(self, tokens: Any) -> None:
-        self._a_cd = self._h_in = self._h_out = None
+        self._a_cd = self._h_in = self._h_out = self._segments = None
+
+    def segments(self, ctx: AttnContext) -> Tensor:
+        """This forward's ``[b, 2, k]`` text and image keys: built at the prefill, then grown by one key per
+        decode step (a generated token is text where it is valid), rather than rebuilt every step."""
+        seg, k = self._segments, ctx.key_valid.shape[1]
+        if seg is not None and ctx.step > 0 and seg.shape[2] == k - 1 and ctx.key_start == 0:
+            new = ctx.key_valid[:, None, -1:]  # [b, 1, 1]
+            seg = torch.cat([seg, torch.cat([new, torch.zeros_like(new)], 1)], -1)
+        else:
+            # The first valid key (the BOS) is left out only while it is among the keys (no sliding window).
+            seg = key_segments(ctx.key_valid, ctx.image_keys, self.config.exclude_first_key and ctx.key_start == 0)
+        self._segments = seg
+        return seg
 
     def observe_values(self, probs_last: Tensor, values: Tensor, ctx: AttnContext) -> None:
-        valid = ctx.key_valid
-        if self.config.exclude_first_key and ctx.key_start == 0:
-            valid = valid & (valid.cumsum(-1) != 1)  # the row's first valid key (its BOS) is in no segment
-        image = ctx.image_keys & ctx.key_valid
         probs = probs_last.to(values.dtype).float()  # the release filters the softmax cast to the model's dtype
-        kept, removed = select_heads(probs, image, valid & ~image)
-        heads = torch.einsum("bhk,bhkd->bhd", kept, values.float())  # [b, h, d]
-        self._a_cd = self.o_proj(heads.reshape(heads.shape[0], 1, -1).to(values.dtype))  # [b, 1, D]
+        kept, removed = select_heads(probs, self.segments(ctx))
+        b, h, k = kept.shape
+        heads = torch.matmul(kept.view(b, h, 1, k), values.float())  # [b, h, 1, d]: Ã'V per head
+        self._a_cd = self.o_proj(heads.transpose(1, 2).reshape(b, 1, -1).to(values.dtype))  # [b, 1, D]
         self._removed = removed.sum() if self._removed is None else self._removed + removed.sum()  # no sync here
 
     def residual(self, hidden: Tensor, ctx: AttnContext) -> None:
