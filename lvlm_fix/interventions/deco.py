@@ -89,9 +89,9 @@ def deco_correct(mature: Tensor, early: Tensor, alpha: float, top_k: int, top_p:
     ids, in_set = deco_candidates(mature, top_k, top_p)
     if probs_dtype is not None:
         early = early.to(probs_dtype)
-    p = early.softmax(-1)  # [J, n, V]
-    j, n, k = p.shape[0], ids.shape[0], ids.shape[1]
-    on_c = p.gather(-1, ids[None].expand(j, n, k)).float()  # [J, n, k]
+    j, n, k = early.shape[0], ids.shape[0], ids.shape[1]
+    # p^j on the candidates only: exp(l^j_c - logsumexp l^j), without the whole [J, n, V] softmax
+    on_c = (early.gather(-1, ids[None].expand(j, n, k)) - early.logsumexp(-1, keepdim=True)).exp().float()  # [J, n, k]
     on_c = on_c.masked_fill(~in_set[None], -1.0)  # out of the set: below every probability
     flat = on_c.permute(1, 0, 2).reshape(n, j * k)  # per row, layer-major as the release's [J, C] argmax
     m, where = flat.max(-1)  # the first maximum, as argmax

@@ -99,10 +99,13 @@ def dola_divergence(mature: Tensor, early: Tensor) -> Tensor:
     """``d_j`` of every candidate and row, ``[J, n]``, from the mature logits ``[n, V]`` and the early
     ones ``[J, n, V]``: ``1/2 [mean_v M (log M - log q_N) + mean_v M (log M - log q_j)]``, ``M`` the
     two distributions' average (the release's ``kl_div(log q, M)``; ``0 log 0 = 0``)."""
+    # = 1/2 mean_v [2 M log M - M (log q_N + log q_j)]. In place on [J, n, V] buffers of its own: at a
+    # large vocabulary and batch these passes, and fresh allocations for each, cost more than the projection.
+    # log M of M clamped at the smallest normal float, so that 0 log 0 = 0 (as kl_div takes it; xlogy is slower).
     log_n, log_j = mature.log_softmax(-1)[None], early.log_softmax(-1)
-    m = 0.5 * (log_n.exp() + log_j.exp())
-    m_log_m = torch.xlogy(m, m)
-    return 0.5 * ((m_log_m - m * log_n).mean(-1) + (m_log_m - m * log_j).mean(-1))
+    m = log_j.exp().add_(log_n.exp()).mul_(0.5)
+    t = m.clamp_min(torch.finfo(m.dtype).tiny).log_().mul_(2.0).sub_(log_j.add_(log_n))
+    return t.mul_(m).mean(-1).mul_(0.5)
 
 
 def dola_contrast(mature: Tensor, premature: Tensor, relative_top: float, scale: float = 1.0) -> Tensor:
@@ -120,14 +123,15 @@ class LastPositionReader:
     """Keeps the last position of the residual stream entering each chosen layer, for one forward.
 
     ``hidden`` of ``Participant.residual`` is ``[b, q, D]``; only ``[:, -1]`` predicts the next token
-    (the prefill hands the whole prompt). A copy of ``[b, D]`` is kept, whatever a layer does with its input.
+    (the prefill hands the whole prompt). A view is kept (the stack in :meth:`stacked` copies it): a decoder
+    layer does not write into its input.
     """
 
     def __init__(self) -> None:
         self.last: dict[int, Tensor] = {}
 
     def read(self, hidden: Tensor, layer: int) -> None:
-        self.last[layer] = hidden[:, -1].clone()
+        self.last[layer] = hidden[:, -1]
 
     def stacked(self, layers: list[int]) -> Tensor:
         """``[J, n, D]`` in the order of ``layers``; each must have been read at this forward."""
