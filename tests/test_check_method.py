@@ -41,7 +41,7 @@ ACTIVE = {
     "vti": {"demos": f"{__file__.rpartition('/')[0]}/vti_demos/demos.jsonl", "num_trials": 4},
 }
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.
-CHUNKED = {"var", "act", "pai", "paint", "clearsight", "hgai"}
+CHUNKED = {"var", "act", "pai", "paint", "clearsight", "hgai", "opera"}
 
 
 def _statuses(results) -> dict[str, str]:

@@ -264,6 +264,27 @@ def test_search_in_the_penalty_regime_equals_the_transcription(tiny, images):
     assert got != free  # the penalty changed the search
 
 
+def test_branched_candidates_equal_one_forward_each(tiny, images):
+    """Alone, OPERA forwards a beam's candidates as one branched forward (a 4D mask); composed, one forward
+    each. A composed method that installs nothing (vhr without layers) switches the path: same search."""
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:1], PROMPTS[:1])
+
+    def run(method, **params):
+        with torch.inference_mode(), lvlm_fix.apply(lvlm, method, **params) as plan:
+            out = lvlm.model.generate(**batch, max_new_tokens=8, num_beams=3, return_dict_in_generate=True,
+                                      output_scores=True)
+        return out, plan.report()["opera"]
+
+    branched, one = run("opera", **FORCED)
+    each, other = run({"opera": FORCED, "vhr": {"layers": []}})
+    assert one["rollbacks"] > 0 and one["forwards"] < other["forwards"]  # fewer forwards for the same candidates
+    assert one["candidates"] == other["candidates"] and one["rollback_targets"] == other["rollback_targets"]
+    assert torch.equal(branched.sequences, each.sequences)
+    # sigma = 2000 makes penalties of ~1e6 and more: compare relatively
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(branched.scores, each.scores))
+
+
 # -- identities -------------------------------------------------------------------------------------
 def test_noop_installs_nothing_and_is_vanilla_beam_search(tiny, images):
     lvlm = tiny("llava")
@@ -298,7 +319,7 @@ def test_every_candidate_without_penalty_is_vanilla_beam_search(small_vocab, ima
         with lvlm_fix.apply(lvlm, "opera", num_attn_candidates=10_000, penalty_weights=0.0, rollback=False) as plan:
             same = lvlm.model.generate(**batch, **gen)
     report = plan.report()["opera"]
-    assert report["probe_forwards"] == report["steps"] * 406 > 0
+    assert report["candidates"] == report["steps"] * 406 > 0
     assert torch.equal(same.sequences, vanilla.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(same.scores, vanilla.scores)) <= 1e-5
     length, prompt = same.sequences.shape[1], batch["input_ids"].shape[1]
@@ -312,7 +333,7 @@ def test_math_identity_is_greedy_with_one_beam(tiny, images):
     vanilla = lvlm_fix.generate(lvlm, images, PROMPTS, None, max_new_tokens=5)
     same = lvlm_fix.generate(lvlm, images, PROMPTS, "opera", max_new_tokens=5, penalty_weights=0.0, rollback=False,
                              num_attn_candidates=2)
-    assert same.texts == vanilla.texts and same.report["opera"]["probe_forwards"] > 0
+    assert same.texts == vanilla.texts and same.report["opera"]["candidates"] > 0
 
 
 # -- decoding modes, batches, hooks -----------------------------------------------------------------
@@ -350,7 +371,7 @@ def test_the_plan_sees_every_forward_of_the_loop(tiny, images):
 
     alone, _ = run("opera")
     both, report = run("opera+vhr")
-    assert set(report) == {"opera", "vhr"} and report["opera"]["probe_forwards"] > 0
+    assert set(report) == {"opera", "vhr"} and report["opera"]["candidates"] > 0
     assert any(any(rows) for rows in report["vhr"]["selected_heads"].values())
     assert (alone.scores[0] - both.scores[0]).abs().max() > 1e-4
 

@@ -164,6 +164,8 @@ class Decoder:
             if hasattr(layer, "activate_past_recording"):  # sliding-window layers: crops must be able to go back
                 layer.activate_past_recording()
         self._prompt = {k: self.kw.pop(k) for k in _PER_TOKEN if self.kw.get(k) is not None}
+        text = getattr(model.config, "text_config", model.config)
+        self._rope = str(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or "")
         self.forwards = 0  # forwards run (prefill, steps, probes, rewinds)
 
     def _per_token(self, length: int) -> dict[str, Tensor]:
@@ -203,6 +205,35 @@ class Decoder:
         logits = self._forward(torch.cat([ids, token[:, None]], dim=1), 1)
         self.cache.crop(-1)
         return logits
+
+    @property
+    def can_branch(self) -> bool:
+        """:meth:`branch` applies: a cache without sliding-window layers (their key counts differ per layer) and
+        positions the decoder can give (one per token, not M-RoPE's three)."""
+        layers = getattr(self.cache, "layers", ())
+        prompt_positions = self._prompt.get("position_ids")
+        return (all(not getattr(layer, "is_sliding", False) for layer in layers)
+                and (prompt_positions is None or prompt_positions.dim() == 2) and "mrope" not in self._rope)
+
+    def branch(self, ids: Tensor, tokens: Tensor) -> None:
+        """Forward ``tokens`` ``[rows, n]`` as ``n`` alternative next tokens of ``ids`` in **one** forward: all at the
+        next position, each seeing the cached sequence and itself only (a 4D mask), then crop them off again.
+        The same attention as ``n`` calls of :meth:`probe`, for the price of about one (a loop reads the rows
+        through the plan's callbacks)."""
+        rows, n = tokens.shape
+        length = ids.shape[1]
+        mask = torch.ones(rows, 1, n, length + n, dtype=torch.bool, device=ids.device)
+        mask[..., length:] = torch.eye(n, dtype=torch.bool, device=ids.device)
+        positions = self._prompt.get("position_ids")
+        if positions is None:
+            pos = torch.full((rows, n), length, dtype=torch.long, device=ids.device)
+        else:
+            pos = self._per_token(length + 1)["position_ids"][..., -1:].expand(rows, n)
+        extra = {k: v for k, v in self._per_token(length + n).items() if k in ("token_type_ids", "mm_token_type_ids")}
+        self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True,
+                   return_dict=True, **{k: v[:, -n:] for k, v in extra.items()})
+        self.forwards += 1
+        self.cache.crop(-n)
 
     def rewind(self, ids: Tensor, keep: int) -> Tensor:
         """Crop the cache to its first ``keep`` tokens and forward ``ids[:, keep:]`` as one chunk (the rows of

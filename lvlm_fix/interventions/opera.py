@@ -141,9 +141,12 @@ class Opera(Intervention):
     config_cls = OperaConfig
 
     def bind(self, lvlm: LVLM) -> None:
-        self.observed_layers = frozenset({lvlm.num_layers - 1}) if self.active else frozenset()
+        # The last layer runs lvlm-fix's eager attention so that post_softmax can read every query row of a
+        # branched forward (an observed layer gives the last query's only); OPERA never edits it.
+        self.eager_layers = frozenset({lvlm.num_layers - 1}) if self.active else frozenset()
+        self._alone = True
         self._capture: dict[str, Any] | None = None
-        self._stats = {"samples": 0, "steps": 0, "probe_forwards": 0, "bonus_steps": 0, "rollbacks": []}
+        self._stats = {"samples": 0, "steps": 0, "candidates": 0, "forwards": 0, "bonus_steps": 0, "rollbacks": []}
 
     @property
     def active(self) -> bool:
@@ -151,6 +154,9 @@ class Opera(Intervention):
 
     def install(self, plan: Plan, hooks: HookSet) -> None:
         if self.active:
+            # Composed, each candidate is a forward of its own: the other methods then see ordinary decode steps
+            # (a branched forward would look to them like a prefill chunk whose last query alone is "new").
+            self._alone = plan.participants == [self]
             own_decoding(plan, hooks, self.search)
 
     def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
@@ -178,26 +184,45 @@ class Opera(Intervention):
             raise LvlmFixError("output_attentions / output_hidden_states are not returned by opera's loop; drop them")
 
     # -- the attention read ----------------------------------------------------------------------
-    def observe(self, probs_last: Tensor, ctx: AttnContext) -> None:  # [rows, heads, keys], the last layer
-        if self._capture is None:
-            return
-        row = probs_last.amax(dim=1)  # max over heads
-        row = row / row.sum(dim=-1, keepdim=True)  # renormalised over the row's keys
-        start = self._capture["start"]
-        self._capture["window"] = row[:, start:].clone()  # the response's columns
-        self._capture["image"] = (row * ctx.image_keys.to(row.dtype)).sum(dim=-1)
+    def post_softmax(self, probs: Tensor, ctx: AttnContext) -> Tensor:  # [rows, heads, q, keys], the last layer
+        """Reads (never edits) the last layer's weights of the forwards the search asks for: each query row
+        reduced by a max over heads and renormalised over its keys, and its sum over the row's image keys."""
+        if self._capture is not None:
+            row = probs.amax(dim=1)  # [rows, q, keys]
+            row = row / row.sum(dim=-1, keepdim=True)
+            self._capture["rows"] = row
+            self._capture["image"] = (row * ctx.image_keys[:, None, :].to(row.dtype)).sum(dim=-1)
+        return probs
 
-    def _read(self, run, start: int) -> tuple[Any, Tensor, Tensor]:
-        self._capture = {"start": start}
+    def _read(self, run) -> tuple[Any, Tensor, Tensor]:
+        """Run a forward and return its result with the last layer's renormalised rows ``[rows, q, keys]``
+        and their image sums ``[rows, q]``."""
+        self._capture = {}
         try:
             out = run()
             seen = self._capture
         finally:
             self._capture = None
-        if "window" not in seen:
+        if "rows" not in seen:
             raise LvlmFixError("opera read no attention of the last layer in this forward; is another method "
                                "replacing that layer's attention?")
-        return out, seen["window"], seen["image"]
+        return out, seen["rows"], seen["image"]
+
+    def candidates(self, dec: Decoder, ids: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
+        """Each candidate's row over the response columns ``[rows, N, t+1]`` (the last column its own) and its
+        image sum ``[rows, N]``: one branched forward when OPERA is alone in the plan, else one forward per
+        candidate (then composed methods see ordinary decode steps)."""
+        start, length = dec.prompt_len, ids.shape[1]
+        if self._alone and dec.can_branch:
+            _, rows, image = self._read(lambda: dec.branch(ids, cand))  # [rows, N, length + N]
+            own = rows[:, :, length:].diagonal(dim1=1, dim2=2)  # each candidate's weight on itself
+            return torch.cat([rows[:, :, start:length], own[..., None]], dim=-1), image
+        windows, images = [], []
+        for k in range(cand.shape[1]):
+            _, rows, image = self._read(lambda k=k: dec.probe(ids, cand[:, k]))
+            windows.append(rows[:, -1, start:])
+            images.append(image[:, -1])
+        return torch.stack(windows, dim=1), torch.stack(images, dim=1)
 
     # -- the math --------------------------------------------------------------------------------
     def column_scores(self, window: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,14 +260,9 @@ class Opera(Intervention):
             vocab = logits.shape[-1]
             n = min(cfg.num_attn_candidates, vocab)
             cand_logits, cand = logits.topk(n, dim=-1)  # on the raw logits, as the release
-            cand_rows, cand_image = [], []
-            for k in range(n):
-                _, w_row, img = self._read(lambda k=k: dec.probe(ids, cand[:, k]), start)
-                cand_rows.append(w_row)
-                cand_image.append(img)
-            self._stats["probe_forwards"] += n
-            phi, loc_c = self.column_scores(window, torch.stack(cand_rows, dim=1))
-            iota = torch.stack(cand_image, dim=1)
+            cand_rows, iota = self.candidates(dec, ids, cand)
+            self._stats["candidates"] += n
+            phi, loc_c = self.column_scores(window, cand_rows)
             if t + 1 <= cfg.bonus_tokens:
                 penalised = cand_logits + cfg.penalty_weights * iota
                 self._stats["bonus_steps"] += 1
@@ -299,9 +319,11 @@ class Opera(Intervention):
             self._stats["steps"] += 1
             if scorer.done or bool(stopping(ids, processed).all()):
                 break
-            logits, w_row, _ = self._read(lambda: dec.step(ids), start)
+            logits, rows_seen, _ = self._read(lambda: dec.step(ids))
+            w_row = rows_seen[:, -1, start:]  # the new token's row over the response
             new_rows.append(w_row)
             window = grow_window(window, beam_idx, w_row)
+        self._stats["forwards"] += dec.forwards
         sequences, seq_scores = scorer.finalize(ids, beam_scores, eos, pad)
         return {"sequences": sequences, "sequences_scores": seq_scores, "scores": tuple(scores_out),
                 "logits": tuple(logits_out)}
@@ -334,8 +356,8 @@ class Opera(Intervention):
     def summarize(self, report: dict[str, Any]) -> str:
         if not report.get("active"):
             return "off"
-        return (f"{report['steps']} beam steps over {report['samples']} sample(s), {report['probe_forwards']} "
-                f"candidate forwards, {report['rollbacks']} rollback(s)")
+        return (f"{report['steps']} beam steps over {report['samples']} sample(s), {report['candidates']} "
+                f"candidates read in {report['forwards']} forwards, {report['rollbacks']} rollback(s)")
 
 
 def over_trust(window: Tensor, cand: Tensor, scale: float, fp16: bool = False) -> tuple[Tensor, Tensor]:
