@@ -93,7 +93,7 @@ if TYPE_CHECKING:
 
     from ..model import LVLM
 
-__all__ = ["VISTA", "VISTAConfig", "default_sla_layers", "self_logits_augmentation", "steer"]
+__all__ = ["VISTA", "VISTAConfig", "default_sla_layers", "self_logits_augmentation", "steer", "steer_unit"]
 
 
 def _round_half_up(x: float) -> int:
@@ -113,15 +113,21 @@ def steer(out: Tensor, v: Tensor, lam: float, adaptive: bool = True) -> Tensor:
     ``c = 1 + max(0, cos(m, -v))`` (1 when not ``adaptive``), ``m' = ||m|| normalize(normalize(m) + lam c
     normalize(v))``, computed in fp32 and returned in ``out``'s dtype.
     """
+    return steer_unit(out, torch.nn.functional.normalize(v.float(), dim=-1), lam, adaptive)
+
+
+def steer_unit(out: Tensor, unit: Tensor, lam: float, adaptive: bool = True) -> Tensor:
+    """:func:`steer` with ``normalize(v)`` given (``[n, D]`` fp32; zero rows for a zero vector): the per-step form."""
     x = out.float()
-    v = v.float()[:, None, :]  # [n, 1, D]: the row's vector at every position
-    y = lam * torch.nn.functional.normalize(v, dim=-1)
-    if adaptive:
-        c = 1.0 + torch.nn.functional.cosine_similarity(x, -v, dim=-1).clamp(min=0.0)
-        y = y * c[..., None]
     norm = x.norm(dim=-1, keepdim=True)
-    edited = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=-1) + y, dim=-1) * norm
-    return edited.to(out.dtype)
+    direction = x / norm.clamp(min=1e-12)  # normalize(m)
+    unit = unit[:, None, :]  # [n, 1, D]: the row's direction at every position
+    if adaptive:  # c = 1 + max(0, cos(m, -v)) = 1 + max(0, -normalize(m) . normalize(v))
+        c = 1.0 - (direction @ unit.transpose(1, 2)).clamp(max=0.0)  # [n, q, 1]
+        direction = direction + (lam * c) * unit
+    else:
+        direction = direction + lam * unit
+    return (direction * (norm / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12))).to(out.dtype)
 
 
 def self_logits_augmentation(final: Tensor, early: Tensor, alpha: float) -> Tensor:
@@ -208,6 +214,8 @@ class VISTA(Intervention):
         super().__init__(config)
         self.sla_layers: list[int] = []
         self._vectors: dict[int, Tensor] = {}  # layer -> [n, D] fp32, the rows' steering vectors of this sequence
+        self._units: dict[int, Tensor] = {}  # layer -> the same normalised (zero rows stay zero)
+        self._first = -1  # the first steered layer: counts the steered forwards
         self._early: dict[int, Tensor] = {}  # layer -> [n, D], this forward's raw outputs at the last position
         self._head: Any = None
         self._norm: Any = None
@@ -219,6 +227,7 @@ class VISTA(Intervention):
         n = lvlm.num_layers
         c = self.config
         self.mlp_layers = resolve_layers(c.layers, range(n), n)
+        self._first = min(self.mlp_layers, default=-1)
         self.sla_layers = sorted(resolve_layers(c.sla_layers, default_sla_layers(n), n, name="sla_layers"))
         self.layer_output_layers = frozenset(self.sla_layers)
         self.edits_logits = bool(self.sla_layers)
@@ -239,7 +248,7 @@ class VISTA(Intervention):
         self._early = {}
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
-        self._vectors = {}
+        self._vectors, self._units = {}, {}
         if not self.mlp_layers:
             return
         if model_kwargs.get("input_ids") is None:
@@ -271,9 +280,10 @@ class VISTA(Intervention):
                 blind = (after > reach).to(self._vectors[layer].device)
                 self._vectors[layer][blind] = 0.0
         self._norms = torch.stack([v.norm(dim=-1) for v in self._vectors.values()]).mean(0).tolist()
+        self._units = {layer: torch.nn.functional.normalize(v, dim=-1) for layer, v in self._vectors.items()}
 
     def mlp_output(self, out: Tensor, x: Tensor, ctx: AttnContext) -> Tensor | None:
-        v = self._vectors.get(ctx.layer)
+        v = self._units.get(ctx.layer)
         if v is None:
             raise LvlmFixError("vista has no steering vector for this forward: its prefill did not run in this plan; "
                                "call the model on the whole prompt first (generate() does)")
@@ -281,10 +291,10 @@ class VISTA(Intervention):
             raise LvlmFixError(f"vista computed steering vectors for {v.shape[0]} rows but the forward has "
                                f"{out.shape[0]}; start a new generate() call for a new batch")
         if v.device != out.device:
-            v = self._vectors[ctx.layer] = v.to(out.device)
-        if ctx.layer == min(self.mlp_layers):
+            v = self._units[ctx.layer] = v.to(out.device)
+        if ctx.layer == self._first:
             self.counts["steered_forwards"] += 1
-        return steer(out, v, self.config.lam, adaptive=not self.config.simple_mode)
+        return steer_unit(out, v, self.config.lam, adaptive=not self.config.simple_mode)
 
     def layer_output(self, hidden: Tensor, ctx: AttnContext) -> None:
         self._early[ctx.layer] = hidden[:, -1].clone()  # the last position: the only one whose logits are mixed
@@ -304,7 +314,7 @@ class VISTA(Intervention):
         return self_logits_augmentation(last, early.to(last.device), self.config.sla_alpha)
 
     def end(self) -> None:
-        self._vectors, self._early = {}, {}
+        self._vectors, self._units, self._early = {}, {}, {}
 
     def summarize(self, report: dict[str, Any]) -> str:
         parts = []
