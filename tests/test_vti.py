@@ -331,12 +331,12 @@ def test_demo_file_errors_are_one_line(tmp_path):
 # -- the CLI: calibrate writes the directions a run then uses (the testbed) ---------------------------------
 def test_calibrate_writes_directions_that_a_run_uses(capsys, tmp_path):
     out = tmp_path / "vti.pt"
-    code, stdout, err = cli_run(capsys, "calibrate", "--method", "vti", "--limit", "3", "--option", "num_trials=2",
+    code, stdout, err = cli_run(capsys, "calibrate", "--method", "vti", "--limit", "2", "--option", "num_trials=2",
                                 "--option", "mask_ratio=0.5", "--out", str(out))
     assert code == 0, err
     assert "synthetic caption pairs" in err and f"--method vti --directions-file {out}" in stdout
     doc = torch.load(out, weights_only=True)
-    assert doc["meta"]["num_demos"] == 3 and doc["meta"]["num_trials"] == 2 and doc["meta"]["model"] == "testbed"
+    assert doc["meta"]["num_demos"] == 2 and doc["meta"]["num_trials"] == 2 and doc["meta"]["model"] == "testbed"
     assert doc["text"].shape == (8, 128) and doc["vision"].shape == (4, 65, 128)
     code, stdout, err = cli_run(capsys, "run", "--method", "vti", "--directions-file", str(out), "--out",
                                 str(tmp_path / "run"))
@@ -357,3 +357,9 @@ def test_calibrate_refuses_bad_options_in_one_line(capsys, tmp_path):
                                             "--out", str(tmp_path / "v.pt"))
     assert "caption pairs" in cli_error(capsys, "calibrate", "--method", "act", "--demos", "x.jsonl", "--out",
                                         str(tmp_path / "h.json"))
+
+
+def test_the_testbed_runs_without_a_file_on_its_own_caption_pairs(capsys):
+    code, stdout, err = cli_run(capsys, "run", "--method", "vti", "--num-demos", "3", "--num-trials", "2", "--compare")
+    assert code == 0, err
+    assert "[baseline]" in stdout and "[vti]" in stdout

@@ -27,8 +27,9 @@ VTI steers the latent features of an LVLM along directions fitted offline, at no
 The directions come from ``lvlm-fix calibrate --method vti`` (the file that ``directions_file``
 reads back; its format is in ``lvlm_fix/interventions/vti_calibration.py``), or from a calibration on
 the caption pairs of ``demos`` at the first use on the model, kept in memory for the process: the
-flow of the release's runner, which fits its directions at the start of every run. Neither is
-refused in one line. Calibration with ``alpha_image > 0`` installs the visual
+flow of the release's runner, which fits its directions at the start of every run. The testbed
+calibrates so on its own synthetic pairs when given neither; another model given neither is refused
+in one line. Calibration with ``alpha_image > 0`` installs the visual
 steering before the text pass, as the release does: the textual direction is fitted on the
 vision-steered model.
 
@@ -73,10 +74,19 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
+from ..model import DEFAULT_MODEL, testbed_path
 from .base import Intervention, MethodConfig, Stage, param
 from .calibration import Calibration
 from .registry import register_method
-from .vti_calibration import calibrate_vti, check_directions, load_demos, read_directions, steer, unit, write_directions
+from .vti_calibration import (
+    calibrate_vti,
+    check_directions,
+    load_demos,
+    read_directions,
+    steer_toward,
+    unit,
+    write_directions,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -104,8 +114,8 @@ class VtiConfig(MethodConfig):
         "0.1 (source: vti_utils/llm_layers.py, hard-coded)."), lo=0.0)
     directions_file: str | None = param(None, (
         "Directions file written by `lvlm-fix calibrate --method vti` (checked against the model: layers, widths, "
-        "vision tokens). Give it or demos (source: lvlm-fix; the release fits its directions at the start of each "
-        "run)."))
+        "vision tokens). Give it or demos; the testbed without either calibrates on its synthetic pairs (source: "
+        "lvlm-fix; the release fits its directions at the start of each run)."))
     demos: str | None = param(None, (
         "Caption pairs (jsonl: image, question, value, h_value; images relative to the file's folder) to "
         "calibrate on at first use instead of a directions_file, with the settings below; the directions are "
@@ -150,18 +160,22 @@ class VtiConfig(MethodConfig):
 
 
 # -- directions calibrated at first use, kept per model ------------------------------------------------
+# The testbed's own caption pairs (lvlm_fix/testbed/caption_pairs.py wrote them): its default calibration set.
+TESTBED_DEMOS = testbed_path().parent / "caption_pairs_data" / "demos.jsonl"
 _MEMORY: weakref.WeakKeyDictionary[Any, dict[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
-def _calibrated(lvlm: LVLM, config: VtiConfig) -> dict[str, Any]:
-    """The directions of an in-memory calibration on ``config.demos`` (once per model, file content and settings)."""
+def _calibrated(lvlm: LVLM, config: VtiConfig, demos: str | Path | None = None) -> dict[str, Any]:
+    """The directions of an in-memory calibration on ``demos`` (default ``config.demos``), once per model, file
+    content and settings."""
     c = config
-    digest = hashlib.sha256(Path(c.demos).read_bytes()).hexdigest()
-    key = (digest, str(Path(c.demos).resolve()), c.num_demos, c.num_trials, c.mask_ratio, c.calibration_seed,
+    demos = Path(demos or c.demos)
+    digest = hashlib.sha256(demos.read_bytes()).hexdigest()
+    key = (digest, str(demos.resolve()), c.num_demos, c.num_trials, c.mask_ratio, c.calibration_seed,
            c.release_compat, c.step, c.alpha_image)
     per_model = _MEMORY.setdefault(lvlm.model, {})
     if key not in per_model:
-        samples, dataset = load_demos(c.demos)
+        samples, dataset = load_demos(demos)
         per_model[key] = calibrate_vti(lvlm, samples, limit=min(c.num_demos, len(samples)), dataset=dataset,
                                        num_trials=c.num_trials, mask_ratio=c.mask_ratio, seed=c.calibration_seed,
                                        release_compat=c.release_compat, alpha_image=c.alpha_image, step=c.step,
@@ -201,6 +215,8 @@ class Vti(Intervention):
             doc = read_directions(c.directions_file)
         elif c.demos is not None:
             doc = _calibrated(lvlm, c)
+        elif lvlm.name == DEFAULT_MODEL:  # the testbed calibrates on its own synthetic caption pairs
+            doc = _calibrated(lvlm, c, TESTBED_DEMOS)
         else:
             raise ConfigError("vti needs directions: write them with `lvlm-fix calibrate --method vti --out FILE` "
                               "and pass directions_file=FILE, or give demos=FILE.jsonl of caption pairs")
@@ -208,17 +224,18 @@ class Vti(Intervention):
             check_directions(doc, lvlm, c.directions_file, vision=c.alpha_image > 0)
         self._meta = doc["meta"]
         device = lvlm.device
+        # Each layer's push, step * alpha * normalize(d), is computed once here, not at every forward.
         if c.alpha_text > 0:
-            self._text = unit(doc["text"]).to(device)
+            self._text = (c.step * c.alpha_text * unit(doc["text"])).to(device)
             self.mlp_layers = frozenset(range(lvlm.num_layers))
         if c.alpha_image > 0:
             self._vision_layers = list(range(len(lvlm.vision_layers)))
             if doc["vision"] is not None:
-                self._vision = unit(doc["vision"]).to(device)
+                self._vision = (c.step * c.alpha_image * unit(doc["vision"])).to(device)
 
     def mlp_output(self, out: Tensor, x: Tensor, ctx: AttnContext) -> Tensor:
         self._edits["text"] += 1
-        return steer(out, self._text[ctx.layer], self.config.step * self.config.alpha_text)
+        return steer_toward(out, self._text[ctx.layer])
 
     def install(self, plan: Plan, hooks: HookSet) -> None:
         """Forward hooks on each vision-tower layer's MLP (the tower runs once per prefill)."""
@@ -226,24 +243,24 @@ class Vti(Intervention):
             hooks.forward(plan.lvlm.vision_mlp(i), self._vision_hook(plan, i))
 
     def _vision_hook(self, plan: Plan, layer: int):
-        strength = self.config.step * self.config.alpha_image
-
         def hook(module: Any, args: tuple, output: Tensor) -> Tensor | None:
             if not plan.is_current():  # another stream's or plan's tower pass
                 return None
-            return self.steer_vision(output, layer, strength)
+            return self.steer_vision(output, layer)
 
         return hook
 
-    def steer_vision(self, output: Tensor, layer: int, strength: float) -> Tensor:
-        """One vision layer's MLP output ``[images, T, D_v]`` steered with that layer's per-token directions."""
+    def steer_vision(self, output: Tensor, layer: int) -> Tensor:
+        """One vision layer's MLP output ``[images, T, D_v]`` steered with that layer's per-token pushes."""
         self._edits["vision"] += 1
-        direction = self._vision[layer] if self._vision is not None else torch.zeros(output.shape[-1])
-        if self._vision is not None and output.shape[-2] != direction.shape[0]:
+        if self._vision is None:  # step = 0: the identity, with the math in the path
+            return steer_toward(output, torch.zeros((), device=output.device))
+        push = self._vision[layer]
+        if output.shape[-2] != push.shape[0]:
             raise LvlmFixError(f"vti: the vision tower gives {output.shape[-2]} tokens per image but the directions "
-                               f"hold {direction.shape[0]} (a tower of another resolution or crop layout); "
+                               f"hold {push.shape[0]} (a tower of another resolution or crop layout); "
                                "calibrate for this input layout or set alpha_image=0")
-        return steer(output, direction, strength)
+        return steer_toward(output, push)
 
     def report(self) -> dict[str, Any]:
         c = self.config
