@@ -13,7 +13,7 @@ import lvlm_fix
 import lvlm_fix.interventions.only as only_module
 from conftest import PROMPTS
 from lvlm_fix.errors import ConfigError, LvlmFixError
-from lvlm_fix.interventions.only import key_segments, only_combine, select_heads
+from lvlm_fix.interventions.only import key_segments, only_combine, segment_entropy, select_heads
 
 GEN = {"output_logits": True, "return_dict_in_generate": True}
 
@@ -36,6 +36,14 @@ def test_head_selection_by_hand():
     # A row without image: H_image = +inf, every TVER is 0, none below the mean: no head removed.
     kept, removed = select_heads(probs, key_segments(torch.ones_like(image), torch.zeros_like(image), True))
     assert not removed.any()
+    # Nothing left in a segment: H_text = 0 (TVER 0, removed beside a head with TVER > 0), H_image = +inf (TVER 0).
+    for empty in ([1, 2], [3, 4, 5]):
+        zeroed = probs.clone()
+        zeroed[0, 0, empty] = 0.0
+        assert select_heads(zeroed, segments)[1].tolist() == [[True, False]], empty
+    # The entropy of the release: -sum p log(p + 1e-6), unnormalised zeros included (float64 here).
+    h = segment_entropy(torch.tensor([[[0.1, 0.3, 0.3, 0.0]]], dtype=torch.float64), segments[:, :, :4])[0, 0]
+    assert h[0].item() == pytest.approx(-math.log(0.5 + 1e-6), abs=1e-12) and h[1].isnan()  # image: all zero
     # Left padding: the first valid key is the BOS, padding is in no segment.
     valid = torch.tensor([[False, True, True, True]])
     assert key_segments(valid, torch.tensor([[False, False, True, False]]), True)[0].tolist() == [
@@ -53,6 +61,9 @@ def test_gated_combination_by_hand():
     assert out.tolist() == [[4.0, 1.0, -math.inf], [8.0, 4.0, -math.inf]]
     out, collaborative = only_combine(main[:1], side[:1], alpha_pos=3.0, alpha_neg=1.0, gamma=2.0, beta=0.3)
     assert collaborative.tolist() == [True] and out.tolist() == [[2.0, 4.0, -math.inf]]
+    # the gate is strict: d = 0 is not below gamma = 0, so identical rows take the contrastive branch
+    out, collaborative = only_combine(main[1:], side[1:], alpha_pos=3.0, alpha_neg=1.0, gamma=0.0, beta=0.0)
+    assert collaborative.tolist() == [False] and torch.equal(out, main[1:])
     # beta 0 cuts nothing; zero weights return main exactly
     out, _ = only_combine(main, side, alpha_pos=0.0, alpha_neg=0.0, gamma=1.0, beta=0.0)
     assert torch.equal(out, main)
@@ -302,3 +313,26 @@ def test_without_cache_each_forward_rebuilds_the_same(tiny, images):
         full = lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False, **GEN)
     assert torch.equal(cached.sequences, full.sequences)
     assert all(_same(a, b, atol=1e-4) for a, b in zip(cached.logits, full.logits))
+
+
+def test_reads_the_row_an_attention_edit_at_its_layer_leaves_in_query_chunks_too(tiny, images, spy):
+    """PAI amplifying layer l*'s image attention (eager path): ONLY reads the edited row, so its heads differ from
+    ONLY alone; with the prefill forced into query chunks of one row the result is the unchunked one."""
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    methods = {"pai": {"alpha": 4.0, "gamma": 1.0, "layers": [0]}, "only": {"gamma": 0.135, "beta": 0.3}}
+
+    def run(spec, block=None):
+        with torch.inference_mode(), lvlm_fix.apply(lvlm, spec) as plan:
+            plan.block_bytes = block
+            out = lvlm.model.generate(**batch, max_new_tokens=3, do_sample=False, **GEN)
+        removed = list(spy["removed"])
+        spy["removed"].clear()
+        return out, removed
+
+    alone, heads_alone = run({"only": methods["only"]})
+    together, heads = run(methods)
+    chunked, heads_chunked = run(methods, block=1)
+    assert heads != heads_alone and heads_chunked == heads
+    assert torch.equal(chunked.sequences, together.sequences)
+    assert all(_same(a, b, atol=1e-4) for a, b in zip(chunked.logits, together.logits))
