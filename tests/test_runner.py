@@ -240,3 +240,15 @@ def test_two_processes_shard_the_samples_and_merge(tiny_dirs, coco, tmp_path):
     assert sorted(ids) == sorted(f"random/{i}" for i in range(8)) and len(ids) == len(set(ids))
     assert not list((out / "none").glob("samples.rank*.jsonl"))
     assert proc.stdout.count("| none | random |") == 1  # only the main process reports
+
+
+def test_a_setting_with_a_path_in_a_value_gets_one_folder_under_the_run(tmp_path):
+    from lvlm_fix.evals.runner import setting_folder
+
+    folder = setting_folder(tmp_path, "vti:directions_file=/data/cal/vti.pt")
+    assert folder.parent == tmp_path and folder.name == "vti,directions_file=_data_cal_vti.pt"
+    assert setting_folder(tmp_path, "act:heads_file=C:\\h.json").parent == tmp_path
+    long = setting_folder(tmp_path, "vti:directions_file=/" + "x" * 400 + ".pt")
+    assert long.parent == tmp_path and len(long.name.encode()) <= 200
+    assert long != setting_folder(tmp_path, "vti:directions_file=/" + "x" * 401 + ".pt")
+    assert setting_folder(tmp_path, "var:tau=3.5").name == "var,tau=3.5"  # folders of earlier runs keep their names

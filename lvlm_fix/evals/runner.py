@@ -121,8 +121,13 @@ class MethodSeam:
 
 
 def setting_folder(root: Path, name: str) -> Path:
-    """The results folder of setting ``name`` (its spec with ``:`` as ``,`` and no quotes)."""
-    return root / name.replace(":", ",").replace('"', "")
+    """The results folder of setting ``name``: its spec with ``:`` as ``,``, no quotes, and a path in a value
+    (``vti:directions_file=/a/b.pt``) with its separators as ``_``, so that the folder is one level under
+    ``root``; a name longer than a file name may be keeps its start and a digest of the whole."""
+    folder = name.replace(":", ",").replace('"', "").replace("/", "_").replace("\\", "_")
+    if len(folder.encode()) > 200:
+        folder = folder[:150] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return root / folder
 
 
 # -- provenance helpers -----------------------------------------------------------------------------
