@@ -222,21 +222,26 @@ def test_noop_is_bit_identical_and_math_identity_runs_the_callbacks(tiny, images
 
 @pytest.mark.parametrize("release_compat", [False, True])
 def test_left_padded_batch_and_the_releases_batch_mean(release_compat, tiny, images):
-    """Per row (default), a left-padded batch gives each row's result alone; with release_compat the
-    batch shares the layer of the rows' mean divergence, as the release's transcription does."""
+    """Per row (default), a left-padded batch gives each row's result alone; with release_compat the batch
+    shares the layer of the rows' mean divergence, step by step as the release's transcription. Here the two
+    rows choose different layers at the sixth step, which a batch mean cannot give."""
     lvlm = tiny("llava")
-    batch = dict(lvlm.encode(images[:2], PROMPTS[1:3]))
+    batch = dict(lvlm.encode(images[:2], PROMPTS[:2]))
     assert (batch["attention_mask"] == 0).any()  # left padding
     params = dict(layers=[0, 1, 2, 3], relative_top=0.5, premature_norm=True, release_compat=release_compat)
-    gen = dict(max_new_tokens=4, do_sample=False)
+    gen = dict(max_new_tokens=6, do_sample=False)
     together = _scores_under(lvlm, batch, gen, **params)
+    assert len(together.scores) == 6
     if release_compat:
-        ref = _release_step(lvlm, batch, [0, 1, 2, 3], 0.5, norm=True)[0]
-        assert _same(together.scores[0], ref, atol=1e-4)
+        length, inputs = batch["input_ids"].shape[1], batch
+        for step in range(6):
+            ref = _release_step(lvlm, inputs, [0, 1, 2, 3], 0.5, norm=True)[0]
+            assert _same(together.scores[step], ref, atol=1e-4), step
+            inputs = _grown(inputs, together.sequences[:, length + step])
         return
     for i in range(2):
         alone = _scores_under(lvlm, _row(batch, i), gen, **params)
-        assert torch.equal(alone.sequences[0, -4:], together.sequences[i, -4:]), i
+        assert torch.equal(alone.sequences[0, -6:], together.sequences[i, -6:]), i
         assert all(_same(a[0], t[i], atol=1e-4) for a, t in zip(alone.scores, together.scores)), i
 
 
