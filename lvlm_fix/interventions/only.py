@@ -301,8 +301,8 @@ class ONLY(Intervention):
 
     def report(self) -> dict[str, Any]:
         c = self.config
-        out: dict[str, Any] = {"layers": list(c.layers), "alpha_pos": c.alpha_pos, "alpha_neg": c.alpha_neg, "gamma": c.gamma,
-                               "beta": c.beta}
+        out: dict[str, Any] = {"layers": list(c.layers), "alpha_pos": c.alpha_pos, "alpha_neg": c.alpha_neg,
+                               "gamma": c.gamma, "beta": c.beta}
         if self.edits_logits:
             rows = self._rows or 0
             out.update(select_layer=self.at, last_layer=self.last, forwards=self._steps,
