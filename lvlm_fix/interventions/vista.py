@@ -156,7 +156,7 @@ class _LastToken(Participant):
         self.states: dict[int, Tensor] = {}
 
     def layer_output(self, hidden: Tensor, ctx: AttnContext) -> None:
-        self.states[ctx.layer] = hidden[:, -1].float()  # a copy: the rows are left padded, so -1 is each row's last token
+        self.states[ctx.layer] = hidden[:, -1].to(torch.float32, copy=True)  # left padded: -1 is each row's last token
         if ctx.layer == self.last:
             raise StopForward  # the final norm and lm_head of every position are not needed
 
