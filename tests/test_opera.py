@@ -419,3 +419,17 @@ def test_bad_values_are_one_line(params, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         build_methods("opera", **params)
     assert "\n" not in str(e.value)
+
+
+def test_positional_generate_arguments_reach_generate(tiny, images):
+    """generate(input_ids, generation_config, ...) positionally: the patched generate() names them as generate() does."""
+    from transformers import GenerationConfig
+
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:2], PROMPTS[:2])
+    config = GenerationConfig(max_new_tokens=3, num_beams=2, do_sample=False)
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "opera") as plan:
+        positional = lvlm.model.generate(batch["input_ids"], config, attention_mask=batch["attention_mask"],
+                                         pixel_values=batch["pixel_values"])
+        named = lvlm.model.generate(**batch, generation_config=config)
+    assert torch.equal(positional, named) and plan.report()["opera"]["samples"] == 4

@@ -24,6 +24,7 @@ transformers 4.29 had it (a small object a loop can copy to roll back).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -68,8 +69,10 @@ def own_decoding(plan: Plan, hooks: HookSet, loop: Callable[..., Any]) -> None:
         if kwargs.get("streamer") is not None:
             raise LvlmFixError("streamer= is not served by a method that owns the decoding loop (it may roll tokens "
                                "back); drop the streamer")
-        if args:  # generate(inputs, ...): the prompt ids
-            kwargs["input_ids"], args = args[0], args[1:]
+        if args:  # positional arguments, named as generate() names them (the first is the prompt ids)
+            names = [p for p in inspect.signature(type(model).generate).parameters if p != "self"]
+            kwargs.update(zip(names, args))
+            args = ()
         if "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
         return _per_sample(plan, inner, custom, args, kwargs)
