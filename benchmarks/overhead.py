@@ -70,10 +70,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-METHODS = ("none", "vhr", "var", "act", "vcd", "icd", "m3id", "pai", "paint", "carve", "mvp", "heads")  # table rows
-# Ratio to vanilla sdpa (the issues). A contrast stream is a second forward per step: its limit is 2.
-TIME_TARGETS = {"vhr": 1.10, "var": 1.25, "act": 1.25, "vcd": 2.1, "icd": 2.1, "m3id": 2.1, "pai": 2.2, "carve": 2.5}
-IN_PLAN = ("none", "vhr", "var", "act", "vcd", "icd", "m3id", "pai", "paint")  # timed as apply() around generate()
+# Methods edited inside the one generate(), timed as apply() around it.
+IN_PLAN = ("none", "vhr", "var", "act", "vcd", "icd", "m3id", "pai", "paint", "clearsight", "hgai", "avisc", "dola",
+           "deco", "vista", "vti", "only", "memvr")
+METHODS = (*IN_PLAN, "carve", "mvp", "opera", "heads")  # table rows
+# Ratio to vanilla sdpa (the issues). A contrast stream is a second forward per step: its limit is 2. OPERA's is
+# to vanilla beam search with its beams.
+TIME_TARGETS = {"vhr": 1.10, "var": 1.25, "act": 1.25, "vcd": 2.1, "icd": 2.1, "m3id": 2.1, "pai": 2.2, "carve": 2.5,
+                "clearsight": 1.25, "hgai": 1.25, "avisc": 2.1, "dola": 1.15, "deco": 1.15, "vista": 1.5, "vti": 1.1,
+                "only": 1.15, "memvr": 1.25, "opera": 3.0}
+OPERA_BEAMS = 5  # the release's num_beams
 HEADS_MEMORY_TARGET = 1.2  # the statistics pass's peak memory / vanilla generate's
 # Long prompts: every attention method and the statistics pass within these of vanilla (time; peak
 # memory, total); CARVE (two statistics passes and a final pass by design) keeps 2.5.
@@ -432,10 +438,12 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
     def vanilla() -> Any:
         return lvlm.model.generate(**batch, **gen)
 
-    def applied(method: str | None) -> Callable[[], Any]:
+    def applied(method: str | None, **extra: Any) -> Callable[[], Any]:
+        params = method_params(method, s)
+
         def run() -> Any:
-            with lvlm_fix.apply(lvlm, method):
-                return lvlm.model.generate(**batch, **gen)
+            with lvlm_fix.apply(lvlm, method, **params):
+                return lvlm.model.generate(**batch, **{**gen, **extra})
         return run
 
     def api(method: str | None) -> Callable[[], Any]:
@@ -476,9 +484,24 @@ def build_configs(s: Subject, batch_size: int, new_tokens: int, methods: Sequenc
         elif m == "mvp":
             configs += [Config("yes_no", yes_no(None), "vanilla", "vanilla"),
                         Config("mvp", yes_no("mvp"), "yes_no", "yes_no")]
+        elif m == "opera":  # its own beam search against generate()'s, with the same beams
+            beams = {"num_beams": OPERA_BEAMS}
+            configs += [Config("beams", applied(None, **beams), "vanilla", "vanilla"),
+                        Config("opera", applied("opera", **beams), "beams", "beams")]
         elif m == "heads":
             configs += [Config("prefill", prefill, "vanilla", "vanilla"), Config("heads", heads, "prefill", "vanilla")]
     return configs
+
+
+def method_params(method: str | None, s: Subject) -> dict[str, Any]:
+    """The parameters a method is timed with beyond its defaults: VTI away from the testbed calibrates its
+    directions on the testbed's caption pairs (cut short: 8 pairs, 4 masked copies) at the warm-up, untimed."""
+    if method != "vti" or s.label == "testbed":
+        return {}
+    from lvlm_fix.testbed.caption_pairs import write_caption_pairs
+
+    folder = Path(tempfile.mkdtemp(prefix="vti-demos-"))
+    return {"demos": str(write_caption_pairs(8, folder)), "num_demos": 8, "num_trials": 4}
 
 
 def measure(s: Subject, batch_size: int, new_tokens: int, reps: int, methods: Sequence[str],
