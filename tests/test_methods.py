@@ -285,7 +285,7 @@ def test_stage_says_where_a_method_acts_and_order_where_it_composes():
 
     with pytest.raises(TypeError):
         Stage.INPUT < Stage.LOGITS  # noqa: B015 (a stage is no place in a composition)
-    assert {METHODS.get(n).composition_key()[1] for n in NAMES} <= set(DEFAULT_ORDER.values())
+    assert {METHODS.get(n).composition_key()[1] for n in TODAY} <= set(DEFAULT_ORDER.values())
 
     @dataclass(frozen=True, kw_only=True)
     class Cfg(MethodConfig):

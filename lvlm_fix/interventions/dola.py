@@ -46,7 +46,8 @@ Deviations from the release, and choices:
   supported families softcaps in its vision-language forward).
 
 Composition: DoLa edits the logits inside the forward (no contrast stream), before any other such
-edit (its ``order`` 45 puts it ahead of the ``LOGITS`` stage's default 50), because its divergence
+edit (its ``order`` 48 puts it after the MLP-output methods, 45, and ahead of the ``LOGITS`` stage's
+default 50), because its divergence
 needs the model's whole mature distribution; DeCo then corrects DoLa's output (``dola+deco``). Any
 method composes before it; a contrast-stream method (VCD, ICD, M3ID, PAI's guidance) is refused.
 """
@@ -217,7 +218,7 @@ class DoLa(Intervention):
     stage = Stage.LOGITS
     # Before the other in-forward logits edits (LOGITS' default 50): the divergence needs the model's own
     # mature distribution, whole; a later edit (DeCo's correction) takes DoLa's output.
-    order = 45
+    order = 48
     config_cls = DoLaConfig
     config: DoLaConfig
 
