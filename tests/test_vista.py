@@ -262,3 +262,11 @@ def test_a_layer_that_cannot_see_the_image_is_not_steered(tiny, images):
     text_only = {k: v for k, v in lvlm.text_only(batch).items()}  # rows without an image: nothing is steered
     _, seen = _vista_prefill(lvlm, text_only, sla_layers=[])
     assert all(not v.any() for v in seen.values())
+
+
+def test_a_static_cache_is_refused_in_one_line(tiny, images):
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:1], ["Describe the image."])
+    with pytest.raises(LvlmFixError, match=r"vista does not support static caches \(cache_implementation='static'\)"):
+        with lvlm_fix.apply(lvlm, "vista"):
+            lvlm.model.generate(**batch, max_new_tokens=2, cache_implementation="static")

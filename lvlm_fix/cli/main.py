@@ -361,11 +361,12 @@ def list_cmd(method: str | None) -> None:
         _list_params(method)
         return
     click.echo("methods (name, stage, what it does):")
-    click.echo(f"  {'none':8s} {'-':18s} the vanilla model (baseline)")
+    width = max(8, *(len(n) for n in METHODS.names()))  # one column whatever the longest name
+    click.echo(f"  {'none':{width}s} {'-':18s} the vanilla model (baseline)")
     for name in METHODS.names():
         cls = METHODS.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        click.echo(f"  {name:8s} {cls.stage.name.lower():18s} {doc}")
+        click.echo(f"  {name:{width}s} {cls.stage.name.lower():18s} {doc}")
     click.echo("evals:")
     from ..evals.runner import list_benches
 

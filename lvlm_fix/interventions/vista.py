@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 from .._lazy import torch
 from ..errors import LvlmFixError
 from ..hooks.contrast import rows_without_images
-from ..hooks.plan import AttnContext, Participant, Plan, StopForward
+from ..hooks.plan import AttnContext, Participant, Plan, StopForward, static_cache
 from ..hooks.sidepass import side_batch
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
@@ -243,6 +243,12 @@ class VISTA(Intervention):
             # from the last generated token instead of the prompt's last token.
             raise LvlmFixError("vista computes its steering vectors once from the prompt, which needs generate()'s "
                                "KV cache; drop use_cache=False")
+        static = static_cache(generation_config, model_kwargs)
+        if self.mlp_layers and static:
+            # Its unsteered forward of the rows with and without their image is built from the prefill's inputs,
+            # which a static cache pads to the cache's capacity: the rows' last tokens would not be found.
+            raise LvlmFixError(f"vista does not support static caches ({static}); use the default dynamic cache "
+                               "(drop cache_implementation)")
 
     def begin(self, tokens: Any) -> None:
         self._early = {}

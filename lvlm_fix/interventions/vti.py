@@ -74,7 +74,6 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
-from ..model import DEFAULT_MODEL, testbed_path
 from .base import Intervention, MethodConfig, Stage, param
 from .calibration import Calibration
 from .registry import register_method
@@ -114,7 +113,7 @@ class VtiConfig(MethodConfig):
         "0.1 (source: vti_utils/llm_layers.py, hard-coded)."), lo=0.0)
     directions_file: str | None = param(None, (
         "Directions file written by `lvlm-fix calibrate --method vti` (checked against the model: layers, widths, "
-        "vision tokens). Give it or demos; the testbed without either calibrates on its synthetic pairs (source: "
+        "vision tokens). Default None: give it or demos; the testbed without either calibrates on its synthetic pairs (source: "
         "lvlm-fix; the release fits its directions at the start of each run)."))
     demos: str | None = param(None, (
         "Caption pairs (jsonl: image, question, value, h_value; images relative to the file's folder) to "
@@ -161,7 +160,13 @@ class VtiConfig(MethodConfig):
 
 # -- directions calibrated at first use, kept per model ------------------------------------------------
 # The testbed's own caption pairs (lvlm_fix/testbed/caption_pairs.py wrote them): its default calibration set.
-TESTBED_DEMOS = testbed_path().parent / "caption_pairs_data" / "demos.jsonl"
+TESTBED_DEMOS = Path(__file__).resolve().parents[1] / "testbed" / "caption_pairs_data" / "demos.jsonl"
+def _default_model() -> str:
+    from ..model import DEFAULT_MODEL  # not at import: lvlm-fix list and --help import no torch
+
+    return DEFAULT_MODEL
+
+
 _MEMORY: weakref.WeakKeyDictionary[Any, dict[tuple, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
@@ -186,7 +191,7 @@ def _calibrated(lvlm: LVLM, config: VtiConfig, demos: str | Path | None = None) 
 # -- the method ------------------------------------------------------------------------------------
 @register_method
 class Vti(Intervention):
-    """Steer every MLP output of the decoder and of the vision tower toward calibrated directions."""
+    """VTI: every MLP output of the decoder and of the vision tower steered toward calibrated directions."""
 
     name = "vti"
     stage = Stage.MLP_OUTPUTS
@@ -215,7 +220,7 @@ class Vti(Intervention):
             doc = read_directions(c.directions_file)
         elif c.demos is not None:
             doc = _calibrated(lvlm, c)
-        elif lvlm.name == DEFAULT_MODEL:  # the testbed calibrates on its own synthetic caption pairs
+        elif lvlm.name == _default_model():  # the testbed calibrates on its own synthetic caption pairs
             doc = _calibrated(lvlm, c, TESTBED_DEMOS)
         else:
             raise ConfigError("vti needs directions: write them with `lvlm-fix calibrate --method vti --out FILE` "
