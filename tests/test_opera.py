@@ -390,6 +390,7 @@ def test_a_contrast_stream_is_refused(tiny, other):
     ({"do_sample": True}, "do_sample=True"),
     ({"use_cache": False}, "use_cache=False"),
     ({"cache_implementation": "static"}, "static"),
+    ({"cache_implementation": "quantized"}, "quantized cache"),
     ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
 ])
 def test_unserved_generate_features_are_one_line(tiny, images, gen, needle):

@@ -180,6 +180,11 @@ class Opera(Intervention):
         if what:
             raise LvlmFixError(f"{what}: opera crops the cache after each candidate, which a static cache cannot "
                                "do; use the default dynamic cache")
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if gc.cache_implementation == "quantized" or "Quantized" in type(cache).__name__:
+            # A crop of a quantized cache does not give back the keys as they were before the candidates.
+            raise LvlmFixError("a quantized cache: opera forwards its candidates on the cache and crops them off, which "
+                               "a quantized cache does not undo exactly; use the default dynamic cache")
         if gc.output_attentions or gc.output_hidden_states:
             raise LvlmFixError("output_attentions / output_hidden_states are not returned by opera's loop; drop them")
 
