@@ -435,3 +435,13 @@ def test_positional_generate_arguments_reach_generate(tiny, images):
                                          pixel_values=batch["pixel_values"])
         named = lvlm.model.generate(**batch, generation_config=config)
     assert torch.equal(positional, named) and plan.report()["opera"]["samples"] == 4
+
+
+
+def test_stop_strings_are_refused_in_one_line(tiny, images):
+    lvlm = tiny("llava")
+    batch = lvlm.encode(images[:1], PROMPTS[:1])
+    with pytest.raises(LvlmFixError, match="stop_strings is not served") as e, torch.inference_mode(), \
+            lvlm_fix.apply(lvlm, "opera"):
+        lvlm.model.generate(**batch, max_new_tokens=4, num_beams=2, stop_strings=["a"], tokenizer=lvlm.tokenizer)
+    assert "\n" not in str(e.value)

@@ -75,6 +75,11 @@ def own_decoding(plan: Plan, hooks: HookSet, loop: Callable[..., Any]) -> None:
             args = ()
         if "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
+        if kwargs.get("stop_strings") is not None:
+            # With a callable custom_generate, transformers 5.x drops the tokenizer before it builds the
+            # stop-string criterion; and the loop's beam scorer (transformers 4.29's) ends beams at EOS only.
+            raise LvlmFixError("stop_strings is not served by a method that owns the decoding loop; drop it, or stop "
+                               "at an eos_token_id")
         return _per_sample(plan, inner, custom, args, kwargs)
 
     hooks.patch(model, "generate", generate)
