@@ -89,6 +89,7 @@ __all__ = ["ONLY", "ONLYConfig", "key_segments", "only_combine", "select_heads",
 
 RESIDUAL_WEIGHT = 0.2  # weight of the stream entering the last layer in r (release: modeling_llama.py, hard-coded)
 FINAL_WEIGHT = 0.5  # weight of the main stream's normed last state in l_cd (release: llava_llama.py, hard-coded)
+TALLY_EVERY = 256  # forwards whose report counts are summed together (few ops per decode step, bounded memory)
 ENTROPY_EPS = 1e-6  # log(p + eps) of the release's entropies (zeros are not renormalised away)
 
 
@@ -100,20 +101,32 @@ def segment_filter(probs: Tensor, segments: Tensor) -> Tensor:
     pass. A segment of one key has no std (NaN) and an empty one no mean: nothing is filtered there, as
     ``torch.std`` gives the release.
     """
-    seg = segments[:, None]  # [b, 1, s, k]
-    x = probs[:, :, None]  # [b, h, 1, k]
+    return probs.masked_fill(_outliers(probs, segments)[1].any(2), 0.0)
+
+
+def _outliers(probs: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, out)`` ``[b, h, s, k]``: each segment's weights (0 off the segment) and its outliers (above
+    ``mean + std``). A weight off the segment is 0, never above a threshold (``mean, std >= 0``, NaN for
+    one key or none), so ``x > threshold`` needs no ``& segment``."""
+    seg = segments.unsqueeze(1)  # [b, 1, s, k]
+    p = probs.unsqueeze(2)  # [b, h, 1, k]
+    x = p * seg  # [b, h, s, k]
     n = seg.sum(-1, keepdim=True, dtype=probs.dtype)  # [b, 1, s, 1]
-    mean = (x * seg).sum(-1, keepdim=True) / n
-    var = ((x - mean).square() * seg).sum(-1, keepdim=True) / (n - 1)
-    return probs.masked_fill((seg & (x > mean + var.sqrt())).any(2), 0.0)
+    mean = x.sum(-1, keepdim=True).div_(n)
+    var = (p - mean).square_().mul_(seg).sum(-1, keepdim=True).div_(n - 1)
+    return x, x > var.sqrt_().add_(mean)
 
 
 def segment_entropy(filtered: Tensor, segments: Tensor) -> Tensor:
     """``[b, h, s]``: ``-Σ p log(p + 1e-6)`` of each segment's filtered weights normalised to sum 1;
     NaN where nothing is left in the segment (the caller maps it, as the release does per segment)."""
-    x = filtered[:, :, None] * segments[:, None]  # [b, h, s, k]
+    return _entropy(filtered[:, :, None] * segments[:, None])
+
+
+def _entropy(x: Tensor) -> Tensor:
+    """``[b, h, s]`` from each segment's filtered weights ``x`` ``[b, h, s, k]`` (0 off the segment)."""
     p = x / x.sum(-1, keepdim=True)
-    return -(p * torch.log(p + ENTROPY_EPS)).sum(-1)
+    return (p * torch.log(p + ENTROPY_EPS)).sum(-1).neg_()
 
 
 def key_segments(key_valid: Tensor, image_keys: Tensor, exclude_first: bool) -> Tensor:
@@ -140,11 +153,15 @@ def select_heads(probs: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
         the removed heads zeroed; ``removed`` ``[b, h]`` True where the head's TVER is below the
         row's mean TVER.
     """
-    filtered = segment_filter(probs, segments)
-    h = segment_entropy(filtered, segments)  # [b, h, 2]
+    # One pass gives both the per-segment weights with their outliers zeroed (the entropies') and the
+    # row with them zeroed (segment_filter's): the segments are disjoint.
+    x, out = _outliers(probs, segments)
+    filtered = probs.masked_fill(out.any(2), 0.0)
+    h = _entropy(x.masked_fill_(out, 0.0))  # [b, h, 2]
     # Nothing left in a segment: H_text = 0, H_image = +inf (the release's nan_to_num per segment).
     h = torch.where(h.isnan(), _nan_fill(h.device), h)
-    tver = h[..., 0] / h[..., 1]  # [b, h]
+    h_text, h_image = h.unbind(-1)
+    tver = h_text / h_image  # [b, h]
     removed = tver < tver.mean(-1, keepdim=True)
     return filtered.masked_fill(removed[..., None], 0.0), removed
 
@@ -171,7 +188,9 @@ def only_combine(main: Tensor, side: Tensor, alpha_pos: float, alpha_neg: float,
     """
     d = (main.softmax(-1) - side.softmax(-1)).abs().sum(-1, keepdim=True)
     collaborative = d < gamma
-    out = torch.where(collaborative, main + alpha_pos * side, (1.0 + alpha_neg) * main - alpha_neg * side)
+    # Per-row weights (1, alpha_pos) or (1 + alpha_neg, -alpha_neg): the same products and sums, in fewer ops.
+    out = main * torch.where(collaborative, 1.0, 1.0 + alpha_neg) + side * torch.where(collaborative, alpha_pos,
+                                                                                        -alpha_neg)
     # A token masked (-inf) in main or side gives -inf, NaN or +inf above: all become -inf (one op, where the
     # contrast methods' keep_masked takes several: this runs at every decode step).
     out = torch.nan_to_num(out, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
@@ -243,7 +262,11 @@ class ONLY(Intervention):
         self.residual_layers = self.layer_output_layers = frozenset({self.last})
         self.edits_logits = True
         self._steps = 0
-        self._collaborative = self._removed = self._rows = None
+        self._collaborative = self._removed = self._rows = 0
+        # Per-forward flags ([b, h] removed heads, [b] collaborative rows), summed in bulk (_tally) rather
+        # than with two ops per forward each; tensors, so no device sync per step.
+        self._pending_removed: list[Tensor] = []
+        self._pending_collaborative: list[Tensor] = []
 
     def begin(self, tokens: Any) -> None:
         self._a_cd = self._h_in = self._h_out = self._segments = None
@@ -253,8 +276,8 @@ class ONLY(Intervention):
         decode step (a generated token is text where it is valid), rather than rebuilt every step."""
         seg, k = self._segments, ctx.key_valid.shape[1]
         if seg is not None and ctx.step > 0 and seg.shape[2] == k - 1 and ctx.key_start == 0:
-            new = ctx.key_valid[:, None, -1:]  # [b, 1, 1]
-            seg = torch.cat([seg, torch.cat([new, torch.zeros_like(new)], 1)], -1)
+            new = torch.nn.functional.pad(ctx.key_valid[:, -1:], (0, 1)).unsqueeze(-1)  # [b, 2, 1]: text, not image
+            seg = torch.cat([seg, new], -1)
         else:
             # The first valid key (the BOS) is left out only while it is among the keys (no sliding window).
             seg = key_segments(ctx.key_valid, ctx.image_keys, self.config.exclude_first_key and ctx.key_start == 0)
@@ -262,12 +285,14 @@ class ONLY(Intervention):
         return seg
 
     def observe_values(self, probs_last: Tensor, values: Tensor, ctx: AttnContext) -> None:
-        probs = probs_last.to(values.dtype).float()  # the release filters the softmax cast to the model's dtype
+        dtype, probs = values.dtype, probs_last
+        if dtype != torch.float32:  # the release filters the softmax cast to the model's dtype (fp32: no cast)
+            probs, values = probs.to(dtype).float(), values.float()
         kept, removed = select_heads(probs, self.segments(ctx))
         b, h, k = kept.shape
-        heads = torch.matmul(kept.view(b, h, 1, k), values.float())  # [b, h, 1, d]: Ã'V per head
-        self._a_cd = self.o_proj(heads.transpose(1, 2).reshape(b, 1, -1).to(values.dtype))  # [b, 1, D]
-        self._removed = removed.sum() if self._removed is None else self._removed + removed.sum()  # no sync here
+        heads = torch.matmul(kept.view(b, h, 1, k), values)  # [b, h, 1, d]: Ã'V per head
+        self._a_cd = self.o_proj(heads.transpose(1, 2).reshape(b, 1, -1).to(dtype))  # [b, 1, D]
+        self._pending_removed.append(removed)
 
     def residual(self, hidden: Tensor, ctx: AttnContext) -> None:
         self._h_in = hidden[:, -1:]
@@ -279,9 +304,9 @@ class ONLY(Intervention):
         """``l_cd`` ``[n, V]`` fp32 from this forward's reads: the last layer rebuilt around ``a_cd``."""
         r = RESIDUAL_WEIGHT * self._h_in + self.n_in(self._a_cd)
         h_cd = r + self._mlp(self.n_post(r))
-        normed = self.final_norm(torch.cat([h_cd, self._h_out]))  # one norm call for both streams
-        n = h_cd.shape[0]
-        return self.lm_head(normed[:n] + FINAL_WEIGHT * normed[n:])[:, -1].float()
+        side, main = self.final_norm(torch.cat([h_cd, self._h_out], 1)).unbind(1)  # one norm call for both streams
+        out = self.lm_head(side + FINAL_WEIGHT * main)  # [n, V]
+        return out if out.dtype == torch.float32 else out.float()
 
     def logits(self, last: Tensor, ctx: AttnContext) -> Tensor:
         if ctx.step > 0 and ctx.q_len is not None and ctx.q_len > 1:
@@ -294,17 +319,28 @@ class ONLY(Intervention):
         out, collaborative = only_combine(last, self.side_logits(), c.alpha_pos, c.alpha_neg, c.gamma, c.beta)
         self._a_cd = self._h_in = self._h_out = None  # one forward's reads serve that forward only
         self._steps += 1
-        self._rows = (self._rows or 0) + collaborative.shape[0]
-        col = collaborative.sum()
-        self._collaborative = col if self._collaborative is None else self._collaborative + col
+        self._rows += collaborative.shape[0]
+        self._pending_collaborative.append(collaborative)
+        if len(self._pending_collaborative) >= TALLY_EVERY:
+            self._tally()
         return out
+
+    def _tally(self) -> None:
+        """Adds the pending per-forward flags to the running counts (tensors: no sync)."""
+        if self._pending_removed:
+            self._removed = self._removed + torch.cat([t.flatten() for t in self._pending_removed]).sum()
+            self._pending_removed.clear()
+        if self._pending_collaborative:
+            self._collaborative = self._collaborative + torch.cat(self._pending_collaborative).sum()
+            self._pending_collaborative.clear()
 
     def report(self) -> dict[str, Any]:
         c = self.config
         out: dict[str, Any] = {"layers": list(c.layers), "alpha_pos": c.alpha_pos, "alpha_neg": c.alpha_neg,
                                "gamma": c.gamma, "beta": c.beta}
         if self.edits_logits:
-            rows = self._rows or 0
+            self._tally()
+            rows = self._rows
             out.update(select_layer=self.at, last_layer=self.last, forwards=self._steps,
                        collaborative_share=round(int(self._collaborative) / rows, 4) if rows else None,
                        removed_heads_mean=round(int(self._removed) / rows, 3) if rows else None)
