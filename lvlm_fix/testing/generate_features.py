@@ -514,11 +514,15 @@ class Matrix:
             if failure:
                 return failure
         if feature.check == "replay":
-            return None if wraps else self._replay(lvlm, subject, run)
+            # A decoding loop searches each sample on its own: a processor that forces every row's tokens at
+            # once (the replay's) would see one sample's rows.
+            return None if wraps or _owns_decoding(subject) else self._replay(lvlm, subject, run)
         got, want = _sequences(run), _sequences(default)
         if feature.check == "prefix":
             if got.shape[1] >= want.shape[1]:
                 return "max_time did not end the run early"
+            if _owns_decoding(subject):  # a beam search cut short returns its best beam then, no prefix of the full one's
+                return None
             want = want[:, : got.shape[1]]
         if feature.check == "first":  # a lossy cache: the prefill (which sees the keys as computed) is exact
             got, want = got[:, : run.prompt_len + 1], want[:, : run.prompt_len + 1]
@@ -597,6 +601,12 @@ def _wraps(subject: str) -> bool:
 
     methods = build_methods(None if subject == "none" else subject)
     return bool(methods) and methods[0].stage.wraps_generate
+
+
+def _owns_decoding(subject: str) -> bool:
+    from ..interventions import build_methods
+
+    return any(m.stage.owns_decoding for m in build_methods(None if subject == "none" else subject))
 
 
 def _one_line(e: BaseException) -> str:
