@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,40 @@ def images():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+# Settings under which each method acts on the tiny random models (tests/test_methods.py runs every
+# family with them, tests/test_check_method.py the tiny LLaVA), whose attention is nearly
+# uniform: VAR's tau = 20 presumes a 4096-wide backbone (|x_d|/rms(x) <= sqrt(D) = 8 here), and
+# no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered. The contrastive
+# methods act at their defaults (their plausibility cuts keep almost every token of these flat
+# distributions, and M3ID's gate is open). MVP's captions and yes/no paths are cut short (the
+# defaults are 512 and 50 tokens), one path per view.
+ACTIVE = {
+    "vhr": {},
+    "var": {"tau": 2.5},
+    "act": {"thres": 0.03},
+    "carve": {},
+    "paint": {},
+    "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
+    "vcd": {},
+    "icd": {},
+    "m3id": {},
+    "pai": {},
+    "avisc": {},
+    "clearsight": {},
+    "hgai": {},
+    "dola": {},
+    "deco": {},
+    "vista": {},
+    "only": {},
+    "memvr": {},
+    "opera": {},
+    # VTI calibrates on the tests' 8 caption pairs; its vision part serves one image per row, so the matrix over
+    # every family steers the text decoder only.
+    "vti": {"demos": str(Path(__file__).resolve().parent / "vti_demos" / "demos.jsonl"), "alpha_image": 0.0,
+            "num_trials": 4},
+}
 
 
 OBJECTS = {1: "dog", 2: "cup", 3: "car"}

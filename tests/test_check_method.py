@@ -11,35 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ACTIVE
 from lvlm_fix.errors import ConfigError
 from lvlm_fix.interventions import METHODS, ContrastiveMethod, Generation, Intervention, MethodConfig, Stage, param, resolve_layers
 from lvlm_fix.testing import CHECKS, build_image, build_tiny, check_method
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "scale_image_attention.py"
-# Settings under which each built-in acts on the tiny LLaVA (as tests/test_methods.py's ACTIVE):
-# VAR's and ACT's thresholds lowered for its nearly uniform attention, CARVE's and MVP's passes short.
-ACTIVE = {
-    "vhr": {},
-    "var": {"tau": 2.5},
-    "act": {"thres": 0.03},
-    "carve": {"stat_tokens": 3},
-    "paint": {},
-    "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
-    "vcd": {},
-    "icd": {},
-    "m3id": {},
-    "pai": {},
-    "avisc": {},
-    "clearsight": {},
-    "hgai": {},
-    "dola": {},
-    "deco": {},
-    "vista": {},
-    "only": {},
-    "memvr": {},
-    "opera": {},
-    "vti": {"demos": f"{__file__.rpartition('/')[0]}/vti_demos/demos.jsonl", "num_trials": 4},
-}
+# The matrix's settings (tests/conftest.py), with CARVE's statistics passes cut to 3 tokens and VTI's vision
+# part on: the tiny LLaVA has one image per row.
+ACTIVE = {**ACTIVE, "carve": {"stat_tokens": 3},
+          "vti": {k: v for k, v in ACTIVE["vti"].items() if k != "alpha_image"}}
 # The methods that edit attention on the eager path: the only ones with query chunks to compare.
 CHUNKED = {"var", "act", "pai", "paint", "clearsight", "hgai", "opera"}
 
@@ -50,7 +31,7 @@ def _statuses(results) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_builtin_passes_check_method(name):
-    assert name in ACTIVE, f"add {name!r} to ACTIVE (the settings under which it acts on the tiny LLaVA)"
+    assert name in ACTIVE, f"add {name!r} to ACTIVE in tests/conftest.py (the settings under which it acts on the tiny models)"
     results = check_method(METHODS.get(name), params=ACTIVE.get(name), identity_params=ACTIVE.get(name))
     assert [r.check for r in results] == list(CHECKS)
     want = {c: "passed" for c in CHECKS} | ({} if name in CHUNKED else {"chunked": "skipped"})

@@ -10,39 +10,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import lvlm_fix
-from conftest import PROMPTS, cli_error, no_plan_left
+from conftest import ACTIVE, PROMPTS, cli_error, no_plan_left
 from lvlm_fix.hooks import hooks_on
 from lvlm_fix.interventions import METHODS
 
 NAMES = METHODS.names()
-# Settings under which each method acts on the tiny random models, whose attention is nearly
-# uniform: VAR's tau = 20 presumes a 4096-wide backbone (|x_d|/rms(x) <= sqrt(D) = 8 here), and
-# no key reaches ACT's mean-attention threshold 0.1, so both thresholds are lowered. The contrastive
-# methods act at their defaults (their plausibility cuts keep almost every token of these flat
-# distributions, and M3ID's gate is open). MVP's captions and yes/no paths are cut short (the
-# defaults are 512 and 50 tokens), one path per view.
-ACTIVE = {
-    "vhr": {},
-    "var": {"tau": 2.5},
-    "act": {"thres": 0.03},
-    "carve": {},
-    "paint": {},
-    "mvp": {"caption_max_new_tokens": 3, "path_max_new_tokens": 3, "top_k": 1},
-    "vcd": {},
-    "icd": {},
-    "m3id": {},
-    "pai": {},
-    "avisc": {},
-    "clearsight": {},
-    "hgai": {},
-    "dola": {},
-    "deco": {},
-    "vista": {},
-    "only": {},
-    "memvr": {},
-    "opera": {},
-    "vti": {"demos": f"{__file__.rpartition('/')[0]}/vti_demos/demos.jsonl", "alpha_image": 0.0, "num_trials": 4},
-}
 IN_PLAN = [n for n in NAMES if not METHODS.get(n).stage.wraps_generate]
 # A method that owns the decoding loop (OPERA, a beam search) acts in generate() only, not on a plain forward,
 # and its scores are beam log-probabilities: its identities are in its own test file.
