@@ -22,8 +22,7 @@ IN_FORWARD = [n for n in IN_PLAN if not METHODS.get(n).stage.owns_decoding]
 CONTRAST = ["vcd", "icd", "m3id", "pai", "avisc"]  # methods that decode a contrast stream
 # Methods that work on some families only; elsewhere they must refuse with one clear error.
 ONLY = {"paint": ({"llava"}, "CLS token|not the tower's patches in order"),
-        "only": ({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"}, "not a pre-norm layer"),
-        "opera": ({"llava", "llava_next", "idefics3", "smolvlm", "gemma3"}, "one row at a time")}  # splits per sample
+        "only": ({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"}, "not a pre-norm layer")}
 
 
 def _refused(name: str, family: str, run) -> bool:

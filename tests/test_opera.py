@@ -359,6 +359,91 @@ def test_batched_outputs_keep_the_padding_and_the_scores(tiny, images):
     assert out.sequences_scores.shape == (4,) and out.scores[0].shape == (4, out.logits[0].shape[-1])
 
 
+# Rollbacks for some samples only (threshold 2 at the default scale): images 0 and 1 roll back alone, image 2 never.
+SOME = {"num_attn_candidates": 3, "threshold": 2, "bonus_tokens": 2, "min_rollback_loc": 0}
+
+
+def _beam_run(lvlm, images, prompts, params, **gen):
+    batch = lvlm.encode(images, prompts)
+    with torch.inference_mode(), lvlm_fix.apply(lvlm, "opera", **params) as plan:
+        out = lvlm.model.generate(**batch, do_sample=False, return_dict_in_generate=True, output_scores=True, **gen)
+    return batch, out, plan.report()["opera"]
+
+
+def test_a_batch_where_some_samples_roll_back_equals_each_row_alone(tiny, images):
+    """The rolling samples are split off the lock-step batch (their rows, left padding included, into a decoder of
+    their own) and the other goes on: every row's tokens and sequence score are its search alone."""
+    lvlm = tiny("llava")
+    gen = dict(max_new_tokens=8, num_beams=2)
+    batch, together, report = _beam_run(lvlm, images, PROMPTS, SOME, **gen)
+    width, rollbacks = batch["input_ids"].shape[1], []
+    for i in range(3):
+        one, alone, alone_report = _beam_run(lvlm, images[i:i + 1], PROMPTS[i:i + 1], SOME, **gen)
+        rollbacks.append(alone_report["rollbacks"])
+        pad = width - one["input_ids"].shape[1]  # this row's left padding in the batch
+        row, want = together.sequences[i], alone.sequences[0]
+        assert torch.equal(row[:pad], batch["input_ids"][i, :pad]) and torch.equal(row[pad:pad + len(want)], want)
+        assert bool((row[pad + len(want):] == lvlm.pad_token_id).all())
+        assert together.sequences_scores[i].item() == pytest.approx(alone.sequences_scores[0].item(), abs=1e-5)
+    assert 0 in rollbacks and max(rollbacks) > 0  # some samples roll back, one does not
+    assert report["rollbacks"] == sum(rollbacks) and report["samples"] == 3
+
+
+def test_a_lock_step_batch_is_one_generate_call(tiny, images, monkeypatch):
+    lvlm = tiny("llava")
+    calls = []
+    original = lvlm.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lvlm.model, "generate", spy)
+    _, out, report = _beam_run(lvlm, images, PROMPTS, {}, max_new_tokens=4, num_beams=2)
+    assert calls == [3] and out.sequences.shape[0] == 3 and report["samples"] == 3
+    # one branched forward per step for the whole batch (and the prefill), not one per sample
+    assert report["forwards"] == report["steps"] // 3 + 1
+
+
+def test_the_accepted_candidate_equals_a_step_of_its_own(tiny, images, monkeypatch):
+    """Each step's chosen tokens reuse their branched forward (cache, logits, attention row) instead of a forward
+    of their own; with that reuse switched off (a step per token), the same search, in the penalty regime where
+    the rows read from the reused forward decide the ranking."""
+    from lvlm_fix.hooks.decoding import Decoder
+
+    lvlm = tiny("llava")
+    params = {"num_attn_candidates": 3, "threshold": 15, "bonus_tokens": 2, "min_rollback_loc": 10,
+              "scale_factor": 50.0, "penalty_weights": 5e6}
+    gen = dict(max_new_tokens=8, num_beams=3, output_logits=True)
+    _, reused, reused_report = _beam_run(lvlm, images[:2], PROMPTS[:2], params, **gen)
+    monkeypatch.setattr(Decoder, "can_accept", property(lambda self: False))
+    _, stepped, stepped_report = _beam_run(lvlm, images[:2], PROMPTS[:2], params, **gen)
+    steps = reused_report["steps"] // 2
+    assert reused_report["forwards"] == steps + 1 and stepped_report["forwards"] == 2 * steps  # no step forward
+    assert torch.equal(reused.sequences, stepped.sequences)
+    assert torch.allclose(reused.sequences_scores, stepped.sequences_scores, atol=1e-5)
+    for a, b in [*zip(reused.scores, stepped.scores), *zip(reused.logits, stepped.logits)]:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rollback_step_takes_the_fallback(tiny, images, monkeypatch):
+    """A rollback chooses from the full vocabulary after a rewind: no branch to reuse, the chosen tokens get a
+    forward of their own; the other steps reuse their branch."""
+    from lvlm_fix.hooks.decoding import Decoder
+
+    events = []
+    for name in ("accept", "step", "rewind"):
+        def spy(self, *args, _name=name, _real=getattr(Decoder, name)):
+            events.append(_name)
+            return _real(self, *args)
+        monkeypatch.setattr(Decoder, name, spy)
+    lvlm = tiny("llava")
+    _, _, report = _beam_run(lvlm, images[:1], PROMPTS[:1], FORCED, max_new_tokens=12, num_beams=3)
+    assert report["rollbacks"] > 0 and events.count("rewind") == report["rollbacks"] and "accept" in events
+    after = [events[i + 1] for i, e in enumerate(events[:-1]) if e == "rewind"]
+    assert after and set(after) == {"step"}
+
+
 def test_the_plan_sees_every_forward_of_the_loop(tiny, images):
     """A composed head method edits OPERA's forwards: its scaling moves the search's scores."""
     lvlm = tiny("llava")
@@ -401,13 +486,28 @@ def test_unserved_generate_features_are_one_line(tiny, images, gen, needle):
     assert "\n" not in str(e.value)
 
 
-def test_a_batch_that_cannot_be_split_is_refused(tiny, images):
+def test_a_batch_that_cannot_be_split_runs_in_lock_step_until_a_rollback_is_refused(tiny, images):
+    """Qwen2-VL keeps M-RoPE offsets for the whole batch: its batch runs in lock step (one search per sample, each
+    its own), but a sample that must roll back cannot be split off: one line. Alone it rolls back."""
     lvlm = tiny("qwen2_vl")
+    together = lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], "opera", max_new_tokens=3, num_beams=2)
+    for i in range(2):
+        alone = lvlm_fix.generate(lvlm, images[i:i + 1], PROMPTS[i:i + 1], "opera", max_new_tokens=3, num_beams=2)
+        assert alone.texts[0] == together.texts[i]
     with pytest.raises(LvlmFixError, match="one row at a time") as e:
-        lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], "opera", max_new_tokens=2)
+        lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], "opera", max_new_tokens=6, num_beams=2, **FORCED)
     assert "\n" not in str(e.value)
-    alone = lvlm_fix.generate(lvlm, images[:1], PROMPTS[:1], "opera", max_new_tokens=3, num_beams=2)
-    assert alone.report["opera"]["steps"] >= 1
+    alone = lvlm_fix.generate(lvlm, images[:1], PROMPTS[:1], "opera", max_new_tokens=6, num_beams=2, **FORCED)
+    assert alone.report["opera"]["rollbacks"] > 0
+
+
+def test_a_composed_batch_refuses_a_split_in_one_line(tiny, images):
+    """Composed methods keep per-row state that a split would have to follow: a rollback in a batch is refused."""
+    lvlm = tiny("llava")
+    with pytest.raises(LvlmFixError, match="only method") as e:
+        lvlm_fix.generate(lvlm, images[:2], PROMPTS[:2], {"opera": FORCED, "vhr": {"layers": []}}, max_new_tokens=6,
+                          num_beams=2)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("params, needle", [

@@ -7,7 +7,11 @@ same over-trusted "summary" token keeps coming back.
 Each step, for every beam row:
 
 1. **Candidates.** ``Y`` = the top ``N`` tokens of the raw next-token logits ``l``. Each candidate
-   ``c`` is forwarded once after the row, on the live cache, which is cropped again afterwards.
+   ``c`` is forwarded once after the row, on the live cache. Alone in the plan, all candidates of
+   all rows are one branched forward, and the chosen candidate's forward is kept as the step's
+   (its keys and values, next-token logits and attention row: exactly what a forward of the chosen
+   token computes), the others cropped; a chosen token that was not a candidate (a rollback's
+   choice, a processor's push) is forwarded on its own after the crop.
 2. **Attention statistic.** The last layer's post-softmax row of a query, reduced by a max over
    heads and renormalised over its keys: ``ã = max_h A_h / Σ_k max_h A_h[k]``.
 3. **Over-trust score.** In the square of the response (rows and columns from the response start
@@ -51,9 +55,18 @@ Deviations from the release (``release_compat=True`` restores the first four):
   here each restore takes a copy.
 * **No re-prefill.** The release re-runs a full prefill (image included) on every rollback; here
   the cache is cropped to the prompt and the restored beams' tokens are re-forwarded as one chunk
-  (the same math within float rounding). Candidates are forwarded on the live cache and cropped.
+  (the same math within float rounding). Candidates are forwarded on the live cache; the chosen
+  one's forward is reused as the step (within float rounding of a forward of its own).
 * **Batches.** The release is batch-1 only (one rollback decision for the whole batch). Here each
-  sample is an independent search (``generate()`` is called once per sample, without its padding).
+  sample is an independent search, run in lock step with the others: one ``generate()`` call, the
+  rows samples x beams, every forward batched over them, and per sample its own scorer, ``loc``,
+  location history, rollback decision and selection over its own beams. Finished samples stay in
+  the batch as padding rows (as generate()'s beam search keeps them) until every sample is done.
+  A sample that must roll back while others share the batch is split off (its rows copied out of
+  the cache, its left padding masked) and decoded alone to its end; the others go on in lock step.
+  The 4.29 scorer's lengths leave a row's left padding out, so each row's search is its own alone.
+  That split is refused in one line on M-RoPE models (Qwen2-VL keeps position offsets for the
+  whole batch) and when OPERA is composed (the other methods keep per-row state).
 * **Bounded memory.** Only each response row's window and image sum are kept, not full attention
   maps; the history covers the whole response (the release's 512-state bound only matters past 512
   tokens, where its rejection list would overflow).
@@ -76,7 +89,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from ..errors import LvlmFixError
-from ..hooks.decoding import BeamScorer, Decoder, own_decoding
+from ..hooks.decoding import BeamScorer, Decoder, merge_samples, own_decoding
 from ..hooks.plan import static_cache
 from .base import Intervention, MethodConfig, Stage, param
 from .registry import register_method
@@ -195,8 +208,14 @@ class Opera(Intervention):
         if self._capture is not None:
             row = probs.amax(dim=1)  # [rows, q, keys]
             row = row / row.sum(dim=-1, keepdim=True)
-            self._capture["rows"] = row
-            self._capture["image"] = (row * ctx.image_keys[:, None, :].to(row.dtype)).sum(dim=-1)
+            image = (row * ctx.image_keys[:, None, :].to(row.dtype)).sum(dim=-1)
+            q, k = ctx.q_len or row.shape[1], ctx.k_len or row.shape[2]
+            if ctx.chunk is None or row.shape[1:] == (q, k):
+                self._capture["rows"], self._capture["image"] = row, image
+            else:  # a query chunk (a long branch): its rows, over the keys it may see, into the forward's map
+                rows = self._capture.setdefault("rows", row.new_zeros(row.shape[0], q, k))
+                rows[:, ctx.chunk, : row.shape[2]] = row
+                self._capture.setdefault("image", image.new_zeros(row.shape[0], q))[:, ctx.chunk] = image
         return probs
 
     def _read(self, run) -> tuple[Any, Tensor, Tensor]:
@@ -213,21 +232,22 @@ class Opera(Intervention):
                                "replacing that layer's attention?")
         return out, seen["rows"], seen["image"]
 
-    def candidates(self, dec: Decoder, ids: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
-        """Each candidate's row over the response columns ``[rows, N, t+1]`` (the last column its own) and its
-        image sum ``[rows, N]``: one branched forward when OPERA is alone in the plan, else one forward per
-        candidate (then composed methods see ordinary decode steps)."""
+    def candidates(self, dec: Decoder, ids: Tensor, cand: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Each candidate's row over the response columns ``[rows, N, t+1]`` (the last column its own), its
+        image sum ``[rows, N]`` and, when branched, its next-token logits ``[rows, N, V]`` (the branch stays in
+        the cache for :meth:`Decoder.accept`): one branched forward when OPERA is alone in the plan, else one
+        forward per candidate (then composed methods see ordinary decode steps) and no logits."""
         start, length = dec.prompt_len, ids.shape[1]
         if self._alone and dec.can_branch:
-            _, rows, image = self._read(lambda: dec.branch(ids, cand))  # [rows, N, length + N]
+            logits, rows, image = self._read(lambda: dec.branch(ids, cand))  # rows: [rows, N, length + N]
             own = rows[:, :, length:].diagonal(dim1=1, dim2=2)  # each candidate's weight on itself
-            return torch.cat([rows[:, :, start:length], own[..., None]], dim=-1), image
+            return torch.cat([rows[:, :, start:length], own[..., None]], dim=-1), image, logits
         windows, images = [], []
         for k in range(cand.shape[1]):
             _, rows, image = self._read(lambda k=k: dec.probe(ids, cand[:, k]))
             windows.append(rows[:, -1, start:])
             images.append(image[:, -1])
-        return torch.stack(windows, dim=1), torch.stack(images, dim=1)
+        return torch.stack(windows, dim=1), torch.stack(images, dim=1), None
 
     # -- the math --------------------------------------------------------------------------------
     def column_scores(self, window: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,101 +257,175 @@ class Opera(Intervention):
         return over_trust(window, cand, self.config.scale_factor, fp16=self.config.release_compat)
 
     def search(self, dec: Decoder, processors: Any, stopping: Any, gc: Any) -> dict[str, Any]:
-        """One sample's OPERA beam search (module docstring) on the decoder's rows, one per beam."""
-        cfg, compat = self.config, self.config.release_compat
-        rows, start = dec.input_ids.shape[0], dec.prompt_len
+        """OPERA's beam search (module docstring) for every sample of the batch, in lock step: the decoder's rows
+        are samples x beams; each sample's search is its own (scorer, location history, rollbacks)."""
+        beams = gc.num_beams
         eos = [int(x) for x in gc._eos_token_tensor.flatten().tolist()] if gc._eos_token_tensor is not None else []
         pad = int(gc._pad_token_tensor) if gc._pad_token_tensor is not None else (eos[0] if eos else 0)
-        scorer = BeamScorer(rows, gc.length_penalty, gc.early_stopping, gc.num_return_sequences or 1,
-                            stopping.max_length)
-        ids = dec.input_ids
-        beam_scores = torch.zeros(rows, device=ids.device)
-        beam_scores[1:] = -1e9  # only the first beam's continuations at the first step (identical rows)
-        hist = ids.new_zeros(0, rows)  # [steps, rows]: each row's loc_b per step
-        window = torch.zeros(rows, 0, 0, device=ids.device)  # [rows, t, t]
-        new_rows: list[Tensor] = []  # new_rows[s-1]: the row of response token s-1 (read at step s), per beam then
-        chosen: list[tuple[Tensor, Tensor]] = []  # chosen[s]: (beam_idx, tokens) picked at step s
-        states: list[dict[str, Any]] = []  # states[s]: the beams before step s's choice
-        times: dict[int, int] = {}  # rollbacks per target position
-        rejected: dict[int, list[Tensor]] | list[list[Tensor]] = [[] for _ in range(SLOTS)] if compat else {}
-        scores_out: list[Tensor] = []
-        logits_out: list[Tensor] = []
-        self._stats["samples"] += 1
-
+        run = _Run(processors, stopping, eos, pad, beams, dec.prompt_len)
+        device = dec.input_ids.device
+        padding = dec.left_padding.tolist()
+        samples = [_Sample(BeamScorer(beams, gc.length_penalty, gc.early_stopping, gc.num_return_sequences or 1,
+                                         stopping.max_length, padding[i * beams]), device, self.config.release_compat)
+                   for i in range(dec.input_ids.shape[0] // beams)]
+        self._stats["samples"] += len(samples)
         logits = dec.prefill()
+        window = torch.zeros(dec.input_ids.shape[0], 0, 0, device=device)  # [rows, t, t]
+        self._lockstep(run, dec, samples, dec.input_ids, window, logits)
+        self._stats["forwards"] += dec.forwards
+        return merge_samples([s.result for s in samples], pad)
+
+    def _lockstep(self, run: _Run, dec: Decoder, group: list[_Sample], ids: Tensor, window: Tensor, logits: Tensor,
+                  redo: tuple[_Sample, tuple[int, int], int] | None = None) -> None:
+        """Decode ``group`` (the samples whose rows ``dec`` holds, in order, ``beams`` rows each) to their end.
+        A finished sample's rows stay in the batch as padding (as generate()'s beam search keeps them). A sample
+        that must roll back while other samples share ``dec`` is taken out into a decoder of its own and decoded
+        to its end alone first (``redo``: that rollback, for its first step); the others go on in lock step."""
+        cfg, start, beams = self.config, run.start, run.beams
         while True:
-            t = ids.shape[1] - start  # tokens generated so far
-            redo = None
+            t = ids.shape[1] - start  # tokens generated so far: the same for every row
             vocab = logits.shape[-1]
             n = min(cfg.num_attn_candidates, vocab)
-            cand_logits, cand = logits.topk(n, dim=-1)  # on the raw logits, as the release
-            cand_rows, iota = self.candidates(dec, ids, cand)
-            self._stats["candidates"] += n
-            phi, loc_c = self.column_scores(window, cand_rows)
-            if t + 1 <= cfg.bonus_tokens:
-                penalised = cand_logits + cfg.penalty_weights * iota
-                self._stats["bonus_steps"] += 1
-            else:
-                penalised = cand_logits - cfg.penalty_weights * phi
-            loc_b = loc_c.mode(dim=-1).values  # [rows]
-            loc = int(loc_b.mode().values)
-            hist = torch.cat([hist, loc_b[None]], dim=0)
-            states.append({"ids": ids, "scorer": scorer.copy(), "beam_scores": beam_scores, "hist": hist})
-            if cfg.rollback:
-                redo = self._target(hist, loc, t, times, n)
+            branched = None  # the branch's logits: the next step's forward when every chosen token is a candidate
             if redo is None:
+                running = [s for s in group if s.result is None]
+                cand_logits, cand = logits.topk(n, dim=-1)  # on the raw logits, as the release
+                cand_rows, iota, branched = self.candidates(dec, ids, cand)
+                self._stats["candidates"] += n * len(running)
+                phi, loc_c = self.column_scores(window, cand_rows)
+                if t + 1 <= cfg.bonus_tokens:
+                    penalised = cand_logits + cfg.penalty_weights * iota
+                    self._stats["bonus_steps"] += len(running)
+                else:
+                    penalised = cand_logits - cfg.penalty_weights * phi
+                loc_b = loc_c.mode(dim=-1).values  # [rows]
                 step_logits = torch.full_like(logits, REJECTED).scatter_(-1, cand, penalised)
                 raw = logits
-            else:
-                target, slot = redo
-                state = states[target]
-                del states[target + 1:]
-                bad_idx, bad_tok = chosen[target]
-                del chosen[target:]
-                del new_rows[target:]
-                del scores_out[target:], logits_out[target:]
-                ids, beam_scores, hist = state["ids"], state["beam_scores"], state["hist"]
-                # compat: the scorer object kept in the history itself (utils.py:3487), later mutated
-                scorer = state["scorer"] if compat else state["scorer"].copy()
-                window = rebuild_window(new_rows, chosen, rows)
-                if compat:  # utils.py:3479-3481, 3540: the tail slots of the 512-long list, then loc + 2
-                    for j in range(max(0, t - slot - 1)):
-                        rejected[-(j + 1)] = []
-                    rejected[slot + 1] = []
-                else:
-                    for pos in [p for p in rejected if p > target]:
-                        del rejected[pos]
-                pairs = bad_idx * vocab + bad_tok
-                previous = rejected[slot] if compat else rejected.get(slot, [])
-                rejected[slot] = [*previous, pairs]
-                raw = dec.rewind(ids, start)
-                step_logits = raw - (-REJECTED + raw.min(dim=-1, keepdim=True).values)  # minimum at -999
-                flat = step_logits.view(-1)
-                flat[torch.cat(rejected[slot])] = REJECTED
-                self._stats["rollbacks"].append({"step": t, "to": target, "loc": loc})
-            log_probs = torch.log_softmax(step_logits, dim=-1)
-            processed = processors(ids, log_probs)
-            total = (processed + beam_scores[:, None]).view(-1)
-            top, flat_idx = total.topk(2 * rows)
-            beam_scores, tokens, beam_idx = scorer.process(ids, top, flat_idx % vocab, flat_idx // vocab, set(eos), pad)
-            chosen.append((beam_idx, tokens))
-            scores_out.append(processed)
-            logits_out.append(raw)
-            ids = torch.cat([ids[beam_idx], tokens[:, None]], dim=1)
-            dec.reorder(beam_idx)
-            if not compat:  # the history follows its beams (the release keeps it in place)
-                hist = hist[:, beam_idx]
-            self._stats["steps"] += 1
-            if scorer.done or bool(stopping(ids, processed).all()):
-                break
-            logits, rows_seen, _ = self._read(lambda: dec.step(ids))
-            w_row = rows_seen[:, -1, start:]  # the new token's row over the response
-            new_rows.append(w_row)
+                rolls = []
+                for k, s in enumerate(group):
+                    if s.result is not None:
+                        continue
+                    mine = loc_b[k * beams:(k + 1) * beams]
+                    loc = int(mine.mode().values)
+                    s.hist = torch.cat([s.hist, mine[None]], dim=0)
+                    s.states.append({"ids": ids[k * beams:(k + 1) * beams], "scorer": s.scorer.copy(),
+                                     "beam_scores": s.beam_scores, "hist": s.hist})
+                    where = self._target(s.hist, loc, t, s.times, n) if cfg.rollback else None
+                    if where is not None:
+                        rolls.append((k, (s, where, loc)))
+                if rolls and len(group) > 1:
+                    if not self._alone:
+                        raise LvlmFixError("a sample of this batch must roll back alone, which opera serves only when "
+                                           "it is the call's only method (composed methods keep state for every row); "
+                                           "generate one row at a time")
+                    out = {k for k, _ in rolls}
+                    for k, split in rolls:  # each decoded to its end alone, from its rollback
+                        mine = torch.arange(k * beams, (k + 1) * beams, device=ids.device)
+                        self._lockstep(run, dec.take(mine), [split[0]], ids[mine], window[mine], logits[mine], split)
+                    stay = [k for k in range(len(group)) if k not in out]
+                    if not stay or all(group[k].result is not None for k in stay):
+                        return
+                    keep = torch.cat([torch.arange(k * beams, (k + 1) * beams, device=ids.device) for k in stay])
+                    group = [group[k] for k in stay]
+                    dec = dec.take(keep, in_place=True)  # the split rows' copies hold them now
+                    ids, window, logits, raw = ids[keep], window[keep], logits[keep], raw[keep]
+                    step_logits, cand, cand_rows = step_logits[keep], cand[keep], cand_rows[keep]
+                    branched = branched[keep] if branched is not None else None
+                elif rolls:
+                    redo = rolls[0][1]
+            if redo is not None:  # the only sample of dec rolls back
+                s, (target, slot), loc = redo
+                ids, window, step_logits, raw = self._roll(dec, s, target, slot, loc, t, vocab, start)
+                branched, redo = None, None
+            ids, beam_idx, tokens, processed = self._select(run, group, ids, step_logits, raw, vocab)
+            if all(s.result is not None for s in group):
+                return
+            w_row = None
+            if branched is not None and dec.can_accept:
+                chosen = cand[beam_idx] == tokens[:, None]  # [rows, N]: where each new row's token is among its
+                finished = torch.tensor([s.result is not None for s in group], device=ids.device)
+                finished = finished.repeat_interleave(beams)
+                if bool((chosen.any(dim=-1) | finished).all()):  # source beam's candidates (finished rows: any)
+                    slot = chosen.int().argmax(dim=-1)
+                    dec.accept(beam_idx, slot)  # the chosen candidate's forward is this step's
+                    logits, w_row = branched[beam_idx, slot], cand_rows[beam_idx, slot]
+            if w_row is None:  # a token that was not forwarded (a rollback's choice, a processor's push)
+                dec.reorder(beam_idx)
+                logits, rows_seen, _ = self._read(lambda: dec.step(ids))
+                w_row = rows_seen[:, -1, start:]  # the new token's row over the response
+            for k, s in enumerate(group):
+                if s.result is None:
+                    s.new_rows.append(w_row[k * beams:(k + 1) * beams])
             window = grow_window(window, beam_idx, w_row)
-        self._stats["forwards"] += dec.forwards
-        sequences, seq_scores = scorer.finalize(ids, beam_scores, eos, pad)
-        return {"sequences": sequences, "sequences_scores": seq_scores, "scores": tuple(scores_out),
-                "logits": tuple(logits_out)}
+
+    def _select(self, run: _Run, group: list[_Sample], ids: Tensor, step_logits: Tensor, raw: Tensor,
+                vocab: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Beam search's choice for every running sample of ``group`` (the top ``2*beams`` of its ``beams*V``);
+        a finished sample's rows continue its first beam with padding. Returns the new ids, the source row and
+        token of every new row, and the processed log-probabilities."""
+        beams, compat = run.beams, self.config.release_compat
+        log_probs = torch.log_softmax(step_logits, dim=-1)
+        processed = run.processors(ids, log_probs)
+        scores = torch.cat([s.beam_scores for s in group])
+        top, flat_idx = (processed + scores[:, None]).view(len(group), beams * vocab).topk(2 * beams, dim=-1)
+        sources, tokens = [], []
+        for k, s in enumerate(group):
+            rows = slice(k * beams, (k + 1) * beams)
+            if s.result is not None:
+                sources.append(torch.full((beams,), k * beams, dtype=torch.long, device=ids.device))
+                tokens.append(torch.full((beams,), run.pad, dtype=ids.dtype, device=ids.device))
+                continue
+            s.beam_scores, tok, src = s.scorer.process(ids[rows], top[k], flat_idx[k] % vocab, flat_idx[k] // vocab,
+                                                       set(run.eos), run.pad)
+            s.chosen.append((src, tok))
+            s.scores_out.append(processed[rows])
+            s.logits_out.append(raw[rows])
+            if not compat:  # the history follows its beams (the release keeps it in place)
+                s.hist = s.hist[:, src]
+            self._stats["steps"] += 1
+            sources.append(src + k * beams)
+            tokens.append(tok)
+        beam_idx, chosen = torch.cat(sources), torch.cat(tokens)
+        ids = torch.cat([ids[beam_idx], chosen[:, None]], dim=1)
+        for k, s in enumerate(group):
+            rows = slice(k * beams, (k + 1) * beams)
+            if s.result is None and (s.scorer.done or bool(run.stopping(ids[rows], processed[rows]).all())):
+                sequences, seq_scores = s.scorer.finalize(ids[rows], s.beam_scores, run.eos, run.pad)
+                s.result = {"sequences": sequences, "sequences_scores": seq_scores, "scores": tuple(s.scores_out),
+                            "logits": tuple(s.logits_out)}
+                s.beam_scores = torch.zeros_like(s.beam_scores)
+        return ids, beam_idx, chosen, processed
+
+    def _roll(self, dec: Decoder, s: _Sample, target: int, slot: int, loc: int, t: int, vocab: int,
+              start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Roll ``s`` (the only sample of ``dec``) back to step ``target`` (module docstring, step 5): its state
+        from before that step restored, the cache rewound, and the full-vocabulary logits with the pairs rejected
+        at ``slot`` (``target`` but in compat mode). Returns its ids, response window, step and raw logits."""
+        compat = self.config.release_compat
+        state = s.states[target]
+        del s.states[target + 1:]
+        bad_idx, bad_tok = s.chosen[target]
+        del s.chosen[target:], s.new_rows[target:], s.scores_out[target:], s.logits_out[target:]
+        ids, s.beam_scores, s.hist = state["ids"], state["beam_scores"], state["hist"]
+        # compat: the scorer object kept in the history itself (utils.py:3487), later mutated
+        s.scorer = state["scorer"] if compat else state["scorer"].copy()
+        window = rebuild_window(s.new_rows, s.chosen, ids.shape[0])
+        rejected = s.rejected
+        if compat:  # utils.py:3479-3481, 3540: the tail slots of the 512-long list, then loc + 2
+            for j in range(max(0, t - slot - 1)):
+                rejected[-(j + 1)] = []
+            rejected[slot + 1] = []
+        else:
+            for pos in [p for p in rejected if p > target]:
+                del rejected[pos]
+        pairs = bad_idx * vocab + bad_tok
+        previous = rejected[slot] if compat else rejected.get(slot, [])
+        rejected[slot] = [*previous, pairs]
+        raw = dec.rewind(ids, start)
+        step_logits = raw - (-REJECTED + raw.min(dim=-1, keepdim=True).values)  # minimum at -999
+        step_logits.view(-1)[torch.cat(rejected[slot])] = REJECTED
+        self._stats["rollbacks"].append({"step": t, "to": target, "loc": loc})
+        return ids, window, step_logits, raw
 
     def _target(self, hist: Tensor, loc: int, t: int, times: dict[int, int], n: int) -> tuple[int, int] | None:
         """The step to restore and the rejection slot, or None: no rollback (module docstring, step 5)."""
@@ -363,6 +457,34 @@ class Opera(Intervention):
             return "off"
         return (f"{report['steps']} beam steps over {report['samples']} sample(s), {report['candidates']} "
                 f"candidates read in {report['forwards']} forwards, {report['rollbacks']} rollback(s)")
+
+
+class _Run:
+    """What a search's steps share: generate()'s processors and stopping criteria, EOS and padding, the beams."""
+
+    def __init__(self, processors: Any, stopping: Any, eos: list[int], pad: int, beams: int, start: int) -> None:
+        self.processors, self.stopping, self.eos, self.pad, self.beams, self.start = (processors, stopping, eos, pad,
+                                                                                     beams, start)
+
+
+class _Sample:
+    """One sample's search: its scorer, beam scores, location history, per-step states for a rollback, rejections
+    and outputs (beam indices local to its ``beams`` rows). ``result`` is set when its search ends."""
+
+    def __init__(self, scorer: BeamScorer, device: Any, compat: bool) -> None:
+        beams = scorer.beams
+        self.scorer = scorer
+        self.beam_scores = torch.zeros(beams, device=device)
+        self.beam_scores[1:] = -1e9  # only the first beam's continuations at the first step (identical rows)
+        self.hist = torch.zeros(0, beams, dtype=torch.long, device=device)  # [steps, beams]: each row's loc_b per step
+        self.new_rows: list[Tensor] = []  # new_rows[s-1]: the row of response token s-1 (read at step s), per beam then
+        self.chosen: list[tuple[Tensor, Tensor]] = []  # chosen[s]: (beam_idx, tokens) picked at step s
+        self.states: list[dict[str, Any]] = []  # states[s]: the beams before step s's choice
+        self.times: dict[int, int] = {}  # rollbacks per target position
+        self.rejected: dict[int, list[Tensor]] | list[list[Tensor]] = [[] for _ in range(SLOTS)] if compat else {}
+        self.scores_out: list[Tensor] = []
+        self.logits_out: list[Tensor] = []
+        self.result: dict[str, Any] | None = None
 
 
 def over_trust(window: Tensor, cand: Tensor, scale: float, fp16: bool = False) -> tuple[Tensor, Tensor]:
