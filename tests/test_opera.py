@@ -4,6 +4,7 @@ the release's loop (rollbacks forced), identities, batching, composition and ref
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -370,23 +371,44 @@ def _beam_run(lvlm, images, prompts, params, **gen):
     return batch, out, plan.report()["opera"]
 
 
-def test_a_batch_where_some_samples_roll_back_equals_each_row_alone(tiny, images):
-    """The rolling samples are split off the lock-step batch (their rows, left padding included, into a decoder of
-    their own) and the other goes on: every row's tokens and sequence score are its search alone."""
-    lvlm = tiny("llava")
-    gen = dict(max_new_tokens=8, num_beams=2)
-    batch, together, report = _beam_run(lvlm, images, PROMPTS, SOME, **gen)
-    width, rollbacks = batch["input_ids"].shape[1], []
-    for i in range(3):
-        one, alone, alone_report = _beam_run(lvlm, images[i:i + 1], PROMPTS[i:i + 1], SOME, **gen)
-        rollbacks.append(alone_report["rollbacks"])
+def _rows_alone(lvlm, images, params, **gen):
+    """Generate the three prompts as one batch and each alone; check that every batched row is its search alone
+    (left padding kept, right padding after, sequence score, processed scores while it ran, -inf rows after).
+    Returns the batch's report and each row's alone."""
+    batch, together, report = _beam_run(lvlm, images, PROMPTS, params, **gen)
+    width, reports = batch["input_ids"].shape[1], []
+    for i in range(len(images)):
+        one, alone, alone_report = _beam_run(lvlm, images[i:i + 1], PROMPTS[i:i + 1], params, **gen)
+        reports.append({**alone_report, "positions": len(alone.scores)})
         pad = width - one["input_ids"].shape[1]  # this row's left padding in the batch
         row, want = together.sequences[i], alone.sequences[0]
         assert torch.equal(row[:pad], batch["input_ids"][i, :pad]) and torch.equal(row[pad:pad + len(want)], want)
         assert bool((row[pad + len(want):] == lvlm.pad_token_id).all())
         assert together.sequences_scores[i].item() == pytest.approx(alone.sequences_scores[0].item(), abs=1e-5)
+        beams = gen["num_beams"]
+        for t, scores in enumerate(together.scores):
+            mine = scores[i * beams:(i + 1) * beams]
+            if t < len(alone.scores):
+                assert torch.allclose(mine, alone.scores[t], rtol=1e-4, atol=1e-4)
+            else:
+                assert bool((mine == -math.inf).all())
+    return report, reports
+
+
+def test_a_batch_where_some_samples_roll_back_equals_each_row_alone(tiny, images):
+    """The rolling samples are split off the lock-step batch (their rows, left padding included, into a decoder of
+    their own) and the other goes on: every row's tokens and scores are its search alone."""
+    report, alone = _rows_alone(tiny("llava"), images, SOME, max_new_tokens=8, num_beams=2)
+    rollbacks = [r["rollbacks"] for r in alone]
     assert 0 in rollbacks and max(rollbacks) > 0  # some samples roll back, one does not
     assert report["rollbacks"] == sum(rollbacks) and report["samples"] == 3
+
+
+def test_a_finished_sample_rides_along_as_padding(tiny, images):
+    """With this EOS the first sample's search ends after 5 positions, the others run to 8: its rows stay in the
+    lock-step batch as padding and change nothing, for it or the others."""
+    report, alone = _rows_alone(tiny("llava"), images, {}, max_new_tokens=8, num_beams=2, eos_token_id=54)
+    assert [r["positions"] for r in alone] == [5, 8, 8] and report["steps"] == 5 + 8 + 8
 
 
 def test_a_lock_step_batch_is_one_generate_call(tiny, images, monkeypatch):
