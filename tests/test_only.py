@@ -221,9 +221,12 @@ def test_noop_is_bit_identical_and_math_identity_exact(tiny, images, spy):
         with lvlm_fix.apply(lvlm, "only"):
             active = lvlm.model.generate(**batch, max_new_tokens=4, do_sample=False, **GEN)
     assert len(spy["main"]) == 8  # the identity run computed its side output at every step
-    for run in (noop, identity):
-        assert torch.equal(run.sequences, vanilla.sequences)
-        assert all(torch.equal(a, b) for a, b in zip(run.logits, vanilla.logits))  # the main stream is untouched
+    assert torch.equal(noop.sequences, vanilla.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(noop.logits, vanilla.logits))  # nothing installed
+    assert torch.equal(identity.sequences, vanilla.sequences)
+    # The main stream is untouched; its logits come from one product with the side row (the shared
+    # unembedding), so they equal vanilla's within fp32 rounding rather than bit for bit.
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(identity.logits, vanilla.logits))
     assert max((a - b).abs().max() for a, b in zip(active.logits, vanilla.logits)) > 1e-2  # and the method acts
 
 

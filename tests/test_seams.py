@@ -209,3 +209,95 @@ def test_a_logits_editing_method_beside_a_contrast_stream_is_refused_before_any_
         build_methods(f"{editors[0]}+vcd")
     line = cli_error(capsys, "run", "--model", "/nonexistent-model-dir", "--method", f"vcd+{editors[0]}")
     assert "separate calls" in line
+
+
+class _Exits(Participant):
+    """Shares the unembedding: its rows are the last position of the streams entering ``layers``. With ``mid``
+    it also projects one of them itself during the forward (an early exit as MemVR's), which must not take them."""
+
+    name = "exits"
+
+    def __init__(self, layers, mid=False):
+        self.residual_layers, self.layers, self.mid = frozenset(layers), list(layers), mid
+        self.read, self.asked, self.lasts, self.got = {}, [], [], []
+
+    def bind(self, lvlm):
+        self.lvlm, self.shares_unembedding = lvlm, True
+
+    def residual(self, hidden, ctx):
+        self.read[ctx.layer] = hidden[:, -1].clone()
+        if self.mid:
+            self.lvlm.lm_head(hidden[:, -1])
+
+    def unembed_rows(self, last, ctx):
+        self.lasts.append(last.clone())
+        self.asked.append(torch.cat([self.read[i] for i in self.layers]))
+        return self.asked[-1]
+
+    def unembedded(self, logits, ctx):
+        self.got.append(logits.clone())
+
+
+def test_shared_unembedding_projects_the_rows_with_the_models_own_on_every_family(family, tiny, images):
+    lvlm = tiny(family)
+    batch = _batch(lvlm, images)
+    head = lvlm.lm_head
+    inputs = []
+    with torch.inference_mode():
+        handle = head.register_forward_pre_hook(lambda m, a: inputs.append(a[0][..., -1, :].clone()))
+        try:
+            vanilla = lvlm.model(**batch).logits
+        finally:
+            handle.remove()
+        exits = _Exits((0, lvlm.num_layers - 1), mid=True)
+        with Plan(lvlm, [exits]).active():
+            got = lvlm.model(**batch).logits
+            assert "forward" in vars(head)  # patched while the plan is active
+        want = head(exits.asked[0]) if exits.asked else None
+    assert "forward" not in vars(head)  # and restored after it
+    assert len(exits.asked) == len(exits.got) == 1  # one forward, one request: the mid-forward exit took nothing
+    assert exits.asked[0].shape[0] == 2 * batch["input_ids"].shape[0]
+    torch.testing.assert_close(exits.lasts[0], inputs[0].reshape(exits.lasts[0].shape), rtol=0, atol=0)
+    torch.testing.assert_close(exits.got[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, vanilla, rtol=1e-5, atol=1e-5)  # the model's own logits, as vanilla's
+
+
+@pytest.mark.parametrize("method", ["dola", "deco", "only", "vista"])
+def test_methods_give_the_same_through_the_shared_unembedding_as_through_their_own(method, tiny, images,
+                                                                                    monkeypatch):
+    from lvlm_fix.interventions import METHODS
+
+    lvlm = tiny("llava")
+    batch = _batch(lvlm, images)
+    gen = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cls = METHODS.get(method)
+    asked = []
+    real = cls.unembed_rows
+    monkeypatch.setattr(cls, "unembed_rows", lambda self, last, ctx: asked.append(1) or real(self, last, ctx))
+    with torch.inference_mode():
+        with lvlm_fix.apply(lvlm, method):
+            shared = lvlm.model.generate(**batch, **gen)
+        assert len(asked) == 4  # every forward's early exits rode on the model's own projection
+        monkeypatch.setattr(cls, "unembed_rows", lambda self, last, ctx: None)  # each projects its own
+        with lvlm_fix.apply(lvlm, method):
+            own = lvlm.model.generate(**batch, **gen)
+    assert torch.equal(shared.sequences, own.sequences)
+    for a, b in zip(shared.scores, own.scores):
+        assert torch.equal(a.isinf(), b.isinf())
+        torch.testing.assert_close(a[~a.isinf()], b[~b.isinf()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_equals_the_module_at_every_row_count(bias):
+    from lvlm_fix.hooks.unembed import project
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=bias)
+    for m in (1, 2, 3, 5, 8, 9, 16):
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(project(head, x), head(x), rtol=1e-5, atol=1e-5)
+    calls = []
+    assert project(head, torch.randn(3, 64), forward=lambda x: calls.append(x) or head(x)).shape == (3, 1000)
+    assert not calls  # a few fp32 rows of a plain Linear: the weight-streaming product, not the module
+    assert project(head, torch.randn(12, 64), forward=lambda x: calls.append(x) or head(x)).shape == (12, 1000)
+    assert len(calls) == 1  # many rows: the module's own forward

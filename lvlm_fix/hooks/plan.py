@@ -43,6 +43,7 @@ from .._lazy import torch
 from ..errors import LvlmFixError
 from .attention import ATTN_NAME, SEAT_ATTR, PlanSeat, acquire_seat, block_bytes, key_padding, release_seat
 from .capture import HookSet
+from .unembed import shared_forward
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -160,6 +161,8 @@ class Participant:
     value_layers: frozenset[int] = frozenset()  # last query's attention row with the layer's values read (observe_values)
     # logits() replaces the next-token logits of every forward of the plan (set in bind, like the layer sets)
     edits_logits: bool = False
+    # unembed_rows() hands rows to project in the same lm_head call as the model's own (set in bind)
+    shares_unembedding: bool = False
     # residual() reads the decode steps too; False: the prefill's only, and the plan takes the layer's
     # hook off at the first decode step (and puts it back for the next prefill), so decode steps pay nothing.
     residual_at_decode: bool = True
@@ -268,6 +271,17 @@ class Participant:
         apply in composition order. A method whose release records the edited logits as ``scores`` gets
         that for free: ``output_scores`` records what the processors return."""
         return None
+
+    def unembed_rows(self, last: Tensor, ctx: AttnContext) -> Tensor | None:  # [n, D] -> [m, D]
+        """With ``shares_unembedding``: rows to project through ``lm_head`` together with the model's own
+        projection of this forward (after its last decoder layer), or None. ``last`` is ``lm_head``'s input at
+        the last position ``[n, D]`` (after the final norm). The logits come back through :meth:`unembedded`
+        in the same forward, before :meth:`logits`; a model whose forward does not call ``lvlm.lm_head``
+        never asks, so a participant keeps its own projection for a forward that delivered nothing."""
+        return None
+
+    def unembedded(self, logits: Tensor, ctx: AttnContext) -> None:  # [m, V], lm_head's dtype
+        """With ``shares_unembedding``: the logits of the rows :meth:`unembed_rows` returned, in their order."""
 
     def report(self) -> dict[str, Any]:
         """What this participant saw and touched, JSON-serialisable."""
@@ -575,6 +589,35 @@ class Plan:
 
         return hook
 
+    def _share_unembedding(self, hooks: HookSet, last_layer: Any) -> None:
+        """``lm_head`` projects the sharing participants' rows with the model's own (hooks.unembed): armed when
+        the last decoder layer of a forward of this plan has run, so only the model's own projection, not an
+        early exit a method computes mid-forward or after it, takes the rows."""
+        head = self.lvlm.lm_head
+        sharing = [p for p in self.participants if p.shares_unembedding]
+        state = {"armed": False, "sizes": []}
+
+        def arm(module: Any, args: tuple, output: Any) -> None:
+            state["armed"] = self.is_current()
+
+        def armed() -> bool:
+            on, state["armed"] = state["armed"], False
+            return on
+
+        def rows(last: Tensor) -> Tensor | None:
+            ctx = self.context(self.lvlm.num_layers, q_len=1, device=last.device)
+            got = [(p, p.unembed_rows(last, ctx)) for p in sharing]
+            got = [(p, r) for p, r in got if r is not None]
+            state["sizes"], state["ctx"] = [(p, r.shape[0]) for p, r in got], ctx
+            return torch.cat([r for _, r in got]) if got else None
+
+        def deliver(logits: Tensor) -> None:
+            for (p, n), part in zip(state["sizes"], logits.split([n for _, n in state["sizes"]])):
+                p.unembedded(part, state["ctx"])
+
+        hooks.forward(last_layer, arm)
+        hooks.patch(head, "forward", shared_forward(head, head.forward, rows, deliver, armed))
+
     def _logits_hook(self, participant: Participant):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.is_current():
@@ -619,6 +662,8 @@ class Plan:
             hooks.forward(self.lvlm.mlp(i), self._mlp_hook(i), with_kwargs=True)
         for i in sorted(set().union(*(p.layer_output_layers for p in self.participants))):
             hooks.forward(layers[i], self._layer_output_hook(i))
+        if any(p.shares_unembedding for p in self.participants):
+            self._share_unembedding(hooks, layers[-1])
         for p in self.participants:  # in composition order: a logits edit and a method's own hooks alike
             if p.edits_logits:
                 hooks.forward(model, self._logits_hook(p), with_kwargs=True)

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
-from .dola import LastPositionReader, choice_counts, early_exit_logits, logits_device, refuse_multi_token_decoding
+from .dola import LastPositionReader, choice_counts, logits_device, refuse_multi_token_decoding
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ class DeCo(Intervention):
         self.lvlm = lvlm
         self.layers = sorted(resolve_layers(self.config.layers, default_layers(n), n))
         self.residual_layers = frozenset(self.layers)
-        self.edits_logits = bool(self.layers)
+        self.edits_logits = self.shares_unembedding = bool(self.layers)
         self._probs_dtype = lvlm.model.dtype if self.config.release_compat else None
         self._reader = LastPositionReader()
         # per layer, rows x forwards that chose it; the sums of m and |C| (tensors on the device from the start)
@@ -168,14 +168,20 @@ class DeCo(Intervention):
         refuse_multi_token_decoding(self.name, generation_config)
 
     def begin(self, tokens: TokenState) -> None:
-        self._reader.last = {}
+        self._reader.last, self._reader.shared = {}, None
 
     def residual(self, hidden: Tensor, ctx: AttnContext) -> None:
         self._reader.read(hidden, ctx.layer)
 
+    def unembed_rows(self, last: Tensor, ctx: AttnContext) -> Tensor:
+        return self._reader.rows(self.lvlm, self.layers, norm=True)
+
+    def unembedded(self, logits: Tensor, ctx: AttnContext) -> None:
+        self._reader.take(logits)
+
     def logits(self, last: Tensor, ctx: AttnContext) -> Tensor:
         c = self.config
-        early = early_exit_logits(self.lvlm, self._reader.stacked(self.layers), norm=True)
+        early = self._reader.exits(self.lvlm, self.layers, norm=True)
         out, pick, m, size = deco_correct(last, early, c.alpha, c.threshold_top_k, c.threshold_top_p,
                                           cut=c.candidate_cut, probs_dtype=self._probs_dtype)
         self._counts = self._counts + choice_counts(pick, len(self.layers))

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
+from ..hooks.unembed import project
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
 
@@ -86,14 +87,20 @@ def candidate_layers(n_layers: int, which: str = "all", *, tied: bool = False) -
     return list(range(half if half is not None else n_layers - 20, n_layers, 2))
 
 
-def early_exit_logits(lvlm: LVLM, hidden: Tensor, *, norm: bool) -> Tensor:
+def early_exit_logits(lvlm: LVLM, hidden: Tensor, *, norm: bool, projected: Tensor | None = None) -> Tensor:
     """``[J, n, D]`` residual streams to ``[J, n, V]`` fp32 next-token logits: (the final norm, then)
-    the unembedding, all layers in one matmul so that its weight is read once."""
+    the unembedding, all layers in one matmul so that its weight is read once. ``projected``: their
+    ``[J*n, V]`` logits already computed in the model's own ``lm_head`` call (the shared unembedding)."""
     j, n, d = hidden.shape
-    x = hidden.reshape(j * n, d)
-    if norm:
-        x = lvlm.final_norm(x)
-    return lvlm.lm_head(x).reshape(j, n, -1).float()
+    if projected is None:
+        projected = project(lvlm.lm_head, exit_rows(lvlm, hidden, norm=norm))
+    return projected.reshape(j, n, -1).float()
+
+
+def exit_rows(lvlm: LVLM, hidden: Tensor, *, norm: bool) -> Tensor:
+    """The rows ``[J*n, D]`` that :func:`early_exit_logits` projects."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    return lvlm.final_norm(x) if norm else x
 
 
 def dola_divergence(mature: Tensor, early: Tensor) -> Tensor:
@@ -130,6 +137,26 @@ class LastPositionReader:
 
     def __init__(self) -> None:
         self.last: dict[int, Tensor] = {}
+        # With the shared unembedding: this forward's stack and its logits from the model's lm_head call
+        self.shared: tuple[Tensor, Tensor | None] | None = None
+
+    def rows(self, lvlm: LVLM, layers: list[int], *, norm: bool) -> Tensor:
+        """``unembed_rows``: this forward's streams of ``layers`` as rows for the model's ``lm_head`` call."""
+        stack = self.stacked(layers)
+        self.shared = (stack, None)
+        return exit_rows(lvlm, stack, norm=norm)
+
+    def take(self, logits: Tensor) -> None:
+        """``unembedded``: their logits."""
+        if self.shared is not None:
+            self.shared = (self.shared[0], logits)
+
+    def exits(self, lvlm: LVLM, layers: list[int], *, norm: bool) -> Tensor:
+        """This forward's ``[J, n, V]`` fp32 early exits: the shared projection's, else projected here."""
+        shared, self.shared = self.shared, None
+        if shared is not None and shared[1] is not None:
+            return early_exit_logits(lvlm, shared[0], norm=norm, projected=shared[1])
+        return early_exit_logits(lvlm, self.stacked(layers), norm=norm)
 
     def read(self, hidden: Tensor, layer: int) -> None:
         self.last[layer] = hidden[:, -1]
@@ -232,7 +259,7 @@ class DoLa(Intervention):
             tied = embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", False)
             self.candidates = sorted(resolve_layers(c.layers, candidate_layers(n, c.candidate_layers, tied=tied), n))
         self.residual_layers = frozenset(self.candidates)
-        self.edits_logits = bool(self.candidates)
+        self.edits_logits = self.shares_unembedding = bool(self.candidates)
         self._reader = LastPositionReader()
         # per candidate, rows x forwards that chose it, kept on the device (a tensor from the start: a compiled
         # decode step would recompile when None became a tensor)
@@ -243,14 +270,20 @@ class DoLa(Intervention):
         refuse_multi_token_decoding(self.name, generation_config)
 
     def begin(self, tokens: TokenState) -> None:
-        self._reader.last = {}
+        self._reader.last, self._reader.shared = {}, None
 
     def residual(self, hidden: Tensor, ctx: AttnContext) -> None:
         self._reader.read(hidden, ctx.layer)
 
+    def unembed_rows(self, last: Tensor, ctx: AttnContext) -> Tensor:
+        return self._reader.rows(self.lvlm, self.candidates, norm=self.config.premature_norm)
+
+    def unembedded(self, logits: Tensor, ctx: AttnContext) -> None:
+        self._reader.take(logits)
+
     def logits(self, last: Tensor, ctx: AttnContext) -> Tensor:
         c = self.config
-        early = early_exit_logits(self.lvlm, self._reader.stacked(self.candidates), norm=c.premature_norm)
+        early = self._reader.exits(self.lvlm, self.candidates, norm=c.premature_norm)
         rows = torch.arange(last.shape[0], device=last.device)
         if len(self.candidates) == 1:
             pick = torch.zeros_like(rows)

@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
+from ..hooks.unembed import project
 from .base import Intervention, MethodConfig, Stage, param
 from .registry import register_method
 
@@ -228,7 +229,7 @@ class MemVR(Intervention):
             return
         last = hidden[:, -1]
         h = last if rows.numel() == last.shape[0] else last.index_select(0, rows)
-        logits = self._head(self._norm(h)).float()
+        logits = project(self._head, self._norm(h)).float()
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         fire = top_k_entropy(logits, self.config.entropy_top_k) > self.config.entropy_threshold

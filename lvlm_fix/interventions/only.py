@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING, Any
 from .._lazy import torch
 from ..errors import ConfigError, LvlmFixError
 from ..hooks.contrast import plausibility_cut
+from ..hooks.unembed import project
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
 
@@ -248,7 +249,7 @@ class ONLY(Intervention):
     config: ONLYConfig
 
     def bind(self, lvlm: LVLM) -> None:
-        self.edits_logits = False
+        self.edits_logits = self.shares_unembedding = False
         self.value_layers = self.residual_layers = self.layer_output_layers = frozenset()
         if not self.config.layers:
             return
@@ -260,7 +261,8 @@ class ONLY(Intervention):
         self.o_proj = lvlm.out_proj(self.at)
         self.value_layers = frozenset({self.at})
         self.residual_layers = self.layer_output_layers = frozenset({self.last})
-        self.edits_logits = True
+        self.edits_logits = self.shares_unembedding = True
+        self._shared: Tensor | None = None  # this forward's l_cd from the model's own lm_head call
         self._steps = 0
         self._collaborative = self._removed = self._rows = 0
         # Per-forward flags ([b, h] removed heads, [b] collaborative rows), summed in bulk (_tally) rather
@@ -269,7 +271,7 @@ class ONLY(Intervention):
         self._pending_collaborative: list[Tensor] = []
 
     def begin(self, tokens: Any) -> None:
-        self._a_cd = self._h_in = self._h_out = self._segments = None
+        self._a_cd = self._h_in = self._h_out = self._segments = self._shared = None
 
     def segments(self, ctx: AttnContext) -> Tensor:
         """This forward's ``[b, 2, k]`` text and image keys: built at the prefill, then grown by one key per
@@ -300,12 +302,31 @@ class ONLY(Intervention):
     def layer_output(self, hidden: Tensor, ctx: AttnContext) -> None:
         self._h_out = hidden[:, -1:]
 
-    def side_logits(self) -> Tensor:
-        """``l_cd`` ``[n, V]`` fp32 from this forward's reads: the last layer rebuilt around ``a_cd``."""
+    def side_row(self, main: Tensor | None = None) -> Tensor:
+        """The row ``[n, D]`` whose unembedding is ``l_cd``: the last layer rebuilt around ``a_cd``, normed, plus
+        ``FINAL_WEIGHT`` times the normed last layer's output ``main`` (normed here from the read when None)."""
         r = RESIDUAL_WEIGHT * self._h_in + self.n_in(self._a_cd)
         h_cd = r + self._mlp(self.n_post(r))
-        side, main = self.final_norm(torch.cat([h_cd, self._h_out], 1)).unbind(1)  # one norm call for both streams
-        out = self.lm_head(side + FINAL_WEIGHT * main)  # [n, V]
+        if main is None:
+            side, main = self.final_norm(torch.cat([h_cd, self._h_out], 1)).unbind(1)  # one norm call for both
+        else:
+            side = self.final_norm(h_cd)[:, 0]
+        return side + FINAL_WEIGHT * main
+
+    def unembed_rows(self, last: Tensor, ctx: AttnContext) -> Tensor | None:
+        # lm_head's input at the last position is the final norm of the last layer's output: ONLY's main stream
+        if self._a_cd is None or self._h_in is None:
+            return None
+        return self.side_row(last)
+
+    def unembedded(self, logits: Tensor, ctx: AttnContext) -> None:
+        self._shared = logits
+
+    def side_logits(self) -> Tensor:
+        """``l_cd`` ``[n, V]`` fp32 from this forward's reads: the shared projection's, else projected here."""
+        out, self._shared = self._shared, None
+        if out is None:
+            out = project(self.lm_head, self.side_row())
         return out if out.dtype == torch.float32 else out.float()
 
     def logits(self, last: Tensor, ctx: AttnContext) -> Tensor:

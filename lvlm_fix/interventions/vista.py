@@ -85,6 +85,7 @@ from ..errors import LvlmFixError
 from ..hooks.contrast import rows_without_images
 from ..hooks.plan import AttnContext, Participant, Plan, StopForward, static_cache
 from ..hooks.sidepass import side_batch
+from ..hooks.unembed import project
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
 
@@ -230,7 +231,8 @@ class VISTA(Intervention):
         self._first = min(self.mlp_layers, default=-1)
         self.sla_layers = sorted(resolve_layers(c.sla_layers, default_sla_layers(n), n, name="sla_layers"))
         self.layer_output_layers = frozenset(self.sla_layers)
-        self.edits_logits = bool(self.sla_layers)
+        self.edits_logits = self.shares_unembedding = bool(self.sla_layers)
+        self._shared: Tensor | None = None  # this forward's early logits from the model's own lm_head call
         if self.edits_logits:
             self._head = lvlm.lm_head
             self._norm = lvlm.final_norm if c.sla_final_norm else None
@@ -251,7 +253,7 @@ class VISTA(Intervention):
                                "(drop cache_implementation)")
 
     def begin(self, tokens: Any) -> None:
-        self._early = {}
+        self._early, self._shared = {}, None
 
     def before_prefill(self, lvlm: LVLM, model_kwargs: dict[str, Any]) -> None:
         self._vectors, self._units = {}, {}
@@ -305,15 +307,25 @@ class VISTA(Intervention):
     def layer_output(self, hidden: Tensor, ctx: AttnContext) -> None:
         self._early[ctx.layer] = hidden[:, -1].clone()  # the last position: the only one whose logits are mixed
 
+    def unembed_rows(self, last: Tensor, ctx: AttnContext) -> Tensor:
+        return self._exit_rows()
+
+    def _exit_rows(self) -> Tensor:
+        """This forward's early-exit rows ``[k n, D]``, layer-major (normed when ``sla_final_norm``)."""
+        h = torch.cat([self._early.pop(i) for i in self.sla_layers])
+        return h if self._norm is None else self._norm(h)
+
+    def unembedded(self, logits: Tensor, ctx: AttnContext) -> None:
+        self._shared = logits
+
     def logits(self, last: Tensor, ctx: AttnContext) -> Tensor | None:
         if ctx.phase == "decode" and ctx.q_len > 1:
             raise LvlmFixError(f"vista augments one new token per row and forward, got {ctx.q_len}; drop "
                                "assistant_model / prompt_lookup_num_tokens")
-        head = self._head
-        h = torch.stack([self._early.pop(i) for i in self.sla_layers])  # [k, n, D]
-        if self._norm is not None:
-            h = self._norm(h)
-        early = head(h.to(head.weight.device)).float()  # one matmul for the k layers
+        shared, self._shared = self._shared, None
+        if shared is None:  # the model's lm_head call did not take the rows: one product of the k layers here
+            shared = project(self._head, self._exit_rows().to(self._head.weight.device))
+        early = shared.reshape(len(self.sla_layers), last.shape[0], -1).float()  # [k, n, V]
         if self._softcap is not None:
             early = torch.tanh(early / self._softcap) * self._softcap
         self.counts["augmented_forwards"] += 1

@@ -76,7 +76,7 @@ CHUNK_QUERIES = 4  # query rows per chunk when chunking is forced: several chunk
 # The callbacks through which a method's math runs (hooks.Participant's and a contrast stream's);
 # math_identity counts their calls to show the math was in the path.
 CALLBACKS = ("pre_softmax", "accumulate", "post_softmax", "observe", "observe_values", "head_output", "residual",
-             "mlp_output", "layer_output", "logits", "combine", "combine_scores")
+             "mlp_output", "layer_output", "unembed_rows", "logits", "combine", "combine_scores")
 
 
 @dataclass(frozen=True)
