@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._lazy import torch
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
-from .dola import LastPositionReader, choice_counts, logits_device, refuse_multi_token_decoding
+from .dola import TALLY_EVERY, LastPositionReader, choice_counts, logits_device, refuse_multi_token_decoding
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -91,16 +91,20 @@ def deco_correct(mature: Tensor, early: Tensor, alpha: float, top_k: int, top_p:
         early = early.to(probs_dtype)
     j, n, k = early.shape[0], ids.shape[0], ids.shape[1]
     # p^j on the candidates only: exp(l^j_c - logsumexp l^j), without the whole [J, n, V] softmax
-    on_c = (early.gather(-1, ids[None].expand(j, n, k)) - early.logsumexp(-1, keepdim=True)).exp().float()  # [J, n, k]
-    on_c = on_c.masked_fill(~in_set[None], -1.0)  # out of the set: below every probability
+    on_cand = early.gather(-1, ids[None].expand(j, n, k))  # [J, n, k] the early logits of the candidates
+    on_c = (on_cand - early.logsumexp(-1, keepdim=True)).exp().float()
+    out_of_set = ~in_set
+    on_c = on_c.masked_fill(out_of_set[None], -1.0)  # out of the set: below every probability
     flat = on_c.permute(1, 0, 2).reshape(n, j * k)  # per row, layer-major as the release's [J, C] argmax
     m, where = flat.max(-1)  # the first maximum, as argmax
     pick = torch.div(where, k, rounding_mode="floor")
     rows = torch.arange(n, device=mature.device)
-    out = mature + (alpha * m)[:, None] * early[pick, rows].float()
-    if cut:
-        keep = torch.zeros_like(mature, dtype=torch.bool).scatter_(1, ids, in_set)
-        out = out.masked_fill(~keep, -math.inf)
+    weight = (alpha * m)[:, None]
+    if cut:  # only the set survives: the correction of its tokens, scattered into -inf (fewer ops over V)
+        kept = (mature.gather(1, ids) + weight * on_cand[pick, rows].float()).masked_fill_(out_of_set, -math.inf)
+        out = torch.full_like(mature, -math.inf).scatter_(1, ids, kept)
+    else:
+        out = mature + weight * early[pick, rows].float()
     return out, pick, m, in_set.sum(-1)
 
 
@@ -163,6 +167,15 @@ class DeCo(Intervention):
         self._m_sum = torch.zeros((), device=device)
         self._candidates = torch.zeros((), dtype=torch.long, device=device)
         self._steps = self._rows = 0
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # per forward: (j*, m, |C|) of its rows
+
+    def _tally(self) -> None:
+        """Adds the pending forwards' choices, m and |C| to the running sums (tensors: no device sync)."""
+        if self._pending:
+            pick, m, size = (torch.cat(t) for t in zip(*self._pending))
+            self._pending.clear()
+            self._counts = self._counts + choice_counts(pick, len(self.layers))
+            self._m_sum, self._candidates = self._m_sum + m.sum(), self._candidates + size.sum()
 
     def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
         refuse_multi_token_decoding(self.name, generation_config)
@@ -184,14 +197,16 @@ class DeCo(Intervention):
         early = self._reader.exits(self.lvlm, self.layers, norm=True)
         out, pick, m, size = deco_correct(last, early, c.alpha, c.threshold_top_k, c.threshold_top_p,
                                           cut=c.candidate_cut, probs_dtype=self._probs_dtype)
-        self._counts = self._counts + choice_counts(pick, len(self.layers))
-        self._m_sum, self._candidates = self._m_sum + m.sum(), self._candidates + size.sum()
+        self._pending.append((pick, m, size))  # tallied in bulk (_tally): fewer ops per step
+        if len(self._pending) >= TALLY_EVERY:
+            self._tally()
         self._steps += 1
         self._rows += last.shape[0]
         return out
 
     def report(self) -> dict[str, Any]:
         c = self.config
+        self._tally()
         counts = self._counts.tolist()
         per_row = (lambda t: round(t.item() / self._rows, 4)) if self._rows else (lambda t: None)  # noqa: E731
         return {"layers": self.layers, "alpha": c.alpha, "threshold_top_p": c.threshold_top_p,

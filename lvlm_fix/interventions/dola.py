@@ -176,6 +176,9 @@ def logits_device(lvlm: LVLM) -> torch.device:
     return next(lvlm.lm_head.parameters()).device
 
 
+TALLY_EVERY = 256  # forwards whose report counts are summed together (few ops per decode step, bounded memory)
+
+
 def choice_counts(pick: Tensor, n: int) -> Tensor:
     """``[n]``: how many rows chose each of ``n`` options (``pick`` ``[rows]``). Not ``bincount``, whose
     output length depends on the values: a compiled decode step (static cache) would break its graph there."""
@@ -265,6 +268,12 @@ class DoLa(Intervention):
         # decode step would recompile when None became a tensor)
         self._counts = torch.zeros(len(self.candidates), dtype=torch.long, device=logits_device(lvlm))
         self._steps = 0
+        self._pending: list[Tensor] = []  # per forward: its rows' chosen candidates
+
+    def _tally(self) -> None:
+        if self._pending:
+            self._counts = self._counts + choice_counts(torch.cat(self._pending), len(self.candidates))
+            self._pending.clear()
 
     def check_generate(self, generation_config: Any, model_kwargs: dict[str, Any]) -> None:
         refuse_multi_token_decoding(self.name, generation_config)
@@ -292,12 +301,15 @@ class DoLa(Intervention):
             if c.release_compat:  # one layer for the batch, from the rows' mean divergence
                 d = d.mean(-1, keepdim=True).expand_as(d)
             pick = d.argmax(0)
-        self._counts = self._counts + choice_counts(pick, len(self.candidates))
+        self._pending.append(pick)  # tallied in bulk (_tally): fewer ops per step
+        if len(self._pending) >= TALLY_EVERY:
+            self._tally()
         self._steps += 1
         return dola_contrast(last, early[pick, rows], c.relative_top, c.contrast_scale)
 
     def report(self) -> dict[str, Any]:
         c = self.config
+        self._tally()
         counts = self._counts.tolist()
         return {"mode": "static" if c.premature_layer is not None else "dynamic", "candidates": self.candidates,
                 "premature_layer_counts": {str(j): k for j, k in zip(self.candidates, counts) if k},

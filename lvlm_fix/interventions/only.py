@@ -78,6 +78,7 @@ from ..errors import ConfigError, LvlmFixError
 from ..hooks.contrast import plausibility_cut
 from ..hooks.unembed import project
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
+from .dola import TALLY_EVERY
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -90,7 +91,6 @@ __all__ = ["ONLY", "ONLYConfig", "key_segments", "only_combine", "select_heads",
 
 RESIDUAL_WEIGHT = 0.2  # weight of the stream entering the last layer in r (release: modeling_llama.py, hard-coded)
 FINAL_WEIGHT = 0.5  # weight of the main stream's normed last state in l_cd (release: llava_llama.py, hard-coded)
-TALLY_EVERY = 256  # forwards whose report counts are summed together (few ops per decode step, bounded memory)
 ENTROPY_EPS = 1e-6  # log(p + eps) of the release's entropies (zeros are not renormalised away)
 
 
