@@ -309,6 +309,13 @@ def test_a_run_cache_gives_the_same_answers_and_never_a_stale_caption(tiny, imag
                 weight.copy_(kept)
         lvlm_fix.generate(lvlm, rows[:1], qs[:1], "mvp", **SHORT)  # the model as it was: its captions are kept
         assert len(made) == before + 6
+        defaults = lvlm.model.generation_config
+        defaults.repetition_penalty = 1.3  # reaches the caption calls without touching a weight
+        try:
+            lvlm_fix.generate(lvlm, rows[:1], qs[:1], "mvp", **SHORT)
+            assert len(made) == before + 9
+        finally:
+            defaults.repetition_penalty = 1.0
     finally:
         MVP.run_cache.reset(token)
 
@@ -333,6 +340,49 @@ def test_an_eval_run_captions_each_image_once_per_view_and_a_resume_reads_them_b
     evaluate(lvlm, **run)
     assert made == []  # both images' captions read back from the folder
     assert sorted(samples.read_text().splitlines()) == sorted(records)  # the same answers as the first run
+
+
+def test_a_resume_sets_aside_corrupt_cache_lines_ignores_a_foreign_file_and_refuses_a_forged_entry(
+        tiny, tmp_path, monkeypatch):
+    from lvlm_fix.errors import LvlmFixWarning
+    from lvlm_fix.evals.runner import evaluate
+
+    lvlm = tiny("llava")
+    made = _count_captions(monkeypatch)
+
+    def run(out, **params):  # one image's six POPE questions in one batch
+        return evaluate(lvlm, bench="pope", split="random", methods=["mvp"], limit=6, batch_size=6, out_dir=out,
+                        progress=False, n_boot=10, method_params={"mvp": {**SHORT, **params}})
+
+    run(tmp_path / "ours")
+    run(tmp_path / "other", sample_seed=7)
+    folder = tmp_path / "ours" / "mvp"
+    samples, cache = folder / "samples.jsonl", folder / "cache" / "mvp.jsonl"
+    answers, entries = samples.read_text(), cache.read_text().splitlines()
+    captions = [i for i, line in enumerate(entries) if json.loads(line)["id"].startswith("caption-")]
+    assert len(made) == 2 * 3 and len(captions) == 3
+
+    def resume(cache_text: str) -> None:
+        cache.write_text(cache_text)
+        samples.unlink()  # every answer made again, its captions read from the cache where it has them
+        made.clear()
+        run(tmp_path / "ours")
+        assert samples.read_text() == answers
+
+    # A line torn by a kill and a line that is not JSON: set aside with one warning, their captions made again.
+    torn = entries[captions[0]]
+    damaged = [e for i, e in enumerate(entries) if i != captions[0]] + ["{not json", torn[: len(torn) // 2]]
+    with pytest.warns(LvlmFixWarning, match="set aside 2 unreadable"):
+        resume("\n".join(damaged))
+    assert len(made) == 1
+    # Another setting's file (another seed): none of its captions has this setting's key, so all are made anew.
+    resume((tmp_path / "other" / "mvp" / "cache" / "mvp.jsonl").read_text())
+    assert len(made) == 3
+    # A well-formed entry whose value is not a caption is refused in one line, never put in a prompt.
+    forged = json.loads(entries[captions[0]])
+    others = [e for i, e in enumerate(entries) if i != captions[0]]
+    with pytest.raises(InputError, match="holds int, not str; the file was edited"):
+        resume("\n".join([json.dumps({"id": forged["id"], "value": 5}), *others]) + "\n")
 
 
 def test_eval_throughput_times_mvp_per_pope_question():

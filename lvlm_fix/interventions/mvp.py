@@ -46,7 +46,10 @@ top-p warping, then ``argmax(scores + Gumbel noise)``, an exact draw from the wa
 with one random generator per row, seeded from ``sample_seed``, the view and the row's image (and, for
 paths, its prompt and first token). So a row gets the same captions and paths whatever else is in
 the batch, and the same image is captioned once per view within a call (a cache by image content).
-``path_temperature=0`` makes the paths greedy.
+``path_temperature=0`` makes the paths greedy. This is a choice, against the release's one global seed
+(336), under which an image's captions depend on how many draws came before them (its question's row
+number): here a caption is a function of (image, view, ``sample_seed``, caption settings), the same for
+each of an image's questions, which is what lets a kept caption be exactly the one a new call would draw.
 
 **Captions kept across calls.** A caption depends on the image, the view and the caption settings,
 not on the question, and POPE asks six questions per image. While ``lvlm-fix eval`` (the runner)
@@ -54,12 +57,17 @@ generates with a setting, it gives MVP a run cache (:attr:`MVP.run_cache`): capt
 batch are reused by the next ones, and stored in ``<setting folder>/cache/mvp.jsonl``, so a resumed
 run reads them back. Each is keyed on everything that makes it: the image's content, the view's
 prompt as the model reads it (chat template, system prompt), ``sample_seed``, the caption
-temperature and top-p, its token budget, and the model (:func:`model_identity`: name, revision,
-dtype, image processor settings, sampled weights); the methods composed after MVP are the
-setting's, whose folder holds the file. Per-row sampling makes a reused caption the one the call
-would have drawn, so the answers are the same with and without the cache. The prompt widths that
-set the caption budget are kept the same way (``width-`` entries). Outside the runner nothing is
-kept between calls.
+temperature and top-p, its token budget, the model (:func:`model_identity`: name, revision,
+dtype, image processor settings, sampled weights) and its ``generation_config`` (defaults such as a
+repetition penalty reach the caption calls); the methods composed after MVP are the setting's,
+whose folder holds the file. A change of any of them misses, so a file of another setting or seed
+is never used, only added to. Per-row sampling makes a reused caption the one the call would have
+drawn, so the answers are the same with and without the cache. The prompt widths that set the
+caption budget are kept the same way (``width-`` entries). The file is appended and fsynced per
+batch; a line that does not read (torn by a kill, edited) is set aside with one warning and its
+caption made again; a readable entry whose value has the wrong type is refused in one line
+(``InputError``: the file was written by something else). Outside the runner nothing is kept
+between calls.
 
 **The caller's generate() arguments.** MVP's calls decode with its own settings; it takes the
 call's ``max_new_tokens`` (the free-form paths' budget) and accepts, unused, the sampling settings
@@ -181,6 +189,17 @@ def _seed(*parts: Any) -> int:
 
 def _image_key(image: Image.Image) -> str:
     return hashlib.sha256(image.mode.encode() + repr(image.size).encode() + image.tobytes()).hexdigest()[:16]
+
+
+def _cached(cache: Any, key: str, kind: type) -> Any | None:
+    """The run cache's value under ``key``, None when absent. A value of another type under a key made of
+    every setting can only come from a file edited or written by something else: refused, never used."""
+    value = cache.get(key)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    where = getattr(cache, "path", None) or "the run cache"
+    raise InputError(f"{where}: entry {key} holds {type(value).__name__}, not {kind.__name__}; the file was edited "
+                     "or written by something else: delete it and run again to make its entries anew")
 
 
 # model -> (what the digest was taken from: handle fields, parameters and their version counters; digest)
@@ -618,7 +637,7 @@ class MVP(Intervention):
         cache, cache_keys = self.run_cache.get(), []
         if cache is not None:
             cache_keys = self._caption_keys(lvlm, [k for k, _ in unique], [v for _, v in unique], budget, system_prompt)
-            texts = [cache.get(k) for k in cache_keys]
+            texts = [_cached(cache, k, str) for k in cache_keys]
         todo = [i for i, t in enumerate(texts) if t is None]
         cost["captions"] = {"rows": 0, "forward_passes": 0, "prompt_tokens": 0, "generated_tokens": 0}
         if todo:  # per-row sampling: the captions still to make come out as they would in the whole batch
@@ -636,10 +655,13 @@ class MVP(Intervention):
     def _caption_keys(self, lvlm: LVLM, images: list[str], views: list[str], budget: int,
                       system_prompt: str | None) -> list[str]:
         """One key per caption naming everything that makes it: the image's content, the view's prompt as the
-        model reads it (chat template and system prompt), the caption's sampling and length, the seed and the
-        model (:func:`model_identity`). The methods composed after MVP are the run's setting: its folder."""
+        model reads it (chat template and system prompt), the caption's sampling and length, the seed, the
+        model (:func:`model_identity`) and its generation defaults (``generation_config``: a repetition penalty
+        or an end token set there reaches the caption calls, and can change without the weights). The methods
+        composed after MVP are the run's setting: its folder."""
         c = self.config
-        settings = (model_identity(lvlm), c.sample_seed, c.caption_temperature, c.caption_top_p, budget)
+        defaults = lvlm.model.generation_config.to_json_string(use_diff=True)
+        settings = (model_identity(lvlm), defaults, c.sample_seed, c.caption_temperature, c.caption_top_p, budget)
         built = {v: lvlm.build_prompt(VIEW_PROMPTS[v], system_prompt=system_prompt) for v in set(views)}
         return ["caption-" + hashlib.sha256(repr((*settings, image, built[view])).encode()).hexdigest()[:24]
                 for image, view in zip(images, views)]
@@ -679,8 +701,8 @@ class MVP(Intervention):
             if cache is not None:
                 identity = identity or model_identity(lvlm)
                 key = "width-" + hashlib.sha256(repr((identity, *pair, system_prompt)).encode()).hexdigest()[:24]
-                if cache.get(key) is not None:
-                    lengths[pair] = cache.get(key)
+                if (n := _cached(cache, key, int)) is not None:
+                    lengths[pair] = n
                     continue
             todo[pair] = (image, key)
         if todo:
