@@ -45,7 +45,8 @@ from .plan import Participant, Plan, StopForward
 if TYPE_CHECKING:
     from ..model import LVLM
 
-__all__ = ["DEFAULT_TIMEOUT", "MODE_ENV", "TIMEOUT_ENV", "SidePass", "run_batched", "side_batch", "side_stream_mode"]
+__all__ = ["DEFAULT_TIMEOUT", "MODE_ENV", "TIMEOUT_ENV", "SidePass", "run_batched", "side_batch", "side_forwards",
+           "side_stream_mode"]
 
 _PAUSED, _ENDED, _RAISED, _GO, _STOP = "paused", "ended", "raised", "go", "stop"
 TIMEOUT_ENV = "LVLM_FIX_SIDE_TIMEOUT"  # seconds either side waits for the other before giving up
@@ -247,6 +248,19 @@ def side_batch(lvlm: LVLM, main: dict[str, Any], side: dict[str, Any]) -> dict[s
         side_pos = side_pos.expand(main_pos.shape[0], -1, -1)
     batch["position_ids"] = torch.cat([main_pos, side_pos.to(main_pos)], -2)
     return batch
+
+
+def side_forwards(lvlm: LVLM, main: dict[str, Any], side: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`side_batch`'s two halves as the arguments of two forwards: the ``n`` main rows, and the ``n`` side
+    rows at their own width (not left padded to the main rows'). Where the side rows are much shorter (a prompt
+    without its image tokens) two forwards cost less than one of ``2n`` rows: a padding column is computed like
+    any other, so the batched forward pays the long rows' width for the short ones."""
+    batch = side_batch(lvlm, main, side)
+    n, width = main["input_ids"].shape[0], batch["input_ids"].shape[-1]
+    cut = width - min(side["input_ids"].shape[-1], width)  # the side rows' padding up to the main rows' width
+    first = {k: v[..., :n, :] if k in _PER_TOKEN or k == "position_ids" else v for k, v in batch.items()}
+    second = {k: v[..., n:, cut:] for k, v in batch.items() if k in _PER_TOKEN or k == "position_ids"}
+    return first, second
 
 
 def run_batched(lvlm: LVLM, main: dict[str, Any], side: dict[str, Any], layers: frozenset[int],

@@ -22,9 +22,10 @@ Two parts, each optional:
   at the last position of every forward (what ``generate()`` reads), before its processors,
   warpers and beam scorer, so greedy, sampling and beam search all decode the mixed logits.
 
-Both of VISTA's unsteered forwards are one batched forward before the real prefill: the rows
-(left padded as given) and the same rows without their image tokens, stopped after the last
-steered layer (no final norm, no ``lm_head``). Every row gets its own vector, so a batch equals
+VISTA's two unsteered forwards run before the real prefill: the rows (left padded as given), and
+the same rows without their image tokens at their own width (batched with the image rows they would
+be padded to those rows' width and cost as much), each stopped after the last steered layer (no
+final norm, no ``lm_head``). Every row gets its own vector, so a batch equals
 its rows alone; beam search and ``num_return_sequences`` expand the rows before the prefill, so
 each expanded row gets its source row's vector. A row without image tokens has ``v = 0`` and its
 MLP outputs are left as they are (up to rounding).
@@ -84,7 +85,7 @@ from .._lazy import torch
 from ..errors import LvlmFixError
 from ..hooks.contrast import rows_without_images
 from ..hooks.plan import AttnContext, Participant, Plan, StopForward, static_cache
-from ..hooks.sidepass import side_batch
+from ..hooks.sidepass import side_forwards
 from ..hooks.unembed import project
 from .base import Intervention, MethodConfig, Stage, param, resolve_layers
 from .registry import register_method
@@ -261,21 +262,24 @@ class VISTA(Intervention):
             return
         if model_kwargs.get("input_ids") is None:
             raise LvlmFixError("vista needs the model to be called with input_ids= as a keyword argument")
-        n = model_kwargs["input_ids"].shape[0]
-        batch = side_batch(lvlm, model_kwargs, rows_without_images(lvlm, model_kwargs))
-        reader = _LastToken(self.mlp_layers)
-        try:
-            # Its own plan: the plan in progress (this steering included) is dormant for this forward.
-            with torch.no_grad(), Plan(lvlm, [reader]).active(inner=True):
-                lvlm.model(**batch, use_cache=False)
-        except StopForward:
-            pass
-        if set(reader.states) != set(self.mlp_layers):
-            raise LvlmFixError("vista's unsteered forward did not reach every steered layer "
-                               f"(missing {sorted(self.mlp_layers - set(reader.states))})")
+        states = []
+        # Two forwards, the rows and the same rows without their image tokens at their own (much shorter) width:
+        # batched, the image-free rows would be padded to the image rows' width and cost as much as they do.
+        for batch in side_forwards(lvlm, model_kwargs, rows_without_images(lvlm, model_kwargs)):
+            reader = _LastToken(self.mlp_layers)
+            try:
+                # Its own plan: the plan in progress (this steering included) is dormant for this forward.
+                with torch.no_grad(), Plan(lvlm, [reader]).active(inner=True):
+                    lvlm.model(**batch, use_cache=False)
+            except StopForward:
+                pass
+            if set(reader.states) != set(self.mlp_layers):
+                raise LvlmFixError("vista's unsteered forward did not reach every steered layer "
+                                   f"(missing {sorted(self.mlp_layers - set(reader.states))})")
+            states.append(reader.states)
         # v^l = h^l(with image) - h^l(without), at each row's last token: the mean difference (the release's
         # one-row PCA adds a zero matrix's singular vector, dropped here).
-        self._vectors = {layer: h[:n] - h[n:] for layer, h in reader.states.items()}
+        self._vectors = {layer: h - states[1][layer] for layer, h in states[0].items()}
         # Where the last token cannot see any image token yet (no image, or sliding windows that do not reach it),
         # v is zero in exact arithmetic and rounding noise in practice: normalize() would give it a random
         # direction, so it is set to zero (no steering there).
