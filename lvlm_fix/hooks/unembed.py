@@ -58,7 +58,7 @@ def shared_forward(head: Any, forward: Callable[[Tensor], Tensor],
         if extra is None:
             return forward(hidden)
         own = hidden.reshape(-1, hidden.shape[-1])
-        out = project(head, torch.cat([own, extra.to(own.dtype)]), forward)
+        out = project(head, torch.cat([own, extra.to(own.device, own.dtype)]), forward)  # early layers may sit elsewhere
         deliver(out[own.shape[0]:])
         return out[: own.shape[0]].reshape(*hidden.shape[:-1], out.shape[-1])
 

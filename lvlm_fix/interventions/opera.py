@@ -147,7 +147,7 @@ class OperaConfig(MethodConfig):
 
 @register_method
 class Opera(Intervention):
-    """OPERA: beam search with an over-trust penalty and retrospection (module docstring)."""
+    """OPERA: beam search re-scored by an over-trust penalty on the last layer's attention, with rollback."""
 
     name = "opera"
     stage = Stage.DECODING
