@@ -352,6 +352,7 @@ class Plan:
         self._prefill_hooks = HookSet()
         self._prefill_hooks_on = False
         self._ctx_cache: dict[tuple, AttnContext] = {}  # this forward's contexts, by (k_len, device)
+        self._unembed_armed = False  # the model's own lm_head call of this forward may take shared rows
         self._block_cache: dict[torch.device, int] = {}  # this forward's block size, by device
 
     def is_current(self) -> bool:
@@ -484,6 +485,7 @@ class Plan:
         q_len = input_ids.shape[1]
         self._ctx_cache.clear()
         self._block_cache.clear()
+        self._unembed_armed = False  # armed again by this forward's last layer (a forward without lm_head leaves none)
         # The same object unless a participant observes the prefill only: nothing is assigned in a traced forward.
         observed = self._observed_prefill if past == 0 else self._observed_decode
         if self.observed_layers is not observed:
@@ -595,13 +597,13 @@ class Plan:
         early exit a method computes mid-forward or after it, takes the rows."""
         head = self.lvlm.lm_head
         sharing = [p for p in self.participants if p.shares_unembedding]
-        state = {"armed": False, "sizes": []}
+        state: dict[str, Any] = {"sizes": []}
 
         def arm(module: Any, args: tuple, output: Any) -> None:
-            state["armed"] = self.is_current()
+            self._unembed_armed = self.is_current()
 
         def armed() -> bool:
-            on, state["armed"] = state["armed"], False
+            on, self._unembed_armed = self._unembed_armed, False
             return on
 
         def rows(last: Tensor) -> Tensor | None:
