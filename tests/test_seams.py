@@ -301,3 +301,6 @@ def test_project_equals_the_module_at_every_row_count(bias):
     assert not calls  # a few fp32 rows of a plain Linear: the weight-streaming product, not the module
     assert project(head, torch.randn(12, 64), forward=lambda x: calls.append(x) or head(x)).shape == (12, 1000)
     assert len(calls) == 1  # many rows: the module's own forward
+    offloaded = torch.nn.Linear(64, 1000, device="meta")  # an offloaded head: its weight arrives in its forward
+    assert project(offloaded, torch.randn(3, 64), forward=lambda x: calls.append(x) or head(x)).shape == (3, 1000)
+    assert len(calls) == 2

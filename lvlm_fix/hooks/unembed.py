@@ -36,9 +36,13 @@ def project(head: Any, rows: Tensor, forward: Callable[[Tensor], Tensor] | None 
     ``forward``: the head's own forward to call otherwise (default ``head`` itself); a plan passes the
     unpatched one.
     """
-    if (type(head) is torch.nn.Linear and 1 < rows.shape[0] <= FEW_ROWS and rows.device.type == "cpu"
-            and rows.dtype == torch.float32 and head.weight.dtype == torch.float32 and rows.dim() == 2):
-        out = torch.matmul(head.weight, rows.T).T  # the weight streamed once (module docstring)
+    weight = getattr(head, "weight", None)
+    # The weight itself on the rows' CPU: an offloaded head (its weight on "meta" until its own forward loads
+    # it) goes through that forward.
+    if (type(head) is torch.nn.Linear and 1 < rows.shape[0] <= FEW_ROWS and rows.dim() == 2
+            and rows.device.type == "cpu" and weight.device == rows.device
+            and rows.dtype == torch.float32 and weight.dtype == torch.float32):
+        out = torch.matmul(weight, rows.T).T  # the weight streamed once (module docstring)
         return out if head.bias is None else out + head.bias
     return (forward or head)(rows)
 
