@@ -161,6 +161,8 @@ class VtiConfig(MethodConfig):
 # -- directions calibrated at first use, kept per model ------------------------------------------------
 # The testbed's own caption pairs (lvlm_fix/testbed/caption_pairs.py wrote them): its default calibration set.
 TESTBED_DEMOS = Path(__file__).resolve().parents[1] / "testbed" / "caption_pairs_data" / "demos.jsonl"
+
+
 def _default_model() -> str:
     from ..model import DEFAULT_MODEL  # not at import: lvlm-fix list and --help import no torch
 
